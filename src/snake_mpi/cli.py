@@ -1,0 +1,83 @@
+"""The ``snake-mpi`` command: argument parsing only; work is done in run.py / store.py."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from snake_mpi.config import ConfigError, load_config, validate_for_world
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="snake-mpi",
+        description="Snake Learning and its baselines as MPI jobs, measured per rank per round.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a config under mpirun (every rank runs this)")
+    run.add_argument("config", help="TOML run configuration, e.g. bench/configs/demo.toml")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.rounds=3 (repeatable)",
+    )
+    run.add_argument("--out", required=True, help="result file (HDF5) to write")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing result file")
+
+    val = sub.add_parser("validate", help="check a config without running it")
+    val.add_argument("config")
+    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    val.add_argument("--np", type=int, default=None, help="also check it for this many ranks")
+
+    show = sub.add_parser("show", help="print a readable summary of a result file")
+    show.add_argument("result", help="result file written by `snake-mpi run`")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments and dispatch; returns the process exit status."""
+    args = _parser().parse_args(argv)
+    if args.command == "show":
+        from snake_mpi.store import ResultError, read_result
+        from snake_mpi.summary import format_summary
+
+        try:
+            print(format_summary(read_result(args.result, allow_incomplete=True)))
+        except ResultError as e:
+            print(f"snake-mpi: {e}", file=sys.stderr)
+            return 1
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "validate" and args.np is not None:
+            validate_for_world(cfg, args.np)
+    except ConfigError as e:
+        if args.command == "validate" or _is_rank0():
+            print(f"snake-mpi: config error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    if args.command == "validate":
+        print(f"snake-mpi: {args.config}: valid")
+        return 0
+    from snake_mpi import run  # initialises MPI
+
+    return run.main(cfg, args.out, overwrite=args.overwrite)
+
+
+def _is_rank0() -> bool:
+    """Rank 0 of an mpirun/srun job (from the launcher's environment; MPI is not started yet)."""
+    import os
+
+    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return os.environ[var] == "0"
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

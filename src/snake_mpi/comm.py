@@ -1,0 +1,353 @@
+"""Point-to-point transport of model blocks between ranks: the only module that imports mpi4py.
+
+A transfer is two messages: a small int64 header (what is in the payload, see ``wire.py``)
+and one contiguous uint8 payload, both with uppercase (buffer) calls, never pickled. Every byte
+moved is counted here, per rank, per round; every wait has a deadline, after which the job
+aborts naming the peer and the message awaited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import NoReturn
+
+import numpy as np
+from mpi4py import MPI
+
+from snake_mpi.wire import HEADER_FIXED, HEADER_MAX_BLOCKS, KIND_NAMES, MAGIC
+
+TAG_HEADER = 11
+TAG_PAYLOAD = 12
+
+_SPIN_IDLE_S = 0.002  # waiting for a peer to start: busy-poll briefly, then sleep between polls
+_SPIN_FLOW_S = 0.5  # data in flight: keep polling, large transfers progress only while polled
+_MAX_SLEEP_S = 0.001  # longest sleep between polls: idle ranks must not steal cores
+
+
+class PeerTimeout(RuntimeError):
+    """A peer's message did not arrive (or was not taken) within the deadline."""
+
+
+class ProtocolError(RuntimeError):
+    """A message arrived that is not the one expected (wrong kind, round, hop or sizes)."""
+
+
+@dataclass(slots=True)
+class Transfer:
+    """A received set of blocks: ids, versions, byte sizes, and the payload that holds them."""
+
+    kind: int
+    round: int
+    hop: int
+    block_ids: np.ndarray
+    versions: np.ndarray
+    block_nbytes: np.ndarray
+    payload: np.ndarray
+
+
+@dataclass(slots=True)
+class CommStats:
+    """Counters of one rank since the last ``take``: bytes, messages and seconds.
+
+    ``control_bytes_sent`` (metric gathers to rank 0, not model transfers) is cumulative.
+    """
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+    send_s: float = 0.0
+    wait_s: float = 0.0
+    recv_s: float = 0.0
+    control_bytes_sent: int = 0
+
+    def take(self) -> dict[str, float]:
+        """Return the counters as a dict and reset them (one call per round)."""
+        out = {
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "messages_sent": self.messages_sent,
+            "messages_received": self.messages_received,
+            "send_s": self.send_s,
+            "wait_s": self.wait_s,
+            "recv_s": self.recv_s,
+        }
+        self.bytes_sent = self.bytes_received = 0
+        self.messages_sent = self.messages_received = 0
+        self.send_s = self.wait_s = self.recv_s = 0.0
+        return out
+
+
+class Comm:
+    """A ring of ranks over an MPI communicator (passed in, never reached for)."""
+
+    def __init__(self, mpi_comm: MPI.Comm, *, deadline_s: float = 600.0) -> None:
+        self._comm = mpi_comm
+        self.rank: int = mpi_comm.Get_rank()
+        self.size: int = mpi_comm.Get_size()
+        self.deadline_s = float(deadline_s)
+        self.stats = CommStats()
+        self._header_buf = np.empty(HEADER_FIXED + 3 * HEADER_MAX_BLOCKS, dtype=np.int64)
+
+    @classmethod
+    def world(cls, *, deadline_s: float = 600.0) -> Comm:
+        """The job's ranks (a duplicate of COMM_WORLD, so our tags never meet a library's)."""
+        return cls(MPI.COMM_WORLD.Dup(), deadline_s=deadline_s)
+
+    # ---------------------------------------------------------------- ring
+
+    @property
+    def succ(self) -> int:
+        """Next rank on the ring."""
+        return (self.rank + 1) % self.size
+
+    @property
+    def pred(self) -> int:
+        """Previous rank on the ring."""
+        return (self.rank - 1) % self.size
+
+    # ---------------------------------------------------------------- transfers
+
+    def send_blocks(
+        self,
+        dest: int,
+        *,
+        kind: int,
+        round: int,
+        hop: int,
+        block_ids: np.ndarray,
+        versions: np.ndarray,
+        block_nbytes: np.ndarray,
+        payload: np.ndarray,
+    ) -> None:
+        """Send a header and one contiguous uint8 payload to ``dest``; counts bytes and time."""
+        n = len(block_ids)
+        if n > HEADER_MAX_BLOCKS:
+            raise ValueError(f"{n} blocks exceed the header limit of {HEADER_MAX_BLOCKS}")
+        if payload.dtype != np.uint8 or not payload.flags.c_contiguous:
+            raise TypeError("payload must be a contiguous uint8 array")
+        if int(np.sum(block_nbytes)) != payload.nbytes:
+            raise ValueError(
+                f"payload has {payload.nbytes} bytes; the blocks add up to {np.sum(block_nbytes)}"
+            )
+        header = np.empty(HEADER_FIXED + 3 * n, dtype=np.int64)
+        header[:HEADER_FIXED] = (MAGIC, kind, round, hop, n, payload.nbytes)
+        body = header[HEADER_FIXED:].reshape(n, 3)
+        body[:, 0], body[:, 1], body[:, 2] = block_ids, versions, block_nbytes
+        t0 = time.perf_counter()
+        reqs = [
+            self._comm.Isend([header, MPI.INT64_T], dest, TAG_HEADER),
+            self._comm.Isend([payload, MPI.BYTE], dest, TAG_PAYLOAD),  # sent even when empty
+        ]
+        what = f"{KIND_NAMES.get(kind, kind)} transfer of round {round} hop {hop}"
+        self._wait_all(
+            reqs, f"rank {dest} to take the {what} ({payload.nbytes} bytes)", spin_s=_SPIN_FLOW_S
+        )
+        self.stats.send_s += time.perf_counter() - t0
+        self.stats.bytes_sent += header.nbytes + payload.nbytes
+        self.stats.messages_sent += 1
+
+    def recv_blocks(
+        self, source: int, *, kind: int, round: int, hop: int, out: np.ndarray | None = None
+    ) -> Transfer:
+        """Receive the transfer ``(kind, round, hop)`` from ``source``; checks it is that one.
+
+        With ``out`` (a contiguous uint8 buffer, reused across hops) the payload receive is
+        posted together with the header's and lands in ``out[:payload_bytes]``; without it the
+        payload goes into a new array once the header has said how large it is.
+        """
+        what = (
+            f"{KIND_NAMES.get(kind, kind)} transfer of round {round} hop {hop} from rank {source}"
+        )
+        status = MPI.Status()
+        t0 = time.perf_counter()
+        req = self._comm.Irecv([self._header_buf, MPI.INT64_T], source, TAG_HEADER)
+        prepost = out is not None and out.dtype == np.uint8 and out.flags.c_contiguous
+        if prepost:  # the payload can flow at once, before we have read the header
+            preq = self._comm.Irecv([out, MPI.BYTE], source, TAG_PAYLOAD)
+        self._wait_all([req], f"the header of the {what}", status=status)
+        t1 = time.perf_counter()
+        self.stats.wait_s += t1 - t0
+        count = status.Get_count(MPI.INT64_T)
+        header = self._header_buf[:count].copy()
+        if count < HEADER_FIXED or header[0] != MAGIC:
+            raise ProtocolError(f"rank {self.rank}: malformed header ({count} words) in the {what}")
+        _magic, h_kind, h_round, h_hop, n, payload_bytes = (int(v) for v in header[:HEADER_FIXED])
+        if (h_kind, h_round, h_hop) != (kind, round, hop) or count != HEADER_FIXED + 3 * n:
+            raise ProtocolError(
+                f"rank {self.rank}: expected the {what}, got kind {h_kind} round {h_round} "
+                f"hop {h_hop} with {n} blocks"
+            )
+        body = header[HEADER_FIXED:].reshape(n, 3)
+        if int(body[:, 2].sum()) != payload_bytes:
+            raise ProtocolError(f"rank {self.rank}: block sizes do not add up in the {what}")
+        payload_what = f"the payload ({payload_bytes} bytes) of the {what}"
+        pstatus = MPI.Status()
+        if prepost:
+            if payload_bytes > out.nbytes:
+                raise ProtocolError(
+                    f"rank {self.rank}: {payload_what} exceeds the {out.nbytes}-byte buffer"
+                )
+            payload = out[:payload_bytes]
+        else:
+            payload = np.empty(payload_bytes, dtype=np.uint8)
+            preq = self._comm.Irecv([payload, MPI.BYTE], source, TAG_PAYLOAD)
+        self._wait_all([preq], payload_what, status=pstatus, spin_s=_SPIN_FLOW_S)
+        if pstatus.Get_count(MPI.BYTE) != payload_bytes:
+            raise ProtocolError(
+                f"rank {self.rank}: got {pstatus.Get_count(MPI.BYTE)} bytes for {payload_what}"
+            )
+        self.stats.recv_s += time.perf_counter() - t1
+        self.stats.bytes_received += header.nbytes + payload_bytes
+        self.stats.messages_received += 1
+        return Transfer(
+            kind=h_kind,
+            round=h_round,
+            hop=h_hop,
+            block_ids=body[:, 0].copy(),
+            versions=body[:, 1].copy(),
+            block_nbytes=body[:, 2].copy(),
+            payload=payload,
+        )
+
+    def _wait_all(
+        self,
+        reqs: list[MPI.Request],
+        what: str,
+        *,
+        status: MPI.Status | None = None,
+        spin_s: float = _SPIN_IDLE_S,
+    ) -> None:
+        """Poll requests until done: spin briefly, then short sleeps; raise at the deadline."""
+        t0 = time.perf_counter()
+        deadline = t0 + self.deadline_s
+        sleep_s = 0.0
+        while True:
+            if len(reqs) == 1:
+                done = reqs[0].Test(status) if status is not None else reqs[0].Test()
+            else:
+                done = MPI.Request.Testall(reqs)
+            if done:
+                return
+            now = time.perf_counter()
+            if now > deadline:
+                for r in reqs:
+                    with contextlib.suppress(MPI.Exception):  # cancel is best effort
+                        r.Cancel()
+                raise PeerTimeout(
+                    f"rank {self.rank}: waited {now - t0:.1f} s for {what}; "
+                    f"deadline comm.deadline_s = {self.deadline_s:g} s"
+                )
+            if now - t0 > spin_s:
+                sleep_s = min(_MAX_SLEEP_S, max(2 * sleep_s, 1e-5))
+                time.sleep(sleep_s)
+
+    # ---------------------------------------------------------------- metrics to rank 0
+
+    def gather_row(self, row: np.ndarray) -> np.ndarray | None:
+        """Gather one float64 row per rank to rank 0 -> (size, len) there, None elsewhere."""
+        row = np.ascontiguousarray(row, dtype=np.float64)
+        out = np.empty((self.size, row.size), dtype=np.float64) if self.rank == 0 else None
+        self._comm.Gather([row, MPI.DOUBLE], [out, MPI.DOUBLE] if out is not None else None, root=0)
+        self.stats.control_bytes_sent += row.nbytes
+        return out
+
+    def gatherv(self, arr: np.ndarray) -> list[np.ndarray] | None:
+        """Gather a 1-D float64 array of any length per rank to rank 0 (list by rank there)."""
+        arr = np.ascontiguousarray(arr, dtype=np.float64).ravel()
+        counts = self.gather_row(np.array([arr.size], dtype=np.float64))
+        if self.rank != 0:
+            self._comm.Gatherv([arr, MPI.DOUBLE], None, root=0)
+            self.stats.control_bytes_sent += arr.nbytes
+            return None
+        sizes = counts[:, 0].astype(np.int64)
+        out = np.empty(int(sizes.sum()), dtype=np.float64)
+        displs = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self._comm.Gatherv([arr, MPI.DOUBLE], [out, (sizes, displs), MPI.DOUBLE], root=0)
+        return [out[d : d + s] for d, s in zip(displs, sizes, strict=True)]
+
+    def gather_str(self, text: str, max_bytes: int = 256) -> list[str] | None:
+        """Gather a short string per rank to rank 0 (as fixed-size bytes, not pickled)."""
+        raw = text.encode()[:max_bytes]
+        buf = np.zeros(max_bytes, dtype=np.uint8)
+        buf[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+        out = np.empty((self.size, max_bytes), dtype=np.uint8) if self.rank == 0 else None
+        self._comm.Gather([buf, MPI.BYTE], [out, MPI.BYTE] if out is not None else None, root=0)
+        self.stats.control_bytes_sent += buf.nbytes
+        if out is None:
+            return None
+        return [bytes(r).rstrip(b"\0").decode(errors="replace") for r in out]
+
+    def barrier(self) -> None:
+        """Synchronise all ranks (used only outside the round loop)."""
+        self._comm.Barrier()
+
+    def ranks_on_host(self) -> int:
+        """How many ranks of this job share this rank's host (for torch thread counts)."""
+        local = self._comm.Split_type(MPI.COMM_TYPE_SHARED)
+        try:
+            return local.Get_size()
+        finally:
+            local.Free()
+
+    # ---------------------------------------------------------------- failure
+
+    def abort(self, message: str, code: int = 1) -> NoReturn:
+        """Print the message naming this rank and end the whole job (never returns)."""
+        abort_job(message, code)
+
+
+def world_rank_size() -> tuple[int, int]:
+    """This process's rank and the job size in COMM_WORLD."""
+    return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+
+
+def library_version() -> str:
+    """The MPI library's own version string (e.g. 'Open MPI v5.0.11, ...')."""
+    return MPI.Get_library_version().strip()
+
+
+def hostname() -> str:
+    """This rank's host name."""
+    return MPI.Get_processor_name() or socket.gethostname()
+
+
+def abort_job(message: str, code: int = 1) -> NoReturn:
+    """Print ``snake-mpi: rank R of N: message`` to stderr and MPI-Abort the whole job."""
+    rank, size = world_rank_size()
+    sys.stderr.write(f"snake-mpi: rank {rank} of {size}: {message}\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    MPI.COMM_WORLD.Abort(code)
+    os._exit(code)  # pragma: no cover - Abort does not return
+
+
+def install_abort_on_error() -> None:
+    """Make an uncaught exception in any thread end the whole job, naming the rank.
+
+    MPI has no such default: one rank's exception while the others wait in a receive
+    would hang the job forever. ``python -m mpi4py`` does this; a console script must too.
+    """
+
+    def _hook(exc_type: type[BaseException], exc: BaseException, tb: object) -> None:
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        abort_job(f"unhandled {exc_type.__name__}: {exc}\n{text}", 1)
+
+    def _thread_hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread else "?"
+        text = "".join(
+            traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)
+        )
+        abort_job(f"unhandled {args.exc_type.__name__} in thread {name}: {args.exc_value}\n{text}")
+
+    sys.excepthook = _hook
+    threading.excepthook = _thread_hook

@@ -1,0 +1,387 @@
+"""Run configuration: TOML file + ``--set key=value`` overrides -> frozen, validated dataclasses.
+
+Every rank loads and validates the same file, so a bad config gives the same answer
+everywhere before any message is sent (exit 2 on every rank, see ``run.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+SCHEMES = ("snake",)
+"""Schemes this build can run; each is a module under ``snake_mpi.schemes``."""
+DISTRIBUTED_SCHEMES = ("snake",)
+MODEL_FAMILIES = ("cnn", "mlp")
+DATASETS = ("synthetic",)
+PARTITIONS = ("iid", "dirichlet")
+OPTIMIZERS = ("sgd", "adam")
+SNAKE_MODES = ("p2p",)
+ENDS_POLICIES = ("all", "owner", "frozen")
+TRANSFERS = ("delta", "full")
+BLOCK_COSTS = ("params", "equal")
+FAULT_KINDS = ("exception", "exit", "hang")
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot accept; the message says which key and why."""
+
+
+def _cfg(**kw: Any) -> Any:
+    return dataclass(frozen=True, kw_only=True, slots=True, **kw)
+
+
+@_cfg()
+class ModelConfig:
+    family: str = "cnn"
+    """Model family: ``cnn`` (image-shaped input) or ``mlp`` (any input, flattened)."""
+    width: int = 16
+    """Channels (cnn) or hidden units (mlp) of the first block."""
+    middle_blocks: int = 4
+    """Number of middle blocks between the stem and the head; shared out over the nodes."""
+
+
+@_cfg()
+class DataConfig:
+    name: str = "synthetic"
+    """Dataset: ``synthetic`` (generated from the seed, learnable)."""
+    n_train: int = 4096
+    """Training samples in total (split over the nodes)."""
+    n_test: int = 1024
+    """Held-out samples for evaluation."""
+    n_classes: int = 10
+    """Number of classes."""
+    sample_shape: tuple[int, ...] = (3, 32, 32)
+    """Shape of one sample, e.g. [3, 32, 32] (image) or [64] (vector)."""
+    noise: float = 1.0
+    """Synthetic data: noise scale; larger is harder."""
+    partition: str = "iid"
+    """How training samples are shared over nodes: ``iid`` or ``dirichlet`` (label skew)."""
+    alpha: float = 0.5
+    """Dirichlet concentration (smaller: more skew); used when partition = dirichlet."""
+
+
+@_cfg()
+class TrainConfig:
+    rounds: int = 5
+    """Rounds: in Snake Learning, one round is one visit of the model to every node."""
+    local_epochs: int = 1
+    """Passes over the node's own data at each turn (ignored when local_steps > 0)."""
+    local_steps: int = 0
+    """If > 0: optimiser steps per turn instead of epochs."""
+    batch_size: int = 64
+    """Training mini-batch size."""
+    lr: float = 0.05
+    """Learning rate."""
+    optimizer: str = "sgd"
+    """``sgd`` (momentum) or ``adam``; state only for trainable blocks, only during a turn."""
+    momentum: float = 0.9
+    """SGD momentum (0 disables the momentum buffer)."""
+    eval_batch_size: int = 512
+    """Batch size for evaluation."""
+
+
+@_cfg()
+class SnakeConfig:
+    mode: str = "p2p"
+    """``p2p``: each node hands the model straight to the next node on the ring."""
+    ends: str = "owner"
+    """Stem and head: ``all`` nodes train them, ``owner`` (node 0: stem, last: head), ``frozen``."""
+    transfer: str = "delta"
+    """``delta``: a hop carries blocks newer than the receiver's copy; ``full``: the whole model."""
+    capabilities: tuple[float, ...] = ()
+    """Relative compute capability per node (empty: all equal); weaker nodes get fewer blocks."""
+    block_cost: str = "params"
+    """Cost of a middle block for the assignment: ``params`` (parameter count) or ``equal``."""
+    final_sync: bool = True
+    """After the last round, pass the final model around the ring so every rank holds it."""
+
+
+@_cfg()
+class CommConfig:
+    deadline_s: float = 600.0
+    """Longest wait for any one message from a peer before the job aborts naming it."""
+
+
+@_cfg()
+class ProbeConfig:
+    enabled: bool = True
+    """Run the per-rank memory/CPU sampler thread."""
+    interval_s: float = 0.1
+    """Sampler period in seconds."""
+
+
+@_cfg()
+class DebugConfig:
+    fail_rank: int = -1
+    """Test hook: rank that fails on purpose (-1: none)."""
+    fail_round: int = 0
+    """Test hook: round at whose start the fault happens."""
+    fail_kind: str = "exception"
+    """Test hook: ``exception``, ``exit`` (sys.exit(3)) or ``hang`` (never sends again)."""
+
+
+@_cfg()
+class RunConfig:
+    scheme: str = "snake"
+    """Distributed learning scheme to run."""
+    seed: int = 0
+    """Root seed; per-rank streams come from numpy SeedSequence(seed).spawn(world_size)."""
+    torch_threads: int = 0
+    """torch threads per rank; 0: the host's cores divided by the ranks on that host."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    snake: SnakeConfig = field(default_factory=SnakeConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    probes: ProbeConfig = field(default_factory=ProbeConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a TOML file (defaults if ``path`` is None), apply ``key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    for item in overrides:
+        _apply_override(raw, item)
+    return from_dict(raw)
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build a validated RunConfig from nested dicts; unknown keys are errors."""
+    return _build(RunConfig, raw, "")
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.rounds=3)")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()  # a bare word is a string: --set scheme=snake
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a table")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix + unknown[0]!r} in {where}; "
+            f"known keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - dataclass signature mismatch
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is types.UnionType:  # pragma: no cover - no optional fields yet
+        raise ConfigError(f"{key}: unsupported type")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"unknown {key} {value!r}; choose one of: {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{key} must be a positive finite number, got {value!r}")
+
+
+def _validate(c: RunConfig) -> None:
+    """Checks that need only the config itself (world-size checks: ``validate_for_world``)."""
+    _choice("scheme", c.scheme, SCHEMES)
+    _choice("model.family", c.model.family, MODEL_FAMILIES)
+    _choice("data.name", c.data.name, DATASETS)
+    _choice("data.partition", c.data.partition, PARTITIONS)
+    _choice("train.optimizer", c.train.optimizer, OPTIMIZERS)
+    _choice("snake.mode", c.snake.mode, SNAKE_MODES)
+    _choice("snake.ends", c.snake.ends, ENDS_POLICIES)
+    _choice("snake.transfer", c.snake.transfer, TRANSFERS)
+    _choice("snake.block_cost", c.snake.block_cost, BLOCK_COSTS)
+    _choice("debug.fail_kind", c.debug.fail_kind, FAULT_KINDS)
+    for key, value in [
+        ("model.width", c.model.width),
+        ("model.middle_blocks", c.model.middle_blocks),
+        ("data.n_train", c.data.n_train),
+        ("data.n_test", c.data.n_test),
+        ("train.rounds", c.train.rounds),
+        ("train.local_epochs", c.train.local_epochs),
+        ("train.batch_size", c.train.batch_size),
+        ("train.lr", c.train.lr),
+        ("train.eval_batch_size", c.train.eval_batch_size),
+        ("comm.deadline_s", c.comm.deadline_s),
+        ("probes.interval_s", c.probes.interval_s),
+    ]:
+        _positive(key, value)
+    if c.data.n_classes < 2:
+        raise ConfigError(f"data.n_classes must be at least 2, got {c.data.n_classes}")
+    if not c.data.sample_shape or any(d <= 0 for d in c.data.sample_shape):
+        raise ConfigError(
+            f"data.sample_shape must be positive sizes, got {list(c.data.sample_shape)}"
+        )
+    if c.model.family == "cnn" and len(c.data.sample_shape) != 3:
+        raise ConfigError(
+            f"model.family 'cnn' needs image-shaped samples [C, H, W], "
+            f"got data.sample_shape = {list(c.data.sample_shape)}"
+        )
+    if not (math.isfinite(c.data.noise) and c.data.noise >= 0):
+        raise ConfigError(f"data.noise must be a finite number >= 0, got {c.data.noise!r}")
+    a = c.data.alpha
+    if math.isnan(a) or math.isinf(a) or a <= 0:
+        what = "NaN" if math.isnan(a) else ("infinite" if math.isinf(a) else "not positive")
+        raise ConfigError(
+            f"data.alpha (Dirichlet concentration) must be > 0 and finite, got {a} ({what})"
+        )
+    if c.train.local_steps < 0:
+        raise ConfigError(f"train.local_steps must be >= 0, got {c.train.local_steps}")
+    if not (0 <= c.train.momentum < 1):
+        raise ConfigError(f"train.momentum must be in [0, 1), got {c.train.momentum}")
+    for i, cap in enumerate(c.snake.capabilities):
+        if not (math.isfinite(cap) and cap > 0):
+            raise ConfigError(
+                f"snake.capabilities[{i}] must be a positive finite number, got {cap}"
+            )
+    if c.torch_threads < 0:
+        raise ConfigError(f"torch_threads must be >= 0 (0: automatic), got {c.torch_threads}")
+    if c.train.rounds > 100_000:
+        raise ConfigError(f"train.rounds = {c.train.rounds} is implausibly large (limit 100000)")
+
+
+def validate_for_world(c: RunConfig, world_size: int) -> None:
+    """Checks that depend on the number of ranks; identical on every rank."""
+    if c.scheme in DISTRIBUTED_SCHEMES and world_size < 2:
+        raise ConfigError(
+            f"scheme {c.scheme!r} is distributed and needs at least 2 MPI ranks, got {world_size} "
+            f"(launch with e.g. `mpirun -n 4 snake-mpi run ...`)"
+        )
+    n_nodes = world_size
+    if c.model.middle_blocks < n_nodes:
+        raise ConfigError(
+            f"model.middle_blocks = {c.model.middle_blocks} is fewer than the {n_nodes} nodes: "
+            f"every node needs at least one middle block to train"
+        )
+    if c.snake.capabilities and len(c.snake.capabilities) != n_nodes:
+        raise ConfigError(
+            f"snake.capabilities has {len(c.snake.capabilities)} entries but there are "
+            f"{n_nodes} nodes"
+        )
+    if c.data.n_train < n_nodes:
+        raise ConfigError(f"data.n_train = {c.data.n_train} is fewer than the {n_nodes} nodes")
+    if c.debug.fail_rank >= world_size:
+        raise ConfigError(f"debug.fail_rank = {c.debug.fail_rank} but there are {world_size} ranks")
+
+
+def check_output(out: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """The result path must be new (or --overwrite) and its directory writable."""
+    p = Path(out)
+    if p.is_dir():
+        raise ConfigError(f"output {p} is a directory; give a file name such as {p / 'run.h5'}")
+    if p.exists() and not overwrite:
+        raise ConfigError(f"output file {p} exists; pass --overwrite to replace it")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output directory {parent} is not writable")
+    return p
+
+
+# ---------------------------------------------------------------- TOML out
+
+
+def to_toml(c: Any) -> str:
+    """The resolved config as TOML text (stored in every result file; loads back identically)."""
+    top, tables = [], []
+    for f in fields(c):
+        v = getattr(c, f.name)
+        if dataclasses.is_dataclass(v):
+            body = "\n".join(f"{g.name} = {_toml_value(getattr(v, g.name))}" for g in fields(v))
+            tables.append(f"[{f.name}]\n{body}\n")
+        else:
+            top.append(f"{f.name} = {_toml_value(v)}")
+    return "\n".join(top) + "\n\n" + "\n".join(tables)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, tuple | list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")  # pragma: no cover

@@ -1,0 +1,26 @@
+"""Model families, each split into blocks (stem, middle blocks, head); none knows about MPI."""
+
+from __future__ import annotations
+
+import torch
+
+from snake_mpi.blocks import BlockModel
+from snake_mpi.config import ModelConfig
+from snake_mpi.models import cnn, mlp
+
+_FAMILIES = {"cnn": cnn.build, "mlp": mlp.build}
+
+
+def build_model(
+    cfg: ModelConfig, *, sample_shape: tuple[int, ...], n_classes: int, seed: int
+) -> BlockModel:
+    """Build the configured family with weights drawn from ``seed`` (same on every rank)."""
+    try:
+        build = _FAMILIES[cfg.family]
+    except KeyError:
+        raise ValueError(
+            f"unknown model family {cfg.family!r}; known: {sorted(_FAMILIES)}"
+        ) from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build(cfg, sample_shape=sample_shape, n_classes=n_classes)

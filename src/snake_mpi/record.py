@@ -1,0 +1,182 @@
+"""Per-round, per-rank metrics: collected on each rank, gathered to rank 0 after every round,
+and appended there to the result file (``store.py`` does the writing).
+
+A scheme marks round boundaries (``begin_round``/``end_round``), adds compute and evaluation
+figures; communication counters come from ``comm.py`` and memory/disk from the probes.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from snake_mpi.blocks import BlockModel, model_bytes_held
+from snake_mpi.config import DebugConfig
+
+ROUND_FIELDS: dict[str, str] = {
+    "bytes_sent": "int64",
+    "bytes_received": "int64",
+    "messages_sent": "int64",
+    "messages_received": "int64",
+    "compute_s": "float64",
+    "eval_s": "float64",
+    "send_s": "float64",
+    "wait_s": "float64",
+    "recv_s": "float64",
+    "round_s": "float64",
+    "peak_rss_bytes": "int64",
+    "train_state_bytes": "int64",
+    "trainable_params": "int64",
+    "model_at_rest_bytes": "int64",
+    "disk_write_bytes": "int64",
+    "loss": "float64",
+    "samples": "int64",
+    "steps": "int64",
+}
+"""Datasets ``/rounds/<name>``, shape (n_rounds, world_size); see docs/results-schema.md."""
+
+EVAL_FIELDS: dict[str, str] = {
+    "round": "int64",
+    "rank": "int64",
+    "accuracy": "float64",
+    "loss": "float64",
+    "wall_s": "float64",
+    "cum_bytes_sent": "int64",
+}
+"""Datasets ``/eval/<name>``, shape (n_rounds,)."""
+
+_EVAL_SLOTS = ("eval_accuracy", "eval_loss", "eval_wall_s")
+_ADDITIVE = ("compute_s", "eval_s", "samples", "steps")
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the test-only ``[debug]`` hook."""
+
+
+class Recorder:
+    """Metrics of this rank for the current round; rank 0 also appends everyone's to the file."""
+
+    def __init__(
+        self,
+        *,
+        comm: Any,
+        model: BlockModel,
+        sampler: Any,
+        disk: Any,
+        writer: Any | None,
+        debug: DebugConfig,
+        n_rounds: int,
+        progress: bool = True,
+    ) -> None:
+        self.comm = comm
+        self.model = model
+        self.sampler = sampler
+        self.disk = disk
+        self.writer = writer
+        self.debug = debug
+        self.n_rounds = n_rounds
+        self.progress = progress
+        self.last_evaluation: dict[str, float] | None = None
+        self.round = -1
+        self.n_rounds_written = 0
+        self.cum_bytes_sent = 0
+        self.t_start = time.perf_counter()
+        self._t_round = self.t_start
+        self._values: dict[str, float] = {}
+
+    # ------------------------------------------------------------ during a round
+
+    def begin_round(self, r: int) -> None:
+        """Start round ``r``: reset this rank's figures; fire the test fault hook if it is ours."""
+        self.round = r
+        self._t_round = time.perf_counter()
+        self._values = dict.fromkeys(ROUND_FIELDS, 0.0)
+        self._values["loss"] = math.nan
+        for k in _EVAL_SLOTS:
+            self._values[k] = math.nan
+        d = self.debug
+        if d.fail_rank == self.comm.rank and d.fail_round == r:
+            self._inject(d.fail_kind)
+
+    def _inject(self, kind: str) -> None:
+        where = f"debug.fail_rank = {self.comm.rank}, round {self.round}"
+        if kind == "exception":
+            raise InjectedFault(f"injected fault ({where})")
+        if kind == "exit":
+            sys.stderr.write(f"snake-mpi: rank {self.comm.rank}: injected sys.exit(3) ({where})\n")
+            sys.exit(3)
+        if kind == "hang":
+            sys.stderr.write(f"snake-mpi: rank {self.comm.rank}: injected hang ({where})\n")
+            sys.stderr.flush()
+            while True:
+                time.sleep(3600)
+
+    def add(self, name: str, value: float) -> None:
+        """Accumulate an additive figure (compute_s, eval_s, samples, steps)."""
+        if name not in _ADDITIVE:
+            raise KeyError(f"{name!r} is not an additive round field")
+        self._values[name] += value
+
+    def trained(self, *, loss: float, trainable_params: int, train_state_bytes: int) -> None:
+        """Record the outcome of this rank's local training in the round."""
+        self._values["loss"] = loss
+        self._values["trainable_params"] = trainable_params
+        self._values["train_state_bytes"] = train_state_bytes
+
+    def evaluated(self, *, accuracy: float, loss: float) -> None:
+        """Record an evaluation of the model as it stands after this rank's turn."""
+        self._values["eval_accuracy"] = accuracy
+        self._values["eval_loss"] = loss
+        self._values["eval_wall_s"] = time.perf_counter() - self.t_start
+
+    # ------------------------------------------------------------ round end
+
+    def end_round(self) -> None:
+        """Close the round: fold in comm and probe figures, gather to rank 0, append there."""
+        v = self._values
+        v.update(self.comm.stats.take())
+        v["peak_rss_bytes"] = self.sampler.take_round_peak()
+        v["disk_write_bytes"] = self.disk.take_round()
+        v["model_at_rest_bytes"] = model_bytes_held(self.model)
+        v["round_s"] = time.perf_counter() - self._t_round
+        names = list(ROUND_FIELDS) + list(_EVAL_SLOTS)
+        row = np.array([v[k] for k in names], dtype=np.float64)
+        table = self.comm.gather_row(row)
+        if table is None:
+            return
+        per_rank = {k: table[:, i].astype(ROUND_FIELDS[k]) for i, k in enumerate(ROUND_FIELDS)}
+        self.cum_bytes_sent += int(per_rank["bytes_sent"].sum())
+        acc = table[:, len(ROUND_FIELDS)]
+        evaluation = None
+        done = np.flatnonzero(~np.isnan(acc))
+        if done.size:
+            k = int(done[-1])
+            evaluation = {
+                "round": self.round,
+                "rank": k,
+                "accuracy": float(acc[k]),
+                "loss": float(table[k, len(ROUND_FIELDS) + 1]),
+                "wall_s": float(table[k, len(ROUND_FIELDS) + 2]),
+                "cum_bytes_sent": self.cum_bytes_sent,
+            }
+        if self.writer is not None:
+            self.writer.append_round(per_rank, evaluation)
+        self.n_rounds_written += 1
+        self.last_evaluation = evaluation
+        if self.progress:
+            self._print_progress(per_rank, evaluation)
+
+    def _print_progress(self, per_rank: dict[str, np.ndarray], ev: dict[str, float] | None) -> None:
+        losses = per_rank["loss"][~np.isnan(per_rank["loss"])]
+        parts = [f"round {self.round + 1} of {self.n_rounds}"]
+        if losses.size:
+            parts.append(f"train loss {losses.mean():.4f}")
+        if ev is not None:
+            parts.append(f"test accuracy {ev['accuracy']:.4f}")
+        parts.append(f"sent {per_rank['bytes_sent'].sum() / 2**20:.2f} MiB")
+        parts.append(f"{per_rank['round_s'].max():.2f} s")
+        print("snake-mpi: " + ", ".join(parts), flush=True)

@@ -1,0 +1,220 @@
+"""One run on this rank: validate, build data/model/probes/recorder, run the scheme, write results.
+
+Order matters for clean failure: the config is validated on every rank *before* any message
+(identical answer everywhere -> exit 2 on all ranks, no file); from then on any exception or
+non-zero exit on any rank aborts the whole job, and the result file only gets its final name
+once rank 0 has written everything.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from snake_mpi import comm as mpi
+from snake_mpi import provenance
+from snake_mpi.blocks import block_table, model_hash
+from snake_mpi.config import ConfigError, RunConfig, check_output, to_toml, validate_for_world
+from snake_mpi.data import make_synthetic
+from snake_mpi.data.partition import label_histogram, partition_dirichlet, partition_iid
+from snake_mpi.models import build_model
+from snake_mpi.probes.memory import MemorySampler, ru_maxrss_bytes
+from snake_mpi.probes.storage import DiskWriteCounter
+from snake_mpi.record import EVAL_FIELDS, ROUND_FIELDS, Recorder
+from snake_mpi.schemes import Context, NodeData, get_scheme
+
+EXIT_CONFIG = 2
+
+
+def seeds_for(root_seed: int, world_size: int) -> tuple[dict[str, int], list[int]]:
+    """Shared seeds (data, partition, model) and one independent stream per rank.
+
+    Per-rank streams come from ``SeedSequence(root).spawn(N)``, never ``seed + rank``.
+    """
+    shared, per_rank = np.random.SeedSequence(root_seed).spawn(2)
+    data_seed, partition_seed, model_seed = (int(s) for s in shared.generate_state(3))
+    rank_seeds = [int(s.generate_state(1)[0]) for s in per_rank.spawn(world_size)]
+    named = {"root": root_seed, "data": data_seed, "partition": partition_seed, "model": model_seed}
+    return named, rank_seeds
+
+
+def torch_threads(cfg: RunConfig, comm: mpi.Comm) -> int:
+    """Threads per rank: as configured, or the host's cores shared among the ranks on it."""
+    if cfg.torch_threads > 0:
+        return cfg.torch_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // comm.ranks_on_host())
+
+
+def build_shards(cfg: RunConfig, seeds: dict[str, int], world_size: int):
+    """The dataset and every node's training indices (identical on every rank)."""
+    d = cfg.data
+    dataset = make_synthetic(
+        n_train=d.n_train,
+        n_test=d.n_test,
+        n_classes=d.n_classes,
+        sample_shape=tuple(d.sample_shape),
+        noise=d.noise,
+        seed=seeds["data"],
+    )
+    rng = np.random.default_rng(seeds["partition"])
+    if d.partition == "iid":
+        parts = partition_iid(d.n_train, world_size, rng)
+    else:
+        parts = partition_dirichlet(dataset.y_train.numpy(), world_size, d.alpha, rng)
+    return dataset, parts
+
+
+def main(cfg: RunConfig, out: str, *, overwrite: bool) -> int:
+    """Entry point of ``snake-mpi run`` on every rank; returns the exit status."""
+    rank, size = mpi.world_rank_size()
+    try:
+        validate_for_world(cfg, size)
+        out_path = check_output(out, overwrite=overwrite)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"snake-mpi: config error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    mpi.install_abort_on_error()
+    try:
+        _run(cfg, out_path, rank)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            mpi.abort_job(f"exited with status {e.code}", e.code if isinstance(e.code, int) else 1)
+        raise
+    return 0
+
+
+def _run(cfg: RunConfig, out_path: Path, rank: int) -> None:
+    comm = mpi.Comm.world(deadline_s=cfg.comm.deadline_s)
+    n = comm.size
+    threads = torch_threads(cfg, comm)
+    torch.set_num_threads(threads)
+    seeds, rank_seeds = seeds_for(cfg.seed, n)
+
+    sampler = MemorySampler(cfg.probes.interval_s, enabled=cfg.probes.enabled)
+    sampler.start()
+    disk = DiskWriteCounter()
+
+    dataset, parts = build_shards(cfg, seeds, n)
+    idx = torch.from_numpy(parts[rank])
+    data = NodeData(
+        x_train=dataset.x_train[idx].contiguous(),
+        y_train=dataset.y_train[idx].contiguous(),
+        x_test=dataset.x_test,
+        y_test=dataset.y_test,
+    )
+    model = build_model(
+        cfg.model,
+        sample_shape=tuple(cfg.data.sample_shape),
+        n_classes=cfg.data.n_classes,
+        seed=seeds["model"],
+    )
+    generator = torch.Generator().manual_seed(rank_seeds[rank])
+
+    hosts = comm.gather_str(mpi.hostname())
+    writer = None
+    if rank == 0:
+        from snake_mpi.store import ResultWriter
+
+        writer = ResultWriter(
+            out_path,
+            world_size=n,
+            round_fields=ROUND_FIELDS,
+            eval_fields=EVAL_FIELDS,
+            attrs={
+                "scheme": cfg.scheme,
+                "model": cfg.model.family,
+                "dataset": cfg.data.name,
+                "mode": cfg.snake.mode,
+                "transfer": cfg.snake.transfer,
+                "ends": cfg.snake.ends,
+            },
+            config_toml=to_toml(cfg),
+        )
+        prov = provenance.collect(
+            mpi_library_version=mpi.library_version(), hosts=hosts, world_size=n, seeds=seeds
+        )
+        prov["torch_num_threads"] = threads
+        writer.write_provenance(prov)
+        print(
+            f"snake-mpi: {cfg.scheme} on {n} ranks, {cfg.train.rounds} rounds, "
+            f"writing {out_path} ({threads} torch thread(s) per rank)",
+            flush=True,
+        )
+
+    rec = Recorder(
+        comm=comm,
+        model=model,
+        sampler=sampler,
+        disk=disk,
+        writer=writer,
+        debug=cfg.debug,
+        n_rounds=cfg.train.rounds,
+        progress=rank == 0,
+    )
+    ctx = Context(
+        cfg=cfg, comm=comm, model=model, data=data, record=rec, generator=generator, info={}
+    )
+    get_scheme(cfg.scheme)(ctx)
+    sampler.stop()
+    _finish(ctx, writer, sampler, disk, hosts, parts, dataset.y_train.numpy(), cfg.data.n_classes)
+
+
+def _finish(ctx, writer, sampler, disk, hosts, parts, y_train, n_classes) -> None:
+    """Gather the whole-run, per-rank figures and the series; rank 0 completes the file."""
+    comm, model = ctx.comm, ctx.model
+    sync = ctx.info.get("final_sync", {})
+    summary = np.array(
+        [
+            sampler.peak_rss_bytes(),
+            ru_maxrss_bytes(),
+            disk.total_bytes(),
+            len(parts[comm.rank]),
+            comm.stats.control_bytes_sent,
+            sync.get("bytes_sent", 0),
+            sync.get("bytes_received", 0),
+        ],
+        dtype=np.float64,
+    )
+    table = comm.gather_row(summary)
+    hashes = comm.gather_str(model_hash(model))
+    series = {k: comm.gatherv(v) for k, v in sampler.series().items()}
+    if writer is None:
+        return
+    blocks = block_table(model)
+    blocks["owner"] = np.asarray(ctx.info.get("owners", np.full(model.n_blocks, -2)), np.int64)
+    writer.write_table("blocks", blocks)
+    writer.write_table(
+        "ranks",
+        {
+            "host": np.array(hosts, dtype=object),
+            "peak_rss_bytes": table[:, 0].astype(np.int64),
+            "ru_maxrss_bytes": table[:, 1].astype(np.int64),
+            "disk_write_bytes": table[:, 2].astype(np.int64),
+            "data_samples": table[:, 3].astype(np.int64),
+            "control_bytes_sent": table[:, 4].astype(np.int64),
+            "model_sha256": np.array(hashes, dtype=object),
+        },
+    )
+    writer.write_array("ranks/label_histogram", label_histogram(y_train, parts, n_classes))
+    if "final_sync" in ctx.info:
+        writer.write_array("final_sync/bytes_sent", table[:, 5].astype(np.int64))
+        writer.write_array("final_sync/bytes_received", table[:, 6].astype(np.int64))
+    for k in range(comm.size):
+        writer.write_series(
+            k,
+            {
+                "t_s": series["t_s"][k],
+                "rss_bytes": series["rss_bytes"][k].astype(np.int64),
+                "cpu_percent": series["cpu_percent"][k],
+            },
+        )
+    path = writer.complete()
+    ev = ctx.record.last_evaluation
+    acc = f", final test accuracy {ev['accuracy']:.4f}" if ev else ""
+    print(f"snake-mpi: wrote {path}{acc}", flush=True)

@@ -1,0 +1,45 @@
+"""Distributed learning schemes; each module has ``run(ctx) -> None`` and talks only to ctx."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from snake_mpi.blocks import BlockModel
+from snake_mpi.config import RunConfig
+
+
+@dataclass(slots=True)
+class NodeData:
+    """This rank's training shard and (where it evaluates) the test set."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+@dataclass(slots=True)
+class Context:
+    """Everything a scheme may touch: config, communicator, model, data, recorder, RNG."""
+
+    cfg: RunConfig
+    comm: Any
+    """A ``snake_mpi.comm.Comm`` (or an object with the same interface)."""
+    model: BlockModel
+    data: NodeData
+    record: Any
+    """A ``snake_mpi.record.Recorder``."""
+    generator: torch.Generator
+    """This rank's own random stream (batch order)."""
+    info: dict[str, Any]
+    """What the scheme reports back for the result file (e.g. the block owners)."""
+
+
+def get_scheme(name: str) -> Callable[[Context], None]:
+    """The ``run`` function of scheme ``name``."""
+    return importlib.import_module(f"snake_mpi.schemes.{name}").run

@@ -1,0 +1,111 @@
+"""Local training of a node's trainable blocks, and evaluation. No MPI here.
+
+Frozen blocks get no gradients and no optimiser state, and the blocks below the lowest
+trainable one run without autograd, so no activations are kept for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from snake_mpi.blocks import BlockModel, set_trainable, training_state_bytes
+from snake_mpi.config import TrainConfig
+
+
+@dataclass(frozen=True, slots=True)
+class LocalResult:
+    """What one turn of local training did and held."""
+
+    loss: float
+    """Mean training loss over the turn's batches."""
+    samples: int
+    steps: int
+    trainable_params: int
+    train_state_bytes: int
+    """Weights held + gradients + optimiser state at the end of the turn."""
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The configured optimiser over exactly the trainable parameters."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def _batches(n: int, cfg: TrainConfig, generator: torch.Generator):
+    """Index batches for one turn: ``local_steps`` steps, or ``local_epochs`` passes."""
+    if cfg.local_steps > 0:
+        done = 0
+        while done < cfg.local_steps:
+            perm = torch.randperm(n, generator=generator)
+            for start in range(0, n, cfg.batch_size):
+                yield perm[start : start + cfg.batch_size]
+                done += 1
+                if done == cfg.local_steps:
+                    return
+    else:
+        for _ in range(cfg.local_epochs):
+            perm = torch.randperm(n, generator=generator)
+            for start in range(0, n, cfg.batch_size):
+                yield perm[start : start + cfg.batch_size]
+
+
+def train_local(
+    model: BlockModel,
+    trainable: Sequence[int],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+) -> LocalResult:
+    """Train blocks ``trainable`` on ``(x, y)``; everything else stays frozen and bit-identical."""
+    if not trainable:
+        raise ValueError("a turn needs at least one trainable block")
+    params = set_trainable(model, trainable)
+    opt = make_optimizer(params, cfg)
+    lowest = min(trainable)
+    total_loss, samples, steps = 0.0, 0, 0
+    for idx in _batches(len(x), cfg, generator):
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x[idx], no_grad_below=lowest), y[idx])
+        loss.backward()
+        opt.step()
+        total_loss += loss.item() * len(idx)
+        samples += len(idx)
+        steps += 1
+    state = training_state_bytes(model, opt)["total"]
+    opt.zero_grad(set_to_none=True)
+    del opt
+    set_trainable(model, [])
+    return LocalResult(
+        loss=total_loss / max(samples, 1),
+        samples=samples,
+        steps=steps,
+        trainable_params=sum(p.numel() for p in params),
+        train_state_bytes=state,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: BlockModel, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (fraction) on ``(x, y)``, in eval mode."""
+    was_training = [m.training for m in model.blocks]
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        out = model(x[start : start + batch_size])
+        yb = y[start : start + batch_size]
+        loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
+        correct += int((out.argmax(1) == yb).sum())
+    for m, t in zip(model.blocks, was_training, strict=True):
+        m.train(t)
+    return loss_sum / len(x), correct / len(x)

@@ -1,0 +1,87 @@
+"""Shared test fixtures: launching real ``mpirun -n K`` jobs as subprocesses with a time bound."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Job:
+    returncode: int
+    stdout: str
+    stderr: str
+    elapsed_s: float
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def _mpirun() -> str | None:
+    local = BIN / "mpirun"
+    return str(local) if local.exists() else shutil.which("mpirun")
+
+
+def _is_open_mpi(mpirun: str) -> bool:
+    out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30)
+    return "Open MPI" in out.stdout + out.stderr or "OpenRTE" in out.stdout
+
+
+def mpi_command(n: int, argv: list[str]) -> list[str]:
+    """``mpirun -n N`` (oversubscribed where that needs saying) followed by ``argv``."""
+    mpirun = _mpirun()
+    if mpirun is None:
+        pytest.skip("no mpirun found (install the project with `make test`)")
+    cmd = [mpirun, "-n", str(n)]
+    if _is_open_mpi(mpirun):
+        cmd.append("--oversubscribe")
+    return cmd + argv
+
+
+def run_mpi(n: int, argv: list[str], *, timeout_s: float = 180, cwd: Path | None = None) -> Job:
+    """Run ``argv`` on ``n`` ranks; fail the test (not hang) if it outlives ``timeout_s``."""
+    env = dict(os.environ)
+    env.update(
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        OMP_NUM_THREADS="1",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONUNBUFFERED="1",
+    )
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        mpi_command(n, argv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd or REPO,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
+        out, err = proc.communicate()
+        pytest.fail(
+            f"mpirun -n {n} {' '.join(argv)} did not finish within {timeout_s} s:\n{out}\n{err}"
+        )
+    return Job(proc.returncode, out, err, time.perf_counter() - t0)
+
+
+def snake_mpi(*args: str) -> list[str]:
+    """argv of the installed ``snake-mpi`` console script."""
+    exe = BIN / "snake-mpi"
+    return [str(exe) if exe.exists() else "snake-mpi", *args]

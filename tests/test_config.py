@@ -1,0 +1,123 @@
+"""Config loading and validation: every bad input is rejected with a message naming it."""
+
+import math
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from snake_mpi.config import (
+    ConfigError,
+    RunConfig,
+    check_output,
+    from_dict,
+    load_config,
+    to_toml,
+    validate_for_world,
+)
+
+DEMO = Path(__file__).resolve().parents[1] / "bench" / "configs" / "demo.toml"
+
+
+def test_demo_config_loads_and_round_trips_through_toml():
+    cfg = load_config(DEMO)
+    assert cfg.scheme == "snake" and cfg.train.rounds >= 1
+    assert from_dict(tomllib.loads(to_toml(cfg))) == cfg
+    validate_for_world(cfg, 4)
+
+
+def test_overrides_parse_toml_values_and_bare_strings():
+    cfg = load_config(
+        DEMO,
+        [
+            "train.rounds=7",
+            "train.lr=0.5",
+            "snake.transfer=full",
+            "snake.capabilities=[1, 2.5]",
+            "probes.enabled=false",
+        ],
+    )
+    assert cfg.train.rounds == 7 and cfg.train.lr == 0.5
+    assert cfg.snake.transfer == "full" and cfg.snake.capabilities == (1.0, 2.5)
+    assert cfg.probes.enabled is False
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"bogus": 1}, "unknown key 'bogus'"),
+        ({"train": {"roundz": 3}}, "unknown key 'train.roundz'"),
+        ({"scheme": "gossip"}, "unknown scheme 'gossip'"),
+        ({"model": {"family": "resnet"}}, "unknown model.family 'resnet'"),
+        ({"data": {"name": "imagenet"}}, "unknown data.name 'imagenet'"),
+        ({"data": {"alpha": 0.0}}, "data.alpha"),
+        ({"data": {"alpha": -1.0}}, "data.alpha"),
+        ({"data": {"alpha": math.nan}}, "NaN"),
+        ({"data": {"alpha": math.inf}}, "infinite"),
+        ({"train": {"rounds": 0}}, "train.rounds must be a positive"),
+        ({"train": {"rounds": -2}}, "train.rounds must be a positive"),
+        ({"train": {"local_epochs": 0}}, "train.local_epochs"),
+        ({"train": {"batch_size": 0}}, "train.batch_size"),
+        ({"train": {"lr": 0.0}}, "train.lr"),
+        ({"train": {"lr": -0.1}}, "train.lr"),
+        ({"train": {"lr": math.nan}}, "train.lr"),
+        ({"train": {"rounds": 2.5}}, "train.rounds must be an integer"),
+        ({"train": {"rounds": True}}, "train.rounds must be an integer"),
+        ({"snake": {"ends": "some"}}, "unknown snake.ends"),
+        ({"snake": {"transfer": "zip"}}, "unknown snake.transfer"),
+        ({"snake": {"capabilities": [1, 0]}}, "snake.capabilities[1]"),
+        ({"model": {"family": "cnn"}, "data": {"sample_shape": [64]}}, "needs image-shaped"),
+        ({"comm": {"deadline_s": 0}}, "comm.deadline_s"),
+        ({"train": "fast"}, "train must be a table"),
+    ],
+)
+def test_bad_config_is_rejected_with_a_clear_message(raw, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        from_dict(raw)
+
+
+def test_world_size_checks():
+    cfg = RunConfig()
+    with pytest.raises(ConfigError, match="needs at least 2 MPI ranks, got 1"):
+        validate_for_world(cfg, 1)
+    with pytest.raises(ConfigError, match="middle_blocks = 4 is fewer than the 5 nodes"):
+        validate_for_world(cfg, 5)
+    cfg = from_dict({"snake": {"capabilities": [1, 1, 1]}})
+    with pytest.raises(ConfigError, match="3 entries but there are 4 nodes"):
+        validate_for_world(cfg, 4)
+    with pytest.raises(ConfigError, match="fail_rank = 4"):
+        validate_for_world(from_dict({"debug": {"fail_rank": 4}}), 4)
+    validate_for_world(RunConfig(), 4)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nrounds = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.rounds"])
+
+
+def test_output_checks(tmp_path):
+    out = tmp_path / "r.h5"
+    assert check_output(out, overwrite=False) == out
+    out.write_bytes(b"x")
+    with pytest.raises(ConfigError, match="exists; pass --overwrite"):
+        check_output(out, overwrite=False)
+    assert check_output(out, overwrite=True) == out
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_output(tmp_path / "missing" / "r.h5", overwrite=False)
+    with pytest.raises(ConfigError, match="is a directory"):
+        check_output(tmp_path, overwrite=False)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only directories")
+def test_unwritable_output_dir(tmp_path):
+    d = tmp_path / "ro"
+    d.mkdir(mode=0o500)
+    with pytest.raises(ConfigError, match="not writable"):
+        check_output(d / "r.h5", overwrite=False)

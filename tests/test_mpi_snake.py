@@ -1,0 +1,157 @@
+"""Snake P2P as a real MPI job: exact byte counts, final sync, accuracy, result file, faults."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from snake_mpi.store import read_result
+
+from conftest import REPO, run_mpi, snake_mpi
+from snake_mpi import analytic
+from snake_mpi.config import from_dict
+from snake_mpi.models import build_model
+from snake_mpi.run import seeds_for
+from snake_mpi.schemes.snake import plan_segments
+
+pytestmark = pytest.mark.mpi
+TINY = REPO / "tests" / "configs" / "tiny.toml"
+DEMO = REPO / "bench" / "configs" / "demo.toml"
+
+
+def run_tiny(tmp_path: Path, n: int, *sets: str, name: str = "r.h5", timeout_s: float = 120):
+    out = tmp_path / name
+    args = [str(TINY), "--out", str(out)]
+    for s in sets:
+        args += ["--set", s]
+    job = run_mpi(n, snake_mpi("run", *args), timeout_s=timeout_s)
+    return job, out
+
+
+def plan_of(result):
+    cfg = from_dict(tomllib.loads(result.config_toml))
+    seeds, _ = seeds_for(cfg.seed, result.world_size)
+    model = build_model(
+        cfg.model,
+        sample_shape=cfg.data.sample_shape,
+        n_classes=cfg.data.n_classes,
+        seed=seeds["model"],
+    )
+    return cfg, plan_segments(model, cfg.snake, result.world_size)
+
+
+@pytest.mark.parametrize(
+    ("n", "transfer", "ends"),
+    [
+        (2, "delta", "owner"),
+        (3, "delta", "all"),
+        (4, "delta", "owner"),
+        (3, "full", "owner"),
+        (4, "full", "frozen"),
+    ],
+)
+def test_bytes_per_rank_per_round_equal_the_analytic_count(tmp_path, n, transfer, ends):
+    job, out = run_tiny(tmp_path, n, f"snake.transfer={transfer}", f"snake.ends={ends}")
+    assert job.returncode == 0, job.output
+    res = read_result(out)
+    cfg, plan = plan_of(res)
+    block_bytes = [int(b) for b in res.tables["blocks"]["bytes"]]
+    rounds = cfg.train.rounds
+    sent = analytic.snake_p2p_bytes_sent(plan, block_bytes, rounds, transfer)
+    recv = analytic.snake_p2p_bytes_received(plan, block_bytes, rounds, transfer)
+    np.testing.assert_array_equal(res.rounds["bytes_sent"], sent)
+    np.testing.assert_array_equal(res.rounds["bytes_received"], recv)
+    np.testing.assert_array_equal(
+        res.arrays["final_sync/bytes_sent"],
+        analytic.snake_final_sync_bytes_sent(plan, block_bytes, transfer),
+    )
+    if transfer == "full":  # every hop carries the whole model: N * P * b per round (+ headers)
+        hop = sum(block_bytes) + 48 + 24 * len(block_bytes)
+        assert res.rounds["bytes_sent"][0].sum() == n * hop
+
+
+def test_final_sync_leaves_every_rank_with_the_last_nodes_model(tmp_path):
+    job, out = run_tiny(tmp_path, 4)
+    assert job.returncode == 0, job.output
+    hashes = list(read_result(out).tables["ranks"]["model_sha256"])
+    assert len(hashes) == 4 and len(set(hashes)) == 1, hashes
+    job, out = run_tiny(tmp_path, 4, "snake.final_sync=false", name="nosync.h5")
+    assert job.returncode == 0, job.output
+    hashes = list(read_result(out).tables["ranks"]["model_sha256"])
+    assert hashes[0] != hashes[3]  # without the sync, node 0 lacks what later nodes trained
+
+
+def test_demo_reaches_accuracy_far_above_chance_and_writes_a_complete_file(tmp_path):
+    out = tmp_path / "demo.h5"
+    job = run_mpi(4, snake_mpi("run", str(DEMO), "--out", str(out)), timeout_s=240)
+    assert job.returncode == 0, job.output
+    assert "round 5 of 5" in job.stdout
+    res = read_result(out)
+    assert res.attrs["status"] == "complete"
+    acc = res.evaluation["accuracy"]
+    assert len(acc) == res.n_rounds == 5
+    # 10 classes: chance is 0.10; the demo must get far above it
+    assert acc[-1] >= 0.6, acc
+    assert not out.with_name(out.name + ".partial").exists()
+    show = run_mpi(1, snake_mpi("show", str(out)), timeout_s=60)
+    assert show.returncode == 0 and "rank" in show.stdout
+
+
+@pytest.mark.parametrize("rank", [0, 1, 3])
+def test_exception_on_a_rank_ends_the_job_naming_the_rank_and_leaves_no_result(tmp_path, rank):
+    job, out = run_tiny(tmp_path, 4, f"debug.fail_rank={rank}", "debug.fail_round=1", timeout_s=60)
+    assert job.returncode != 0
+    assert job.elapsed_s < 30, job.elapsed_s
+    assert f"rank {rank} of 4" in job.stderr and "injected fault" in job.stderr, job.stderr
+    assert not out.exists()
+
+
+def test_sys_exit_on_a_rank_ends_the_job(tmp_path):
+    job, out = run_tiny(tmp_path, 3, "debug.fail_rank=1", "debug.fail_kind=exit", timeout_s=60)
+    assert job.returncode != 0 and job.elapsed_s < 30
+    assert "rank 1 of 3" in job.stderr and "exited with status 3" in job.stderr, job.stderr
+    assert not out.exists()
+
+
+def test_a_peer_that_never_sends_trips_the_deadline_naming_it(tmp_path):
+    job, out = run_tiny(
+        tmp_path,
+        3,
+        "debug.fail_rank=1",
+        "debug.fail_kind=hang",
+        "debug.fail_round=1",
+        "comm.deadline_s=3",
+        timeout_s=60,
+    )
+    assert job.returncode != 0 and job.elapsed_s < 30
+    assert "rank 2 of 3" in job.stderr and "from rank 1" in job.stderr, job.stderr
+    assert "deadline comm.deadline_s = 3" in job.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("n", "sets", "message"),
+    [
+        (3, ["train.rounds=0"], "train.rounds must be a positive"),
+        (3, ["data.alpha=-1"], "data.alpha"),
+        (3, ["model.middle_blocks=2"], "fewer than the 3 nodes"),
+        (3, ["bogus=1"], "unknown key 'bogus'"),
+        (1, [], "needs at least 2 MPI ranks, got 1"),
+    ],
+)
+def test_bad_config_exits_2_on_every_rank_with_no_output(tmp_path, n, sets, message):
+    job, out = run_tiny(tmp_path, n, *sets, timeout_s=60)
+    assert job.returncode == 2, job.output
+    assert job.stderr.count("config error") == 1 and message in job.stderr, job.stderr
+    assert job.elapsed_s < 30
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    out = tmp_path / "r.h5"
+    out.write_bytes(b"keep")
+    job, _ = run_tiny(tmp_path, 2, timeout_s=60)
+    assert job.returncode == 2 and "--overwrite" in job.stderr
+    assert out.read_bytes() == b"keep"
