@@ -1,0 +1,171 @@
+"""Memory probe: a psutil sampler thread for this process (RSS and CPU %), with peaks.
+
+Peaks are *sampled*: a spike shorter than the interval can be missed, which is why every
+peak query also takes a sample at the moment of the query. ``ru_maxrss_bytes`` gives the
+kernel's exact high-water mark for the whole process lifetime as a cross-check.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import numpy as np
+
+try:
+    import psutil
+except ImportError:  # pragma: no cover - psutil is a dependency; degrade rather than crash
+    psutil = None
+
+MAX_SAMPLES = 100_000
+"""Cap on the stored series length; beyond it the series is halved (see ``MemorySampler``)."""
+
+
+class MemorySampler:
+    """psutil sampler thread for this process: RSS and CPU %, with peaks.
+
+    Each tick costs one ``memory_info()`` and one ``cpu_percent()`` call. The series is
+    bounded: when it reaches ``max_samples`` every other sample is dropped and the recording
+    stride doubles, so a long run keeps at most ``max_samples`` evenly spaced samples while
+    the peaks still see every tick. ``cpu_percent`` is per process (may exceed 100 with
+    several threads); the first value is 0 by psutil's definition.
+
+    With ``enabled=False`` (or without psutil) no thread runs and the series stay empty, but
+    ``sample_now``, ``peak_rss_bytes`` and ``take_round_peak`` still take one sample per call.
+    """
+
+    def __init__(
+        self, interval_s: float = 0.1, *, enabled: bool = True, max_samples: int = MAX_SAMPLES
+    ) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be positive, got {interval_s}")
+        if max_samples < 2:
+            raise ValueError(f"max_samples must be at least 2, got {max_samples}")
+        self.interval_s = float(interval_s)
+        self.enabled = enabled and self.available()
+        self.max_samples = max_samples
+        self._proc = psutil.Process() if psutil is not None else None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._t0 = time.perf_counter()
+        self._peak_rss_bytes = 0
+        self._window_peak_bytes = 0
+        self._t_s: list[float] = []
+        self._rss_bytes: list[int] = []
+        self._cpu_percent: list[float] = []
+        self._stride = 1
+        self._ticks = 0
+
+    @staticmethod
+    def available() -> bool:
+        """True if psutil can read this process's memory."""
+        if psutil is None:
+            return False
+        try:
+            psutil.Process().memory_info()
+        except (psutil.Error, OSError):
+            return False
+        return True
+
+    # ------------------------------------------------------------ thread
+
+    def start(self) -> None:
+        """Start the daemon sampler thread (no-op if disabled or running); samples at once."""
+        if not self.enabled or self._thread is not None:
+            return
+        self._t0 = time.perf_counter()
+        self._stop.clear()
+        self._tick()
+        self._thread = threading.Thread(target=self._loop, name="snake-mpi-memory", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop and join the sampler thread; safe to call more than once."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._stop.set()
+        thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._tick()
+
+    def _tick(self) -> None:
+        try:
+            rss = self._proc.memory_info().rss
+            cpu = self._proc.cpu_percent(None)
+        except (psutil.Error, OSError):
+            return
+        t = time.perf_counter() - self._t0
+        with self._lock:
+            self._note(rss)
+            if self._ticks % self._stride == 0:
+                self._t_s.append(t)
+                self._rss_bytes.append(rss)
+                self._cpu_percent.append(cpu)
+                if len(self._t_s) >= self.max_samples:
+                    self._decimate()
+            self._ticks += 1
+
+    def _decimate(self) -> None:
+        """Keep every other sample and double the stride (caller holds the lock)."""
+        del self._t_s[1::2], self._rss_bytes[1::2], self._cpu_percent[1::2]
+        self._stride *= 2
+
+    def _note(self, rss_bytes: int) -> None:
+        self._peak_rss_bytes = max(self._peak_rss_bytes, rss_bytes)
+        self._window_peak_bytes = max(self._window_peak_bytes, rss_bytes)
+
+    # ------------------------------------------------------------ queries
+
+    def sample_now(self) -> int:
+        """Take one RSS sample synchronously (also when disabled); returns it in bytes.
+
+        Folds into the peaks but not into the series (only the thread's ticks are series).
+        Returns 0 where psutil cannot read the process.
+        """
+        if self._proc is None:
+            return 0
+        try:
+            rss = self._proc.memory_info().rss
+        except (psutil.Error, OSError):
+            return 0
+        with self._lock:
+            self._note(rss)
+        return rss
+
+    def peak_rss_bytes(self) -> int:
+        """Largest sampled RSS since construction, including a sample taken now."""
+        self.sample_now()
+        with self._lock:
+            return self._peak_rss_bytes
+
+    def take_round_peak(self) -> int:
+        """Largest RSS since the previous call (or start), sampling now; resets the window."""
+        self.sample_now()
+        with self._lock:
+            peak, self._window_peak_bytes = self._window_peak_bytes, 0
+        return peak
+
+    def series(self) -> dict[str, np.ndarray]:
+        """The sampled series: ``t_s`` (float64 s since start), ``rss_bytes``, ``cpu_percent``."""
+        with self._lock:
+            return {
+                "t_s": np.array(self._t_s, dtype=np.float64),
+                "rss_bytes": np.array(self._rss_bytes, dtype=np.int64),
+                "cpu_percent": np.array(self._cpu_percent, dtype=np.float64),
+            }
+
+
+def ru_maxrss_bytes() -> int:
+    """The kernel's maximum RSS of this process in bytes (``ru_maxrss``: kB on Linux, bytes on
+    macOS); 0 where ``resource`` is missing (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024

@@ -1,0 +1,198 @@
+"""Readable text summary of one result file, for ``snake-mpi show FILE``.
+
+Uses only the fields a file has, so older, partial or other-scheme files still print.
+Byte counts are exact integers (thousands separated by commas); rounds are numbered from 1,
+as in the run's progress lines.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from snake_mpi.store import Result
+
+MIB = 2**20
+
+
+def format_summary(result: Result, *, max_round_rows: int = 40) -> str:
+    """Header, a per-round table and a per-rank table (with totals) as fixed-width text.
+
+    With more than ``max_round_rows`` rounds only the first and last rounds are listed.
+    """
+    parts = [_header(result), _round_table(result, max_round_rows), _rank_table(result)]
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+# ---------------------------------------------------------------------------- header
+
+
+def _header(r: Result) -> str:
+    prov = r.provenance
+    status = r.status or "unknown"
+    if status != "complete":
+        status += " (incomplete: the run did not finish)"
+    items: list[tuple[str, str]] = [
+        ("file", str(r.path)),
+        ("status", status),
+        ("scheme", r.scheme or "-"),
+        ("world size", str(r.world_size)),
+        ("rounds", str(r.n_rounds)),
+    ]
+    for key in ("model", "dataset", "mode", "transfer"):
+        if r.attrs.get(key, "") != "":
+            items.append((key, str(r.attrs[key])))
+    hosts = _hosts(r)
+    if hosts:
+        items.append(("hosts", hosts))
+    mpi = str(prov.get("mpi_library_version", "")).strip()
+    if mpi:
+        items.append(("MPI", mpi.splitlines()[0].strip()))
+    commit = str(prov.get("git_commit", ""))
+    if commit:
+        dirty = " (dirty)" if prov.get("git_dirty") == "true" else ""
+        items.append(("git", (commit[:12] if commit != "unknown" else commit) + dirty))
+    job = str(prov.get("slurm_job_id", ""))
+    if job:
+        array = str(prov.get("slurm_array_job_id", ""))
+        task = str(prov.get("slurm_array_task_id", ""))
+        items.append(("slurm job", job + (f" (array {array}_{task})" if array else "")))
+    if prov.get("created_utc"):
+        items.append(("created", str(prov["created_utc"])))
+    width = max(len(k) for k, _ in items)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in items)
+
+
+def _hosts(r: Result) -> str:
+    """Hosts with rank counts in first-seen order, e.g. "node1 x2, node2 x2"."""
+    names: Sequence[str] = []
+    if "host" in r.tables.get("ranks", {}):
+        names = [str(h) for h in r.tables["ranks"]["host"]]
+    elif r.provenance.get("hosts"):
+        names = str(r.provenance["hosts"]).split(",")
+    counts = Counter(names)
+    return ", ".join(f"{h} x{n}" for h, n in counts.items())
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def _round_table(r: Result, max_rows: int) -> str:
+    n = r.n_rounds
+    if n == 0:
+        return "no rounds recorded"
+    ev = r.evaluation
+    ev_row = _eval_rows(r)
+    cols: list[tuple[str, Callable[[int], str]]] = [("round", lambda i: str(i + 1))]
+    if "accuracy" in ev:
+        cols.append(("accuracy", lambda i: _at(ev["accuracy"], ev_row.get(i), "{:.4f}")))
+    if "loss" in ev:
+        cols.append(("eval loss", lambda i: _at(ev["loss"], ev_row.get(i), "{:.4f}")))
+    rounds = r.rounds
+    if "bytes_sent" in rounds:
+        cols.append(("sent bytes", lambda i: _int(rounds["bytes_sent"][i].sum())))
+    if "round_s" in rounds:
+        cols.append(("max round_s", lambda i: _float(rounds["round_s"][i].max(), "{:.3f}")))
+    shown = list(range(n))
+    if n > max_rows:
+        half = max(1, max_rows // 2)
+        shown = shown[:half] + [-1] + shown[-half:]
+    body = [[f(i) if i >= 0 else "..." for _, f in cols] for i in shown]
+    return "per round\n" + _table([h for h, _ in cols], body)
+
+
+def _eval_rows(r: Result) -> dict[int, int]:
+    """Round index -> row of ``/eval`` (the last evaluation of that round)."""
+    ev = r.evaluation
+    if "round" in ev:
+        return {int(rnd): k for k, rnd in enumerate(ev["round"])}
+    n_eval = max((len(v) for v in ev.values()), default=0)
+    return {k: k for k in range(n_eval)} if n_eval == r.n_rounds else {}
+
+
+def _rank_table(r: Result) -> str:
+    rounds = r.rounds
+    ranks_table = r.tables.get("ranks", {})
+    ws = r.world_size
+    head: list[str] = ["rank"]
+    rows: list[list[str]] = [[str(k) for k in range(ws)]]
+    total: list[str] = ["total"]
+    if "host" in ranks_table and len(ranks_table["host"]) == ws:
+        head.append("host")
+        rows.append([str(h) for h in ranks_table["host"]])
+        total.append("")
+    for name, label in (("bytes_sent", "sent bytes"), ("bytes_received", "recv bytes")):
+        if name in rounds:
+            per_rank = rounds[name].sum(axis=0)
+            head.append(label)
+            rows.append([_int(v) for v in per_rank])
+            total.append(_int(per_rank.sum()))
+    for name in ("compute_s", "send_s", "wait_s"):
+        if name in rounds:
+            per_rank = np.nansum(rounds[name], axis=0)
+            head.append(name)
+            rows.append([_float(v, "{:.3f}") for v in per_rank])
+            total.append(_float(per_rank.sum(), "{:.3f}"))
+    memory = (
+        ("peak_rss_bytes", "peak RSS MiB", "max"),
+        ("train_state_bytes", "train state MiB", "max"),
+        ("model_at_rest_bytes", "at rest MiB", "last"),
+    )
+    for name, label, how in memory:
+        if name in rounds and len(rounds[name]):
+            per_rank = rounds[name].max(axis=0) if how == "max" else rounds[name][-1]
+            head.append(label)
+            rows.append([_float(v / MIB, "{:.1f}") for v in per_rank])
+            total.append(_float(per_rank.max() / MIB, "{:.1f}"))
+    body = [list(row) for row in zip(*rows)] + [total]
+    lines = ["per rank (sums over rounds; memory: max over rounds, at rest: last round)"]
+    lines.append(_table(head, body, rule_before_last=True))
+    lines.append("total row: sums over ranks; memory columns: max over ranks")
+    lines.extend(_extras(r))
+    return "\n".join(lines)
+
+
+def _extras(r: Result) -> list[str]:
+    """One-line figures outside the round loop, where recorded."""
+    out = []
+    sync_sent = r.arrays.get("final_sync/bytes_sent")
+    if sync_sent is not None:
+        recv = r.arrays.get("final_sync/bytes_received")
+        recv_text = f", received {_int(np.sum(recv))} bytes" if recv is not None else ""
+        out.append(f"final sync: sent {_int(np.sum(sync_sent))} bytes{recv_text}")
+    control = r.tables.get("ranks", {}).get("control_bytes_sent")
+    if control is not None:
+        out.append(f"control (metric gathers): sent {_int(np.sum(control))} bytes")
+    return out
+
+
+def _table(head: list[str], body: list[list[str]], *, rule_before_last: bool = False) -> str:
+    """Right-aligned fixed-width columns with a rule under the header."""
+    widths = [max([len(h)] + [len(row[c]) for row in body]) for c, h in enumerate(head)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(f"{cell:>{w}}" for cell, w in zip(cells, widths)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    out = [line(head), rule]
+    for k, row in enumerate(body):
+        if rule_before_last and k == len(body) - 1:
+            out.append(rule)
+        out.append(line(row))
+    return "\n".join(out)
+
+
+def _at(values: np.ndarray, k: int | None, fmt: str) -> str:
+    return "-" if k is None else _float(values[k], fmt)
+
+
+def _int(value: float) -> str:
+    return f"{int(value):,}"
+
+
+def _float(value: float, fmt: str) -> str:
+    value = float(value)
+    return "-" if math.isnan(value) else fmt.format(value)
