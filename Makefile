@@ -53,7 +53,9 @@ endif
 
 demo: install
 	@mkdir -p $(dir $(DEMO_OUT))
-	$(BIN)/mpirun -n $(NP) --oversubscribe $(BIN)/snake-mpi run $(DEMO_CONFIG) --out $(DEMO_OUT) --overwrite
+	@# Open MPI needs --oversubscribe for more ranks than cores; MPICH does not know the flag.
+	mpirun -n $(NP) $$(mpirun --version 2>&1 | grep -q 'Open MPI' && echo --oversubscribe) \
+	  $(BIN)/snake-mpi run $(DEMO_CONFIG) --out $(DEMO_OUT) --overwrite
 	$(BIN)/snake-mpi show $(DEMO_OUT)
 
 test: install

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from snake_mpi.store import read_result
 
 from conftest import REPO, run_mpi, snake_mpi
 from snake_mpi import analytic
@@ -15,6 +14,7 @@ from snake_mpi.config import from_dict
 from snake_mpi.models import build_model
 from snake_mpi.run import seeds_for
 from snake_mpi.schemes.snake import plan_segments
+from snake_mpi.store import read_result
 
 pytestmark = pytest.mark.mpi
 TINY = REPO / "tests" / "configs" / "tiny.toml"
@@ -87,12 +87,13 @@ def test_demo_reaches_accuracy_far_above_chance_and_writes_a_complete_file(tmp_p
     out = tmp_path / "demo.h5"
     job = run_mpi(4, snake_mpi("run", str(DEMO), "--out", str(out)), timeout_s=240)
     assert job.returncode == 0, job.output
-    assert "round 5 of 5" in job.stdout
+    rounds = tomllib.loads(DEMO.read_text())["train"]["rounds"]
+    assert f"round {rounds} of {rounds}" in job.stdout
     res = read_result(out)
     assert res.attrs["status"] == "complete"
     acc = res.evaluation["accuracy"]
-    assert len(acc) == res.n_rounds == 5
-    # 10 classes: chance is 0.10; the demo must get far above it
+    assert len(acc) == res.n_rounds == rounds
+    # 10 classes: chance is 0.10; the demo must get far above it (seeds 0 and 1 give 0.73+)
     assert acc[-1] >= 0.6, acc
     assert not out.with_name(out.name + ".partial").exists()
     show = run_mpi(1, snake_mpi("show", str(out)), timeout_s=60)

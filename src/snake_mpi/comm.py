@@ -8,7 +8,6 @@ aborts naming the peer and the message awaited.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import sys
@@ -21,7 +20,18 @@ from typing import NoReturn
 import numpy as np
 from mpi4py import MPI
 
-from snake_mpi.wire import HEADER_FIXED, HEADER_MAX_BLOCKS, KIND_NAMES, MAGIC
+from snake_mpi.wire import (
+    HEADER_FIXED,
+    HEADER_MAX_BLOCKS,
+    CommStats,
+    PeerTimeout,
+    ProtocolError,
+    Transfer,
+    describe,
+    pack_header,
+    parse_header,
+    transfer_from,
+)
 
 TAG_HEADER = 11
 TAG_PAYLOAD = 12
@@ -31,58 +41,14 @@ _SPIN_FLOW_S = 0.5  # data in flight: keep polling, large transfers progress onl
 _MAX_SLEEP_S = 0.001  # longest sleep between polls: idle ranks must not steal cores
 
 
-class PeerTimeout(RuntimeError):
-    """A peer's message did not arrive (or was not taken) within the deadline."""
-
-
-class ProtocolError(RuntimeError):
-    """A message arrived that is not the one expected (wrong kind, round, hop or sizes)."""
-
-
 @dataclass(slots=True)
-class Transfer:
-    """A received set of blocks: ids, versions, byte sizes, and the payload that holds them."""
+class _Posted:
+    """Receives posted ahead by ``Comm.expect``: buffers and requests of header and payload."""
 
-    kind: int
-    round: int
-    hop: int
-    block_ids: np.ndarray
-    versions: np.ndarray
-    block_nbytes: np.ndarray
+    header: np.ndarray
     payload: np.ndarray
-
-
-@dataclass(slots=True)
-class CommStats:
-    """Counters of one rank since the last ``take``: bytes, messages and seconds.
-
-    ``control_bytes_sent`` (metric gathers to rank 0, not model transfers) is cumulative.
-    """
-
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    messages_sent: int = 0
-    messages_received: int = 0
-    send_s: float = 0.0
-    wait_s: float = 0.0
-    recv_s: float = 0.0
-    control_bytes_sent: int = 0
-
-    def take(self) -> dict[str, float]:
-        """Return the counters as a dict and reset them (one call per round)."""
-        out = {
-            "bytes_sent": self.bytes_sent,
-            "bytes_received": self.bytes_received,
-            "messages_sent": self.messages_sent,
-            "messages_received": self.messages_received,
-            "send_s": self.send_s,
-            "wait_s": self.wait_s,
-            "recv_s": self.recv_s,
-        }
-        self.bytes_sent = self.bytes_received = 0
-        self.messages_sent = self.messages_received = 0
-        self.send_s = self.wait_s = self.recv_s = 0.0
-        return out
+    hreq: MPI.Request
+    preq: MPI.Request
 
 
 class Comm:
@@ -95,6 +61,7 @@ class Comm:
         self.deadline_s = float(deadline_s)
         self.stats = CommStats()
         self._header_buf = np.empty(HEADER_FIXED + 3 * HEADER_MAX_BLOCKS, dtype=np.int64)
+        self._expected: dict[tuple[int, int, int, int], _Posted] = {}
 
     @classmethod
     def world(cls, *, deadline_s: float = 600.0) -> Comm:
@@ -128,31 +95,44 @@ class Comm:
         payload: np.ndarray,
     ) -> None:
         """Send a header and one contiguous uint8 payload to ``dest``; counts bytes and time."""
-        n = len(block_ids)
-        if n > HEADER_MAX_BLOCKS:
-            raise ValueError(f"{n} blocks exceed the header limit of {HEADER_MAX_BLOCKS}")
-        if payload.dtype != np.uint8 or not payload.flags.c_contiguous:
-            raise TypeError("payload must be a contiguous uint8 array")
-        if int(np.sum(block_nbytes)) != payload.nbytes:
-            raise ValueError(
-                f"payload has {payload.nbytes} bytes; the blocks add up to {np.sum(block_nbytes)}"
-            )
-        header = np.empty(HEADER_FIXED + 3 * n, dtype=np.int64)
-        header[:HEADER_FIXED] = (MAGIC, kind, round, hop, n, payload.nbytes)
-        body = header[HEADER_FIXED:].reshape(n, 3)
-        body[:, 0], body[:, 1], body[:, 2] = block_ids, versions, block_nbytes
+        header = pack_header(
+            kind=kind,
+            round=round,
+            hop=hop,
+            block_ids=block_ids,
+            versions=versions,
+            block_nbytes=block_nbytes,
+            payload=payload,
+        )
         t0 = time.perf_counter()
         reqs = [
             self._comm.Isend([header, MPI.INT64_T], dest, TAG_HEADER),
             self._comm.Isend([payload, MPI.BYTE], dest, TAG_PAYLOAD),  # sent even when empty
         ]
-        what = f"{KIND_NAMES.get(kind, kind)} transfer of round {round} hop {hop}"
+        what = describe(kind, round, hop, self.rank)
         self._wait_all(
             reqs, f"rank {dest} to take the {what} ({payload.nbytes} bytes)", spin_s=_SPIN_FLOW_S
         )
         self.stats.send_s += time.perf_counter() - t0
         self.stats.bytes_sent += header.nbytes + payload.nbytes
         self.stats.messages_sent += 1
+
+    def expect(self, source: int, *, kind: int, round: int, hop: int, payload_bytes: int) -> None:
+        """Post the receives of a transfer now, to be completed by a later ``recv_blocks``.
+
+        A rank that enters a collective before its next receive must post that receive
+        first: a large send is taken only once the receive is posted, so a sender waiting
+        on it would never join the collective (node N-1's hop to node 0 across a round end).
+        """
+        key = (source, kind, round, hop)
+        header = np.empty(HEADER_FIXED + 3 * HEADER_MAX_BLOCKS, dtype=np.int64)
+        payload = np.empty(payload_bytes, dtype=np.uint8)
+        self._expected[key] = _Posted(
+            header=header,
+            payload=payload,
+            hreq=self._comm.Irecv([header, MPI.INT64_T], source, TAG_HEADER),
+            preq=self._comm.Irecv([payload, MPI.BYTE], source, TAG_PAYLOAD),
+        )
 
     def recv_blocks(
         self, source: int, *, kind: int, round: int, hop: int, out: np.ndarray | None = None
@@ -161,33 +141,30 @@ class Comm:
 
         With ``out`` (a contiguous uint8 buffer, reused across hops) the payload receive is
         posted together with the header's and lands in ``out[:payload_bytes]``; without it the
-        payload goes into a new array once the header has said how large it is.
+        payload goes into a new array once the header has said how large it is. A transfer
+        announced with ``expect`` completes the receives posted then.
         """
-        what = (
-            f"{KIND_NAMES.get(kind, kind)} transfer of round {round} hop {hop} from rank {source}"
-        )
+        what = describe(kind, round, hop, source)
         status = MPI.Status()
         t0 = time.perf_counter()
-        req = self._comm.Irecv([self._header_buf, MPI.INT64_T], source, TAG_HEADER)
-        prepost = out is not None and out.dtype == np.uint8 and out.flags.c_contiguous
-        if prepost:  # the payload can flow at once, before we have read the header
-            preq = self._comm.Irecv([out, MPI.BYTE], source, TAG_PAYLOAD)
+        posted = self._expected.pop((source, kind, round, hop), None)
+        if posted is not None:
+            header_buf, req = posted.header, posted.hreq
+            out, preq = posted.payload, posted.preq
+            prepost = True
+        else:
+            header_buf = self._header_buf
+            req = self._comm.Irecv([header_buf, MPI.INT64_T], source, TAG_HEADER)
+            prepost = out is not None and out.dtype == np.uint8 and out.flags.c_contiguous
+            if prepost:  # the payload can flow at once, before we have read the header
+                preq = self._comm.Irecv([out, MPI.BYTE], source, TAG_PAYLOAD)
         self._wait_all([req], f"the header of the {what}", status=status)
         t1 = time.perf_counter()
         self.stats.wait_s += t1 - t0
-        count = status.Get_count(MPI.INT64_T)
-        header = self._header_buf[:count].copy()
-        if count < HEADER_FIXED or header[0] != MAGIC:
-            raise ProtocolError(f"rank {self.rank}: malformed header ({count} words) in the {what}")
-        _magic, h_kind, h_round, h_hop, n, payload_bytes = (int(v) for v in header[:HEADER_FIXED])
-        if (h_kind, h_round, h_hop) != (kind, round, hop) or count != HEADER_FIXED + 3 * n:
-            raise ProtocolError(
-                f"rank {self.rank}: expected the {what}, got kind {h_kind} round {h_round} "
-                f"hop {h_hop} with {n} blocks"
-            )
-        body = header[HEADER_FIXED:].reshape(n, 3)
-        if int(body[:, 2].sum()) != payload_bytes:
-            raise ProtocolError(f"rank {self.rank}: block sizes do not add up in the {what}")
+        header = header_buf[: status.Get_count(MPI.INT64_T)].copy()
+        body, payload_bytes = parse_header(
+            header, kind=kind, round=round, hop=hop, rank=self.rank, what=what
+        )
         payload_what = f"the payload ({payload_bytes} bytes) of the {what}"
         pstatus = MPI.Status()
         if prepost:
@@ -207,15 +184,7 @@ class Comm:
         self.stats.recv_s += time.perf_counter() - t1
         self.stats.bytes_received += header.nbytes + payload_bytes
         self.stats.messages_received += 1
-        return Transfer(
-            kind=h_kind,
-            round=h_round,
-            hop=h_hop,
-            block_ids=body[:, 0].copy(),
-            versions=body[:, 1].copy(),
-            block_nbytes=body[:, 2].copy(),
-            payload=payload,
-        )
+        return transfer_from(header, body, payload)
 
     def _wait_all(
         self,
@@ -237,10 +206,7 @@ class Comm:
             if done:
                 return
             now = time.perf_counter()
-            if now > deadline:
-                for r in reqs:
-                    with contextlib.suppress(MPI.Exception):  # cancel is best effort
-                        r.Cancel()
+            if now > deadline:  # no Cancel: the caller aborts the job, which frees all
                 raise PeerTimeout(
                     f"rank {self.rank}: waited {now - t0:.1f} s for {what}; "
                     f"deadline comm.deadline_s = {self.deadline_s:g} s"
@@ -251,26 +217,31 @@ class Comm:
 
     # ---------------------------------------------------------------- metrics to rank 0
 
-    def gather_row(self, row: np.ndarray) -> np.ndarray | None:
+    def _gather(self, send: list, recv: list | None, what: str, *, v: bool = False) -> None:
+        """A non-blocking gather to rank 0, polled under the deadline like every other wait."""
+        fn = self._comm.Igatherv if v else self._comm.Igather
+        self._wait_all([fn(send, recv, root=0)], f"all ranks to join the gather of {what}")
+
+    def gather_row(self, row: np.ndarray, what: str = "the round's figures") -> np.ndarray | None:
         """Gather one float64 row per rank to rank 0 -> (size, len) there, None elsewhere."""
         row = np.ascontiguousarray(row, dtype=np.float64)
         out = np.empty((self.size, row.size), dtype=np.float64) if self.rank == 0 else None
-        self._comm.Gather([row, MPI.DOUBLE], [out, MPI.DOUBLE] if out is not None else None, root=0)
+        self._gather([row, MPI.DOUBLE], [out, MPI.DOUBLE] if out is not None else None, what)
         self.stats.control_bytes_sent += row.nbytes
         return out
 
-    def gatherv(self, arr: np.ndarray) -> list[np.ndarray] | None:
+    def gatherv(self, arr: np.ndarray, what: str = "a series") -> list[np.ndarray] | None:
         """Gather a 1-D float64 array of any length per rank to rank 0 (list by rank there)."""
         arr = np.ascontiguousarray(arr, dtype=np.float64).ravel()
-        counts = self.gather_row(np.array([arr.size], dtype=np.float64))
+        counts = self.gather_row(np.array([arr.size], dtype=np.float64), f"the length of {what}")
         if self.rank != 0:
-            self._comm.Gatherv([arr, MPI.DOUBLE], None, root=0)
+            self._gather([arr, MPI.DOUBLE], None, what, v=True)
             self.stats.control_bytes_sent += arr.nbytes
             return None
         sizes = counts[:, 0].astype(np.int64)
         out = np.empty(int(sizes.sum()), dtype=np.float64)
         displs = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        self._comm.Gatherv([arr, MPI.DOUBLE], [out, (sizes, displs), MPI.DOUBLE], root=0)
+        self._gather([arr, MPI.DOUBLE], [out, (sizes, displs), MPI.DOUBLE], what, v=True)
         return [out[d : d + s] for d, s in zip(displs, sizes, strict=True)]
 
     def gather_str(self, text: str, max_bytes: int = 256) -> list[str] | None:
@@ -279,15 +250,23 @@ class Comm:
         buf = np.zeros(max_bytes, dtype=np.uint8)
         buf[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
         out = np.empty((self.size, max_bytes), dtype=np.uint8) if self.rank == 0 else None
-        self._comm.Gather([buf, MPI.BYTE], [out, MPI.BYTE] if out is not None else None, root=0)
+        self._gather([buf, MPI.BYTE], [out, MPI.BYTE] if out is not None else None, "strings")
         self.stats.control_bytes_sent += buf.nbytes
         if out is None:
             return None
         return [bytes(r).rstrip(b"\0").decode(errors="replace") for r in out]
 
+    def hostname(self) -> str:
+        """This rank's host name."""
+        return hostname()
+
+    def library_version(self) -> str:
+        """The MPI library's version string."""
+        return library_version()
+
     def barrier(self) -> None:
-        """Synchronise all ranks (used only outside the round loop)."""
-        self._comm.Barrier()
+        """Synchronise all ranks (used only outside the round loop), under the deadline."""
+        self._wait_all([self._comm.Ibarrier()], "all ranks to reach the barrier")
 
     def ranks_on_host(self) -> int:
         """How many ranks of this job share this rank's host (for torch thread counts)."""

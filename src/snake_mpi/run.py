@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from snake_mpi import comm as mpi
 from snake_mpi import provenance
 from snake_mpi.blocks import block_table, model_hash
 from snake_mpi.config import ConfigError, RunConfig, check_output, to_toml, validate_for_world
@@ -42,7 +42,7 @@ def seeds_for(root_seed: int, world_size: int) -> tuple[dict[str, int], list[int
     return named, rank_seeds
 
 
-def torch_threads(cfg: RunConfig, comm: mpi.Comm) -> int:
+def torch_threads(cfg: RunConfig, comm: Any) -> int:
     """Threads per rank: as configured, or the host's cores shared among the ranks on it."""
     if cfg.torch_threads > 0:
         return cfg.torch_threads
@@ -71,6 +71,8 @@ def build_shards(cfg: RunConfig, seeds: dict[str, int], world_size: int):
 
 def main(cfg: RunConfig, out: str, *, overwrite: bool) -> int:
     """Entry point of ``snake-mpi run`` on every rank; returns the exit status."""
+    from snake_mpi import comm as mpi  # initialises MPI; execute() itself needs no MPI
+
     rank, size = mpi.world_rank_size()
     try:
         validate_for_world(cfg, size)
@@ -81,7 +83,7 @@ def main(cfg: RunConfig, out: str, *, overwrite: bool) -> int:
         return EXIT_CONFIG
     mpi.install_abort_on_error()
     try:
-        _run(cfg, out_path, rank)
+        execute(cfg, mpi.Comm.world(deadline_s=cfg.comm.deadline_s), out_path)
     except SystemExit as e:
         if e.code not in (0, None):
             mpi.abort_job(f"exited with status {e.code}", e.code if isinstance(e.code, int) else 1)
@@ -89,9 +91,12 @@ def main(cfg: RunConfig, out: str, *, overwrite: bool) -> int:
     return 0
 
 
-def _run(cfg: RunConfig, out_path: Path, rank: int) -> None:
-    comm = mpi.Comm.world(deadline_s=cfg.comm.deadline_s)
-    n = comm.size
+def execute(cfg: RunConfig, comm: Any, out_path: Path) -> Context:
+    """The run on this rank over ``comm`` (``comm.Comm``, or an in-process ``LocalComm``).
+
+    Rank 0 writes ``out_path``; returns the scheme's context (model, recorder, info).
+    """
+    rank, n = comm.rank, comm.size
     threads = torch_threads(cfg, comm)
     torch.set_num_threads(threads)
     seeds, rank_seeds = seeds_for(cfg.seed, n)
@@ -116,7 +121,7 @@ def _run(cfg: RunConfig, out_path: Path, rank: int) -> None:
     )
     generator = torch.Generator().manual_seed(rank_seeds[rank])
 
-    hosts = comm.gather_str(mpi.hostname())
+    hosts = comm.gather_str(comm.hostname())
     writer = None
     if rank == 0:
         from snake_mpi.store import ResultWriter
@@ -137,7 +142,7 @@ def _run(cfg: RunConfig, out_path: Path, rank: int) -> None:
             config_toml=to_toml(cfg),
         )
         prov = provenance.collect(
-            mpi_library_version=mpi.library_version(), hosts=hosts, world_size=n, seeds=seeds
+            mpi_library_version=comm.library_version(), hosts=hosts, world_size=n, seeds=seeds
         )
         prov["torch_num_threads"] = threads
         writer.write_provenance(prov)
@@ -163,6 +168,7 @@ def _run(cfg: RunConfig, out_path: Path, rank: int) -> None:
     get_scheme(cfg.scheme)(ctx)
     sampler.stop()
     _finish(ctx, writer, sampler, disk, hosts, parts, dataset.y_train.numpy(), cfg.data.n_classes)
+    return ctx
 
 
 def _finish(ctx, writer, sampler, disk, hosts, parts, y_train, n_classes) -> None:

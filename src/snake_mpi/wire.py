@@ -1,9 +1,16 @@
-"""The wire format of a block transfer (no MPI here, so analysis and tests can use it).
+"""The wire format of a block transfer and its accounting types (no MPI here, so analysis,
+tests and the in-process communicator share them).
 
 A transfer is an int64 header, then one contiguous uint8 payload with the blocks' bytes:
 
     [MAGIC, kind, round, hop, n_blocks, payload_bytes, (block_id, version, nbytes) * n_blocks]
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
 
 MAGIC = 0x534E414B  # "SNAK"
 HEADER_FIXED = 6
@@ -16,3 +23,122 @@ KIND_NAMES = {KIND_MODEL: "model", KIND_SYNC: "final-sync"}
 def header_nbytes(n_blocks: int) -> int:
     """Bytes of the header that precedes a payload of ``n_blocks`` blocks."""
     return 8 * (HEADER_FIXED + 3 * n_blocks)
+
+
+class PeerTimeout(RuntimeError):
+    """A peer's message did not arrive (or was not taken) within the deadline."""
+
+
+class ProtocolError(RuntimeError):
+    """A message arrived that is not the one expected (wrong kind, round, hop or sizes)."""
+
+
+@dataclass(slots=True)
+class Transfer:
+    """A received set of blocks: ids, versions, byte sizes, and the payload that holds them."""
+
+    kind: int
+    round: int
+    hop: int
+    block_ids: np.ndarray
+    versions: np.ndarray
+    block_nbytes: np.ndarray
+    payload: np.ndarray
+
+
+@dataclass(slots=True)
+class CommStats:
+    """Counters of one rank since the last ``take``: bytes, messages and seconds.
+
+    ``control_bytes_sent`` (metric gathers to rank 0, not model transfers) is cumulative.
+    """
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+    send_s: float = 0.0
+    wait_s: float = 0.0
+    recv_s: float = 0.0
+    control_bytes_sent: int = 0
+
+    def take(self) -> dict[str, float]:
+        """Return the counters as a dict and reset them (one call per round)."""
+        out = {
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "messages_sent": self.messages_sent,
+            "messages_received": self.messages_received,
+            "send_s": self.send_s,
+            "wait_s": self.wait_s,
+            "recv_s": self.recv_s,
+        }
+        self.bytes_sent = self.bytes_received = 0
+        self.messages_sent = self.messages_received = 0
+        self.send_s = self.wait_s = self.recv_s = 0.0
+        return out
+
+
+def pack_header(
+    *,
+    kind: int,
+    round: int,
+    hop: int,
+    block_ids: np.ndarray,
+    versions: np.ndarray,
+    block_nbytes: np.ndarray,
+    payload: np.ndarray,
+) -> np.ndarray:
+    """The int64 header of a transfer; checks the payload is contiguous bytes of those sizes."""
+    n = len(block_ids)
+    if n > HEADER_MAX_BLOCKS:
+        raise ValueError(f"{n} blocks exceed the header limit of {HEADER_MAX_BLOCKS}")
+    if payload.dtype != np.uint8 or not payload.flags.c_contiguous:
+        raise TypeError("payload must be a contiguous uint8 array")
+    if int(np.sum(block_nbytes)) != payload.nbytes:
+        raise ValueError(
+            f"payload has {payload.nbytes} bytes; the blocks add up to {np.sum(block_nbytes)}"
+        )
+    header = np.empty(HEADER_FIXED + 3 * n, dtype=np.int64)
+    header[:HEADER_FIXED] = (MAGIC, kind, round, hop, n, payload.nbytes)
+    body = header[HEADER_FIXED:].reshape(n, 3)
+    body[:, 0], body[:, 1], body[:, 2] = block_ids, versions, block_nbytes
+    return header
+
+
+def parse_header(
+    header: np.ndarray, *, kind: int, round: int, hop: int, rank: int, what: str
+) -> tuple[np.ndarray, int]:
+    """Check a received header is the transfer expected; returns (rows of id/version/nbytes,
+    payload bytes). Raises ProtocolError naming the rank and the transfer otherwise."""
+    count = len(header)
+    if count < HEADER_FIXED or header[0] != MAGIC:
+        raise ProtocolError(f"rank {rank}: malformed header ({count} words) in the {what}")
+    _magic, h_kind, h_round, h_hop, n, payload_bytes = (int(v) for v in header[:HEADER_FIXED])
+    if (h_kind, h_round, h_hop) != (kind, round, hop) or count != HEADER_FIXED + 3 * n:
+        raise ProtocolError(
+            f"rank {rank}: expected the {what}, got kind {h_kind} round {h_round} "
+            f"hop {h_hop} with {n} blocks"
+        )
+    body = header[HEADER_FIXED:].reshape(n, 3)
+    if int(body[:, 2].sum()) != payload_bytes:
+        raise ProtocolError(f"rank {rank}: block sizes do not add up in the {what}")
+    return body, payload_bytes
+
+
+def transfer_from(header: np.ndarray, body: np.ndarray, payload: np.ndarray) -> Transfer:
+    """A Transfer from a checked header and its payload."""
+    return Transfer(
+        kind=int(header[1]),
+        round=int(header[2]),
+        hop=int(header[3]),
+        block_ids=body[:, 0].copy(),
+        versions=body[:, 1].copy(),
+        block_nbytes=body[:, 2].copy(),
+        payload=payload,
+    )
+
+
+def describe(kind: int, round: int, hop: int, source: int) -> str:
+    """Human words for a transfer, used in every error and timeout message."""
+    return f"{KIND_NAMES.get(kind, kind)} transfer of round {round} hop {hop} from rank {source}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from snake_mpi.blocks import BlockModel
@@ -9,6 +11,7 @@ from snake_mpi.config import ModelConfig
 from snake_mpi.models import cnn, mlp
 
 _FAMILIES = {"cnn": cnn.build, "mlp": mlp.build}
+_GLOBAL_RNG = threading.Lock()  # nn init draws from torch's one process-wide generator
 
 
 def build_model(
@@ -21,6 +24,6 @@ def build_model(
         raise ValueError(
             f"unknown model family {cfg.family!r}; known: {sorted(_FAMILIES)}"
         ) from None
-    with torch.random.fork_rng(devices=[]):
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build(cfg, sample_shape=sample_shape, n_classes=n_classes)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from snake_mpi import assign
-from snake_mpi.blocks import BlockModel, block_params, flatten, unflatten
+from snake_mpi.blocks import BlockModel, block_nbytes, block_params, flatten, unflatten
 from snake_mpi.config import SnakeConfig
 from snake_mpi.schemes import Context
 from snake_mpi.train import evaluate, train_local
@@ -70,6 +70,17 @@ def blocks_to_send(versions: np.ndarray, receiver_stamp: int, transfer: str) -> 
     if transfer == "full":
         return list(range(len(versions)))
     return [int(b) for b in np.flatnonzero(versions > receiver_stamp)]
+
+
+def expected_wrap_blocks(
+    versions: np.ndarray, plan: Sequence[Sequence[int]], round_: int, transfer: str
+) -> list[int]:
+    """Blocks node 0 will get from node N-1 at the end of ``round_`` (node 0 has trained)."""
+    n = len(plan)
+    predicted = versions.copy()
+    for node in range(1, n):
+        predicted[list(plan[node])] = stamp(round_, node, n)
+    return blocks_to_send(predicted, stamp(round_, 0, n), transfer)
 
 
 def _send(ctx: Context, dest: int, kind: int, round_: int, hop: int, ids: list[int]) -> None:
@@ -143,6 +154,10 @@ def run(ctx: Context) -> None:
             dest = comm.succ
             ids = blocks_to_send(model.versions, last_stamp(dest, node, r, n), cfg.snake.transfer)
             _send(ctx, dest, KIND_MODEL, r, node, ids)
+        if node == 0 and r < rounds - 1:  # before the round-end gather, see Comm.expect
+            wrap = expected_wrap_blocks(model.versions, plan, r, cfg.snake.transfer)
+            nbytes = sum(block_nbytes(model, b) for b in wrap)
+            comm.expect(comm.pred, kind=KIND_MODEL, round=r, hop=last, payload_bytes=nbytes)
         rec.end_round()
     if cfg.snake.final_sync:
         final_sync(ctx, rounds)

@@ -1,0 +1,179 @@
+"""An in-process communicator with ``comm.Comm``'s interface: N ranks as threads of one process.
+
+Lets a scheme run in a unit test without mpirun, and lets a test compare the same run both
+ways bit for bit. Messages are copied (as MPI would), counted exactly as ``comm.Comm`` counts
+them (same header layout, same accounting), and every wait has the same deadline.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from snake_mpi.wire import (
+    CommStats,
+    PeerTimeout,
+    ProtocolError,
+    Transfer,
+    describe,
+    pack_header,
+    parse_header,
+    transfer_from,
+)
+
+
+class ThreadWorld:
+    """Shared mailboxes and a barrier for ``size`` thread-ranks."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._boxes = {(s, d): queue.Queue() for s in range(size) for d in range(size)}
+        self._barrier = threading.Barrier(size)
+        self._slots: list[Any] = [None] * size
+
+    def comm(self, rank: int, *, deadline_s: float = 600.0) -> LocalComm:
+        """The communicator of ``rank``."""
+        return LocalComm(self, rank, deadline_s=deadline_s)
+
+    def run(self, body: Callable[[LocalComm], Any], *, deadline_s: float = 600.0) -> list[Any]:
+        """Run ``body(comm)`` on every rank in its own thread; re-raise the first failure."""
+        results: list[Any] = [None] * self.size
+        errors: list[BaseException] = []
+
+        def target(rank: int) -> None:
+            try:
+                results[rank] = body(self.comm(rank, deadline_s=deadline_s))
+            except BaseException as e:  # noqa: BLE001 - reported to the caller below
+                errors.append(e)
+                self._barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+class LocalComm:
+    """One thread-rank of a ThreadWorld; same methods and counters as ``comm.Comm``."""
+
+    def __init__(self, world: ThreadWorld, rank: int, *, deadline_s: float) -> None:
+        self._world = world
+        self.rank = rank
+        self.size = world.size
+        self.deadline_s = float(deadline_s)
+        self.stats = CommStats()
+
+    @property
+    def succ(self) -> int:
+        return (self.rank + 1) % self.size
+
+    @property
+    def pred(self) -> int:
+        return (self.rank - 1) % self.size
+
+    def send_blocks(
+        self,
+        dest: int,
+        *,
+        kind: int,
+        round: int,
+        hop: int,
+        block_ids: np.ndarray,
+        versions: np.ndarray,
+        block_nbytes: np.ndarray,
+        payload: np.ndarray,
+    ) -> None:
+        header = pack_header(
+            kind=kind,
+            round=round,
+            hop=hop,
+            block_ids=block_ids,
+            versions=versions,
+            block_nbytes=block_nbytes,
+            payload=payload,
+        )
+        t0 = time.perf_counter()
+        self._world._boxes[(self.rank, dest)].put((header, payload.copy()))
+        self.stats.send_s += time.perf_counter() - t0
+        self.stats.bytes_sent += header.nbytes + payload.nbytes
+        self.stats.messages_sent += 1
+
+    def expect(self, source: int, *, kind: int, round: int, hop: int, payload_bytes: int) -> None:
+        """Nothing to post ahead: sends here never wait for the receiver."""
+
+    def recv_blocks(
+        self, source: int, *, kind: int, round: int, hop: int, out: np.ndarray | None = None
+    ) -> Transfer:
+        what = describe(kind, round, hop, source)
+        t0 = time.perf_counter()
+        try:
+            header, payload = self._world._boxes[(source, self.rank)].get(timeout=self.deadline_s)
+        except queue.Empty:
+            raise PeerTimeout(
+                f"rank {self.rank}: waited {self.deadline_s:g} s for the header of the {what}; "
+                f"deadline comm.deadline_s = {self.deadline_s:g} s"
+            ) from None
+        t1 = time.perf_counter()
+        self.stats.wait_s += t1 - t0
+        body, payload_bytes = parse_header(
+            header, kind=kind, round=round, hop=hop, rank=self.rank, what=what
+        )
+        if payload.nbytes != payload_bytes:
+            raise ProtocolError(f"rank {self.rank}: payload size mismatch in the {what}")
+        if out is not None:
+            out[:payload_bytes] = payload
+            payload = out[:payload_bytes]
+        self.stats.recv_s += time.perf_counter() - t1
+        self.stats.bytes_received += header.nbytes + payload_bytes
+        self.stats.messages_received += 1
+        return transfer_from(header, body, payload)
+
+    # ------------------------------------------------------------ collectives to rank 0
+
+    def _gather(self, item: Any) -> list[Any] | None:
+        w = self._world
+        w._slots[self.rank] = item
+        w._barrier.wait(timeout=self.deadline_s)
+        out = list(w._slots) if self.rank == 0 else None
+        w._barrier.wait(timeout=self.deadline_s)
+        return out
+
+    def gather_row(self, row: np.ndarray, what: str = "") -> np.ndarray | None:
+        row = np.array(row, dtype=np.float64)
+        self.stats.control_bytes_sent += row.nbytes
+        rows = self._gather(row)
+        return None if rows is None else np.stack(rows)
+
+    def gatherv(self, arr: np.ndarray, what: str = "") -> list[np.ndarray] | None:
+        arr = np.array(arr, dtype=np.float64).ravel()
+        self.stats.control_bytes_sent += 8 + arr.nbytes  # the count row, then the data
+        return self._gather(arr)
+
+    def gather_str(self, text: str, max_bytes: int = 256) -> list[str] | None:
+        self.stats.control_bytes_sent += max_bytes
+        return self._gather(text.encode()[:max_bytes].decode(errors="replace"))
+
+    def barrier(self) -> None:
+        self._world._barrier.wait(timeout=self.deadline_s)
+
+    def ranks_on_host(self) -> int:
+        return self.size
+
+    def hostname(self) -> str:
+        return socket.gethostname()
+
+    def library_version(self) -> str:
+        return "in-process (threads)"
+
+    def abort(self, message: str, code: int = 1) -> None:
+        raise RuntimeError(f"rank {self.rank} of {self.size}: {message}")
