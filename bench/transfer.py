@@ -124,6 +124,7 @@ def probe_overhead(pairs: int) -> None:
         "train.local_epochs=1",
         "model.width=64",
         "torch_threads=1",
+        "probes.interval_s=0.1",  # the default sampling period
     ]
     for i in range(pairs):
         for enabled in (True, False) if i % 2 == 0 else (False, True):
@@ -139,7 +140,7 @@ def probe_overhead(pairs: int) -> None:
             times[enabled].append(MPI.Wtime() - t0)
     if rank == 0:
         on, off = np.median(times[True]), np.median(times[False])
-        print(f"# probe overhead: {pairs} runs each, sampler interval 0.05 s")
+        print(f"# probe overhead: {pairs} runs each, sampler interval {cfg.probes.interval_s:g} s")
         print(f"sampler on  {on:.3f} s (median; runs {', '.join(f'{t:.3f}' for t in times[True])})")
         print(
             f"sampler off {off:.3f} s (median; runs {', '.join(f'{t:.3f}' for t in times[False])})"

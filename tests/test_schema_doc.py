@@ -1,0 +1,93 @@
+"""docs/results-schema.md and a real result file agree: every documented dataset and attribute
+is in the file, and everything in the file is documented."""
+
+from __future__ import annotations
+
+import re
+
+import h5py
+import pytest
+
+from conftest import REPO, run_mpi, snake_mpi
+
+SCHEMA = REPO / "docs" / "results-schema.md"
+TINY = REPO / "tests" / "configs" / "tiny.toml"
+
+
+def documented() -> dict[str, list[str]]:
+    """Section -> the names its table documents (placeholders such as ``seed_<name>`` kept)."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in SCHEMA.read_text().splitlines():
+        if line.startswith("## "):
+            m = re.search(r"`(/[^`]*)`", line)
+            current = m.group(1) if m else line[3:].strip()
+            sections.setdefault(current, [])
+        elif current is not None and line.startswith("| `"):
+            first_cell = line.split("|")[1]
+            sections[current] += re.findall(r"`([^`]+)`", first_cell)
+    return sections
+
+
+def pattern(name: str) -> re.Pattern[str]:
+    """``seed_<name>`` -> a regex that matches ``seed_model`` and the like."""
+    return re.compile(r"\w+".join(re.escape(part) for part in re.split(r"<[^>]+>", name)) + "$")
+
+
+def check(where: str, doc: list[str], present: list[str]) -> None:
+    pats = [pattern(d) for d in doc]
+    missing = [d for d, p in zip(doc, pats, strict=True) if not any(p.match(x) for x in present)]
+    undocumented = [x for x in present if not any(p.match(x) for p in pats)]
+    assert not missing, f"{where}: documented but not in the file: {missing}"
+    assert not undocumented, f"{where}: in the file but not documented: {undocumented}"
+
+
+def test_the_schema_document_has_the_sections_the_writer_uses():
+    doc = documented()
+    for section in (
+        "Root attributes",
+        "/provenance",
+        "/rounds/<field>",
+        "/eval/<field>",
+        "/blocks/<column>",
+        "/ranks/<column>",
+        "/final_sync/<dataset>",
+        "/series/rank_<k>/<dataset>",
+    ):
+        assert doc.get(section), f"no table for {section} in {SCHEMA.name}"
+
+
+@pytest.mark.mpi
+def test_a_result_file_has_exactly_the_documented_datasets_and_attributes(tmp_path):
+    out = tmp_path / "r.h5"
+    job = run_mpi(3, snake_mpi("run", str(TINY), "--out", str(out)), timeout_s=120)
+    assert job.returncode == 0, job.output
+    doc = documented()
+    with h5py.File(out, "r") as f:
+        assert f.attrs["status"] == "complete"
+        check("root attributes", doc["Root attributes"], list(f.attrs))
+        check("/provenance", doc["/provenance"], list(f["provenance"].attrs))
+        for section, group in [
+            ("/rounds/<field>", "rounds"),
+            ("/eval/<field>", "eval"),
+            ("/blocks/<column>", "blocks"),
+            ("/ranks/<column>", "ranks"),
+            ("/final_sync/<dataset>", "final_sync"),
+        ]:
+            assert all(isinstance(v, h5py.Dataset) for v in f[group].values()), group
+            check(f"/{group}", doc[section], list(f[group]))
+        assert sorted(f["series"]) == [f"rank_{k}" for k in range(3)]
+        for k in range(3):
+            series = f[f"series/rank_{k}"]
+            check(f"/series/rank_{k}", doc["/series/rank_<k>/<dataset>"], list(series))
+            assert len(series["t_s"]) > 0  # probes on: the sampler took samples
+        expected_groups = {
+            "provenance",
+            "rounds",
+            "eval",
+            "blocks",
+            "ranks",
+            "final_sync",
+            "series",
+        }
+        assert set(f) == expected_groups
