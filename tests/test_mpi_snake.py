@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from snake_mpi.config import from_dict
 from snake_mpi.models import build_model
 from snake_mpi.run import seeds_for
 from snake_mpi.schemes.snake import plan_segments
-from snake_mpi.store import read_result
+from snake_mpi.store import IncompleteResultError, read_result, scan_results
 
 pytestmark = pytest.mark.mpi
 TINY = REPO / "tests" / "configs" / "tiny.toml"
@@ -109,27 +110,73 @@ def test_exception_on_a_rank_ends_the_job_naming_the_rank_and_leaves_no_result(t
     assert not out.exists()
 
 
-def test_sys_exit_on_a_rank_ends_the_job(tmp_path):
-    job, out = run_tiny(tmp_path, 3, "debug.fail_rank=1", "debug.fail_kind=exit", timeout_s=60)
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_sys_exit_on_a_rank_ends_the_job(tmp_path, rank):
+    job, out = run_tiny(
+        tmp_path, 3, f"debug.fail_rank={rank}", "debug.fail_kind=exit", timeout_s=60
+    )
     assert job.returncode != 0 and job.elapsed_s < 30
-    assert "rank 1 of 3" in job.stderr and "exited with status 3" in job.stderr, job.stderr
+    assert f"rank {rank} of 3" in job.stderr and "exited with status 3" in job.stderr, job.stderr
     assert not out.exists()
 
 
-def test_a_peer_that_never_sends_trips_the_deadline_naming_it(tmp_path):
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_a_peer_that_never_sends_trips_the_deadline_naming_it(tmp_path, rank):
     job, out = run_tiny(
         tmp_path,
         3,
-        "debug.fail_rank=1",
+        f"debug.fail_rank={rank}",
         "debug.fail_kind=hang",
         "debug.fail_round=1",
         "comm.deadline_s=3",
         timeout_s=60,
     )
     assert job.returncode != 0 and job.elapsed_s < 30
-    assert "rank 2 of 3" in job.stderr and "from rank 1" in job.stderr, job.stderr
-    assert "deadline comm.deadline_s = 3" in job.stderr
+    first = next(line for line in job.stderr.splitlines() if "waited" in line)
+    # the first rank to give up names the hung one: a receiver "from rank R", a sender
+    # "for rank R to take", or rank 0's gather of the round's figures "still missing: [.., R]"
+    missing = re.search(r"still missing: rank\(s\) \[([\d, ]+)\]", first)
+    named = {f"from rank {rank}", f"for rank {rank} to take"}
+    assert any(n in first for n in named) or (
+        missing and rank in [int(k) for k in missing.group(1).split(",")]
+    ), job.stderr
+    assert "deadline comm.deadline_s = 3" in first
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("rank", "round_"), [(0, 2), (1, 1), (2, 1)])
+def test_sigkill_of_a_rank_ends_the_job_and_leaves_only_an_incomplete_partial(
+    tmp_path, rank, round_
+):
+    job, out = run_tiny(
+        tmp_path,
+        3,
+        f"debug.fail_rank={rank}",
+        "debug.fail_kind=kill",
+        f"debug.fail_round={round_}",
+        timeout_s=60,
+    )
+    assert job.returncode != 0 and job.elapsed_s < 30, job.output
+    assert f"rank {rank}: injected SIGKILL" in job.stderr
+    assert not out.exists()
+    partial = out.with_name(out.name + ".partial")
+    if rank == 0:  # killed between appends: rounds 0 and 1 are in the file, which says so
+        with pytest.raises(IncompleteResultError):
+            read_result(partial)
+        res = read_result(partial, allow_incomplete=True)
+        assert res.attrs["status"] == "running" and res.n_rounds == round_
+        complete, skipped = scan_results([tmp_path])
+        assert complete == [] and [p for p, _why in skipped] == [partial]
+
+
+def test_the_same_run_twice_gives_the_same_models_and_counts(tmp_path):
+    (job_a, a), (job_b, b) = (run_tiny(tmp_path, 3, name=f"{k}.h5") for k in "ab")
+    assert job_a.returncode == 0 and job_b.returncode == 0, job_a.output + job_b.output
+    ra, rb = read_result(a), read_result(b)
+    assert list(ra.tables["ranks"]["model_sha256"]) == list(rb.tables["ranks"]["model_sha256"])
+    for field in ("bytes_sent", "bytes_received", "loss", "samples"):
+        np.testing.assert_array_equal(ra.rounds[field], rb.rounds[field], err_msg=field)
+    np.testing.assert_array_equal(ra.evaluation["accuracy"], rb.evaluation["accuracy"])
 
 
 @pytest.mark.parametrize(

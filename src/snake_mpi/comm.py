@@ -35,6 +35,7 @@ from snake_mpi.wire import (
 
 TAG_HEADER = 11
 TAG_PAYLOAD = 12
+TAG_GATHER = 13
 
 _SPIN_IDLE_S = 0.002  # waiting for a peer to start: busy-poll briefly, then sleep between polls
 _SPIN_FLOW_S = 0.5  # data in flight: keep polling, large transfers progress only while polled
@@ -217,32 +218,42 @@ class Comm:
 
     # ---------------------------------------------------------------- metrics to rank 0
 
-    def _gather(self, send: list, recv: list | None, what: str, *, v: bool = False) -> None:
-        """A non-blocking gather to rank 0, polled under the deadline like every other wait."""
-        fn = self._comm.Igatherv if v else self._comm.Igather
-        self._wait_all([fn(send, recv, root=0)], f"all ranks to join the gather of {what}")
+    def _gather_rows(self, row: np.ndarray, rows: list[np.ndarray] | None, what: str) -> None:
+        """Point-to-point gather to rank 0 (``rows[k]`` receives rank k's ``row``), polled
+        under the deadline; a timeout names the ranks that have not sent."""
+        mpitype = MPI.DOUBLE if row.dtype == np.float64 else MPI.BYTE
+        if self.rank != 0:
+            req = self._comm.Isend([row, mpitype], 0, TAG_GATHER)
+            self._wait_all([req], f"rank 0 to take {what}")
+            return
+        assert rows is not None
+        rows[0][...] = row
+        peers = list(range(1, self.size))
+        reqs = [self._comm.Irecv([rows[k], mpitype], k, TAG_GATHER) for k in peers]
+        try:
+            self._wait_all(reqs, f"{what} from every rank")
+        except PeerTimeout as e:
+            missing = [k for k, r in zip(peers, reqs, strict=True) if not r.Test()]
+            raise PeerTimeout(f"{e}; still missing: rank(s) {missing}") from None
 
     def gather_row(self, row: np.ndarray, what: str = "the round's figures") -> np.ndarray | None:
         """Gather one float64 row per rank to rank 0 -> (size, len) there, None elsewhere."""
         row = np.ascontiguousarray(row, dtype=np.float64)
         out = np.empty((self.size, row.size), dtype=np.float64) if self.rank == 0 else None
-        self._gather([row, MPI.DOUBLE], [out, MPI.DOUBLE] if out is not None else None, what)
-        self.stats.control_bytes_sent += row.nbytes
+        self._gather_rows(row, list(out) if out is not None else None, what)
+        if self.rank != 0:
+            self.stats.control_bytes_sent += row.nbytes
         return out
 
     def gatherv(self, arr: np.ndarray, what: str = "a series") -> list[np.ndarray] | None:
         """Gather a 1-D float64 array of any length per rank to rank 0 (list by rank there)."""
         arr = np.ascontiguousarray(arr, dtype=np.float64).ravel()
         counts = self.gather_row(np.array([arr.size], dtype=np.float64), f"the length of {what}")
+        out = None if counts is None else [np.empty(int(c), np.float64) for c in counts[:, 0]]
+        self._gather_rows(arr, out, what)
         if self.rank != 0:
-            self._gather([arr, MPI.DOUBLE], None, what, v=True)
             self.stats.control_bytes_sent += arr.nbytes
-            return None
-        sizes = counts[:, 0].astype(np.int64)
-        out = np.empty(int(sizes.sum()), dtype=np.float64)
-        displs = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        self._gather([arr, MPI.DOUBLE], [out, (sizes, displs), MPI.DOUBLE], what, v=True)
-        return [out[d : d + s] for d, s in zip(displs, sizes, strict=True)]
+        return out
 
     def gather_str(self, text: str, max_bytes: int = 256) -> list[str] | None:
         """Gather a short string per rank to rank 0 (as fixed-size bytes, not pickled)."""
@@ -250,9 +261,9 @@ class Comm:
         buf = np.zeros(max_bytes, dtype=np.uint8)
         buf[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
         out = np.empty((self.size, max_bytes), dtype=np.uint8) if self.rank == 0 else None
-        self._gather([buf, MPI.BYTE], [out, MPI.BYTE] if out is not None else None, "strings")
-        self.stats.control_bytes_sent += buf.nbytes
+        self._gather_rows(buf, list(out) if out is not None else None, "strings")
         if out is None:
+            self.stats.control_bytes_sent += buf.nbytes
             return None
         return [bytes(r).rstrip(b"\0").decode(errors="replace") for r in out]
 

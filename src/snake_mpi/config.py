@@ -27,7 +27,7 @@ SNAKE_MODES = ("p2p",)
 ENDS_POLICIES = ("all", "owner", "frozen")
 TRANSFERS = ("delta", "full")
 BLOCK_COSTS = ("params", "equal")
-FAULT_KINDS = ("exception", "exit", "hang")
+FAULT_KINDS = ("exception", "exit", "hang", "kill")
 
 
 class ConfigError(ValueError):

@@ -150,17 +150,20 @@ class LocalComm:
 
     def gather_row(self, row: np.ndarray, what: str = "") -> np.ndarray | None:
         row = np.array(row, dtype=np.float64)
-        self.stats.control_bytes_sent += row.nbytes
+        if self.rank != 0:  # as comm.Comm: rank 0 keeps its own row, sends nothing
+            self.stats.control_bytes_sent += row.nbytes
         rows = self._gather(row)
         return None if rows is None else np.stack(rows)
 
     def gatherv(self, arr: np.ndarray, what: str = "") -> list[np.ndarray] | None:
         arr = np.array(arr, dtype=np.float64).ravel()
-        self.stats.control_bytes_sent += 8 + arr.nbytes  # the count row, then the data
+        if self.rank != 0:
+            self.stats.control_bytes_sent += 8 + arr.nbytes  # the count row, then the data
         return self._gather(arr)
 
     def gather_str(self, text: str, max_bytes: int = 256) -> list[str] | None:
-        self.stats.control_bytes_sent += max_bytes
+        if self.rank != 0:
+            self.stats.control_bytes_sent += max_bytes
         return self._gather(text.encode()[:max_bytes].decode(errors="replace"))
 
     def barrier(self) -> None:

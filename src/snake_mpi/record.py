@@ -8,6 +8,8 @@ figures; communication counters come from ``comm.py`` and memory/disk from the p
 from __future__ import annotations
 
 import math
+import os
+import signal
 import sys
 import time
 from typing import Any
@@ -109,6 +111,10 @@ class Recorder:
         if kind == "exit":
             sys.stderr.write(f"snake-mpi: rank {self.comm.rank}: injected sys.exit(3) ({where})\n")
             sys.exit(3)
+        if kind == "kill":  # as the OOM killer or a node failure would: no handler runs
+            sys.stderr.write(f"snake-mpi: rank {self.comm.rank}: injected SIGKILL ({where})\n")
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
         if kind == "hang":
             sys.stderr.write(f"snake-mpi: rank {self.comm.rank}: injected hang ({where})\n")
             sys.stderr.flush()
