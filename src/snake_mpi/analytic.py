@@ -85,9 +85,81 @@ def snake_final_sync_bytes_sent(
     return out
 
 
+def snake_cs_bytes_sent(
+    plan: Sequence[Sequence[int]], block_bytes: Sequence[int], rounds: int, transfer: str
+) -> np.ndarray:
+    """Snake CS: bytes each rank sends per round, shape (rounds, 1 + nodes); rank 0 controls.
+
+    The controller sends node ``k`` what changed since node ``k``'s last turn (``delta``: in
+    round 0 what nodes ``0..k-1`` trained, later what every other node trained; ``full``: every
+    block); node ``k`` returns exactly the blocks it trained.
+    """
+    n = len(plan)
+    out = np.zeros((rounds, n + 1), dtype=np.int64)
+    for r in range(rounds):
+        for k in range(n):
+            if transfer == "full":
+                down = set(range(len(block_bytes)))
+            else:
+                others = range(k) if r == 0 else (m for m in range(n) if m != k)
+                down = {b for m in others for b in plan[m]}
+            out[r, 0] += _hop_bytes(block_bytes, down)
+            out[r, k + 1] = _hop_bytes(block_bytes, set(plan[k]))
+    return out
+
+
+def snake_cs_bytes_received(
+    plan: Sequence[Sequence[int]], block_bytes: Sequence[int], rounds: int, transfer: str
+) -> np.ndarray:
+    """Snake CS: bytes each rank receives per round (the mirror of ``snake_cs_bytes_sent``)."""
+    n = len(plan)
+    sent = snake_cs_bytes_sent(plan, block_bytes, rounds, transfer)
+    out = np.zeros_like(sent)
+    out[:, 0] = sent[:, 1:].sum(axis=1)
+    for r in range(rounds):
+        for k in range(n):
+            if transfer == "full":
+                down = set(range(len(block_bytes)))
+            else:
+                others = range(k) if r == 0 else (m for m in range(n) if m != k)
+                down = {b for m in others for b in plan[m]}
+            out[r, k + 1] = _hop_bytes(block_bytes, down)
+    return out
+
+
+def snake_cs_final_sync_bytes_sent(
+    plan: Sequence[Sequence[int]], block_bytes: Sequence[int], transfer: str
+) -> np.ndarray:
+    """Snake CS final sync: the controller sends nodes ``0..n-2`` what later nodes trained in
+    the last round (``full``: the whole model), shape (1 + nodes,)."""
+    n = len(plan)
+    out = np.zeros(n + 1, dtype=np.int64)
+    for k in range(n - 1):
+        if transfer == "full":
+            ids = set(range(len(block_bytes)))
+        else:
+            ids = {b for m in range(k + 1, n) for b in plan[m]}
+        out[0] += _hop_bytes(block_bytes, ids)
+    return out
+
+
 def fedavg_bytes_per_round(n_clients: int, model_bytes: int, n_blocks: int) -> int:
     """FedAvg: the model to every client and back, ``2 * N * (P*b + header)``."""
     return 2 * n_clients * (model_bytes + header_nbytes(n_blocks))
+
+
+def fedavg_bytes_sent(
+    block_bytes: Sequence[int], schedule: Sequence[Sequence[int]], world_size: int
+) -> np.ndarray:
+    """FedAvg: bytes each rank sends per round, shape (rounds, N): the server one whole model
+    per chosen client, each chosen client one whole model; ``schedule`` lists the chosen ranks.
+    Received bytes are the same table (the exchange is symmetric)."""
+    hop = _hop_bytes(block_bytes, set(range(len(block_bytes))))
+    out = np.zeros((len(schedule), world_size), dtype=np.int64)
+    for r, chosen in enumerate(schedule):
+        out[r, 0] = hop * len(chosen)
+        out[r, list(chosen)] = hop
+    return out
 
 
 def train_state_bytes_full(params: int, bytes_per_value: int = 4, optimizer: str = "adam") -> int:

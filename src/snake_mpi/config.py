@@ -16,14 +16,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMES = ("snake",)
+SCHEMES = ("snake", "fedavg", "centralised")
 """Schemes this build can run; each is a module under ``snake_mpi.schemes``."""
-DISTRIBUTED_SCHEMES = ("snake",)
+DISTRIBUTED_SCHEMES = ("snake", "fedavg")
 MODEL_FAMILIES = ("cnn", "mlp")
 DATASETS = ("synthetic",)
 PARTITIONS = ("iid", "dirichlet")
 OPTIMIZERS = ("sgd", "adam")
-SNAKE_MODES = ("p2p",)
+SNAKE_MODES = ("p2p", "cs")
 ENDS_POLICIES = ("all", "owner", "frozen")
 TRANSFERS = ("delta", "full")
 BLOCK_COSTS = ("params", "equal")
@@ -91,7 +91,8 @@ class TrainConfig:
 @_cfg()
 class SnakeConfig:
     mode: str = "p2p"
-    """``p2p``: each node hands the model straight to the next node on the ring."""
+    """``p2p``: each node hands the model straight to the next node on the ring; ``cs``: rank 0
+    is a controller that holds the model and does not train, nodes are ranks 1..N-1."""
     ends: str = "owner"
     """Stem and head: ``all`` nodes train them, ``owner`` (node 0: stem, last: head), ``frozen``."""
     transfer: str = "delta"
@@ -102,6 +103,12 @@ class SnakeConfig:
     """Cost of a middle block for the assignment: ``params`` (parameter count) or ``equal``."""
     final_sync: bool = True
     """After the last round, pass the final model around the ring so every rank holds it."""
+
+
+@_cfg()
+class FedAvgConfig:
+    clients_per_round: int = 0
+    """Clients sampled (seeded, without replacement) each round; 0: every client."""
 
 
 @_cfg()
@@ -140,6 +147,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     snake: SnakeConfig = field(default_factory=SnakeConfig)
+    fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     probes: ProbeConfig = field(default_factory=ProbeConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
@@ -308,32 +316,58 @@ def _validate(c: RunConfig) -> None:
             raise ConfigError(
                 f"snake.capabilities[{i}] must be a positive finite number, got {cap}"
             )
+    if c.fedavg.clients_per_round < 0:
+        raise ConfigError(
+            f"fedavg.clients_per_round must be >= 0 (0: all), got {c.fedavg.clients_per_round}"
+        )
     if c.torch_threads < 0:
         raise ConfigError(f"torch_threads must be >= 0 (0: automatic), got {c.torch_threads}")
     if c.train.rounds > 100_000:
         raise ConfigError(f"train.rounds = {c.train.rounds} is implausibly large (limit 100000)")
 
 
+def is_client_server(c: RunConfig) -> bool:
+    """True where rank 0 is a server/controller that holds no training data."""
+    return c.scheme == "fedavg" or (c.scheme == "snake" and c.snake.mode == "cs")
+
+
+def data_ranks(c: RunConfig, world_size: int) -> list[int]:
+    """The ranks that hold a shard of the training data (the scheme's nodes or clients)."""
+    return list(range(1, world_size)) if is_client_server(c) else list(range(world_size))
+
+
 def validate_for_world(c: RunConfig, world_size: int) -> None:
     """Checks that depend on the number of ranks; identical on every rank."""
+    if c.scheme == "centralised" and world_size != 1:
+        raise ConfigError(
+            f"scheme 'centralised' trains on one rank with all the data; got {world_size} ranks "
+            f"(launch with `mpirun -n 1 snake-mpi run ...` or without mpirun)"
+        )
     if c.scheme in DISTRIBUTED_SCHEMES and world_size < 2:
         raise ConfigError(
             f"scheme {c.scheme!r} is distributed and needs at least 2 MPI ranks, got {world_size} "
             f"(launch with e.g. `mpirun -n 4 snake-mpi run ...`)"
         )
-    n_nodes = world_size
-    if c.model.middle_blocks < n_nodes:
+    holders = len(data_ranks(c, world_size))
+    role = "clients" if c.scheme == "fedavg" else "nodes"
+    if c.scheme == "snake":
+        if c.model.middle_blocks < holders:
+            raise ConfigError(
+                f"model.middle_blocks = {c.model.middle_blocks} is fewer than the {holders} "
+                f"nodes: every node needs at least one middle block to train"
+            )
+        if c.snake.capabilities and len(c.snake.capabilities) != holders:
+            raise ConfigError(
+                f"snake.capabilities has {len(c.snake.capabilities)} entries but there are "
+                f"{holders} nodes"
+            )
+    if c.scheme == "fedavg" and c.fedavg.clients_per_round > holders:
         raise ConfigError(
-            f"model.middle_blocks = {c.model.middle_blocks} is fewer than the {n_nodes} nodes: "
-            f"every node needs at least one middle block to train"
+            f"fedavg.clients_per_round = {c.fedavg.clients_per_round} but there are only "
+            f"{holders} clients (ranks 1..{world_size - 1})"
         )
-    if c.snake.capabilities and len(c.snake.capabilities) != n_nodes:
-        raise ConfigError(
-            f"snake.capabilities has {len(c.snake.capabilities)} entries but there are "
-            f"{n_nodes} nodes"
-        )
-    if c.data.n_train < n_nodes:
-        raise ConfigError(f"data.n_train = {c.data.n_train} is fewer than the {n_nodes} nodes")
+    if c.data.n_train < holders:
+        raise ConfigError(f"data.n_train = {c.data.n_train} is fewer than the {holders} {role}")
     if c.debug.fail_rank >= world_size:
         raise ConfigError(f"debug.fail_rank = {c.debug.fail_rank} but there are {world_size} ranks")
 

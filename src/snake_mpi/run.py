@@ -18,7 +18,14 @@ import torch
 
 from snake_mpi import provenance
 from snake_mpi.blocks import block_table, model_hash
-from snake_mpi.config import ConfigError, RunConfig, check_output, to_toml, validate_for_world
+from snake_mpi.config import (
+    ConfigError,
+    RunConfig,
+    check_output,
+    data_ranks,
+    to_toml,
+    validate_for_world,
+)
 from snake_mpi.data import make_synthetic
 from snake_mpi.data.partition import label_histogram, partition_dirichlet, partition_iid
 from snake_mpi.models import build_model
@@ -36,9 +43,17 @@ def seeds_for(root_seed: int, world_size: int) -> tuple[dict[str, int], list[int
     Per-rank streams come from ``SeedSequence(root).spawn(N)``, never ``seed + rank``.
     """
     shared, per_rank = np.random.SeedSequence(root_seed).spawn(2)
-    data_seed, partition_seed, model_seed = (int(s) for s in shared.generate_state(3))
+    data_seed, partition_seed, model_seed, sampling_seed = (
+        int(s) for s in shared.generate_state(4)
+    )
     rank_seeds = [int(s.generate_state(1)[0]) for s in per_rank.spawn(world_size)]
-    named = {"root": root_seed, "data": data_seed, "partition": partition_seed, "model": model_seed}
+    named = {
+        "root": root_seed,
+        "data": data_seed,
+        "partition": partition_seed,
+        "model": model_seed,
+        "sampling": sampling_seed,
+    }
     return named, rank_seeds
 
 
@@ -51,7 +66,8 @@ def torch_threads(cfg: RunConfig, comm: Any) -> int:
 
 
 def build_shards(cfg: RunConfig, seeds: dict[str, int], world_size: int):
-    """The dataset and every node's training indices (identical on every rank)."""
+    """The dataset and every rank's training indices (identical on every rank); a server or
+    controller rank gets an empty shard."""
     d = cfg.data
     dataset = make_synthetic(
         n_train=d.n_train,
@@ -62,11 +78,23 @@ def build_shards(cfg: RunConfig, seeds: dict[str, int], world_size: int):
         seed=seeds["data"],
     )
     rng = np.random.default_rng(seeds["partition"])
+    holders = data_ranks(cfg, world_size)
     if d.partition == "iid":
-        parts = partition_iid(d.n_train, world_size, rng)
+        shards = partition_iid(d.n_train, len(holders), rng)
     else:
-        parts = partition_dirichlet(dataset.y_train.numpy(), world_size, d.alpha, rng)
+        shards = partition_dirichlet(dataset.y_train.numpy(), len(holders), d.alpha, rng)
+    parts = [np.zeros(0, dtype=np.int64) for _ in range(world_size)]
+    for rank, shard in zip(holders, shards, strict=True):
+        parts[rank] = shard
     return dataset, parts
+
+
+def result_attrs(cfg: RunConfig) -> dict[str, str]:
+    """Root attributes that tell runs apart: scheme, model, dataset (+ Snake's options)."""
+    attrs = {"scheme": cfg.scheme, "model": cfg.model.family, "dataset": cfg.data.name}
+    if cfg.scheme == "snake":
+        attrs |= {"mode": cfg.snake.mode, "transfer": cfg.snake.transfer, "ends": cfg.snake.ends}
+    return attrs
 
 
 def main(cfg: RunConfig, out: str, *, overwrite: bool) -> int:
@@ -131,14 +159,7 @@ def execute(cfg: RunConfig, comm: Any, out_path: Path) -> Context:
             world_size=n,
             round_fields=ROUND_FIELDS,
             eval_fields=EVAL_FIELDS,
-            attrs={
-                "scheme": cfg.scheme,
-                "model": cfg.model.family,
-                "dataset": cfg.data.name,
-                "mode": cfg.snake.mode,
-                "transfer": cfg.snake.transfer,
-                "ends": cfg.snake.ends,
-            },
+            attrs=result_attrs(cfg),
             config_toml=to_toml(cfg),
         )
         prov = provenance.collect(
@@ -163,7 +184,15 @@ def execute(cfg: RunConfig, comm: Any, out_path: Path) -> Context:
         progress=rank == 0,
     )
     ctx = Context(
-        cfg=cfg, comm=comm, model=model, data=data, record=rec, generator=generator, info={}
+        cfg=cfg,
+        comm=comm,
+        model=model,
+        data=data,
+        record=rec,
+        generator=generator,
+        info={},
+        shard_sizes=[len(p) for p in parts],
+        seeds=seeds,
     )
     get_scheme(cfg.scheme)(ctx)
     sampler.stop()

@@ -16,8 +16,22 @@ MAGIC = 0x534E414B  # "SNAK"
 HEADER_FIXED = 6
 HEADER_MAX_BLOCKS = 4096
 KIND_MODEL = 1
+"""Model blocks on their way to a node or client (a hop, or the server's broadcast)."""
 KIND_SYNC = 2
-KIND_NAMES = {KIND_MODEL: "model", KIND_SYNC: "final-sync"}
+"""The final sync after the last round."""
+KIND_UPDATE = 3
+"""Blocks a node or client trained, on their way back to the server or controller."""
+KIND_ACTIVATION = 4
+"""Split learning: cut-layer activations and labels, client to server."""
+KIND_GRADIENT = 5
+"""Split learning: the gradient of the loss at the cut, server to client."""
+KIND_NAMES = {
+    KIND_MODEL: "model",
+    KIND_SYNC: "final-sync",
+    KIND_UPDATE: "update",
+    KIND_ACTIVATION: "activation",
+    KIND_GRADIENT: "gradient",
+}
 
 
 def header_nbytes(n_blocks: int) -> int:

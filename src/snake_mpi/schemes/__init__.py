@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,6 +38,10 @@ class Context:
     """This rank's own random stream (batch order)."""
     info: dict[str, Any]
     """What the scheme reports back for the result file (e.g. the block owners)."""
+    shard_sizes: list[int] = field(default_factory=list)
+    """Training samples of every rank (0 for a server or controller), for weighted averages."""
+    seeds: dict[str, int] = field(default_factory=dict)
+    """The run's shared seeds (``run.seeds_for``): identical on every rank."""
 
 
 def get_scheme(name: str) -> Callable[[Context], None]:

@@ -1,6 +1,8 @@
-"""Snake Learning, peer-to-peer: the model travels round the ring of nodes; each node trains
-only its segment of middle blocks (plus the ends, per policy) on its own data, then hands on
-the blocks the next node lacks (``delta``) or the whole model (``full``).
+"""Snake Learning: the model visits the nodes in turn; each node trains only its segment of
+middle blocks (plus the ends, per policy) on its own data. Peer-to-peer (``p2p``): a node hands
+the next node on the ring the blocks it lacks (``delta``) or the whole model (``full``).
+Client-server (``cs``): a controller (rank 0) hands each node in turn what it lacks and gets
+back only the blocks the node trained.
 
 Versions: when node ``i`` trains in round ``r`` it stamps its blocks with ``r * N + i + 1``.
 A node that last held the model at stamp ``s`` lacks exactly the blocks with version > ``s``.
@@ -8,17 +10,21 @@ A node that last held the model at stamp ``s`` lacks exactly the blocks with ver
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import numpy as np
 
 from snake_mpi import assign
-from snake_mpi.blocks import BlockModel, block_nbytes, block_params, flatten, unflatten
+from snake_mpi.blocks import BlockModel, block_nbytes, block_params
 from snake_mpi.config import SnakeConfig
 from snake_mpi.schemes import Context
-from snake_mpi.train import evaluate, train_local
-from snake_mpi.wire import KIND_MODEL, KIND_SYNC
+from snake_mpi.schemes.common import (
+    evaluate_and_record,
+    receive_blocks,
+    send_blocks,
+    train_and_record,
+)
+from snake_mpi.wire import KIND_MODEL, KIND_SYNC, KIND_UPDATE
 
 OWNER_ALL = -1
 OWNER_NONE = -2
@@ -83,39 +89,16 @@ def expected_wrap_blocks(
     return blocks_to_send(predicted, stamp(round_, 0, n), transfer)
 
 
-def _send(ctx: Context, dest: int, kind: int, round_: int, hop: int, ids: list[int]) -> None:
-    model = ctx.model
-    payload, sizes = flatten(model, ids)
-    ctx.comm.send_blocks(
-        dest,
-        kind=kind,
-        round=round_,
-        hop=hop,
-        block_ids=np.asarray(ids, dtype=np.int64),
-        versions=model.versions[ids],
-        block_nbytes=sizes,
-        payload=payload,
-    )
-
-
-def _receive(ctx: Context, source: int, kind: int, round_: int, hop: int) -> None:
-    model = ctx.model
-    t = ctx.comm.recv_blocks(source, kind=kind, round=round_, hop=hop)
-    ids = [int(b) for b in t.block_ids]
-    if any(b < 0 or b >= model.n_blocks for b in ids):
-        raise ValueError(f"rank {ctx.comm.rank}: block ids {ids} out of range")
-    stale = [b for b, v in zip(ids, t.versions, strict=True) if v < model.versions[b]]
-    if stale:
-        raise ValueError(
-            f"rank {ctx.comm.rank}: received older versions of blocks {stale} than it holds "
-            f"(round {round_}, hop {hop} from rank {source})"
-        )
-    unflatten(model, ids, t.payload, t.block_nbytes)
-    model.versions[ids] = t.versions
-
-
 def run(ctx: Context) -> None:
-    """Run ``train.rounds`` rounds of Snake Learning P2P on this rank (one node of the ring)."""
+    """Run ``train.rounds`` rounds of Snake Learning on this rank, in the configured mode."""
+    if ctx.cfg.snake.mode == "cs":
+        run_cs(ctx)
+    else:
+        run_p2p(ctx)
+
+
+def run_p2p(ctx: Context) -> None:
+    """Peer-to-peer: this rank is node ``rank`` of the ring; the model hops node to node."""
     cfg, comm, model, rec = ctx.cfg, ctx.comm, ctx.model, ctx.record
     n, node = comm.size, comm.rank
     last = n - 1
@@ -127,33 +110,17 @@ def run(ctx: Context) -> None:
     for r in range(rounds):
         rec.begin_round(r)
         if node > 0:
-            _receive(ctx, comm.pred, KIND_MODEL, r, node - 1)
+            receive_blocks(ctx, comm.pred, KIND_MODEL, r, node - 1)
         elif r > 0:
-            _receive(ctx, comm.pred, KIND_MODEL, r - 1, last)
-        t0 = time.perf_counter()
-        res = train_local(
-            model, mine, ctx.data.x_train, ctx.data.y_train, cfg=cfg.train, generator=ctx.generator
-        )
+            receive_blocks(ctx, comm.pred, KIND_MODEL, r - 1, last)
+        train_and_record(ctx, mine)
         model.versions[mine] = stamp(r, node, n)
-        rec.add("compute_s", time.perf_counter() - t0)
-        rec.add("samples", res.samples)
-        rec.add("steps", res.steps)
-        rec.trained(
-            loss=res.loss,
-            trainable_params=res.trainable_params,
-            train_state_bytes=res.train_state_bytes,
-        )
         if node == last:
-            t0 = time.perf_counter()
-            loss, acc = evaluate(
-                model, ctx.data.x_test, ctx.data.y_test, batch_size=cfg.train.eval_batch_size
-            )
-            rec.add("eval_s", time.perf_counter() - t0)
-            rec.evaluated(accuracy=acc, loss=loss)
+            evaluate_and_record(ctx)
         if not (r == rounds - 1 and node == last):
             dest = comm.succ
             ids = blocks_to_send(model.versions, last_stamp(dest, node, r, n), cfg.snake.transfer)
-            _send(ctx, dest, KIND_MODEL, r, node, ids)
+            send_blocks(ctx, dest, KIND_MODEL, r, node, ids)
         if node == 0 and r < rounds - 1:  # before the round-end gather, see Comm.expect
             wrap = expected_wrap_blocks(model.versions, plan, r, cfg.snake.transfer)
             nbytes = sum(block_nbytes(model, b) for b in wrap)
@@ -161,6 +128,55 @@ def run(ctx: Context) -> None:
         rec.end_round()
     if cfg.snake.final_sync:
         final_sync(ctx, rounds)
+
+
+def run_cs(ctx: Context) -> None:
+    """Client-server: rank 0 is the controller (holds the model, does not train); node ``k`` is
+    rank ``k + 1``. In turn, each node gets from the controller the blocks it lacks, trains its
+    segment, and returns only the blocks it trained. The controller evaluates each round."""
+    cfg, comm, model, rec = ctx.cfg, ctx.comm, ctx.model, ctx.record
+    n_nodes = comm.size - 1
+    plan = plan_segments(model, cfg.snake, n_nodes)
+    owners = block_owners(plan, model.n_blocks)
+    ctx.info["owners"] = np.where(owners >= 0, owners + 1, owners)  # as ranks
+    ctx.info["plan"] = plan
+    rounds, transfer = cfg.train.rounds, cfg.snake.transfer
+    for r in range(rounds):
+        rec.begin_round(r)
+        if comm.rank == 0:
+            for k in range(n_nodes):
+                held = stamp(r - 1, k, n_nodes) if r > 0 else 0  # the node's copy: its last turn
+                send_blocks(
+                    ctx, k + 1, KIND_MODEL, r, k, blocks_to_send(model.versions, held, transfer)
+                )
+                got = receive_blocks(ctx, k + 1, KIND_UPDATE, r, k)
+                if sorted(got) != sorted(plan[k]):
+                    raise ValueError(f"rank 0: node {k} returned blocks {got}, not {plan[k]}")
+            evaluate_and_record(ctx)
+        else:
+            k = comm.rank - 1
+            receive_blocks(ctx, 0, KIND_MODEL, r, k)
+            train_and_record(ctx, plan[k])
+            model.versions[plan[k]] = stamp(r, k, n_nodes)
+            send_blocks(ctx, 0, KIND_UPDATE, r, k, plan[k])
+        rec.end_round()
+    if cfg.snake.final_sync:
+        final_sync_cs(ctx, rounds, n_nodes)
+
+
+def final_sync_cs(ctx: Context, rounds: int, n_nodes: int) -> None:
+    """The controller sends nodes 0..n-2 what they lack of the final model (the last node holds
+    it already), so every rank ends with the same model; reported under ``final_sync``."""
+    comm, model = ctx.comm, ctx.model
+    comm.stats.take()
+    r = rounds - 1
+    for k in range(n_nodes - 1):
+        if comm.rank == 0:
+            ids = blocks_to_send(model.versions, stamp(r, k, n_nodes), ctx.cfg.snake.transfer)
+            send_blocks(ctx, k + 1, KIND_SYNC, r, k, ids)
+        elif comm.rank == k + 1:
+            receive_blocks(ctx, 0, KIND_SYNC, r, k)
+    ctx.info["final_sync"] = comm.stats.take()
 
 
 def final_sync(ctx: Context, rounds: int) -> None:
@@ -176,16 +192,10 @@ def final_sync(ctx: Context, rounds: int) -> None:
     r = rounds - 1
     if node != last:
         sender = comm.pred
-        _receive(ctx, sender, KIND_SYNC, r, sender)
+        receive_blocks(ctx, sender, KIND_SYNC, r, sender)
     if comm.succ != last:
         dest = comm.succ
         receiver_stamp = stamp(r, dest, n)  # every receiver's last turn was in the last round
-        _send(
-            ctx,
-            dest,
-            KIND_SYNC,
-            r,
-            node,
-            blocks_to_send(model.versions, receiver_stamp, ctx.cfg.snake.transfer),
-        )
+        ids = blocks_to_send(model.versions, receiver_stamp, ctx.cfg.snake.transfer)
+        send_blocks(ctx, dest, KIND_SYNC, r, node, ids)
     ctx.info["final_sync"] = comm.stats.take()

@@ -1,0 +1,92 @@
+"""What every scheme does the same way: move model blocks through ``ctx.comm`` and evaluate."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from snake_mpi.blocks import BlockModel, flatten, unflatten
+from snake_mpi.schemes import Context
+from snake_mpi.train import evaluate, train_local
+from snake_mpi.wire import Transfer
+
+
+def send_blocks(ctx: Context, dest: int, kind: int, round_: int, hop: int, ids: Sequence[int]):
+    """Send blocks ``ids`` of ``ctx.model`` (state and versions) to ``dest`` as one transfer."""
+    model = ctx.model
+    ids = list(ids)
+    payload, sizes = flatten(model, ids)
+    ctx.comm.send_blocks(
+        dest,
+        kind=kind,
+        round=round_,
+        hop=hop,
+        block_ids=np.asarray(ids, dtype=np.int64),
+        versions=model.versions[ids],
+        block_nbytes=sizes,
+        payload=payload,
+    )
+
+
+def receive_transfer(ctx: Context, source: int, kind: int, round_: int, hop: int) -> Transfer:
+    """Receive one transfer of model blocks and check its block ids against the model."""
+    t = ctx.comm.recv_blocks(source, kind=kind, round=round_, hop=hop)
+    n = ctx.model.n_blocks
+    if any(b < 0 or b >= n for b in t.block_ids):
+        raise ValueError(
+            f"rank {ctx.comm.rank}: block ids {t.block_ids.tolist()} out of range (model has {n})"
+        )
+    return t
+
+
+def receive_blocks(ctx: Context, source: int, kind: int, round_: int, hop: int) -> list[int]:
+    """Receive blocks into ``ctx.model`` (state and versions); refuse older versions."""
+    model = ctx.model
+    t = receive_transfer(ctx, source, kind, round_, hop)
+    ids = [int(b) for b in t.block_ids]
+    stale = [b for b, v in zip(ids, t.versions, strict=True) if v < model.versions[b]]
+    if stale:
+        raise ValueError(
+            f"rank {ctx.comm.rank}: received older versions of blocks {stale} than it holds "
+            f"(round {round_}, hop {hop} from rank {source})"
+        )
+    unflatten(model, ids, t.payload, t.block_nbytes)
+    model.versions[ids] = t.versions
+    return ids
+
+
+def evaluate_and_record(ctx: Context, model: BlockModel | None = None) -> None:
+    """Evaluate ``model`` (default: ``ctx.model``) on the test set; record time and result."""
+    t0 = time.perf_counter()
+    loss, acc = evaluate(
+        model if model is not None else ctx.model,
+        ctx.data.x_test,
+        ctx.data.y_test,
+        batch_size=ctx.cfg.train.eval_batch_size,
+    )
+    ctx.record.add("eval_s", time.perf_counter() - t0)
+    ctx.record.evaluated(accuracy=acc, loss=loss)
+
+
+def train_and_record(ctx: Context, trainable: Sequence[int]) -> None:
+    """One turn of local training of blocks ``trainable`` on this rank's shard, recorded."""
+    t0 = time.perf_counter()
+    res = train_local(
+        ctx.model,
+        trainable,
+        ctx.data.x_train,
+        ctx.data.y_train,
+        cfg=ctx.cfg.train,
+        generator=ctx.generator,
+    )
+    rec = ctx.record
+    rec.add("compute_s", time.perf_counter() - t0)
+    rec.add("samples", res.samples)
+    rec.add("steps", res.steps)
+    rec.trained(
+        loss=res.loss,
+        trainable_params=res.trainable_params,
+        train_state_bytes=res.train_state_bytes,
+    )
