@@ -16,8 +16,9 @@ from snake_mpi.localcomm import ThreadWorld
 from snake_mpi.models import build_model
 from snake_mpi.run import execute, seeds_for
 from snake_mpi.schemes.fedavg import sampled_clients
+from snake_mpi.schemes.splitnet import activation_bytes_per_sample, cut_shape
 from snake_mpi.store import read_result
-from snake_mpi.train import train_local
+from snake_mpi.train import train_local, turn_batch_sizes
 
 SMALL = REPO / "tests" / "configs" / "small.toml"
 
@@ -184,3 +185,52 @@ def test_centralised_trains_all_blocks_on_all_data_without_messages(tmp_path):
     assert res.evaluation["accuracy"][-1] >= 0.6, res.evaluation["accuracy"]
     params = sum(p.numel() for p in ctxs[0].model.parameters())
     assert (res.rounds["trainable_params"][:, 0] == params).all()
+
+
+@pytest.mark.parametrize("n", [3, 4])
+@pytest.mark.parametrize("scheme", ["split", "splitfed"])
+def test_split_schemes_bytes_equal_the_analytic_count(tmp_path, n, scheme):
+    cfg, ctxs, res = run_threads(n, tmp_path, f'scheme="{scheme}"', "split.cut=2")
+    server = ctxs[0].model
+    client_bytes = [block_nbytes(server, b) for b in range(cfg.split.cut)]
+    shape = cut_shape(server, cfg.split.cut, cfg.data.sample_shape)
+    act = activation_bytes_per_sample(shape)
+    batches = [turn_batch_sizes(s, cfg.train) for s in ctxs[0].shard_sizes]
+    model = analytic.split_bytes if scheme == "split" else analytic.splitfed_bytes
+    sent, received = model(client_bytes, batches, act, cfg.train.rounds)
+    np.testing.assert_array_equal(res.rounds["bytes_sent"], sent)
+    np.testing.assert_array_equal(res.rounds["bytes_received"], received)
+    # clients hold only their part: the server's blocks were freed there
+    assert (res.rounds["model_at_rest_bytes"][:, 1:] == sum(client_bytes)).all()
+    assert res.evaluation["accuracy"][-1] >= 0.6
+
+
+def test_split_learning_with_one_client_equals_centralised_training_on_its_data(tmp_path):
+    sets = ['scheme="split"', "split.cut=2", 'train.optimizer="sgd"', "train.lr=0.05"]
+    cfg, ctxs, _res = run_threads(2, tmp_path, *sets, "train.rounds=2")
+    client = ctxs[1]
+    _seeds, rank_seeds = seeds_for(cfg.seed, 2)
+    reference = build_model(
+        cfg.model,
+        sample_shape=cfg.data.sample_shape,
+        n_classes=cfg.data.n_classes,
+        seed=seeds_for(cfg.seed, 2)[0]["model"],
+    )
+    generator = torch.Generator().manual_seed(rank_seeds[1])  # the client's batch order
+    for _ in range(cfg.train.rounds):
+        train_local(
+            reference,
+            range(reference.n_blocks),
+            client.data.x_train,
+            client.data.y_train,
+            cfg=cfg.train,
+            generator=generator,
+        )
+    assert_models_close(ctxs[0].model, reference)
+
+
+def test_splitfed_v1_computes_what_fedavg_computes(tmp_path):
+    """SplitFed v1 is FedAvg with the model cut in two: same data, same batches, same math."""
+    _cfg, split_ctxs, _ = run_threads(4, tmp_path, 'scheme="splitfed"', name="sf.h5")
+    _cfg, fed_ctxs, _ = run_threads(4, tmp_path, 'scheme="fedavg"', name="fa.h5")
+    assert_models_close(split_ctxs[0].model, fed_ctxs[0].model)

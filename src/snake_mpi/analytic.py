@@ -162,6 +162,73 @@ def fedavg_bytes_sent(
     return out
 
 
+def _split_batches(samples_per_batch: Sequence[int], act_bytes: int) -> tuple[int, int]:
+    """(activation-and-labels bytes, gradient bytes) of one client turn, headers included."""
+    up = sum(header_nbytes(2) + n * (act_bytes + 8) for n in samples_per_batch)
+    down = sum(header_nbytes(1) + n * act_bytes for n in samples_per_batch)
+    return up, down
+
+
+def split_bytes(
+    client_block_bytes: Sequence[int],
+    batches: Sequence[Sequence[int]],
+    act_bytes_per_sample: int,
+    rounds: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sequential split learning: (sent, received) bytes per round per rank, shape (rounds, N).
+
+    ``batches[k]`` lists the batch sizes of rank ``k``'s turn (empty for the server, rank 0);
+    activations are ``act_bytes_per_sample`` per sample plus an int64 label. Per round each
+    client exchanges its batches with the server and relays its blocks to the next client; the
+    last client also sends them to the server (for evaluation), and its relay to client 1 is
+    left out in the last round.
+    """
+    n = len(batches)
+    last = n - 1
+    relay = _hop_bytes(client_block_bytes, set(range(len(client_block_bytes))))
+    sent = np.zeros((rounds, n), dtype=np.int64)
+    received = np.zeros((rounds, n), dtype=np.int64)
+    for r in range(rounds):
+        for k in range(1, n):
+            up, down = _split_batches(batches[k], act_bytes_per_sample)
+            sent[r, k] += up
+            received[r, 0] += up
+            sent[r, 0] += down
+            received[r, k] += down
+            if k < last:
+                sent[r, k] += relay
+                received[r, k + 1] += relay
+            elif r < rounds - 1:  # the wrap to client 1 counts in the round that receives it
+                sent[r, k] += relay
+                received[r + 1, 1] += relay
+            if k == last:
+                sent[r, k] += relay
+                received[r, 0] += relay
+    return sent, received
+
+
+def splitfed_bytes(
+    client_block_bytes: Sequence[int],
+    batches: Sequence[Sequence[int]],
+    act_bytes_per_sample: int,
+    rounds: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """SplitFed v1: (sent, received) bytes per round per rank, shape (rounds, N): the server
+    sends every client the client-side blocks, the batches are exchanged, every client returns
+    its blocks."""
+    n = len(batches)
+    part = _hop_bytes(client_block_bytes, set(range(len(client_block_bytes))))
+    sent = np.zeros((rounds, n), dtype=np.int64)
+    received = np.zeros((rounds, n), dtype=np.int64)
+    for k in range(1, n):
+        up, down = _split_batches(batches[k], act_bytes_per_sample)
+        sent[:, k] += up + part
+        received[:, k] += down + part
+        sent[:, 0] += down + part
+        received[:, 0] += up + part
+    return sent, received
+
+
 def train_state_bytes_full(params: int, bytes_per_value: int = 4, optimizer: str = "adam") -> int:
     """Static training state of full training: weights + gradients + optimiser moments."""
     moments = {"adam": 2, "sgd": 1, "sgd-plain": 0}[optimizer]

@@ -50,14 +50,25 @@ class BlockModel(nn.Module):
 
 def block_tensors(model: BlockModel, b: int) -> list[torch.Tensor]:
     """The state tensors of block ``b`` (parameters, then buffers) in a fixed order, each once."""
+    return module_tensors(model.blocks[b])
+
+
+def module_tensors(mod: nn.Module) -> list[torch.Tensor]:
+    """A module's state tensors (parameters, then buffers) in a fixed order, each once."""
     seen: set[int] = set()
     out = []
-    mod = model.blocks[b]
     for t in [p for _, p in mod.named_parameters()] + [t for _, t in mod.named_buffers()]:
         if id(t) not in seen:
             seen.add(id(t))
             out.append(t)
     return out
+
+
+def drop_blocks(model: BlockModel, ids: Iterable[int]) -> None:
+    """Free blocks this rank never holds (a split-learning client keeps only its lower part):
+    each becomes an empty ``nn.Identity``, so it counts 0 bytes everywhere."""
+    for b in ids:
+        model.blocks[b] = nn.Identity()
 
 
 def block_nbytes(model: BlockModel, b: int) -> int:

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMES = ("snake", "fedavg", "centralised")
+SCHEMES = ("snake", "fedavg", "split", "splitfed", "centralised")
 """Schemes this build can run; each is a module under ``snake_mpi.schemes``."""
-DISTRIBUTED_SCHEMES = ("snake", "fedavg")
+DISTRIBUTED_SCHEMES = ("snake", "fedavg", "split", "splitfed")
 MODEL_FAMILIES = ("cnn", "mlp")
 DATASETS = ("synthetic",)
 PARTITIONS = ("iid", "dirichlet")
@@ -112,6 +112,12 @@ class FedAvgConfig:
 
 
 @_cfg()
+class SplitConfig:
+    cut: int = 2
+    """Split learning and SplitFed: clients hold blocks ``0 .. cut-1``, the server the rest."""
+
+
+@_cfg()
 class CommConfig:
     deadline_s: float = 600.0
     """Longest wait for any one message from a peer before the job aborts naming it."""
@@ -148,6 +154,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     snake: SnakeConfig = field(default_factory=SnakeConfig)
     fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     probes: ProbeConfig = field(default_factory=ProbeConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
@@ -320,6 +327,12 @@ def _validate(c: RunConfig) -> None:
         raise ConfigError(
             f"fedavg.clients_per_round must be >= 0 (0: all), got {c.fedavg.clients_per_round}"
         )
+    n_blocks = c.model.middle_blocks + 2
+    if not (1 <= c.split.cut <= n_blocks - 1):
+        raise ConfigError(
+            f"split.cut must be between 1 and {n_blocks - 1} (the model has {n_blocks} blocks: "
+            f"clients hold blocks 0..cut-1, the server the rest), got {c.split.cut}"
+        )
     if c.torch_threads < 0:
         raise ConfigError(f"torch_threads must be >= 0 (0: automatic), got {c.torch_threads}")
     if c.train.rounds > 100_000:
@@ -328,7 +341,9 @@ def _validate(c: RunConfig) -> None:
 
 def is_client_server(c: RunConfig) -> bool:
     """True where rank 0 is a server/controller that holds no training data."""
-    return c.scheme == "fedavg" or (c.scheme == "snake" and c.snake.mode == "cs")
+    return c.scheme in ("fedavg", "split", "splitfed") or (
+        c.scheme == "snake" and c.snake.mode == "cs"
+    )
 
 
 def data_ranks(c: RunConfig, world_size: int) -> list[int]:
@@ -349,7 +364,7 @@ def validate_for_world(c: RunConfig, world_size: int) -> None:
             f"(launch with e.g. `mpirun -n 4 snake-mpi run ...`)"
         )
     holders = len(data_ranks(c, world_size))
-    role = "clients" if c.scheme == "fedavg" else "nodes"
+    role = "nodes" if c.scheme == "snake" else "clients"
     if c.scheme == "snake":
         if c.model.middle_blocks < holders:
             raise ConfigError(

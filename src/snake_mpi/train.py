@@ -38,8 +38,9 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
-def _batches(n: int, cfg: TrainConfig, generator: torch.Generator):
-    """Index batches for one turn: ``local_steps`` steps, or ``local_epochs`` passes."""
+def turn_batches(n: int, cfg: TrainConfig, generator: torch.Generator):
+    """Index batches for one turn: ``local_steps`` steps, or ``local_epochs`` passes, each pass
+    a fresh permutation drawn from ``generator``."""
     if cfg.local_steps > 0:
         done = 0
         while done < cfg.local_steps:
@@ -54,6 +55,17 @@ def _batches(n: int, cfg: TrainConfig, generator: torch.Generator):
             perm = torch.randperm(n, generator=generator)
             for start in range(0, n, cfg.batch_size):
                 yield perm[start : start + cfg.batch_size]
+
+
+def turn_batch_sizes(n: int, cfg: TrainConfig) -> list[int]:
+    """Sizes of the batches ``turn_batches`` yields for ``n`` samples (pure: no permutation), so
+    that a split-learning server knows how many steps a client takes, and analysis the bytes."""
+    if n <= 0:
+        return []
+    epoch = [min(cfg.batch_size, n - start) for start in range(0, n, cfg.batch_size)]
+    if cfg.local_steps > 0:
+        return [epoch[i % len(epoch)] for i in range(cfg.local_steps)]
+    return epoch * cfg.local_epochs
 
 
 def train_local(
@@ -72,7 +84,7 @@ def train_local(
     opt = make_optimizer(params, cfg)
     lowest = min(trainable)
     total_loss, samples, steps = 0.0, 0, 0
-    for idx in _batches(len(x), cfg, generator):
+    for idx in turn_batches(len(x), cfg, generator):
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x[idx], no_grad_below=lowest), y[idx])
         loss.backward()

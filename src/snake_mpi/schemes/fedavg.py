@@ -46,33 +46,46 @@ def weights_by_samples(shard_sizes: Sequence[int], clients: Sequence[int]) -> np
 
 
 class RunningAverage:
-    """Weighted sum of models, one flattened payload at a time, in float64 for accuracy.
+    """Weighted sum of models (or of some of their blocks), one flattened payload at a time,
+    in float64 for accuracy.
 
     Integer state (e.g. batch-norm's ``num_batches_tracked``) is not averaged: the value of the
     first model added is kept (clients run the same number of steps).
     """
 
-    def __init__(self, model: BlockModel) -> None:
-        self.model = model
-        self.tensors = [t for b in range(model.n_blocks) for t in block_tensors(model, b)]
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.tensors = list(tensors)
         self.sums = [
             torch.zeros(t.shape, dtype=torch.float64) if t.is_floating_point() else None
             for t in self.tensors
         ]
         self.first_ints: list[torch.Tensor | None] = [None] * len(self.tensors)
 
+    @classmethod
+    def of_blocks(cls, model: BlockModel, ids: Sequence[int]) -> RunningAverage:
+        """An average of blocks ``ids`` of ``model`` (payloads in ``flatten`` order)."""
+        return cls([t for b in ids for t in block_tensors(model, b)])
+
+    def add_tensors(self, tensors: Sequence[torch.Tensor], weight: float) -> None:
+        """Add ``weight`` times tensors that correspond one to one with the averaged ones."""
+        for i, value in enumerate(tensors):
+            self._add(i, value.detach(), weight)
+
+    def _add(self, i: int, value: torch.Tensor, weight: float) -> None:
+        if self.sums[i] is not None:
+            self.sums[i].add_(value.to(torch.float64), alpha=weight)
+        elif self.first_ints[i] is None:
+            self.first_ints[i] = value.clone()
+
     def add(self, payload: np.ndarray, weight: float) -> None:
-        """Add ``weight`` times the model held in ``payload`` (all blocks, ``flatten`` order)."""
+        """Add ``weight`` times the blocks held in ``payload`` (``flatten`` order)."""
         raw = torch.from_numpy(payload)
         offset = 0
         for i, t in enumerate(self.tensors):
             n = t.numel() * t.element_size()
             value = raw[offset : offset + n].view(t.dtype).view(t.shape)
             offset += n
-            if self.sums[i] is not None:
-                self.sums[i].add_(value.to(torch.float64), alpha=weight)
-            elif self.first_ints[i] is None:
-                self.first_ints[i] = value.clone()
+            self._add(i, value, weight)
         if offset != payload.nbytes:
             raise ValueError(f"payload has {payload.nbytes} bytes, the model {offset}")
 
@@ -115,7 +128,7 @@ def serve_round(ctx: Context, r: int, chosen: Sequence[int]) -> None:
     everything = list(range(model.n_blocks))
     for c in chosen:
         send_blocks(ctx, c, KIND_MODEL, r, c, everything)
-    average = RunningAverage(model)
+    average = RunningAverage.of_blocks(model, everything)
     for c, w in zip(chosen, weights_by_samples(ctx.shard_sizes, chosen), strict=True):
         t = receive_transfer(ctx, c, KIND_UPDATE, r, c)
         if t.block_ids.tolist() != everything:

@@ -32,14 +32,23 @@ OWNER_NONE = -2
 
 def plan_segments(model: BlockModel, cfg: SnakeConfig, n_nodes: int) -> list[list[int]]:
     """Trainable block ids of every node: its segment of middle blocks, plus the ends by policy."""
-    mids = model.middle_ids
+    params = [block_params(model, b) for b in range(model.n_blocks)]
+    return plan_from_params(params, cfg, n_nodes)
+
+
+def plan_from_params(
+    block_params_: Sequence[int], cfg: SnakeConfig, n_nodes: int
+) -> list[list[int]]:
+    """``plan_segments`` from the blocks' parameter counts alone (e.g. a result's block table)."""
+    n_blocks = len(block_params_)
+    mids = list(range(1, n_blocks - 1))
     if cfg.block_cost == "params":
-        costs = [float(block_params(model, b)) for b in mids]
+        costs = [float(block_params_[b]) for b in mids]
     else:
         costs = [1.0] * len(mids)
     caps = list(cfg.capabilities) or [1.0] * n_nodes
     segments = assign.partition_blocks(costs, caps)
-    stem, head = 0, model.n_blocks - 1
+    stem, head = 0, n_blocks - 1
     plan = []
     for i, seg in enumerate(segments):
         ids = [mids[j] for j in seg]

@@ -1,0 +1,73 @@
+"""The analytic byte counts of a finished run, rebuilt from its result file alone: the block
+table, the sample counts, the resolved config (and, for split schemes, the cut activation size
+of the model the config describes). What analysis compares the measured counters against."""
+
+from __future__ import annotations
+
+import tomllib
+
+import numpy as np
+
+from snake_mpi import analytic
+from snake_mpi.config import RunConfig, from_dict
+from snake_mpi.store import Result
+from snake_mpi.train import turn_batch_sizes
+
+
+def run_config(res: Result) -> RunConfig:
+    """The resolved config stored in the result."""
+    return from_dict(tomllib.loads(res.config_toml))
+
+
+def expected_bytes(res: Result) -> tuple[np.ndarray, np.ndarray]:
+    """(sent, received) model-transfer bytes per round per rank, shape (n_rounds, world_size),
+    that the run's scheme must have moved, by the formulas of ``snake_mpi.analytic``."""
+    cfg = run_config(res)
+    n, rounds = res.world_size, res.n_rounds
+    blocks = res.tables["blocks"]
+    block_bytes = [int(b) for b in blocks["bytes"]]
+    samples = [int(s) for s in res.tables["ranks"]["data_samples"]]
+    if cfg.scheme == "centralised":
+        zero = np.zeros((rounds, n), dtype=np.int64)
+        return zero, zero.copy()
+    if cfg.scheme == "snake":
+        from snake_mpi.schemes.snake import plan_from_params
+
+        params = [int(p) for p in blocks["params"]]
+        transfer = cfg.snake.transfer
+        if cfg.snake.mode == "cs":
+            plan = plan_from_params(params, cfg.snake, n - 1)
+            return (
+                analytic.snake_cs_bytes_sent(plan, block_bytes, rounds, transfer),
+                analytic.snake_cs_bytes_received(plan, block_bytes, rounds, transfer),
+            )
+        plan = plan_from_params(params, cfg.snake, n)
+        return (
+            analytic.snake_p2p_bytes_sent(plan, block_bytes, rounds, transfer),
+            analytic.snake_p2p_bytes_received(plan, block_bytes, rounds, transfer),
+        )
+    if cfg.scheme == "fedavg":
+        from snake_mpi.schemes.fedavg import sampled_clients
+
+        seed = int(res.provenance.get("seed_sampling", cfg.seed))
+        schedule = sampled_clients(seed, n - 1, cfg.fedavg.clients_per_round, rounds)
+        sent = analytic.fedavg_bytes_sent(block_bytes, schedule, n)
+        return sent, sent.copy()
+    if cfg.scheme in ("split", "splitfed"):
+        cut = cfg.split.cut
+        batches = [turn_batch_sizes(s, cfg.train) for s in samples]
+        act = activation_bytes_per_sample_of(cfg)
+        formula = analytic.split_bytes if cfg.scheme == "split" else analytic.splitfed_bytes
+        return formula(block_bytes[:cut], batches, act, rounds)
+    raise ValueError(f"no analytic model for scheme {cfg.scheme!r}")
+
+
+def activation_bytes_per_sample_of(cfg: RunConfig) -> int:
+    """Bytes of one sample's activation at the configured cut (builds the model to find out)."""
+    from snake_mpi.models import build_model
+    from snake_mpi.schemes.splitnet import activation_bytes_per_sample, cut_shape
+
+    model = build_model(
+        cfg.model, sample_shape=cfg.data.sample_shape, n_classes=cfg.data.n_classes, seed=0
+    )
+    return activation_bytes_per_sample(cut_shape(model, cfg.split.cut, cfg.data.sample_shape))
