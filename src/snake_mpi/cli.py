@@ -37,11 +37,22 @@ def _parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("show", help="print a readable summary of a result file")
     show.add_argument("result", help="result file written by `snake-mpi run`")
+
+    sub.add_parser(
+        "compare",
+        help="compare result files side by side (see `snake-mpi compare --help`)",
+        add_help=False,
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and dispatch; returns the process exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:
+        from snake_mpi.compare import main as compare_main
+
+        return compare_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "show":
         from snake_mpi.store import ResultError, read_result

@@ -1,0 +1,231 @@
+"""Runs side by side: one row of figures per result file, as a terminal or Markdown table.
+
+Only complete results of the same workload (the ``[model]`` and ``[data]`` tables of their
+configs) are compared, unless the caller allows mixing. Every figure is computed from the
+file alone; ``docs/compare.md`` says what each column means.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from snake_mpi.config import to_toml
+from snake_mpi.expected import expected_bytes, run_config
+from snake_mpi.store import Result
+
+
+class WorkloadMismatch(ValueError):
+    """Results of different workloads were given to one comparison."""
+
+
+def label(res: Result) -> str:
+    """What ran: the scheme, with Snake's mode (``snake-p2p``, ``snake-cs``, ``fedavg``...)."""
+    cfg = run_config(res)
+    return f"snake-{cfg.snake.mode}" if cfg.scheme == "snake" else cfg.scheme
+
+
+def workload(res: Result) -> str:
+    """The workload a run trained: its model and data configuration as TOML text."""
+    cfg = run_config(res)
+    return to_toml(cfg.model) + to_toml(cfg.data)
+
+
+def check_same_workload(results: Sequence[Result]) -> None:
+    """Raise ``WorkloadMismatch`` saying which runs differ from the first, and in what."""
+    if not results:
+        return
+    base = workload(results[0])
+    for res in results[1:]:
+        other = workload(res)
+        if other != base:
+            a, b = set(base.splitlines()), set(other.splitlines())
+            diff = ", ".join(sorted(b - a)) or "?"
+            raise WorkloadMismatch(
+                f"{res.path} trains a different workload than {results[0].path} "
+                f"(differs in: {diff}); compare runs of one workload, or pass --allow-mixed"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """The figures of one run (bytes per round are means over the rounds)."""
+
+    label: str
+    path: str
+    ranks: int
+    rounds: int
+    bytes_per_round: float
+    """All ranks' model-transfer bytes sent per round."""
+    bytes_per_round_max_rank: float
+    """The busiest rank's bytes sent per round."""
+    analytic_bytes_per_round: float
+    bytes_match: bool
+    """Measured bytes equal the analytic count for every rank and round."""
+    peak_rss_max_bytes: int
+    peak_rss_mean_bytes: float
+    train_state_max_bytes: int
+    """Largest training state on any rank in any round."""
+    train_state_mean_bytes: float
+    """Mean over training ranks of each rank's largest training state."""
+    round_s: float
+    """Wall time per round: the slowest rank's, mean over rounds."""
+    compute_s: float
+    send_s: float
+    wait_s: float
+    """Per rank per round, mean over ranks and rounds."""
+    final_accuracy: float
+    best_accuracy: float
+    rounds_to_target: int | None
+    bytes_to_target: int | None
+
+
+def row_of(res: Result, target: float) -> Row:
+    """The figures of one run; ``target`` is the accuracy whose first reaching is reported."""
+    sent = res.rounds["bytes_sent"]
+    exp_sent, exp_received = expected_bytes(res)
+    match = bool(
+        np.array_equal(sent, exp_sent)
+        and np.array_equal(res.rounds["bytes_received"], exp_received)
+    )
+    state = res.rounds["train_state_bytes"].max(axis=0)
+    trainers = state[state > 0]
+    peak = res.tables["ranks"]["peak_rss_bytes"]
+    ev = res.evaluation
+    acc = ev.get("accuracy", np.zeros(0))
+    reached = np.flatnonzero(acc >= target)
+    first = int(reached[0]) if reached.size else None
+    return Row(
+        label=label(res),
+        path=str(res.path),
+        ranks=res.world_size,
+        rounds=res.n_rounds,
+        bytes_per_round=float(sent.sum(axis=1).mean()),
+        bytes_per_round_max_rank=float(sent.mean(axis=0).max()),
+        analytic_bytes_per_round=float(exp_sent.sum(axis=1).mean()),
+        bytes_match=match,
+        peak_rss_max_bytes=int(peak.max()),
+        peak_rss_mean_bytes=float(peak.mean()),
+        train_state_max_bytes=int(state.max()),
+        train_state_mean_bytes=float(trainers.mean()) if trainers.size else 0.0,
+        round_s=float(res.rounds["round_s"].max(axis=1).mean()),
+        compute_s=float(res.rounds["compute_s"].mean()),
+        send_s=float(res.rounds["send_s"].mean()),
+        wait_s=float(res.rounds["wait_s"].mean()),
+        final_accuracy=float(acc[-1]) if acc.size else math.nan,
+        best_accuracy=float(acc.max()) if acc.size else math.nan,
+        rounds_to_target=None if first is None else int(ev["round"][first]) + 1,
+        bytes_to_target=None if first is None else int(ev["cum_bytes_sent"][first]),
+    )
+
+
+def default_target(results: Sequence[Result]) -> float:
+    """90 % of the best accuracy any of the runs reached."""
+    best = [
+        float(r.evaluation["accuracy"].max())
+        for r in results
+        if r.evaluation.get("accuracy") is not None and r.evaluation["accuracy"].size
+    ]
+    return 0.9 * max(best) if best else 1.0
+
+
+COLUMNS = [
+    ("scheme", lambda r: r.label),
+    ("N", lambda r: str(r.ranks)),
+    ("rounds", lambda r: str(r.rounds)),
+    ("MiB/round", lambda r: f"{r.bytes_per_round / 2**20:.3f}"),
+    ("MiB/round max rank", lambda r: f"{r.bytes_per_round_max_rank / 2**20:.3f}"),
+    ("analytic MiB/round", lambda r: f"{r.analytic_bytes_per_round / 2**20:.3f}"),
+    ("= analytic", lambda r: "exact" if r.bytes_match else "DIFFERS"),
+    ("peak RSS MiB max", lambda r: f"{r.peak_rss_max_bytes / 2**20:.1f}"),
+    ("peak RSS MiB mean", lambda r: f"{r.peak_rss_mean_bytes / 2**20:.1f}"),
+    ("train state KiB max", lambda r: f"{r.train_state_max_bytes / 2**10:.1f}"),
+    ("train state KiB mean", lambda r: f"{r.train_state_mean_bytes / 2**10:.1f}"),
+    ("round s", lambda r: f"{r.round_s:.3f}"),
+    ("compute s", lambda r: f"{r.compute_s:.3f}"),
+    ("send s", lambda r: f"{r.send_s:.3f}"),
+    ("wait s", lambda r: f"{r.wait_s:.3f}"),
+    ("final acc", lambda r: f"{r.final_accuracy:.4f}"),
+    ("best acc", lambda r: f"{r.best_accuracy:.4f}"),
+    ("rounds to target", lambda r: "—" if r.rounds_to_target is None else str(r.rounds_to_target)),
+    (
+        "MiB to target",
+        lambda r: "—" if r.bytes_to_target is None else f"{r.bytes_to_target / 2**20:.3f}",
+    ),
+]
+
+
+def cells(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted cells of the table."""
+    return [c for c, _ in COLUMNS], [[f(r) for _, f in COLUMNS] for r in rows]
+
+
+def format_markdown(rows: Sequence[Row]) -> str:
+    """The table in Markdown."""
+    head, body = cells(rows)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def format_text(rows: Sequence[Row]) -> str:
+    """The table for a terminal, transposed (a line per figure, a column per run): the table
+    has too many figures to fit one run on one line."""
+    head, body = cells(rows)
+    width = max(len(h) for h in head)
+    runs = [max(10, *(len(c) for c in row)) for row in body]
+    return "\n".join(
+        f"{h:<{width}}  " + "  ".join(f"{row[i]:>{w}}" for row, w in zip(body, runs, strict=True))
+        for i, h in enumerate(head)
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``analysis/compare.py`` and ``snake-mpi compare``: print the table; exit status 0, or 1
+    (no complete result), or 2 (different workloads without ``--allow-mixed``)."""
+    import argparse
+    import sys
+
+    from snake_mpi.store import scan_results
+
+    p = argparse.ArgumentParser(
+        prog="compare", description="Compare result files side by side (one workload)."
+    )
+    p.add_argument("results", nargs="+", help="result files, or directories of them")
+    p.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="accuracy to reach (default: 90 %% of the best accuracy among the runs)",
+    )
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    p.add_argument(
+        "--allow-mixed", action="store_true", help="compare runs of different workloads anyway"
+    )
+    args = p.parse_args(argv)
+    results, skipped = scan_results(args.results)
+    for path, why in skipped:
+        print(f"compare: skipped {path}: {why}", file=sys.stderr)
+    if not results:
+        print("compare: no complete result files to compare", file=sys.stderr)
+        return 1
+    if not args.allow_mixed:
+        try:
+            check_same_workload(results)
+        except WorkloadMismatch as e:
+            print(f"compare: {e}", file=sys.stderr)
+            return 2
+    target = args.target if args.target is not None else default_target(results)
+    rows = [row_of(r, target) for r in results]
+    md = format_markdown(rows)
+    print(f"{len(rows)} run(s); target accuracy {target:.4f}")
+    print(md if args.markdown else format_text(rows))
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(f"Target accuracy {target:.4f}.\n\n{md}\n")
+    return 0

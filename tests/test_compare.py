@@ -1,0 +1,118 @@
+"""analysis/compare.py: the side-by-side table, its figures checked against the files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from snake_mpi import compare
+from snake_mpi.config import load_config
+from snake_mpi.localcomm import ThreadWorld
+from snake_mpi.run import execute
+from snake_mpi.store import read_result
+
+SMALL = REPO / "tests" / "configs" / "small.toml"
+RUNS = {  # label -> (ranks, overrides)
+    "snake-p2p": (4, ['scheme="snake"']),
+    "snake-cs": (4, ['scheme="snake"', 'snake.mode="cs"']),
+    "fedavg": (4, ['scheme="fedavg"']),
+    "split": (4, ['scheme="split"']),
+    "splitfed": (4, ['scheme="splitfed"']),
+    "centralised": (1, ['scheme="centralised"']),
+}
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("runs")
+    for name, (n, sets) in RUNS.items():
+        cfg = load_config(SMALL, ["probes.enabled=false", "train.rounds=3", *sets])
+        ThreadWorld(n).run(lambda c, cfg=cfg, name=name: execute(cfg, c, d / f"{name}.h5"))
+    return d
+
+
+def markdown_rows(text: str) -> dict[str, dict[str, str]]:
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[1:]:
+        values = [c.strip() for c in line.strip("|").split("|")]
+        rows[values[0]] = dict(zip(head, values, strict=True))
+    return rows
+
+
+def test_the_table_has_every_scheme_and_its_figures_match_the_files(results_dir, capsys):
+    assert compare.main([str(results_dir), "--markdown", "--target", "0.7"]) == 0
+    out = capsys.readouterr().out
+    assert "target accuracy 0.7000" in out
+    rows = markdown_rows(out)
+    assert set(rows) == set(RUNS)
+    for name in RUNS:
+        res = read_result(results_dir / f"{name}.h5")
+        row = rows[name]
+        sent = res.rounds["bytes_sent"]
+        assert row["MiB/round"] == f"{sent.sum(axis=1).mean() / 2**20:.3f}"
+        assert row["= analytic"] == "exact"
+        peak = res.tables["ranks"]["peak_rss_bytes"]
+        assert row["peak RSS MiB max"] == f"{peak.max() / 2**20:.1f}"
+        assert row["train state KiB max"] == f"{res.rounds['train_state_bytes'].max() / 1024:.1f}"
+        acc = res.evaluation["accuracy"]
+        assert row["final acc"] == f"{acc[-1]:.4f}" and row["best acc"] == f"{acc.max():.4f}"
+        hit = np.flatnonzero(acc >= 0.7)
+        if hit.size:
+            assert row["rounds to target"] == str(res.evaluation["round"][hit[0]] + 1)
+            cum = res.evaluation["cum_bytes_sent"][hit[0]]
+            assert row["MiB to target"] == f"{cum / 2**20:.3f}"
+            assert cum == sent[: hit[0] + 1].sum()
+        else:
+            assert row["rounds to target"] == "—"
+    assert float(rows["centralised"]["MiB/round"]) == 0.0
+    # the paper's comparison: Snake moves fewer bytes per round than FedAvg on this workload
+    assert float(rows["snake-p2p"]["MiB/round"]) < float(rows["fedavg"]["MiB/round"])
+
+
+def test_different_workloads_are_refused_unless_asked(results_dir, tmp_path, capsys):
+    cfg = load_config(SMALL, ["probes.enabled=false", "train.rounds=2", "model.width=32"])
+    other = tmp_path / "narrow.h5"
+    ThreadWorld(3).run(lambda c: execute(cfg, c, other))
+    runs = [str(results_dir / "fedavg.h5"), str(other)]
+    assert compare.main(runs) == 2
+    err = capsys.readouterr().err
+    assert "different workload" in err and "width = 32" in err and "--allow-mixed" in err
+    assert compare.main([*runs, "--allow-mixed"]) == 0
+
+
+def test_incomplete_files_are_listed_not_read(results_dir, tmp_path, capsys):
+    partial = tmp_path / "dead.h5.partial"
+    partial.write_bytes((results_dir / "fedavg.h5").read_bytes()[:4096])  # a truncated file
+    assert compare.main([str(results_dir / "fedavg.h5"), str(partial)]) == 0
+    captured = capsys.readouterr()
+    assert f"skipped {partial}" in captured.err
+    assert compare.main([str(partial)]) == 1
+
+
+def test_the_script_and_the_subcommand_print_the_same_table(results_dir):
+    script = subprocess.run(
+        [sys.executable, str(REPO / "analysis" / "compare.py"), str(results_dir), "--markdown"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    from snake_mpi.cli import main as cli_main
+
+    assert cli_main(["compare", str(results_dir), "--markdown"]) == 0
+    assert "| snake-p2p |" in script.stdout
+
+
+def test_the_scheme_configs_share_the_demo_workload():
+    configs = sorted((REPO / "bench" / "configs" / "schemes").glob("*.toml"))
+    assert {c.stem for c in configs} == set(RUNS)
+    demo = load_config(REPO / "bench" / "configs" / "demo.toml")
+    for path in configs:
+        cfg = load_config(path)
+        assert (cfg.model, cfg.data, cfg.train) == (demo.model, demo.data, demo.train), path
+        assert path.stem.startswith(cfg.scheme)
