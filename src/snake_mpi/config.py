@@ -19,9 +19,9 @@ from typing import Any
 SCHEMES = ("snake", "fedavg", "split", "splitfed", "centralised")
 """Schemes this build can run; each is a module under ``snake_mpi.schemes``."""
 DISTRIBUTED_SCHEMES = ("snake", "fedavg", "split", "splitfed")
-MODEL_FAMILIES = ("cnn", "mlp")
-DATASETS = ("synthetic",)
-PARTITIONS = ("iid", "dirichlet")
+MODEL_FAMILIES = ("cnn", "mlp", "vgg11")
+DATASETS = ("synthetic", "cifar10", "arrays")
+PARTITIONS = ("iid", "dirichlet", "shards")
 OPTIMIZERS = ("sgd", "adam")
 SNAKE_MODES = ("p2p", "cs")
 ENDS_POLICIES = ("all", "owner", "frozen")
@@ -51,7 +51,12 @@ class ModelConfig:
 @_cfg()
 class DataConfig:
     name: str = "synthetic"
-    """Dataset: ``synthetic`` (generated from the seed, learnable)."""
+    """Dataset: ``synthetic`` (generated from the seed, learnable), ``cifar10`` (the binary
+    release from ``path`` or $CIFAR10_DIR), ``arrays`` (an .npz file at ``path``)."""
+    path: str = ""
+    """Where ``cifar10`` or ``arrays`` data lie (never downloaded)."""
+    augment: bool = False
+    """Images: random crop (padding 4) and horizontal flip of every training batch."""
     n_train: int = 4096
     """Training samples in total (split over the nodes)."""
     n_test: int = 1024
@@ -66,6 +71,8 @@ class DataConfig:
     """How training samples are shared over nodes: ``iid`` or ``dirichlet`` (label skew)."""
     alpha: float = 0.5
     """Dirichlet concentration (smaller: more skew); used when partition = dirichlet."""
+    shards_per_node: int = 2
+    """partition = shards: label-sorted shards dealt to each node (about that many classes)."""
 
 
 @_cfg()
@@ -291,6 +298,7 @@ def _validate(c: RunConfig) -> None:
         ("train.batch_size", c.train.batch_size),
         ("train.lr", c.train.lr),
         ("train.eval_batch_size", c.train.eval_batch_size),
+        ("data.shards_per_node", c.data.shards_per_node),
         ("comm.deadline_s", c.comm.deadline_s),
         ("probes.interval_s", c.probes.interval_s),
     ]:
@@ -301,11 +309,31 @@ def _validate(c: RunConfig) -> None:
         raise ConfigError(
             f"data.sample_shape must be positive sizes, got {list(c.data.sample_shape)}"
         )
-    if c.model.family == "cnn" and len(c.data.sample_shape) != 3:
+    if c.model.family in ("cnn", "vgg11") and len(c.data.sample_shape) != 3:
         raise ConfigError(
-            f"model.family 'cnn' needs image-shaped samples [C, H, W], "
+            f"model.family {c.model.family!r} needs image-shaped samples [C, H, W], "
             f"got data.sample_shape = {list(c.data.sample_shape)}"
         )
+    if c.model.family == "vgg11":
+        if c.model.middle_blocks != 4:
+            raise ConfigError(
+                "model.family 'vgg11' has 4 middle blocks (its conv stages after the stem); "
+                f"set model.middle_blocks = 4, got {c.model.middle_blocks}"
+            )
+        if any(side % 32 for side in c.data.sample_shape[1:]):
+            raise ConfigError(
+                f"model.family 'vgg11' needs image sides that are multiples of 32, "
+                f"got data.sample_shape = {list(c.data.sample_shape)}"
+            )
+    if c.data.name == "cifar10" and (
+        tuple(c.data.sample_shape) != (3, 32, 32) or c.data.n_classes != 10
+    ):
+        raise ConfigError(
+            "data.name 'cifar10' has 10 classes of [3, 32, 32] images; got "
+            f"data.sample_shape = {list(c.data.sample_shape)}, data.n_classes = {c.data.n_classes}"
+        )
+    if c.data.augment and len(c.data.sample_shape) != 3:
+        raise ConfigError("data.augment needs image-shaped samples [C, H, W]")
     if not (math.isfinite(c.data.noise) and c.data.noise >= 0):
         raise ConfigError(f"data.noise must be a finite number >= 0, got {c.data.noise!r}")
     a = c.data.alpha
@@ -380,6 +408,11 @@ def validate_for_world(c: RunConfig, world_size: int) -> None:
         raise ConfigError(
             f"fedavg.clients_per_round = {c.fedavg.clients_per_round} but there are only "
             f"{holders} clients (ranks 1..{world_size - 1})"
+        )
+    if c.data.partition == "shards" and c.data.n_train < holders * c.data.shards_per_node:
+        raise ConfigError(
+            f"data.n_train = {c.data.n_train} is fewer than the {holders} {role} x "
+            f"data.shards_per_node = {c.data.shards_per_node} shards"
         )
     if c.data.n_train < holders:
         raise ConfigError(f"data.n_train = {c.data.n_train} is fewer than the {holders} {role}")

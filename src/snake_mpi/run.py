@@ -26,8 +26,14 @@ from snake_mpi.config import (
     to_toml,
     validate_for_world,
 )
-from snake_mpi.data import make_synthetic
-from snake_mpi.data.partition import label_histogram, partition_dirichlet, partition_iid
+from snake_mpi.data import DataError, check_data, load_dataset
+from snake_mpi.data.augment import crop_flip
+from snake_mpi.data.partition import (
+    label_histogram,
+    partition_dirichlet,
+    partition_iid,
+    partition_shards,
+)
 from snake_mpi.models import build_model
 from snake_mpi.probes.memory import MemorySampler, ru_maxrss_bytes
 from snake_mpi.probes.storage import DiskWriteCounter
@@ -69,20 +75,15 @@ def build_shards(cfg: RunConfig, seeds: dict[str, int], world_size: int):
     """The dataset and every rank's training indices (identical on every rank); a server or
     controller rank gets an empty shard."""
     d = cfg.data
-    dataset = make_synthetic(
-        n_train=d.n_train,
-        n_test=d.n_test,
-        n_classes=d.n_classes,
-        sample_shape=tuple(d.sample_shape),
-        noise=d.noise,
-        seed=seeds["data"],
-    )
+    dataset = load_dataset(d, seeds["data"])
     rng = np.random.default_rng(seeds["partition"])
     holders = data_ranks(cfg, world_size)
     if d.partition == "iid":
         shards = partition_iid(d.n_train, len(holders), rng)
-    else:
+    elif d.partition == "dirichlet":
         shards = partition_dirichlet(dataset.y_train.numpy(), len(holders), d.alpha, rng)
+    else:
+        shards = partition_shards(dataset.y_train.numpy(), len(holders), d.shards_per_node, rng)
     parts = [np.zeros(0, dtype=np.int64) for _ in range(world_size)]
     for rank, shard in zip(holders, shards, strict=True):
         parts[rank] = shard
@@ -105,7 +106,8 @@ def main(cfg: RunConfig, out: str, *, overwrite: bool) -> int:
     try:
         validate_for_world(cfg, size)
         out_path = check_output(out, overwrite=overwrite)
-    except ConfigError as e:
+        check_data(cfg.data)
+    except (ConfigError, DataError) as e:
         if rank == 0:
             print(f"snake-mpi: config error: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
@@ -140,6 +142,7 @@ def execute(cfg: RunConfig, comm: Any, out_path: Path) -> Context:
         y_train=dataset.y_train[idx].contiguous(),
         x_test=dataset.x_test,
         y_test=dataset.y_test,
+        augment=crop_flip if cfg.data.augment else None,
     )
     model = build_model(
         cfg.model,

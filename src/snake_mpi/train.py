@@ -6,7 +6,7 @@ trainable one run without autograd, so no activations are kept for them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +76,7 @@ def train_local(
     *,
     cfg: TrainConfig,
     generator: torch.Generator,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> LocalResult:
     """Train blocks ``trainable`` on ``(x, y)``; everything else stays frozen and bit-identical."""
     if not trainable:
@@ -86,7 +87,8 @@ def train_local(
     total_loss, samples, steps = 0.0, 0, 0
     for idx in turn_batches(len(x), cfg, generator):
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x[idx], no_grad_below=lowest), y[idx])
+        xb = x[idx] if augment is None else augment(x[idx], generator)
+        loss = F.cross_entropy(model(xb, no_grad_below=lowest), y[idx])
         loss.backward()
         opt.step()
         total_loss += loss.item() * len(idx)

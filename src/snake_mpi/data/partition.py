@@ -1,4 +1,5 @@
-"""Share training samples out over nodes: IID, or label-skewed by a Dirichlet draw per class.
+"""Share training samples out over nodes: IID, label-skewed by a Dirichlet draw per class, or
+``shards`` (each node a few classes).
 
 Pure numpy; every rank calls these with the same seeded generator and gets the same parts.
 Each part is a sorted int64 array of sample indices; every index is in exactly one part.
@@ -67,6 +68,26 @@ def partition_dirichlet(
         sizes[rich] -= 1
         sizes[poor] += 1
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def partition_shards(
+    labels: np.ndarray, n_nodes: int, shards_per_node: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Pathological label skew (McMahan et al.): sort the samples by label, cut them into
+    ``n_nodes * shards_per_node`` equal shards, and deal each node ``shards_per_node`` shards at
+    random, so a node sees about that many classes."""
+    labels = np.asarray(labels)
+    _check_counts(len(labels), n_nodes * shards_per_node)
+    if shards_per_node < 1:
+        raise ValueError(f"shards_per_node is {shards_per_node}: must be >= 1")
+    perm = rng.permutation(len(labels))
+    order = perm[np.argsort(labels[perm], kind="stable")]
+    shards = np.array_split(order, n_nodes * shards_per_node)
+    dealt = rng.permutation(len(shards))
+    return [
+        np.sort(np.concatenate([shards[j] for j in dealt[i::n_nodes]]).astype(np.int64))
+        for i in range(n_nodes)
+    ]
 
 
 def label_histogram(labels: np.ndarray, parts: list[np.ndarray], n_classes: int) -> np.ndarray:

@@ -8,9 +8,9 @@ import torch
 
 from snake_mpi.blocks import BlockModel
 from snake_mpi.config import ModelConfig
-from snake_mpi.models import cnn, mlp
+from snake_mpi.models import cnn, mlp, vgg
 
-_FAMILIES = {"cnn": cnn.build, "mlp": mlp.build}
+_FAMILIES = {"cnn": cnn.build, "mlp": mlp.build, "vgg11": vgg.build}
 _GLOBAL_RNG = threading.Lock()  # nn init draws from torch's one process-wide generator
 
 

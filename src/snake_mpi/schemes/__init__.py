@@ -21,6 +21,8 @@ class NodeData:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+    """Train-time augmentation of a batch (``data.augment``), or None."""
 
 
 @dataclass(slots=True)

@@ -80,6 +80,7 @@ def train_and_record(ctx: Context, trainable: Sequence[int]) -> None:
         ctx.data.y_train,
         cfg=ctx.cfg.train,
         generator=ctx.generator,
+        augment=ctx.data.augment,
     )
     rec = ctx.record
     rec.add("compute_s", time.perf_counter() - t0)

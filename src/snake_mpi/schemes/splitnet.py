@@ -75,6 +75,8 @@ class ClientTurn:
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             x, y = x_all[idx], y_all[idx]
+            if ctx.data.augment is not None:
+                x = ctx.data.augment(x, ctx.generator)
             for b in range(cut):
                 x = model.blocks[b](x)
             act = x

@@ -1,0 +1,97 @@
+"""Bring your own data: a classification dataset as one ``.npz`` file with ``x_train``,
+``y_train``, ``x_test`` and ``y_test`` (read without pickle). Features are used as float32 as
+they are (normalise them beforehand); labels must be integers in ``[0, n_classes)``."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from snake_mpi.data.cifar10 import DataError
+from snake_mpi.data.synthetic import Dataset
+
+KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The four arrays of an ``.npz`` file; a clear error for a missing or malformed file."""
+    p = Path(path).expanduser()
+    if not str(path):
+        raise DataError(
+            "data.name = 'arrays' needs data.path: an .npz file with " + ", ".join(KEYS)
+        )
+    if not p.is_file():
+        raise DataError(f"data.path {p} is not a file (an .npz with {', '.join(KEYS)})")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            missing = [k for k in KEYS if k not in f.files]
+            if missing:
+                raise DataError(f"{p} lacks {', '.join(missing)} (has {', '.join(f.files)})")
+            return {k: f[k] for k in KEYS}
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{p} is not a readable .npz file without pickled objects: {e}") from None
+
+
+def check_arrays(
+    arrays: dict[str, np.ndarray], *, sample_shape: tuple[int, ...], n_classes: int, path: str
+) -> None:
+    """Shapes agree with each other and with the config; labels are integers in range."""
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(
+                f"{path}: y_{split} must be a 1-D integer array, got shape {y.shape} {y.dtype}"
+            )
+        if x.shape[0] != y.shape[0]:
+            raise DataError(
+                f"{path}: x_{split} has {x.shape[0]} samples but y_{split} has {y.shape[0]}"
+            )
+        if x.shape[0] == 0:
+            raise DataError(f"{path}: x_{split} is empty")
+        if tuple(x.shape[1:]) != tuple(sample_shape):
+            raise DataError(
+                f"{path}: x_{split} samples have shape {list(x.shape[1:])}, the config says "
+                f"data.sample_shape = {list(sample_shape)}"
+            )
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise DataError(f"{path}: x_{split} must be numeric, got {x.dtype}")
+        if y.min() < 0 or y.max() >= n_classes:
+            raise DataError(
+                f"{path}: y_{split} has labels from {y.min()} to {y.max()}, outside "
+                f"[0, {n_classes}) (data.n_classes = {n_classes})"
+            )
+
+
+def load_arrays(
+    path: str,
+    *,
+    sample_shape: tuple[int, ...],
+    n_classes: int,
+    n_train: int,
+    n_test: int,
+    seed: int,
+) -> Dataset:
+    """The dataset of an ``.npz`` file, checked, with ``n_train``/``n_test`` samples drawn
+    (seeded, without replacement) when fewer than the file's are asked for."""
+    a = read_arrays(path)
+    check_arrays(a, sample_shape=sample_shape, n_classes=n_classes, path=path)
+    rng = np.random.default_rng(seed)
+    picked = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        have = len(a[f"y_{split}"])
+        if n > have:
+            raise DataError(f"data.n_{split} = {n} but {path} holds {have} {split} samples")
+        picked[split] = np.sort(rng.choice(have, n, replace=False))
+    return Dataset(
+        x_train=torch.from_numpy(a["x_train"][picked["train"]].astype(np.float32)),
+        y_train=torch.from_numpy(a["y_train"][picked["train"]].astype(np.int64)),
+        x_test=torch.from_numpy(a["x_test"][picked["test"]].astype(np.float32)),
+        y_test=torch.from_numpy(a["y_test"][picked["test"]].astype(np.int64)),
+        n_classes=n_classes,
+    )
