@@ -116,3 +116,30 @@ def test_the_scheme_configs_share_the_demo_workload():
         cfg = load_config(path)
         assert (cfg.model, cfg.data, cfg.train) == (demo.model, demo.data, demo.train), path
         assert path.stem.startswith(cfg.scheme)
+
+
+def test_the_paper_claims_table_divides_snake_by_fedavg(results_dir, capsys, tmp_path):
+    out_md = tmp_path / "table.md"
+    assert compare.main([str(results_dir), "--out", str(out_md)]) == 0
+    text = capsys.readouterr().out
+    assert "The paper's claims" in text
+    fed = read_result(results_dir / "fedavg.h5")
+    for name in ("snake-p2p", "snake-cs"):
+        res = read_result(results_dir / f"{name}.h5")
+        ratio = res.rounds["bytes_sent"].sum(1).mean() / fed.rounds["bytes_sent"].sum(1).mean()
+        acc = res.evaluation["accuracy"][-1] / fed.evaluation["accuracy"][-1]
+        verdict = "holds" if ratio <= compare.BYTES_TOLERANCE else "does not hold"
+        line = f"| {name} | bytes per round / FedAvg's | {ratio:.3f} | about 0.5 | {verdict} |"
+        assert line in text
+        verdict = "holds" if acc >= 0.95 else "does not hold"
+        assert f"| {name} | final accuracy / FedAvg's | {acc:.3f} | >= 0.95 | {verdict} |" in text
+    assert "The paper's claims" in out_md.read_text()
+
+
+def test_accuracy_plots_are_written_as_png(results_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the analysis extra (matplotlib) is not installed")
+    plots = tmp_path / "plots"
+    assert compare.main([str(results_dir), "--plots", str(plots)]) == 0
+    for name in ("rounds", "bytes", "time"):
+        png = plots / f"accuracy_vs_{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -52,6 +52,7 @@ def test_the_schema_document_has_the_sections_the_writer_uses():
         "/blocks/<column>",
         "/ranks/<column>",
         "/final_sync/<dataset>",
+        "/assignment/<dataset>",
         "/series/rank_<k>/<dataset>",
     ):
         assert doc.get(section), f"no table for {section} in {SCHEMA.name}"
@@ -65,6 +66,8 @@ SNAKE_ONLY_ATTRS = {"mode", "transfer", "ends"}  # documented as "Snake runs onl
 def test_a_result_file_has_exactly_the_documented_datasets_and_attributes(tmp_path, scheme):
     out = tmp_path / "r.h5"
     argv = snake_mpi("run", str(TINY), "--out", str(out), "--set", f'scheme="{scheme}"')
+    if scheme == "snake":  # measured capabilities: every /assignment dataset is written
+        argv += ["--set", 'snake.capability="measure"']
     job = run_mpi(3, argv, timeout_s=120)
     assert job.returncode == 0, job.output
     doc = documented()
@@ -86,6 +89,7 @@ def test_a_result_file_has_exactly_the_documented_datasets_and_attributes(tmp_pa
         ]
         if snake:  # the final sync is Snake's (final_sync = true in the default config)
             groups.append(("/final_sync/<dataset>", "final_sync"))
+            groups.append(("/assignment/<dataset>", "assignment"))
         for section, group in groups:
             assert all(isinstance(v, h5py.Dataset) for v in f[group].values()), group
             check(f"/{group}", doc[section], list(f[group]))
@@ -95,4 +99,4 @@ def test_a_result_file_has_exactly_the_documented_datasets_and_attributes(tmp_pa
             check(f"/series/rank_{k}", doc["/series/rank_<k>/<dataset>"], list(series))
             assert len(series["t_s"]) > 0  # probes on: the sampler took samples
         expected_groups = {"provenance", "rounds", "eval", "blocks", "ranks", "series"}
-        assert set(f) == expected_groups | ({"final_sync"} if snake else set())
+        assert set(f) == expected_groups | ({"final_sync", "assignment"} if snake else set())

@@ -24,6 +24,7 @@ from snake_mpi.wire import (
     HEADER_FIXED,
     HEADER_MAX_BLOCKS,
     CommStats,
+    LinkModel,
     PeerTimeout,
     ProtocolError,
     Transfer,
@@ -36,6 +37,7 @@ from snake_mpi.wire import (
 TAG_HEADER = 11
 TAG_PAYLOAD = 12
 TAG_GATHER = 13
+TAG_SHARE = 14
 
 _SPIN_IDLE_S = 0.002  # waiting for a peer to start: busy-poll briefly, then sleep between polls
 _SPIN_FLOW_S = 0.5  # data in flight: keep polling, large transfers progress only while polled
@@ -55,8 +57,11 @@ class _Posted:
 class Comm:
     """A ring of ranks over an MPI communicator (passed in, never reached for)."""
 
-    def __init__(self, mpi_comm: MPI.Comm, *, deadline_s: float = 600.0) -> None:
+    def __init__(
+        self, mpi_comm: MPI.Comm, *, deadline_s: float = 600.0, link: LinkModel | None = None
+    ) -> None:
         self._comm = mpi_comm
+        self.link = link if link is not None and link.active else None
         self.rank: int = mpi_comm.Get_rank()
         self.size: int = mpi_comm.Get_size()
         self.deadline_s = float(deadline_s)
@@ -65,9 +70,18 @@ class Comm:
         self._expected: dict[tuple[int, int, int, int], _Posted] = {}
 
     @classmethod
-    def world(cls, *, deadline_s: float = 600.0) -> Comm:
+    def world(cls, *, deadline_s: float = 600.0, link: LinkModel | None = None) -> Comm:
         """The job's ranks (a duplicate of COMM_WORLD, so our tags never meet a library's)."""
-        return cls(MPI.COMM_WORLD.Dup(), deadline_s=deadline_s)
+        return cls(MPI.COMM_WORLD.Dup(), deadline_s=deadline_s, link=link)
+
+    def _stretch(self, src: int, dst: int, nbytes: int, since: float) -> None:
+        """Emulated link: sleep until ``since + hop time``; the sleep is counted apart."""
+        if self.link is None:
+            return
+        left = since + self.link.hop_s(src, dst, nbytes) - time.perf_counter()
+        if left > 0:
+            time.sleep(left)
+            self.stats.link_emulated_s += left
 
     # ---------------------------------------------------------------- ring
 
@@ -115,6 +129,7 @@ class Comm:
             reqs, f"rank {dest} to take the {what} ({payload.nbytes} bytes)", spin_s=_SPIN_FLOW_S
         )
         self.stats.send_s += time.perf_counter() - t0
+        self._stretch(self.rank, dest, header.nbytes + payload.nbytes, t0)
         self.stats.bytes_sent += header.nbytes + payload.nbytes
         self.stats.messages_sent += 1
 
@@ -183,6 +198,7 @@ class Comm:
                 f"rank {self.rank}: got {pstatus.Get_count(MPI.BYTE)} bytes for {payload_what}"
             )
         self.stats.recv_s += time.perf_counter() - t1
+        self._stretch(source, self.rank, header.nbytes + payload_bytes, t1)
         self.stats.bytes_received += header.nbytes + payload_bytes
         self.stats.messages_received += 1
         return transfer_from(header, body, payload)
@@ -244,6 +260,21 @@ class Comm:
         if self.rank != 0:
             self.stats.control_bytes_sent += row.nbytes
         return out
+
+    def allgather_row(self, row: np.ndarray, what: str = "a shared row") -> np.ndarray:
+        """Every rank's float64 row, as (size, len), on every rank (gather, then rank 0 sends
+        the table to each rank; point-to-point, deadline-bound)."""
+        table = self.gather_row(row, what)
+        if self.rank == 0:
+            reqs = [
+                self._comm.Isend([table, MPI.DOUBLE], k, TAG_SHARE) for k in range(1, self.size)
+            ]
+            self._wait_all(reqs, f"every rank to take {what}")
+            self.stats.control_bytes_sent += table.nbytes * (self.size - 1)
+            return table
+        table = np.empty((self.size, np.asarray(row).size), dtype=np.float64)
+        self._wait_all([self._comm.Irecv([table, MPI.DOUBLE], 0, TAG_SHARE)], f"{what} from rank 0")
+        return table
 
     def gatherv(self, arr: np.ndarray, what: str = "a series") -> list[np.ndarray] | None:
         """Gather a 1-D float64 array of any length per rank to rank 0 (list by rank there)."""

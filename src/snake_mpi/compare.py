@@ -183,6 +183,57 @@ def format_text(rows: Sequence[Row]) -> str:
     )
 
 
+BYTES_CLAIM = 0.5
+"""The paper: Snake's communication is roughly half of federated learning's."""
+ACCURACY_CLAIM = 0.95
+"""The paper: Snake keeps at least about 95 % of federated learning's accuracy."""
+BYTES_TOLERANCE = 0.6
+"""A bytes ratio up to this counts as "about half"."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """One of the paper's claims, measured: Snake (``label``) against FedAvg."""
+
+    label: str
+    what: str
+    measured: float
+    claimed: str
+    holds: bool
+
+
+def claims(rows: Sequence[Row]) -> list[Claim]:
+    """The paper's two relative claims for every Snake run against the (first) FedAvg run:
+    bytes per round (about half) and final accuracy (at least ~95 % of FedAvg's)."""
+    fed = next((r for r in rows if r.label == "fedavg"), None)
+    if fed is None:
+        return []
+    out = []
+    for r in rows:
+        if not r.label.startswith("snake"):
+            continue
+        ratio = r.bytes_per_round / fed.bytes_per_round
+        acc = r.final_accuracy / fed.final_accuracy
+        out.append(
+            Claim(
+                r.label, "bytes per round / FedAvg's", ratio, "about 0.5", ratio <= BYTES_TOLERANCE
+            )
+        )
+        out.append(
+            Claim(r.label, "final accuracy / FedAvg's", acc, ">= 0.95", acc >= ACCURACY_CLAIM)
+        )
+    return out
+
+
+def format_claims(items: Sequence[Claim]) -> str:
+    """The claim table in Markdown."""
+    lines = ["| run | claim | measured | paper | verdict |", "|---|---|---|---|---|"]
+    for c in items:
+        verdict = "holds" if c.holds else "does not hold"
+        lines.append(f"| {c.label} | {c.what} | {c.measured:.3f} | {c.claimed} | {verdict} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``analysis/compare.py`` and ``snake-mpi compare``: print the table; exit status 0, or 1
     (no complete result), or 2 (different workloads without ``--allow-mixed``)."""
@@ -206,6 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--allow-mixed", action="store_true", help="compare runs of different workloads anyway"
     )
+    p.add_argument(
+        "--plots",
+        default=None,
+        metavar="DIR",
+        help="write accuracy against rounds, bytes and time as PNG into DIR",
+    )
     args = p.parse_args(argv)
     results, skipped = scan_results(args.results)
     for path, why in skipped:
@@ -224,8 +281,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     md = format_markdown(rows)
     print(f"{len(rows)} run(s); target accuracy {target:.4f}")
     print(md if args.markdown else format_text(rows))
+    found = claims(rows)
+    claim_md = format_claims(found) if found else ""
+    if found:
+        print("\nThe paper's claims (Snake against FedAvg, this workload):")
+        print(claim_md)
     if args.out:
         from pathlib import Path
 
-        Path(args.out).write_text(f"Target accuracy {target:.4f}.\n\n{md}\n")
+        text = f"Target accuracy {target:.4f}.\n\n{md}\n"
+        if found:
+            text += f"\nThe paper's claims (Snake against FedAvg):\n\n{claim_md}\n"
+        Path(args.out).write_text(text)
+    if args.plots:
+        from pathlib import Path
+
+        from snake_mpi.plots import accuracy_plots
+
+        for path in accuracy_plots(results, [r.label for r in rows], Path(args.plots)):
+            print(f"wrote {path}")
     return 0

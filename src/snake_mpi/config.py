@@ -27,6 +27,7 @@ SNAKE_MODES = ("p2p", "cs")
 ENDS_POLICIES = ("all", "owner", "frozen")
 TRANSFERS = ("delta", "full")
 BLOCK_COSTS = ("params", "equal")
+CAPABILITY_SOURCES = ("declared", "measure")
 FAULT_KINDS = ("exception", "exit", "hang", "kill")
 
 
@@ -96,6 +97,14 @@ class TrainConfig:
 
 
 @_cfg()
+class KDConfig:
+    weight: float = 0.0
+    """Knowledge distillation weight lambda (0: off); the teacher is the model as received."""
+    temperature: float = 2.0
+    """Distillation temperature T (> 0)."""
+
+
+@_cfg()
 class SnakeConfig:
     mode: str = "p2p"
     """``p2p``: each node hands the model straight to the next node on the ring; ``cs``: rank 0
@@ -106,10 +115,15 @@ class SnakeConfig:
     """``delta``: a hop carries blocks newer than the receiver's copy; ``full``: the whole model."""
     capabilities: tuple[float, ...] = ()
     """Relative compute capability per node (empty: all equal); weaker nodes get fewer blocks."""
+    capability: str = "declared"
+    """``declared`` (``capabilities``) or ``measure``: every node times a few training steps of
+    each block at start-up and the assignment follows the measured speeds."""
     block_cost: str = "params"
     """Cost of a middle block for the assignment: ``params`` (parameter count) or ``equal``."""
     final_sync: bool = True
     """After the last round, pass the final model around the ring so every rank holds it."""
+    kd: KDConfig = field(default_factory=KDConfig)
+    """Knowledge distillation at every turn (``[snake.kd]``)."""
 
 
 @_cfg()
@@ -122,6 +136,20 @@ class FedAvgConfig:
 class SplitConfig:
     cut: int = 2
     """Split learning and SplitFed: clients hold blocks ``0 .. cut-1``, the server the rest."""
+
+
+@_cfg()
+class EmulateConfig:
+    slowdown: tuple[float, ...] = ()
+    """Per-rank compute slowdown factor (>= 1; empty: none): a rank's measured compute time is
+    stretched by sleeping, so a fast machine can stand in for a weak edge device."""
+    bandwidth_bps: float = 0.0
+    """Every link's bandwidth in bits/s (0: as fast as the machine): a transfer of B bytes takes
+    at least ``latency_s + 8 B / bandwidth_bps`` (the real transfer still happens)."""
+    latency_s: float = 0.0
+    """Every link's latency in seconds."""
+    edges: tuple[str, ...] = ()
+    """Per-edge overrides, each ``"SRC->DST BANDWIDTH_BPS LATENCY_S"`` (directed, ranks)."""
 
 
 @_cfg()
@@ -162,6 +190,7 @@ class RunConfig:
     snake: SnakeConfig = field(default_factory=SnakeConfig)
     fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    emulate: EmulateConfig = field(default_factory=EmulateConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     probes: ProbeConfig = field(default_factory=ProbeConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
@@ -361,10 +390,44 @@ def _validate(c: RunConfig) -> None:
             f"split.cut must be between 1 and {n_blocks - 1} (the model has {n_blocks} blocks: "
             f"clients hold blocks 0..cut-1, the server the rest), got {c.split.cut}"
         )
+    _choice("snake.capability", c.snake.capability, CAPABILITY_SOURCES)
+    kd = c.snake.kd
+    if not (math.isfinite(kd.weight) and kd.weight >= 0):
+        raise ConfigError(f"snake.kd.weight must be a finite number >= 0, got {kd.weight}")
+    _positive("snake.kd.temperature", kd.temperature)
+    for i, f in enumerate(c.emulate.slowdown):
+        if not (math.isfinite(f) and f >= 1):
+            raise ConfigError(f"emulate.slowdown[{i}] must be a finite number >= 1, got {f}")
+    for key, v in (
+        ("emulate.bandwidth_bps", c.emulate.bandwidth_bps),
+        ("emulate.latency_s", c.emulate.latency_s),
+    ):
+        if not (math.isfinite(v) and v >= 0):
+            raise ConfigError(f"{key} must be a finite number >= 0 (0: off), got {v}")
+    for e in c.emulate.edges:
+        parse_edge(e)
     if c.torch_threads < 0:
         raise ConfigError(f"torch_threads must be >= 0 (0: automatic), got {c.torch_threads}")
     if c.train.rounds > 100_000:
         raise ConfigError(f"train.rounds = {c.train.rounds} is implausibly large (limit 100000)")
+
+
+def parse_edge(text: str) -> tuple[int, int, float, float]:
+    """``"SRC->DST BANDWIDTH_BPS LATENCY_S"`` -> (src, dst, bandwidth_bps, latency_s)."""
+    try:
+        pair, bps, lat = text.split()
+        src, dst = (int(v) for v in pair.split("->"))
+        out = (src, dst, float(bps), float(lat))
+    except ValueError:
+        raise ConfigError(
+            f'emulate.edges entry {text!r} is not of the form "SRC->DST BANDWIDTH_BPS '
+            f'LATENCY_S", e.g. "0->1 1e8 0.002"'
+        ) from None
+    if out[0] < 0 or out[1] < 0 or out[0] == out[1]:
+        raise ConfigError(f"emulate.edges entry {text!r}: ranks must be two different ranks >= 0")
+    if not all(math.isfinite(v) and v >= 0 for v in out[2:]):
+        raise ConfigError(f"emulate.edges entry {text!r}: bandwidth and latency must be >= 0")
+    return out
 
 
 def is_client_server(c: RunConfig) -> bool:
@@ -416,6 +479,15 @@ def validate_for_world(c: RunConfig, world_size: int) -> None:
         )
     if c.data.n_train < holders:
         raise ConfigError(f"data.n_train = {c.data.n_train} is fewer than the {holders} {role}")
+    if c.emulate.slowdown and len(c.emulate.slowdown) != world_size:
+        raise ConfigError(
+            f"emulate.slowdown has {len(c.emulate.slowdown)} entries but there are "
+            f"{world_size} ranks"
+        )
+    for e in c.emulate.edges:
+        src, dst, _bps, _lat = parse_edge(e)
+        if max(src, dst) >= world_size:
+            raise ConfigError(f"emulate.edges entry {e!r} names a rank >= {world_size}")
     if c.debug.fail_rank >= world_size:
         raise ConfigError(f"debug.fail_rank = {c.debug.fail_rank} but there are {world_size} ranks")
 
@@ -466,4 +538,7 @@ def _toml_value(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, tuple | list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if dataclasses.is_dataclass(v):  # a table inside a table: inline
+        inner = ", ".join(f"{g.name} = {_toml_value(getattr(v, g.name))}" for g in fields(v))
+        return "{ " + inner + " }"
     raise TypeError(f"cannot write {v!r} as TOML")  # pragma: no cover

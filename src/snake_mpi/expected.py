@@ -35,13 +35,16 @@ def expected_bytes(res: Result) -> tuple[np.ndarray, np.ndarray]:
 
         params = [int(p) for p in blocks["params"]]
         transfer = cfg.snake.transfer
+        nodes = list(range(1, n)) if cfg.snake.mode == "cs" else list(range(n))
+        caps = res.arrays.get("assignment/capability")
+        times = res.arrays.get("assignment/block_time_s")
+        costs = None if times is None else times[nodes][:, 1:-1].mean(axis=0)
+        plan = plan_from_params(params, cfg.snake, len(nodes), costs=costs, capabilities=caps)
         if cfg.snake.mode == "cs":
-            plan = plan_from_params(params, cfg.snake, n - 1)
             return (
                 analytic.snake_cs_bytes_sent(plan, block_bytes, rounds, transfer),
                 analytic.snake_cs_bytes_received(plan, block_bytes, rounds, transfer),
             )
-        plan = plan_from_params(params, cfg.snake, n)
         return (
             analytic.snake_p2p_bytes_sent(plan, block_bytes, rounds, transfer),
             analytic.snake_p2p_bytes_received(plan, block_bytes, rounds, transfer),

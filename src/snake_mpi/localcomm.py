@@ -18,6 +18,7 @@ import numpy as np
 
 from snake_mpi.wire import (
     CommStats,
+    LinkModel,
     PeerTimeout,
     ProtocolError,
     Transfer,
@@ -36,19 +37,28 @@ class ThreadWorld:
         self._boxes = {(s, d): queue.Queue() for s in range(size) for d in range(size)}
         self._barrier = threading.Barrier(size)
         self._slots: list[Any] = [None] * size
+        self._shared: Any = None
 
-    def comm(self, rank: int, *, deadline_s: float = 600.0) -> LocalComm:
+    def comm(
+        self, rank: int, *, deadline_s: float = 600.0, link: LinkModel | None = None
+    ) -> LocalComm:
         """The communicator of ``rank``."""
-        return LocalComm(self, rank, deadline_s=deadline_s)
+        return LocalComm(self, rank, deadline_s=deadline_s, link=link)
 
-    def run(self, body: Callable[[LocalComm], Any], *, deadline_s: float = 600.0) -> list[Any]:
+    def run(
+        self,
+        body: Callable[[LocalComm], Any],
+        *,
+        deadline_s: float = 600.0,
+        link: LinkModel | None = None,
+    ) -> list[Any]:
         """Run ``body(comm)`` on every rank in its own thread; re-raise the first failure."""
         results: list[Any] = [None] * self.size
         errors: list[BaseException] = []
 
         def target(rank: int) -> None:
             try:
-                results[rank] = body(self.comm(rank, deadline_s=deadline_s))
+                results[rank] = body(self.comm(rank, deadline_s=deadline_s, link=link))
             except BaseException as e:  # noqa: BLE001 - reported to the caller below
                 errors.append(e)
                 self._barrier.abort()
@@ -66,12 +76,23 @@ class ThreadWorld:
 class LocalComm:
     """One thread-rank of a ThreadWorld; same methods and counters as ``comm.Comm``."""
 
-    def __init__(self, world: ThreadWorld, rank: int, *, deadline_s: float) -> None:
+    def __init__(
+        self, world: ThreadWorld, rank: int, *, deadline_s: float, link: LinkModel | None = None
+    ) -> None:
         self._world = world
+        self.link = link if link is not None and link.active else None
         self.rank = rank
         self.size = world.size
         self.deadline_s = float(deadline_s)
         self.stats = CommStats()
+
+    def _stretch(self, src: int, dst: int, nbytes: int, since: float) -> None:
+        if self.link is None:
+            return
+        left = since + self.link.hop_s(src, dst, nbytes) - time.perf_counter()
+        if left > 0:
+            time.sleep(left)
+            self.stats.link_emulated_s += left
 
     @property
     def succ(self) -> int:
@@ -105,6 +126,7 @@ class LocalComm:
         t0 = time.perf_counter()
         self._world._boxes[(self.rank, dest)].put((header, payload.copy()))
         self.stats.send_s += time.perf_counter() - t0
+        self._stretch(self.rank, dest, header.nbytes + payload.nbytes, t0)
         self.stats.bytes_sent += header.nbytes + payload.nbytes
         self.stats.messages_sent += 1
 
@@ -134,6 +156,7 @@ class LocalComm:
             out[:payload_bytes] = payload
             payload = out[:payload_bytes]
         self.stats.recv_s += time.perf_counter() - t1
+        self._stretch(source, self.rank, header.nbytes + payload_bytes, t1)
         self.stats.bytes_received += header.nbytes + payload_bytes
         self.stats.messages_received += 1
         return transfer_from(header, body, payload)
@@ -154,6 +177,17 @@ class LocalComm:
             self.stats.control_bytes_sent += row.nbytes
         rows = self._gather(row)
         return None if rows is None else np.stack(rows)
+
+    def allgather_row(self, row: np.ndarray, what: str = "") -> np.ndarray:
+        table = self.gather_row(row, what)
+        w = self._world
+        if self.rank == 0:  # as comm.Comm: rank 0 sends the table to every other rank
+            self.stats.control_bytes_sent += table.nbytes * (self.size - 1)
+            w._shared = table
+        w._barrier.wait(timeout=self.deadline_s)
+        out = np.array(w._shared, dtype=np.float64)
+        w._barrier.wait(timeout=self.deadline_s)
+        return out
 
     def gatherv(self, arr: np.ndarray, what: str = "") -> list[np.ndarray] | None:
         arr = np.array(arr, dtype=np.float64).ravel()

@@ -29,6 +29,8 @@ ROUND_FIELDS: dict[str, str] = {
     "send_s": "float64",
     "wait_s": "float64",
     "recv_s": "float64",
+    "link_emulated_s": "float64",
+    "slowdown_s": "float64",
     "round_s": "float64",
     "peak_rss_bytes": "int64",
     "train_state_bytes": "int64",
@@ -36,6 +38,7 @@ ROUND_FIELDS: dict[str, str] = {
     "model_at_rest_bytes": "int64",
     "disk_write_bytes": "int64",
     "loss": "float64",
+    "kd_loss": "float64",
     "samples": "int64",
     "steps": "int64",
 }
@@ -52,7 +55,7 @@ EVAL_FIELDS: dict[str, str] = {
 """Datasets ``/eval/<name>``, shape (n_rounds,)."""
 
 _EVAL_SLOTS = ("eval_accuracy", "eval_loss", "eval_wall_s")
-_ADDITIVE = ("compute_s", "eval_s", "samples", "steps")
+_ADDITIVE = ("compute_s", "eval_s", "slowdown_s", "samples", "steps")
 
 
 class InjectedFault(RuntimeError):
@@ -98,6 +101,7 @@ class Recorder:
         self._t_round = time.perf_counter()
         self._values = dict.fromkeys(ROUND_FIELDS, 0.0)
         self._values["loss"] = math.nan
+        self._values["kd_loss"] = math.nan
         for k in _EVAL_SLOTS:
             self._values[k] = math.nan
         d = self.debug
@@ -127,9 +131,17 @@ class Recorder:
             raise KeyError(f"{name!r} is not an additive round field")
         self._values[name] += value
 
-    def trained(self, *, loss: float, trainable_params: int, train_state_bytes: int) -> None:
+    def trained(
+        self,
+        *,
+        loss: float,
+        trainable_params: int,
+        train_state_bytes: int,
+        kd_loss: float = math.nan,
+    ) -> None:
         """Record the outcome of this rank's local training in the round."""
         self._values["loss"] = loss
+        self._values["kd_loss"] = kd_loss
         self._values["trainable_params"] = trainable_params
         self._values["train_state_bytes"] = train_state_bytes
 

@@ -23,6 +23,7 @@ from snake_mpi.config import (
     RunConfig,
     check_output,
     data_ranks,
+    parse_edge,
     to_toml,
     validate_for_world,
 )
@@ -39,6 +40,7 @@ from snake_mpi.probes.memory import MemorySampler, ru_maxrss_bytes
 from snake_mpi.probes.storage import DiskWriteCounter
 from snake_mpi.record import EVAL_FIELDS, ROUND_FIELDS, Recorder
 from snake_mpi.schemes import Context, NodeData, get_scheme
+from snake_mpi.wire import LinkModel
 
 EXIT_CONFIG = 2
 
@@ -90,6 +92,16 @@ def build_shards(cfg: RunConfig, seeds: dict[str, int], world_size: int):
     return dataset, parts
 
 
+def link_model(cfg: RunConfig) -> LinkModel:
+    """The emulated links of ``[emulate]``."""
+    e = cfg.emulate
+    return LinkModel(
+        bandwidth_bps=e.bandwidth_bps,
+        latency_s=e.latency_s,
+        edges=tuple(parse_edge(x) for x in e.edges),
+    )
+
+
 def result_attrs(cfg: RunConfig) -> dict[str, str]:
     """Root attributes that tell runs apart: scheme, model, dataset (+ Snake's options)."""
     attrs = {"scheme": cfg.scheme, "model": cfg.model.family, "dataset": cfg.data.name}
@@ -127,6 +139,8 @@ def execute(cfg: RunConfig, comm: Any, out_path: Path) -> Context:
     Rank 0 writes ``out_path``; returns the scheme's context (model, recorder, info).
     """
     rank, n = comm.rank, comm.size
+    link = link_model(cfg)
+    comm.link = link if link.active else None
     threads = torch_threads(cfg, comm)
     torch.set_num_threads(threads)
     seeds, rank_seeds = seeds_for(cfg.seed, n)
@@ -240,6 +254,11 @@ def _finish(ctx, writer, sampler, disk, hosts, parts, y_train, n_classes) -> Non
         },
     )
     writer.write_array("ranks/label_histogram", label_histogram(y_train, parts, n_classes))
+    if "capabilities" in ctx.info:
+        caps = np.asarray(ctx.info["capabilities"], dtype=np.float64)
+        writer.write_array("assignment/capability", caps)
+    if "block_time_s" in ctx.info:
+        writer.write_array("assignment/block_time_s", np.asarray(ctx.info["block_time_s"]))
     if "final_sync" in ctx.info:
         writer.write_array("final_sync/bytes_sent", table[:, 5].astype(np.int64))
         writer.write_array("final_sync/bytes_received", table[:, 6].astype(np.int64))

@@ -6,14 +6,61 @@ trainable one run without autograd, so no activations are kept for them.
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from snake_mpi.blocks import BlockModel, set_trainable, training_state_bytes
+from snake_mpi.blocks import BlockModel, module_tensors, set_trainable, training_state_bytes
 from snake_mpi.config import TrainConfig
+
+
+@dataclass(frozen=True, slots=True)
+class KDSpec:
+    """Knowledge distillation against the model as the node received it."""
+
+    weight: float
+    """lambda: the KD term's weight in the loss (0 leaves the gradient exactly unchanged)."""
+    temperature: float
+    """T: logits are divided by T; the KD term is scaled by T^2 (Hinton et al.)."""
+
+
+def kd_term(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, mean over the batch."""
+    t = temperature
+    return (t * t) * F.kl_div(
+        F.log_softmax(student / t, dim=1),
+        F.log_softmax(teacher / t, dim=1),
+        log_target=True,
+        reduction="batchmean",
+    )
+
+
+class Teacher:
+    """The model as it was at the start of the turn, for KD: a frozen copy of only the blocks
+    that train (the other blocks do not change during the turn and are shared)."""
+
+    def __init__(self, model: BlockModel, trainable: Sequence[int]) -> None:
+        self.model = model
+        self.copies = {b: copy.deepcopy(model.blocks[b]).eval() for b in trainable}
+        for m in self.copies.values():
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        for b in range(self.model.n_blocks):
+            x = self.copies.get(b, self.model.blocks[b])(x)
+        return x
+
+    def nbytes(self) -> int:
+        """Bytes of the copied blocks (part of the node's training state)."""
+        return sum(
+            t.numel() * t.element_size() for m in self.copies.values() for t in module_tensors(m)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +68,9 @@ class LocalResult:
     """What one turn of local training did and held."""
 
     loss: float
-    """Mean training loss over the turn's batches."""
+    """Mean task (cross-entropy) loss over the turn's batches."""
+    kd_loss: float
+    """Mean KD term (before weighting) over the turn's batches; NaN without KD."""
     samples: int
     steps: int
     trainable_params: int
@@ -77,29 +126,42 @@ def train_local(
     cfg: TrainConfig,
     generator: torch.Generator,
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    kd: KDSpec | None = None,
 ) -> LocalResult:
-    """Train blocks ``trainable`` on ``(x, y)``; everything else stays frozen and bit-identical."""
+    """Train blocks ``trainable`` on ``(x, y)``; everything else stays frozen and bit-identical.
+
+    With ``kd`` the loss is ``task + weight * kd_term(student, teacher)``, the teacher being the
+    model as it was when the turn began.
+    """
     if not trainable:
         raise ValueError("a turn needs at least one trainable block")
+    teacher = Teacher(model, trainable) if kd is not None else None
     params = set_trainable(model, trainable)
     opt = make_optimizer(params, cfg)
     lowest = min(trainable)
-    total_loss, samples, steps = 0.0, 0, 0
+    total_loss, total_kd, samples, steps = 0.0, 0.0, 0, 0
     for idx in turn_batches(len(x), cfg, generator):
         opt.zero_grad(set_to_none=True)
         xb = x[idx] if augment is None else augment(x[idx], generator)
-        loss = F.cross_entropy(model(xb, no_grad_below=lowest), y[idx])
+        logits = model(xb, no_grad_below=lowest)
+        task = F.cross_entropy(logits, y[idx])
+        loss = task
+        if teacher is not None:
+            distil = kd_term(logits, teacher(xb), kd.temperature)
+            loss = task + kd.weight * distil
+            total_kd += distil.item() * len(idx)
         loss.backward()
         opt.step()
-        total_loss += loss.item() * len(idx)
+        total_loss += task.item() * len(idx)
         samples += len(idx)
         steps += 1
-    state = training_state_bytes(model, opt)["total"]
+    state = training_state_bytes(model, opt)["total"] + (teacher.nbytes() if teacher else 0)
     opt.zero_grad(set_to_none=True)
     del opt
     set_trainable(model, [])
     return LocalResult(
         loss=total_loss / max(samples, 1),
+        kd_loss=total_kd / max(samples, 1) if teacher is not None else math.nan,
         samples=samples,
         steps=steps,
         trainable_params=sum(p.numel() for p in params),

@@ -34,6 +34,30 @@ KIND_NAMES = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class LinkModel:
+    """Emulated links: a transfer of B bytes from ``src`` to ``dst`` takes at least
+    ``latency_s + 8 B / bandwidth_bps`` (bandwidth 0: no limit), per edge or by default."""
+
+    bandwidth_bps: float = 0.0
+    latency_s: float = 0.0
+    edges: tuple[tuple[int, int, float, float], ...] = ()
+    """(src, dst, bandwidth_bps, latency_s) overrides."""
+
+    @property
+    def active(self) -> bool:
+        """True if any link is slower than the machine."""
+        return bool(self.bandwidth_bps or self.latency_s or self.edges)
+
+    def hop_s(self, src: int, dst: int, nbytes: int) -> float:
+        """The least wall time of a transfer of ``nbytes`` from ``src`` to ``dst``."""
+        bps, lat = self.bandwidth_bps, self.latency_s
+        for s_, d_, b_, l_ in self.edges:
+            if (s_, d_) == (src, dst):
+                bps, lat = b_, l_
+        return lat + (8.0 * nbytes / bps if bps > 0 else 0.0)
+
+
 def header_nbytes(n_blocks: int) -> int:
     """Bytes of the header that precedes a payload of ``n_blocks`` blocks."""
     return 8 * (HEADER_FIXED + 3 * n_blocks)
@@ -74,6 +98,8 @@ class CommStats:
     send_s: float = 0.0
     wait_s: float = 0.0
     recv_s: float = 0.0
+    link_emulated_s: float = 0.0
+    """Time added by sleeping so that transfers take as long as the emulated links say."""
     control_bytes_sent: int = 0
 
     def take(self) -> dict[str, float]:
@@ -86,10 +112,11 @@ class CommStats:
             "send_s": self.send_s,
             "wait_s": self.wait_s,
             "recv_s": self.recv_s,
+            "link_emulated_s": self.link_emulated_s,
         }
         self.bytes_sent = self.bytes_received = 0
         self.messages_sent = self.messages_received = 0
-        self.send_s = self.wait_s = self.recv_s = 0.0
+        self.send_s = self.wait_s = self.recv_s = self.link_emulated_s = 0.0
         return out
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from snake_mpi.blocks import BlockModel, flatten, unflatten
 from snake_mpi.schemes import Context
-from snake_mpi.train import evaluate, train_local
+from snake_mpi.train import KDSpec, evaluate, train_local
 from snake_mpi.wire import Transfer
 
 
@@ -70,7 +70,17 @@ def evaluate_and_record(ctx: Context, model: BlockModel | None = None) -> None:
     ctx.record.evaluated(accuracy=acc, loss=loss)
 
 
-def train_and_record(ctx: Context, trainable: Sequence[int]) -> None:
+def slowdown(ctx: Context, compute_s: float) -> None:
+    """Emulated weak device: stretch ``compute_s`` by this rank's ``emulate.slowdown`` factor,
+    sleeping the difference, recorded apart as ``slowdown_s``."""
+    factors = ctx.cfg.emulate.slowdown
+    if factors and factors[ctx.comm.rank] > 1:
+        extra = (factors[ctx.comm.rank] - 1.0) * compute_s
+        time.sleep(extra)
+        ctx.record.add("slowdown_s", extra)
+
+
+def train_and_record(ctx: Context, trainable: Sequence[int], kd: KDSpec | None = None) -> None:
     """One turn of local training of blocks ``trainable`` on this rank's shard, recorded."""
     t0 = time.perf_counter()
     res = train_local(
@@ -81,13 +91,17 @@ def train_and_record(ctx: Context, trainable: Sequence[int]) -> None:
         cfg=ctx.cfg.train,
         generator=ctx.generator,
         augment=ctx.data.augment,
+        kd=kd,
     )
     rec = ctx.record
-    rec.add("compute_s", time.perf_counter() - t0)
+    compute_s = time.perf_counter() - t0
+    rec.add("compute_s", compute_s)
+    slowdown(ctx, compute_s)
     rec.add("samples", res.samples)
     rec.add("steps", res.steps)
     rec.trained(
         loss=res.loss,
+        kd_loss=res.kd_loss,
         trainable_params=res.trainable_params,
         train_state_bytes=res.train_state_bytes,
     )

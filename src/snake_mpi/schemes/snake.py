@@ -16,37 +16,75 @@ import numpy as np
 
 from snake_mpi import assign
 from snake_mpi.blocks import BlockModel, block_nbytes, block_params
-from snake_mpi.config import SnakeConfig
+from snake_mpi.config import RunConfig, SnakeConfig
 from snake_mpi.schemes import Context
+from snake_mpi.schemes.capability import measure_in_turn
 from snake_mpi.schemes.common import (
     evaluate_and_record,
     receive_blocks,
     send_blocks,
     train_and_record,
 )
+from snake_mpi.train import KDSpec
 from snake_mpi.wire import KIND_MODEL, KIND_SYNC, KIND_UPDATE
 
 OWNER_ALL = -1
 OWNER_NONE = -2
 
 
-def plan_segments(model: BlockModel, cfg: SnakeConfig, n_nodes: int) -> list[list[int]]:
+def plan_segments(
+    model: BlockModel,
+    cfg: SnakeConfig,
+    n_nodes: int,
+    *,
+    costs: Sequence[float] | None = None,
+    capabilities: Sequence[float] | None = None,
+) -> list[list[int]]:
     """Trainable block ids of every node: its segment of middle blocks, plus the ends by policy."""
     params = [block_params(model, b) for b in range(model.n_blocks)]
-    return plan_from_params(params, cfg, n_nodes)
+    return plan_from_params(params, cfg, n_nodes, costs=costs, capabilities=capabilities)
+
+
+def plan_for_run(ctx: Context, nodes: Sequence[int]) -> list[list[int]]:
+    """The plan of this run over the node ranks ``nodes``: by declared capabilities, or by
+    measuring every rank's block times now (``snake.capability = "measure"``); the figures
+    used are put in ``ctx.info`` for the result file."""
+    cfg = ctx.cfg.snake
+    if cfg.capability != "measure":
+        caps = list(cfg.capabilities) or [1.0] * len(nodes)
+        ctx.info["capabilities"] = caps
+        return plan_segments(ctx.model, cfg, len(nodes))
+    times = ctx.comm.allgather_row(measure_in_turn(ctx))  # (ranks, blocks), everywhere
+    mids = ctx.model.middle_ids
+    node_times = times[list(nodes)][:, mids]
+    costs = node_times.mean(axis=0)
+    totals = node_times.sum(axis=1)
+    caps = [float(c) for c in totals.mean() / totals]
+    ctx.info["capabilities"] = caps
+    ctx.info["block_time_s"] = times
+    return plan_segments(ctx.model, cfg, len(nodes), costs=list(costs), capabilities=caps)
 
 
 def plan_from_params(
-    block_params_: Sequence[int], cfg: SnakeConfig, n_nodes: int
+    block_params_: Sequence[int],
+    cfg: SnakeConfig,
+    n_nodes: int,
+    *,
+    costs: Sequence[float] | None = None,
+    capabilities: Sequence[float] | None = None,
 ) -> list[list[int]]:
-    """``plan_segments`` from the blocks' parameter counts alone (e.g. a result's block table)."""
+    """``plan_segments`` from the blocks' parameter counts alone (e.g. a result's block table);
+    ``costs`` (per middle block) and ``capabilities`` (per node) replace the configured ones
+    (``snake.capability = "measure"``)."""
     n_blocks = len(block_params_)
     mids = list(range(1, n_blocks - 1))
-    if cfg.block_cost == "params":
+    if costs is not None:
+        costs = [float(c) for c in costs]
+    elif cfg.block_cost == "params":
         costs = [float(block_params_[b]) for b in mids]
     else:
         costs = [1.0] * len(mids)
-    caps = list(cfg.capabilities) or [1.0] * n_nodes
+    caps = list(capabilities if capabilities is not None else cfg.capabilities) or [1.0] * n_nodes
     segments = assign.partition_blocks(costs, caps)
     stem, head = 0, n_blocks - 1
     plan = []
@@ -67,6 +105,12 @@ def block_owners(plan: Sequence[Sequence[int]], n_blocks: int) -> np.ndarray:
         for b in ids:
             owners[b] = node if owners[b] == OWNER_NONE else OWNER_ALL
     return owners
+
+
+def kd_spec(cfg: RunConfig) -> KDSpec | None:
+    """The turn's distillation, or None when ``snake.kd.weight`` is 0."""
+    kd = cfg.snake.kd
+    return KDSpec(kd.weight, kd.temperature) if kd.weight > 0 else None
 
 
 def stamp(round_: int, node: int, n_nodes: int) -> int:
@@ -111,7 +155,7 @@ def run_p2p(ctx: Context) -> None:
     cfg, comm, model, rec = ctx.cfg, ctx.comm, ctx.model, ctx.record
     n, node = comm.size, comm.rank
     last = n - 1
-    plan = plan_segments(model, cfg.snake, n)
+    plan = plan_for_run(ctx, range(n))
     ctx.info["owners"] = block_owners(plan, model.n_blocks)
     ctx.info["plan"] = plan
     mine = plan[node]
@@ -122,7 +166,7 @@ def run_p2p(ctx: Context) -> None:
             receive_blocks(ctx, comm.pred, KIND_MODEL, r, node - 1)
         elif r > 0:
             receive_blocks(ctx, comm.pred, KIND_MODEL, r - 1, last)
-        train_and_record(ctx, mine)
+        train_and_record(ctx, mine, kd_spec(cfg))
         model.versions[mine] = stamp(r, node, n)
         if node == last:
             evaluate_and_record(ctx)
@@ -145,7 +189,7 @@ def run_cs(ctx: Context) -> None:
     segment, and returns only the blocks it trained. The controller evaluates each round."""
     cfg, comm, model, rec = ctx.cfg, ctx.comm, ctx.model, ctx.record
     n_nodes = comm.size - 1
-    plan = plan_segments(model, cfg.snake, n_nodes)
+    plan = plan_for_run(ctx, range(1, n_nodes + 1))
     owners = block_owners(plan, model.n_blocks)
     ctx.info["owners"] = np.where(owners >= 0, owners + 1, owners)  # as ranks
     ctx.info["plan"] = plan
@@ -165,7 +209,7 @@ def run_cs(ctx: Context) -> None:
         else:
             k = comm.rank - 1
             receive_blocks(ctx, 0, KIND_MODEL, r, k)
-            train_and_record(ctx, plan[k])
+            train_and_record(ctx, plan[k], kd_spec(cfg))
             model.versions[plan[k]] = stamp(r, k, n_nodes)
             send_blocks(ctx, 0, KIND_UPDATE, r, k, plan[k])
         rec.end_round()

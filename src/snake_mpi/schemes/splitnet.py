@@ -22,6 +22,7 @@ from torch import nn
 from snake_mpi.blocks import BlockModel, model_bytes_held, set_trainable, training_state_bytes
 from snake_mpi.config import RunConfig
 from snake_mpi.schemes import Context
+from snake_mpi.schemes.common import slowdown
 from snake_mpi.train import make_optimizer, turn_batch_sizes, turn_batches
 from snake_mpi.wire import KIND_ACTIVATION, KIND_GRADIENT
 
@@ -105,6 +106,7 @@ class ClientTurn:
         set_trainable(model, [])
         rec = ctx.record
         rec.add("compute_s", compute_s)
+        slowdown(ctx, compute_s)
         rec.add("samples", samples)
         rec.add("steps", steps)
         rec.trained(

@@ -1,0 +1,180 @@
+"""Heterogeneity and Snake's options: measured capabilities, emulated slow nodes and links,
+knowledge distillation."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run_mpi, snake_mpi
+from snake_mpi.blocks import model_hash
+from snake_mpi.config import ConfigError, from_dict, load_config
+from snake_mpi.expected import expected_bytes
+from snake_mpi.localcomm import ThreadWorld
+from snake_mpi.models import build_model
+from snake_mpi.run import execute
+from snake_mpi.store import read_result
+from snake_mpi.train import KDSpec, train_local
+from snake_mpi.wire import KIND_MODEL, LinkModel
+
+SMALL = REPO / "tests" / "configs" / "small.toml"
+TINY = REPO / "tests" / "configs" / "tiny.toml"
+
+
+def test_kd_with_weight_zero_equals_no_kd_exactly():
+    cfg = load_config(SMALL)
+    x, y = torch.randn(128, 32), torch.randint(0, 4, (128,))
+    models = []
+    for kd in (None, KDSpec(weight=0.0, temperature=3.0)):
+        model = build_model(cfg.model, sample_shape=(32,), n_classes=4, seed=1)
+        res = train_local(
+            model, [1, 2], x, y, cfg=cfg.train, generator=torch.Generator().manual_seed(0), kd=kd
+        )
+        models.append((model, res))
+    (plain, r0), (distilled, r1) = models
+    assert model_hash(plain) == model_hash(distilled)
+    assert r0.loss == r1.loss and np.isnan(r0.kd_loss) and r1.kd_loss > 0  # it was computed
+    # the teacher's copy of the trained blocks is part of the node's training state
+    copy_bytes = sum(t.numel() * 4 for b in (1, 2) for t in plain.blocks[b].state_dict().values())
+    assert r1.train_state_bytes == r0.train_state_bytes + copy_bytes
+
+
+def test_kd_pulls_the_student_towards_the_teacher():
+    cfg = load_config(SMALL, ["train.local_steps=20"])
+    x, y = torch.randn(256, 32), torch.randint(0, 4, (256,))
+    gaps = {}
+    for weight in (0.0, 50.0):
+        model = build_model(cfg.model, sample_shape=(32,), n_classes=4, seed=1)
+        teacher = build_model(cfg.model, sample_shape=(32,), n_classes=4, seed=1)
+        kd = KDSpec(weight, 2.0) if weight else None
+        train_local(model, [2, 3], x, y, cfg=cfg.train, generator=torch.Generator(), kd=kd)
+        with torch.no_grad():
+            gaps[weight] = float((model(x).softmax(1) - teacher(x).softmax(1)).abs().mean())
+    assert gaps[50.0] < 0.5 * gaps[0.0], gaps
+
+
+def test_a_snake_run_with_kd_records_task_and_kd_loss_apart(tmp_path):
+    cfg = load_config(SMALL, ["probes.enabled=false", "train.rounds=2", "snake.kd.weight=0.5"])
+    ThreadWorld(3).run(lambda c: execute(cfg, c, tmp_path / "kd.h5"))
+    res = read_result(tmp_path / "kd.h5")
+    assert (res.rounds["kd_loss"] > 0).all() and (res.rounds["loss"] > 0).all()
+    assert "kd = { weight = 0.5, temperature = 2.0 }" in res.config_toml
+
+
+def test_a_slow_node_measured_as_slow_gets_fewer_blocks(tmp_path):
+    cfg = load_config(
+        SMALL,
+        [
+            "probes.enabled=false",
+            "train.rounds=1",
+            "model.middle_blocks=9",
+            "model.width=128",
+            'snake.capability="measure"',
+            "emulate.slowdown=[1.0, 6.0, 1.0]",
+        ],
+    )
+    ctxs = ThreadWorld(3).run(lambda c: execute(cfg, c, tmp_path / "cap.h5"))
+    plan = ctxs[0].info["plan"]
+    mids = [[b for b in ids if 0 < b < 10] for ids in plan]
+    assert len(mids[1]) < min(len(mids[0]), len(mids[2])), mids
+    res = read_result(tmp_path / "cap.h5")
+    caps = res.arrays["assignment/capability"]
+    assert caps[1] < 0.5 * min(caps[0], caps[2]), caps
+    assert res.arrays["assignment/block_time_s"].shape == (3, 11)
+    assert res.rounds["slowdown_s"][0, 1] > 0 and res.rounds["slowdown_s"][0, 0] == 0
+    sent, received = expected_bytes(res)  # rebuilt from the recorded measurement
+    np.testing.assert_array_equal(res.rounds["bytes_sent"], sent)
+
+
+def test_link_emulation_stretches_a_transfer_to_the_formula():
+    link = LinkModel(bandwidth_bps=8e6, latency_s=0.05, edges=((1, 0, 4e6, 0.01),))
+    payload = np.zeros(200_000, dtype=np.uint8)
+    ids = np.array([0], dtype=np.int64)
+
+    def body(comm):
+        t0 = time.perf_counter()
+        if comm.rank == 0:
+            comm.send_blocks(
+                1,
+                kind=KIND_MODEL,
+                round=0,
+                hop=0,
+                block_ids=ids,
+                versions=ids,
+                block_nbytes=np.array([payload.nbytes]),
+                payload=payload,
+            )
+            comm.recv_blocks(1, kind=KIND_MODEL, round=0, hop=1)
+        else:
+            comm.recv_blocks(0, kind=KIND_MODEL, round=0, hop=0)
+            comm.send_blocks(
+                0,
+                kind=KIND_MODEL,
+                round=0,
+                hop=1,
+                block_ids=ids,
+                versions=ids,
+                block_nbytes=np.array([payload.nbytes]),
+                payload=payload,
+            )
+        return time.perf_counter() - t0, comm.stats.take()
+
+    (t0, s0), (t1, s1) = ThreadWorld(2).run(body, link=link)
+    nbytes = payload.nbytes + 48 + 24
+    there = 0.05 + 8 * nbytes / 8e6  # 0 -> 1: the default link, 0.250 s
+    back = 0.01 + 8 * nbytes / 4e6  # 1 -> 0: its own edge, 0.410 s
+    assert link.hop_s(0, 1, nbytes) == pytest.approx(there)
+    assert t0 == pytest.approx(there + back, abs=0.05)
+    for s in (s0, s1):  # each rank sent one hop and received the other, each stretched
+        moving = s["send_s"] + s["recv_s"] + s["link_emulated_s"]
+        assert moving == pytest.approx(there + back, abs=0.03), s
+        assert s["link_emulated_s"] > 0.6
+
+
+@pytest.mark.mpi
+def test_link_emulation_under_mpi_makes_every_transfer_last_the_formula():
+    """Sender: from the start of the send; receiver: from the header's arrival; both to the end
+    of the (stretched) transfer: latency + 8 bytes / bandwidth, within 10 ms."""
+    program = REPO / "tests" / "mpi_programs" / "link_hops.py"
+    job = run_mpi(2, [sys.executable, str(program), "4e6", "0.03"], timeout_s=60)
+    assert job.returncode == 0, job.output
+    rows = [line.split(",") for line in job.stdout.split() if line.count(",") == 2]
+    assert len(rows) == 6, job.output
+    for rank, nbytes, seconds in rows:
+        formula = 0.03 + 8 * int(nbytes) / 4e6
+        assert float(seconds) == pytest.approx(formula, abs=0.01), (rank, nbytes, seconds)
+
+
+@pytest.mark.mpi
+def test_a_run_with_emulated_links_records_the_stretch(tmp_path):
+    out = tmp_path / "links.h5"
+    sets = ["emulate.bandwidth_bps=1e6", "emulate.latency_s=0.02", "probes.enabled=false"]
+    args = [str(TINY), "--out", str(out)]
+    for s in sets:
+        args += ["--set", s]
+    job = run_mpi(2, snake_mpi("run", *args), timeout_s=120)
+    assert job.returncode == 0, job.output
+    r = read_result(out).rounds
+    sent = r["messages_sent"] > 0
+    formula = 0.02 + 8 * r["bytes_sent"] / 1e6  # one hop per rank per round here
+    assert (r["send_s"] + r["link_emulated_s"] >= formula - 0.005)[sent].all()
+    assert (r["link_emulated_s"][sent] > 0).all()
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"emulate": {"slowdown": [0.5]}}, r"emulate.slowdown\[0\] must be a finite number >= 1"),
+        ({"emulate": {"edges": ["0-1 1e6 0"]}}, "is not of the form"),
+        ({"emulate": {"bandwidth_bps": -1.0}}, "emulate.bandwidth_bps must be"),
+        ({"snake": {"kd": {"temperature": 0.0}}}, "snake.kd.temperature"),
+        ({"snake": {"capability": "guess"}}, "unknown snake.capability"),
+    ],
+)
+def test_bad_emulation_and_kd_settings_are_config_errors(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(raw)
