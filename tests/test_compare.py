@@ -36,7 +36,12 @@ def results_dir(tmp_path_factory):
 
 
 def markdown_rows(text: str) -> dict[str, dict[str, str]]:
-    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    lines = []
+    for line in text.splitlines():  # the first table only (the claims table follows)
+        if line.startswith("| "):
+            lines.append(line)
+        elif lines and not line.startswith("|"):
+            break
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = {}
     for line in lines[1:]:
