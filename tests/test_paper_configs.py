@@ -34,7 +34,7 @@ def test_every_scheme_partition_and_scale_is_there_and_valid():
         key = (cfg.data.partition, f.name.endswith("-small.toml"))
         workloads[key].add(to_toml(cfg.model) + to_toml(cfg.data))
         if f.name.endswith("-small.toml"):
-            assert cfg.model.width == 8 and cfg.data.n_train <= 5000
+            assert cfg.model.width == 8 and cfg.data.n_train <= 10000
         else:
             assert cfg.model.width == 64 and cfg.data.n_train == 50000
     assert all(len(w) == 1 for w in workloads.values())  # comparable within each setup

@@ -98,14 +98,21 @@ def snake_cs_bytes_sent(
     out = np.zeros((rounds, n + 1), dtype=np.int64)
     for r in range(rounds):
         for k in range(n):
-            if transfer == "full":
-                down = set(range(len(block_bytes)))
-            else:
-                others = range(k) if r == 0 else (m for m in range(n) if m != k)
-                down = {b for m in others for b in plan[m]}
-            out[r, 0] += _hop_bytes(block_bytes, down)
+            out[r, 0] += _hop_bytes(block_bytes, _cs_down(plan, len(block_bytes), r, k, transfer))
             out[r, k + 1] = _hop_bytes(block_bytes, set(plan[k]))
     return out
+
+
+def _cs_down(
+    plan: Sequence[Sequence[int]], n_blocks: int, round_: int, k: int, transfer: str
+) -> set[int]:
+    """Blocks the CS controller sends node ``k`` in ``round_``: what changed since its last
+    turn (round 0: what nodes before it trained; later: what every other node trained)."""
+    if transfer == "full":
+        return set(range(n_blocks))
+    n = len(plan)
+    others = range(k) if round_ == 0 else (m for m in range(n) if m != k)
+    return {b for m in others for b in plan[m]}
 
 
 def snake_cs_bytes_received(
@@ -118,12 +125,9 @@ def snake_cs_bytes_received(
     out[:, 0] = sent[:, 1:].sum(axis=1)
     for r in range(rounds):
         for k in range(n):
-            if transfer == "full":
-                down = set(range(len(block_bytes)))
-            else:
-                others = range(k) if r == 0 else (m for m in range(n) if m != k)
-                down = {b for m in others for b in plan[m]}
-            out[r, k + 1] = _hop_bytes(block_bytes, down)
+            out[r, k + 1] = _hop_bytes(
+                block_bytes, _cs_down(plan, len(block_bytes), r, k, transfer)
+            )
     return out
 
 

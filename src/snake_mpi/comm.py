@@ -31,6 +31,7 @@ from snake_mpi.wire import (
     describe,
     pack_header,
     parse_header,
+    stretch,
     transfer_from,
 )
 
@@ -75,13 +76,7 @@ class Comm:
         return cls(MPI.COMM_WORLD.Dup(), deadline_s=deadline_s, link=link)
 
     def _stretch(self, src: int, dst: int, nbytes: int, since: float) -> None:
-        """Emulated link: sleep until ``since + hop time``; the sleep is counted apart."""
-        if self.link is None:
-            return
-        left = since + self.link.hop_s(src, dst, nbytes) - time.perf_counter()
-        if left > 0:
-            time.sleep(left)
-            self.stats.link_emulated_s += left
+        stretch(self.link, self.stats, src, dst, nbytes, since)
 
     # ---------------------------------------------------------------- ring
 

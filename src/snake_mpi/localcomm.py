@@ -25,6 +25,7 @@ from snake_mpi.wire import (
     describe,
     pack_header,
     parse_header,
+    stretch,
     transfer_from,
 )
 
@@ -87,12 +88,7 @@ class LocalComm:
         self.stats = CommStats()
 
     def _stretch(self, src: int, dst: int, nbytes: int, since: float) -> None:
-        if self.link is None:
-            return
-        left = since + self.link.hop_s(src, dst, nbytes) - time.perf_counter()
-        if left > 0:
-            time.sleep(left)
-            self.stats.link_emulated_s += left
+        stretch(self.link, self.stats, src, dst, nbytes, since)
 
     @property
     def succ(self) -> int:

@@ -8,6 +8,7 @@ A transfer is an int64 header, then one contiguous uint8 payload with the blocks
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -183,3 +184,16 @@ def transfer_from(header: np.ndarray, body: np.ndarray, payload: np.ndarray) -> 
 def describe(kind: int, round: int, hop: int, source: int) -> str:
     """Human words for a transfer, used in every error and timeout message."""
     return f"{KIND_NAMES.get(kind, kind)} transfer of round {round} hop {hop} from rank {source}"
+
+
+def stretch(
+    link: LinkModel | None, stats: CommStats, src: int, dst: int, nbytes: int, since: float
+) -> None:
+    """Emulated link: sleep until ``since`` + the hop time of ``nbytes`` from ``src`` to
+    ``dst``; the sleep is counted in ``stats.link_emulated_s``, apart from measured times."""
+    if link is None:
+        return
+    left = since + link.hop_s(src, dst, nbytes) - time.perf_counter()
+    if left > 0:
+        time.sleep(left)
+        stats.link_emulated_s += left
