@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         help="compare result files side by side (see `snake-mpi compare --help`)",
         add_help=False,
     )
+    sub.add_parser(
+        "suite",
+        help="run a benchmark suite, resumable (see `snake-mpi suite --help`)",
+        add_help=False,
+    )
     return p
 
 
@@ -53,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         from snake_mpi.compare import main as compare_main
 
         return compare_main(argv[1:])
+    if argv[:1] == ["suite"]:
+        from snake_mpi.suite import main as suite_main
+
+        return suite_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "show":
         from snake_mpi.store import ResultError, read_result

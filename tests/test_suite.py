@@ -1,0 +1,73 @@
+"""The suite runner: one MPI job per cell, a manifest, resumable, failures recorded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO
+from snake_mpi.suite import load_suite, main
+
+pytestmark = pytest.mark.mpi
+TINY = REPO / "tests" / "configs" / "tiny.toml"
+
+
+def write_suite(tmp_path, limit_s=30):
+    fail = tmp_path / "fails.toml"
+    fail.write_text(TINY.read_text().replace("[probes]", "[debug]\nfail_rank = 1\n\n[probes]"))
+    hang = tmp_path / "hangs.toml"
+    hang.write_text(
+        TINY.read_text().replace(
+            "[probes]",
+            '[debug]\nfail_rank = 0\nfail_kind = "hang"\n\n[comm]\ndeadline_s = 600\n\n[probes]',
+        )
+    )
+    suite = tmp_path / "mini.toml"
+    suite.write_text(
+        f'configs = ["{TINY}", "{fail}", "{hang}@2"]\nranks = [2]\nseeds = [0, 1]\n'
+        f'set = ["probes.enabled=false"]\ntime_limit_s = {limit_s}\n'
+    )
+    return suite
+
+
+def test_cells_are_the_matrix_of_configs_ranks_and_seeds():
+    cells, limit = load_suite("scaling")
+    assert limit == 1800
+    assert [c.name for c in cells][:4] == [f"snake-p2p-n{n}-s0" for n in (2, 4, 8, 16)]
+    cells, _ = load_suite("smoke")
+    assert {c.ranks for c in cells if "centralised" in c.name} == {1}
+
+
+def test_a_suite_runs_records_failures_and_resumes(tmp_path, capsys):
+    suite = write_suite(tmp_path, limit_s=20)
+    out = tmp_path / "out"
+    assert main([str(suite), "--out", str(out)]) == 1  # some cells failed
+    text = capsys.readouterr().out
+    assert "[6/6]" in text and "s elapsed" in text
+    cells = json.loads((out / "manifest.json").read_text())["cells"]
+    assert {k: v["status"] for k, v in cells.items()} == {
+        "tiny-n2-s0": "complete",
+        "tiny-n2-s1": "complete",
+        "fails-n2-s0": "failed",
+        "fails-n2-s1": "failed",
+        "hangs-n2-s0": "failed",
+        "hangs-n2-s1": "failed",
+    }
+    assert cells["fails-n2-s0"]["exit_code"] not in (0, None)
+    assert "injected fault" in cells["fails-n2-s0"]["stderr_tail"]
+    assert cells["hangs-n2-s0"]["exit_code"] is None
+    assert "killed at the time limit of 20 s" in cells["hangs-n2-s0"]["stderr_tail"]
+    assert (out / "tiny-n2-s1.h5").exists() and not (out / "fails-n2-s0.h5").exists()
+    # resumed: complete cells are skipped, failed ones run again
+    (tmp_path / "fails.toml").write_text(TINY.read_text())
+    (tmp_path / "hangs.toml").write_text(TINY.read_text())
+    assert main([str(suite), "--out", str(out)]) == 0
+    cells = json.loads((out / "manifest.json").read_text())["cells"]
+    assert cells["tiny-n2-s0"]["status"] == "skipped"
+    assert cells["fails-n2-s0"]["status"] == "complete"
+
+
+def test_an_unknown_suite_is_a_clear_error(capsys):
+    assert main(["nonesuch", "--out", "/tmp/x"]) == 2
+    assert "unknown suite 'nonesuch'; known: paper-small, scaling, smoke" in capsys.readouterr().err
