@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         if args.command == "validate" or _is_rank0():
             print(f"snake-mpi: config error: {e}", file=sys.stderr, flush=True)
+        if args.command == "run" and _launched_size() > 1:
+            from snake_mpi import comm  # every rank exits 2 only once rank 0 has said why
+
+            comm.settle()
         return EXIT_CONFIG
     if args.command == "validate":
         print(f"snake-mpi: {args.config}: valid")
@@ -87,6 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     from snake_mpi import run  # initialises MPI
 
     return run.main(cfg, args.out, overwrite=args.overwrite)
+
+
+def _launched_size() -> int:
+    """The job size the launcher announced in the environment (1 when not under one)."""
+    import os
+
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
 
 
 def _is_rank0() -> bool:

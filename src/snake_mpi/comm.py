@@ -325,6 +325,16 @@ def world_rank_size() -> tuple[int, int]:
     return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
 
 
+def settle(timeout_s: float = 10.0) -> None:
+    """Wait (at most ``timeout_s``) until every rank gets here: before all ranks exit with the
+    same error, so that rank 0's message is out before the launcher kills the job on the
+    first non-zero exit."""
+    req = MPI.COMM_WORLD.Ibarrier()
+    deadline = time.perf_counter() + timeout_s
+    while not req.Test() and time.perf_counter() < deadline:
+        time.sleep(0.001)
+
+
 def library_version() -> str:
     """The MPI library's own version string (e.g. 'Open MPI v5.0.11, ...')."""
     return MPI.Get_library_version().strip()

@@ -122,6 +122,7 @@ def main(cfg: RunConfig, out: str, *, overwrite: bool) -> int:
     except (ConfigError, DataError) as e:
         if rank == 0:
             print(f"snake-mpi: config error: {e}", file=sys.stderr, flush=True)
+        mpi.settle()
         return EXIT_CONFIG
     mpi.install_abort_on_error()
     try:
