@@ -2,8 +2,9 @@
 
 A transfer is two messages: a small int64 header (what is in the payload, see ``wire.py``)
 and one contiguous uint8 payload, both with uppercase (buffer) calls, never pickled. Every byte
-moved is counted here, per rank, per round; every wait has a deadline, after which the job
-aborts naming the peer and the message awaited.
+moved is counted here (through ``wire.account_send`` / ``account_receive``), per rank, per
+round; every wait has a deadline, after which the job aborts naming the peer and the message
+awaited.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from snake_mpi.wire import (
     PeerTimeout,
     ProtocolError,
     Transfer,
+    account_receive,
+    account_send,
     describe,
     pack_header,
     parse_header,
-    stretch,
     transfer_from,
 )
 
@@ -74,9 +76,6 @@ class Comm:
     def world(cls, *, deadline_s: float = 600.0, link: LinkModel | None = None) -> Comm:
         """The job's ranks (a duplicate of COMM_WORLD, so our tags never meet a library's)."""
         return cls(MPI.COMM_WORLD.Dup(), deadline_s=deadline_s, link=link)
-
-    def _stretch(self, src: int, dst: int, nbytes: int, since: float) -> None:
-        stretch(self.link, self.stats, src, dst, nbytes, since)
 
     # ---------------------------------------------------------------- ring
 
@@ -123,10 +122,7 @@ class Comm:
         self._wait_all(
             reqs, f"rank {dest} to take the {what} ({payload.nbytes} bytes)", spin_s=_SPIN_FLOW_S
         )
-        self.stats.send_s += time.perf_counter() - t0
-        self._stretch(self.rank, dest, header.nbytes + payload.nbytes, t0)
-        self.stats.bytes_sent += header.nbytes + payload.nbytes
-        self.stats.messages_sent += 1
+        account_send(self.stats, self.link, self.rank, dest, header.nbytes + payload.nbytes, t0)
 
     def expect(self, source: int, *, kind: int, round: int, hop: int, payload_bytes: int) -> None:
         """Post the receives of a transfer now, to be completed by a later ``recv_blocks``.
@@ -192,10 +188,8 @@ class Comm:
             raise ProtocolError(
                 f"rank {self.rank}: got {pstatus.Get_count(MPI.BYTE)} bytes for {payload_what}"
             )
-        self.stats.recv_s += time.perf_counter() - t1
-        self._stretch(source, self.rank, header.nbytes + payload_bytes, t1)
-        self.stats.bytes_received += header.nbytes + payload_bytes
-        self.stats.messages_received += 1
+        nbytes = header.nbytes + payload_bytes
+        account_receive(self.stats, self.link, source, self.rank, nbytes, t1)
         return transfer_from(header, body, payload)
 
     def _wait_all(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -287,15 +288,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nThe paper's claims (Snake against FedAvg, this workload):")
         print(claim_md)
     if args.out:
-        from pathlib import Path
-
         text = f"Target accuracy {target:.4f}.\n\n{md}\n"
         if found:
             text += f"\nThe paper's claims (Snake against FedAvg):\n\n{claim_md}\n"
         Path(args.out).write_text(text)
     if args.plots:
-        from pathlib import Path
-
         from snake_mpi.plots import accuracy_plots
 
         for path in accuracy_plots(results, [r.label for r in rows], Path(args.plots)):

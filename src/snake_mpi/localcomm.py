@@ -22,10 +22,11 @@ from snake_mpi.wire import (
     PeerTimeout,
     ProtocolError,
     Transfer,
+    account_receive,
+    account_send,
     describe,
     pack_header,
     parse_header,
-    stretch,
     transfer_from,
 )
 
@@ -87,9 +88,6 @@ class LocalComm:
         self.deadline_s = float(deadline_s)
         self.stats = CommStats()
 
-    def _stretch(self, src: int, dst: int, nbytes: int, since: float) -> None:
-        stretch(self.link, self.stats, src, dst, nbytes, since)
-
     @property
     def succ(self) -> int:
         return (self.rank + 1) % self.size
@@ -121,10 +119,7 @@ class LocalComm:
         )
         t0 = time.perf_counter()
         self._world._boxes[(self.rank, dest)].put((header, payload.copy()))
-        self.stats.send_s += time.perf_counter() - t0
-        self._stretch(self.rank, dest, header.nbytes + payload.nbytes, t0)
-        self.stats.bytes_sent += header.nbytes + payload.nbytes
-        self.stats.messages_sent += 1
+        account_send(self.stats, self.link, self.rank, dest, header.nbytes + payload.nbytes, t0)
 
     def expect(self, source: int, *, kind: int, round: int, hop: int, payload_bytes: int) -> None:
         """Nothing to post ahead: sends here never wait for the receiver."""
@@ -151,10 +146,8 @@ class LocalComm:
         if out is not None:
             out[:payload_bytes] = payload
             payload = out[:payload_bytes]
-        self.stats.recv_s += time.perf_counter() - t1
-        self._stretch(source, self.rank, header.nbytes + payload_bytes, t1)
-        self.stats.bytes_received += header.nbytes + payload_bytes
-        self.stats.messages_received += 1
+        nbytes = header.nbytes + payload_bytes
+        account_receive(self.stats, self.link, source, self.rank, nbytes, t1)
         return transfer_from(header, body, payload)
 
     # ------------------------------------------------------------ collectives to rank 0

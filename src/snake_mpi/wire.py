@@ -197,3 +197,25 @@ def stretch(
     if left > 0:
         time.sleep(left)
         stats.link_emulated_s += left
+
+
+def account_send(
+    stats: CommStats, link: LinkModel | None, src: int, dst: int, nbytes: int, since: float
+) -> None:
+    """Close a send that began at ``since``: its time, the emulated link, its bytes (header +
+    payload) and the message; the one place a communicator counts what it sent."""
+    stats.send_s += time.perf_counter() - since
+    stretch(link, stats, src, dst, nbytes, since)
+    stats.bytes_sent += nbytes
+    stats.messages_sent += 1
+
+
+def account_receive(
+    stats: CommStats, link: LinkModel | None, src: int, dst: int, nbytes: int, since: float
+) -> None:
+    """Close a receive whose payload began at ``since`` (the header's arrival): its time, the
+    emulated link, its bytes and the message; the receiving side of ``account_send``."""
+    stats.recv_s += time.perf_counter() - since
+    stretch(link, stats, src, dst, nbytes, since)
+    stats.bytes_received += nbytes
+    stats.messages_received += 1
