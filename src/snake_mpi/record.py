@@ -49,6 +49,7 @@ EVAL_FIELDS: dict[str, str] = {
     "rank": "int64",
     "accuracy": "float64",
     "loss": "float64",
+    "perplexity": "float64",
     "wall_s": "float64",
     "cum_bytes_sent": "int64",
 }
@@ -76,6 +77,7 @@ class Recorder:
         debug: DebugConfig,
         n_rounds: int,
         progress: bool = True,
+        perplexity: bool = False,
     ) -> None:
         self.comm = comm
         self.model = model
@@ -85,6 +87,7 @@ class Recorder:
         self.debug = debug
         self.n_rounds = n_rounds
         self.progress = progress
+        self.show_perplexity = perplexity
         self.last_evaluation: dict[str, float] | None = None
         self.round = -1
         self.n_rounds_written = 0
@@ -178,6 +181,7 @@ class Recorder:
                 "rank": k,
                 "accuracy": float(acc[k]),
                 "loss": float(table[k, len(ROUND_FIELDS) + 1]),
+                "perplexity": _perplexity(float(table[k, len(ROUND_FIELDS) + 1])),
                 "wall_s": float(table[k, len(ROUND_FIELDS) + 2]),
                 "cum_bytes_sent": self.cum_bytes_sent,
             }
@@ -193,8 +197,15 @@ class Recorder:
         parts = [f"round {self.round + 1} of {self.n_rounds}"]
         if losses.size:
             parts.append(f"train loss {losses.mean():.4f}")
-        if ev is not None:
+        if ev is not None and self.show_perplexity:
+            parts.append(f"test perplexity {ev['perplexity']:.3f}")
+        elif ev is not None:
             parts.append(f"test accuracy {ev['accuracy']:.4f}")
         parts.append(f"sent {per_rank['bytes_sent'].sum() / 2**20:.2f} MiB")
         parts.append(f"{per_rank['round_s'].max():.2f} s")
         print("snake-mpi: " + ", ".join(parts), flush=True)
+
+
+def _perplexity(loss: float) -> float:
+    """``exp(loss)`` (per-token for a language model), inf where that overflows."""
+    return math.exp(loss) if loss < 700 else math.inf

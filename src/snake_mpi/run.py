@@ -77,7 +77,7 @@ def build_shards(cfg: RunConfig, seeds: dict[str, int], world_size: int):
     """The dataset and every rank's training indices (identical on every rank); a server or
     controller rank gets an empty shard."""
     d = cfg.data
-    dataset = load_dataset(d, seeds["data"])
+    dataset = load_dataset(d, seeds["data"], checkpoint=cfg.model.checkpoint)
     rng = np.random.default_rng(seeds["partition"])
     holders = data_ranks(cfg, world_size)
     if d.partition == "iid":
@@ -104,7 +104,10 @@ def link_model(cfg: RunConfig) -> LinkModel:
 
 def result_attrs(cfg: RunConfig) -> dict[str, str]:
     """Root attributes that tell runs apart: scheme, model, dataset (+ Snake's options)."""
-    attrs = {"scheme": cfg.scheme, "model": cfg.model.family, "dataset": cfg.data.name}
+    model = cfg.model.family
+    if model == "lm":
+        model = cfg.model.preset or f"checkpoint:{Path(cfg.model.checkpoint).name}"
+    attrs = {"scheme": cfg.scheme, "model": model, "dataset": cfg.data.name}
     if cfg.scheme == "snake":
         attrs |= {"mode": cfg.snake.mode, "transfer": cfg.snake.transfer, "ends": cfg.snake.ends}
     return attrs
@@ -159,12 +162,18 @@ def execute(cfg: RunConfig, comm: Any, out_path: Path) -> Context:
         y_test=dataset.y_test,
         augment=crop_flip if cfg.data.augment else None,
     )
+    if cfg.model.family == "lm":
+        from snake_mpi.models.lm import preload
+
+        preload()  # the libraries count as baseline memory, not as the model
+    rss_before_model = sampler.sample_now()
     model = build_model(
         cfg.model,
         sample_shape=tuple(cfg.data.sample_shape),
-        n_classes=cfg.data.n_classes,
+        n_classes=dataset.n_classes,
         seed=seeds["model"],
     )
+    rss_model_built = sampler.sample_now()
     generator = torch.Generator().manual_seed(rank_seeds[rank])
 
     hosts = comm.gather_str(comm.hostname())
@@ -200,6 +209,7 @@ def execute(cfg: RunConfig, comm: Any, out_path: Path) -> Context:
         debug=cfg.debug,
         n_rounds=cfg.train.rounds,
         progress=rank == 0,
+        perplexity=cfg.model.family == "lm",
     )
     ctx = Context(
         cfg=cfg,
@@ -214,12 +224,15 @@ def execute(cfg: RunConfig, comm: Any, out_path: Path) -> Context:
     )
     get_scheme(cfg.scheme)(ctx)
     sampler.stop()
-    _finish(ctx, writer, sampler, disk, hosts, parts, dataset.y_train.numpy(), cfg.data.n_classes)
+    rss = (rss_before_model, rss_model_built)
+    _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss)
     return ctx
 
 
-def _finish(ctx, writer, sampler, disk, hosts, parts, y_train, n_classes) -> None:
-    """Gather the whole-run, per-rank figures and the series; rank 0 completes the file."""
+def _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss) -> None:
+    """Gather the whole-run, per-rank figures and the series; rank 0 completes the file.
+
+    ``rss``: this rank's RSS just before and just after the model was built."""
     comm, model = ctx.comm, ctx.model
     sync = ctx.info.get("final_sync", {})
     summary = np.array(
@@ -231,6 +244,8 @@ def _finish(ctx, writer, sampler, disk, hosts, parts, y_train, n_classes) -> Non
             comm.stats.control_bytes_sent,
             sync.get("bytes_sent", 0),
             sync.get("bytes_received", 0),
+            rss[0],
+            rss[1],
         ],
         dtype=np.float64,
     )
@@ -248,13 +263,17 @@ def _finish(ctx, writer, sampler, disk, hosts, parts, y_train, n_classes) -> Non
             "host": np.array(hosts, dtype=object),
             "peak_rss_bytes": table[:, 0].astype(np.int64),
             "ru_maxrss_bytes": table[:, 1].astype(np.int64),
+            "rss_before_model_bytes": table[:, 7].astype(np.int64),
+            "rss_model_built_bytes": table[:, 8].astype(np.int64),
             "disk_write_bytes": table[:, 2].astype(np.int64),
             "data_samples": table[:, 3].astype(np.int64),
             "control_bytes_sent": table[:, 4].astype(np.int64),
             "model_sha256": np.array(hashes, dtype=object),
         },
     )
-    writer.write_array("ranks/label_histogram", label_histogram(y_train, parts, n_classes))
+    if dataset.y_train.dim() == 1:  # classification (a language model's targets are tokens)
+        hist = label_histogram(dataset.y_train.numpy(), parts, dataset.n_classes)
+        writer.write_array("ranks/label_histogram", hist)
     if "capabilities" in ctx.info:
         caps = np.asarray(ctx.info["capabilities"], dtype=np.float64)
         writer.write_array("assignment/capability", caps)
@@ -275,4 +294,6 @@ def _finish(ctx, writer, sampler, disk, hosts, parts, y_train, n_classes) -> Non
     path = writer.complete()
     ev = ctx.record.last_evaluation
     acc = f", final test accuracy {ev['accuracy']:.4f}" if ev else ""
+    if ev and ctx.cfg.model.family == "lm":
+        acc = f", final test perplexity {ev['perplexity']:.3f}"
     print(f"snake-mpi: wrote {path}{acc}", flush=True)

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from snake_mpi.blocks import BlockModel, module_tensors, set_trainable, training_state_bytes
+from snake_mpi.blocks import (
+    BlockModel,
+    block_tensors,
+    module_tensors,
+    set_trainable,
+    training_state_bytes,
+)
 from snake_mpi.config import TrainConfig
 
 
@@ -28,12 +34,27 @@ class KDSpec:
     """T: logits are divided by T; the KD term is scaled by T^2 (Hinton et al.)."""
 
 
+def _rows(logits: torch.Tensor) -> torch.Tensor:
+    """Logits as (predictions, classes) in float32: a language model's (B, T, V) becomes
+    (B*T, V), one prediction per token."""
+    if logits.dim() == 3:
+        logits = logits.reshape(-1, logits.shape[-1])
+    return logits.float()
+
+
+def task_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy: per sample (classification) or per token (language model, y = the next
+    tokens, shape (B, T))."""
+    return F.cross_entropy(_rows(logits), y.reshape(-1), reduction=reduction)
+
+
 def kd_term(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, mean over the batch."""
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, mean over the predictions
+    (samples, or tokens of a language model)."""
     t = temperature
     return (t * t) * F.kl_div(
-        F.log_softmax(student / t, dim=1),
-        F.log_softmax(teacher / t, dim=1),
+        F.log_softmax(_rows(student) / t, dim=1),
+        F.log_softmax(_rows(teacher) / t, dim=1),
         log_target=True,
         reduction="batchmean",
     )
@@ -41,12 +62,23 @@ def kd_term(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
 
 class Teacher:
     """The model as it was at the start of the turn, for KD: a frozen copy of only the blocks
-    that train (the other blocks do not change during the turn and are shared)."""
+    that train, and of blocks that share a tensor with them (tied weights); the other blocks do
+    not change during the turn and are shared."""
 
     def __init__(self, model: BlockModel, trainable: Sequence[int]) -> None:
         self.model = model
-        self.copies = {b: copy.deepcopy(model.blocks[b]).eval() for b in trainable}
+        ids = set(trainable)
+        if model.tied_tensors():
+            trained = {id(t) for b in trainable for t in block_tensors(model, b)}
+            ids |= {
+                b
+                for b in range(model.n_blocks)
+                if any(id(t) in trained for t in module_tensors(model.blocks[b]))
+            }
+        # one deepcopy, so that tensors shared between the copied blocks stay shared
+        self.copies = copy.deepcopy({b: model.blocks[b] for b in sorted(ids)})
         for m in self.copies.values():
+            m.eval()
             for p in m.parameters():
                 p.requires_grad_(False)
 
@@ -57,10 +89,9 @@ class Teacher:
         return x
 
     def nbytes(self) -> int:
-        """Bytes of the copied blocks (part of the node's training state)."""
-        return sum(
-            t.numel() * t.element_size() for m in self.copies.values() for t in module_tensors(m)
-        )
+        """Bytes of the copied blocks (part of the node's training state), each tensor once."""
+        seen = {id(t): t for m in self.copies.values() for t in module_tensors(m)}
+        return sum(t.numel() * t.element_size() for t in seen.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +115,56 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+class Optimiser:
+    """The configured optimiser; parameters held in a low precision (bf16) get fp32 master
+    copies, so that the optimiser state and the update are fp32 (mixed precision): after each
+    step the master is rounded back into the model's parameter."""
+
+    def __init__(self, params: list[torch.nn.Parameter], cfg: TrainConfig) -> None:
+        self.params = params
+        self.masters: dict[int, torch.nn.Parameter] = {}
+        targets = []
+        for i, p in enumerate(params):
+            if p.dtype == torch.float32:
+                targets.append(p)
+            else:
+                m = torch.nn.Parameter(p.detach().float().clone())
+                self.masters[i] = m
+                targets.append(m)
+        self.opt = make_optimizer(targets, cfg)
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for i, m in self.masters.items():
+            p = self.params[i]
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None  # the fp32 copy replaces it
+        self.opt.step()
+        for i, m in self.masters.items():
+            self.params[i].copy_(m)
+
+    def state_bytes(self) -> int:
+        """Optimiser state + fp32 master weights and their gradients."""
+        n = 0
+        for state in self.opt.state.values():
+            for v in state.values():
+                if torch.is_tensor(v):
+                    n += v.numel() * v.element_size()
+        for m in self.masters.values():
+            n += m.numel() * m.element_size()
+            if m.grad is not None:
+                n += m.grad.numel() * m.grad.element_size()
+        return n
 
 
 def turn_batches(n: int, cfg: TrainConfig, generator: torch.Generator):
@@ -137,14 +217,14 @@ def train_local(
         raise ValueError("a turn needs at least one trainable block")
     teacher = Teacher(model, trainable) if kd is not None else None
     params = set_trainable(model, trainable)
-    opt = make_optimizer(params, cfg)
+    opt = Optimiser(params, cfg)
     lowest = min(trainable)
     total_loss, total_kd, samples, steps = 0.0, 0.0, 0, 0
     for idx in turn_batches(len(x), cfg, generator):
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         xb = x[idx] if augment is None else augment(x[idx], generator)
         logits = model(xb, no_grad_below=lowest)
-        task = F.cross_entropy(logits, y[idx])
+        task = task_loss(logits, y[idx])
         loss = task
         if teacher is not None:
             distil = kd_term(logits, teacher(xb), kd.temperature)
@@ -155,8 +235,9 @@ def train_local(
         total_loss += task.item() * len(idx)
         samples += len(idx)
         steps += 1
-    state = training_state_bytes(model, opt)["total"] + (teacher.nbytes() if teacher else 0)
-    opt.zero_grad(set_to_none=True)
+    state = training_state_bytes(model, None)["total"] + opt.state_bytes()
+    state += teacher.nbytes() if teacher else 0
+    opt.zero_grad()
     del opt
     set_trainable(model, [])
     return LocalResult(
@@ -173,15 +254,17 @@ def train_local(
 def evaluate(
     model: BlockModel, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (fraction) on ``(x, y)``, in eval mode."""
+    """Mean cross-entropy and accuracy (fraction) on ``(x, y)``, in eval mode; for a language
+    model both are per token (next-token loss, whose exp is the perplexity, and top-1 accuracy).
+    """
     was_training = [m.training for m in model.blocks]
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(x), batch_size):
         out = model(x[start : start + batch_size])
         yb = y[start : start + batch_size]
-        loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
-        correct += int((out.argmax(1) == yb).sum())
+        loss_sum += float(task_loss(out, yb, reduction="sum"))
+        correct += int((_rows(out).argmax(1) == yb.reshape(-1)).sum())
     for m, t in zip(model.blocks, was_training, strict=True):
         m.train(t)
-    return loss_sum / len(x), correct / len(x)
+    return loss_sum / y.numel(), correct / y.numel()

@@ -26,8 +26,30 @@ __all__ = [
 ]
 
 
-def load_dataset(d: DataConfig, seed: int) -> Dataset:
-    """The configured dataset (identical on every rank: generated or drawn from ``seed``)."""
+def text_tokenizer(d: DataConfig, checkpoint: str = ""):
+    """The tokenizer of ``data.name = "text"``: the checkpoint's (``checkpoint``, or ``auto`` with
+    a checkpoint that has one) or bytes."""
+    from snake_mpi.data.text import Tokenizer, has_tokenizer
+
+    use = d.tokenizer == "checkpoint" or (
+        d.tokenizer == "auto" and checkpoint and has_tokenizer(checkpoint)
+    )
+    return Tokenizer(checkpoint if use else "")
+
+
+def load_dataset(d: DataConfig, seed: int, *, checkpoint: str = "") -> Dataset:
+    """The configured dataset (identical on every rank: generated or drawn from ``seed``);
+    ``checkpoint`` is the language model's directory, whose tokenizer text data may use."""
+    if d.name == "text":
+        from snake_mpi.data.text import load_text
+
+        return load_text(
+            d.path,
+            n_train=d.n_train,
+            n_test=d.n_test,
+            seq_len=d.seq_len,
+            tokenizer=text_tokenizer(d, checkpoint),
+        )
     if d.name == "cifar10":
         from snake_mpi.data.cifar10 import load_cifar10
 
@@ -56,7 +78,11 @@ def load_dataset(d: DataConfig, seed: int) -> Dataset:
 def check_data(d: DataConfig) -> None:
     """Fail before any message is sent if the data's path is missing or malformed
     (``DataError`` says what is wrong and where the data come from)."""
-    if d.name == "cifar10":
+    if d.name == "text":
+        from snake_mpi.data.text import check_text
+
+        check_text(d.path)
+    elif d.name == "cifar10":
         from snake_mpi.data.cifar10 import check_cifar10
 
         check_cifar10(d.path)

@@ -10,14 +10,22 @@ from snake_mpi.blocks import BlockModel
 from snake_mpi.config import ModelConfig
 from snake_mpi.models import cnn, mlp, vgg
 
-_FAMILIES = {"cnn": cnn.build, "mlp": mlp.build, "vgg11": vgg.build}
+
+def _lm(cfg: ModelConfig, *, sample_shape: tuple[int, ...], n_classes: int) -> BlockModel:
+    from snake_mpi.models import lm  # imports transformers: only for language models
+
+    return lm.build(cfg, vocab_size=n_classes)
+
+
+_FAMILIES = {"cnn": cnn.build, "mlp": mlp.build, "vgg11": vgg.build, "lm": _lm}
 _GLOBAL_RNG = threading.Lock()  # nn init draws from torch's one process-wide generator
 
 
 def build_model(
     cfg: ModelConfig, *, sample_shape: tuple[int, ...], n_classes: int, seed: int
 ) -> BlockModel:
-    """Build the configured family with weights drawn from ``seed`` (same on every rank)."""
+    """Build the configured family with weights drawn from ``seed`` (same on every rank);
+    ``n_classes`` is the classes, or a language model's tokenizer vocabulary."""
     try:
         build = _FAMILIES[cfg.family]
     except KeyError:
