@@ -229,3 +229,38 @@ def test_the_default_corpus_is_the_standard_library():
     d = load_text("", n_train=8, n_test=2, seq_len=32, tokenizer=Tokenizer())
     text = bytes(d.x_train.flatten().tolist())
     assert text.isascii() and np.unique(d.x_train.numpy()).size > 20
+
+
+def test_memory_accounting_for_opt_1_3b_beside_the_paper(capsys):
+    from snake_mpi.memory import block_counts, held_bytes, main, rows_for
+
+    cfg = from_dict(base_lm_config(model__preset="opt-1.3b", snake__ends="frozen"))
+    counts = block_counts(cfg)
+    assert counts.total == 1_315_758_080 and len(counts.params) == 26
+    rows = rows_for(cfg, counts, [6])
+    full, node = rows[0], rows[1]
+    assert full.paper_bytes == 16 * counts.total  # 19.61 GiB (the paper's 19.37: 1.3e9 x 16)
+    assert node.trainable == 4 * 50_358_272  # 24 layers over 6 nodes, ends frozen
+    assert node.paper_bytes == 16 * node.trainable  # 3.00 GiB (the paper: 3.13 GB)
+    assert node.held_bytes == 4 * counts.total + 12 * node.trainable  # frozen weights kept
+    assert held_bytes(10, 4, 2) == 2 * 10 + 16 * 4  # bf16: fp32 master, grad, moments
+    assert (
+        main(
+            [
+                "/dev/null",
+                "--set",
+                'model.family="lm"',
+                "--set",
+                'data.name="text"',
+                "--set",
+                'model.preset="opt-1.3b"',
+                "--nodes",
+                "6",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "1,315,758,080 parameters in 26 blocks" in out
+    assert "19.37 GB full fine-tuning, 3.13 GB per Snake node" in out
+    assert main(["/dev/null", "--nodes", "zero"]) == 2

@@ -203,6 +203,11 @@ def training_state_bytes(
 
 
 def model_hash(model: BlockModel) -> str:
-    """SHA-256 over every block's state bytes: equal hashes mean bit-identical models."""
-    payload, _ = flatten(model, range(model.n_blocks))
-    return hashlib.sha256(payload.tobytes()).hexdigest()
+    """SHA-256 over every block's state bytes (the bytes ``flatten`` would produce, hashed
+    tensor by tensor, so that no copy of the model is made): equal hashes mean bit-identical
+    models."""
+    h = hashlib.sha256()
+    for b in range(model.n_blocks):
+        for t in block_tensors(model, b):
+            h.update(_byte_view(t).numpy())
+    return h.hexdigest()

@@ -44,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sub.add_parser(
+        "memory",
+        help="training-state memory per scheme and node vs the paper (`snake-mpi memory --help`)",
+        add_help=False,
+    )
+    sub.add_parser(
         "suite",
         help="run a benchmark suite, resumable (see `snake-mpi suite --help`)",
         add_help=False,
@@ -58,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         from snake_mpi.compare import main as compare_main
 
         return compare_main(argv[1:])
+    if argv[:1] == ["memory"]:
+        from snake_mpi.memory import main as memory_main
+
+        return memory_main(argv[1:])
     if argv[:1] == ["suite"]:
         from snake_mpi.suite import main as suite_main
 

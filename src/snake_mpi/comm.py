@@ -42,6 +42,10 @@ TAG_PAYLOAD = 12
 TAG_GATHER = 13
 TAG_SHARE = 14
 
+MAX_MESSAGE_BYTES = 1 << 30
+"""A payload larger than this travels as consecutive messages of at most this size (same tag,
+so MPI's ordering rule keeps them in order): MPI counts are C ints, and one message of a
+2.4 GB OPT-1.3B segment fails with MPI_ERR_ARG. Still one transfer in the byte counts."""
 _SPIN_IDLE_S = 0.002  # waiting for a peer to start: busy-poll briefly, then sleep between polls
 _SPIN_FLOW_S = 0.5  # data in flight: keep polling, large transfers progress only while polled
 _MAX_SLEEP_S = 0.001  # longest sleep between polls: idle ranks must not steal cores
@@ -54,7 +58,14 @@ class _Posted:
     header: np.ndarray
     payload: np.ndarray
     hreq: MPI.Request
-    preq: MPI.Request
+    preqs: list[MPI.Request]
+
+
+def chunks(payload: np.ndarray) -> list[np.ndarray]:
+    """The payload as the messages that carry it: slices of at most ``MAX_MESSAGE_BYTES``
+    (one empty message for an empty payload)."""
+    n = payload.nbytes
+    return [payload[i : i + MAX_MESSAGE_BYTES] for i in range(0, max(n, 1), MAX_MESSAGE_BYTES)]
 
 
 class Comm:
@@ -114,9 +125,9 @@ class Comm:
             payload=payload,
         )
         t0 = time.perf_counter()
-        reqs = [
-            self._comm.Isend([header, MPI.INT64_T], dest, TAG_HEADER),
-            self._comm.Isend([payload, MPI.BYTE], dest, TAG_PAYLOAD),  # sent even when empty
+        reqs = [self._comm.Isend([header, MPI.INT64_T], dest, TAG_HEADER)]
+        reqs += [  # sent even when empty
+            self._comm.Isend([part, MPI.BYTE], dest, TAG_PAYLOAD) for part in chunks(payload)
         ]
         what = describe(kind, round, hop, self.rank)
         self._wait_all(
@@ -138,8 +149,11 @@ class Comm:
             header=header,
             payload=payload,
             hreq=self._comm.Irecv([header, MPI.INT64_T], source, TAG_HEADER),
-            preq=self._comm.Irecv([payload, MPI.BYTE], source, TAG_PAYLOAD),
+            preqs=self._irecv_payload(payload, source),
         )
+
+    def _irecv_payload(self, buf: np.ndarray, source: int) -> list[MPI.Request]:
+        return [self._comm.Irecv([part, MPI.BYTE], source, TAG_PAYLOAD) for part in chunks(buf)]
 
     def recv_blocks(
         self, source: int, *, kind: int, round: int, hop: int, out: np.ndarray | None = None
@@ -157,14 +171,17 @@ class Comm:
         posted = self._expected.pop((source, kind, round, hop), None)
         if posted is not None:
             header_buf, req = posted.header, posted.hreq
-            out, preq = posted.payload, posted.preq
+            out, preqs = posted.payload, posted.preqs
             prepost = True
         else:
             header_buf = self._header_buf
             req = self._comm.Irecv([header_buf, MPI.INT64_T], source, TAG_HEADER)
             prepost = out is not None and out.dtype == np.uint8 and out.flags.c_contiguous
             if prepost:  # the payload can flow at once, before we have read the header
-                preq = self._comm.Irecv([out, MPI.BYTE], source, TAG_PAYLOAD)
+                if out.nbytes > MAX_MESSAGE_BYTES:
+                    prepost = False  # the chunking must follow the actual payload size
+                else:
+                    preqs = [self._comm.Irecv([out, MPI.BYTE], source, TAG_PAYLOAD)]
         self._wait_all([req], f"the header of the {what}", status=status)
         t1 = time.perf_counter()
         self.stats.wait_s += t1 - t0
@@ -173,7 +190,6 @@ class Comm:
             header, kind=kind, round=round, hop=hop, rank=self.rank, what=what
         )
         payload_what = f"the payload ({payload_bytes} bytes) of the {what}"
-        pstatus = MPI.Status()
         if prepost:
             if payload_bytes > out.nbytes:
                 raise ProtocolError(
@@ -182,12 +198,12 @@ class Comm:
             payload = out[:payload_bytes]
         else:
             payload = np.empty(payload_bytes, dtype=np.uint8)
-            preq = self._comm.Irecv([payload, MPI.BYTE], source, TAG_PAYLOAD)
-        self._wait_all([preq], payload_what, status=pstatus, spin_s=_SPIN_FLOW_S)
-        if pstatus.Get_count(MPI.BYTE) != payload_bytes:
-            raise ProtocolError(
-                f"rank {self.rank}: got {pstatus.Get_count(MPI.BYTE)} bytes for {payload_what}"
-            )
+            preqs = self._irecv_payload(payload, source)
+        statuses = [MPI.Status() for _ in preqs]
+        self._wait_all(preqs, payload_what, statuses=statuses, spin_s=_SPIN_FLOW_S)
+        got = sum(st.Get_count(MPI.BYTE) for st in statuses)
+        if got != payload_bytes:
+            raise ProtocolError(f"rank {self.rank}: got {got} bytes for {payload_what}")
         nbytes = header.nbytes + payload_bytes
         account_receive(self.stats, self.link, source, self.rank, nbytes, t1)
         return transfer_from(header, body, payload)
@@ -198,6 +214,7 @@ class Comm:
         what: str,
         *,
         status: MPI.Status | None = None,
+        statuses: list[MPI.Status] | None = None,
         spin_s: float = _SPIN_IDLE_S,
     ) -> None:
         """Poll requests until done: spin briefly, then short sleeps; raise at the deadline."""
@@ -205,7 +222,9 @@ class Comm:
         deadline = t0 + self.deadline_s
         sleep_s = 0.0
         while True:
-            if len(reqs) == 1:
+            if statuses is not None:
+                done = MPI.Request.Testall(reqs, statuses)
+            elif len(reqs) == 1:
                 done = reqs[0].Test(status) if status is not None else reqs[0].Test()
             else:
                 done = MPI.Request.Testall(reqs)

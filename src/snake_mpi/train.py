@@ -22,6 +22,7 @@ from snake_mpi.blocks import (
     training_state_bytes,
 )
 from snake_mpi.config import TrainConfig
+from snake_mpi.probes.memory import release_free_memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,11 +239,13 @@ def train_local(
     state = training_state_bytes(model, None)["total"] + opt.state_bytes()
     state += teacher.nbytes() if teacher else 0
     opt.zero_grad()
-    del opt
+    used_kd = teacher is not None
+    del opt, teacher
     set_trainable(model, [])
+    release_free_memory()  # the turn's state is gone: let the RSS show it
     return LocalResult(
         loss=total_loss / max(samples, 1),
-        kd_loss=total_kd / max(samples, 1) if teacher is not None else math.nan,
+        kd_loss=total_kd / max(samples, 1) if used_kd else math.nan,
         samples=samples,
         steps=steps,
         trainable_params=sum(p.numel() for p in params),

@@ -73,7 +73,8 @@ def hf_config(cfg: ModelConfig) -> Any:
 
 
 def causal_lm(cfg: ModelConfig, *, device: str | torch.device = "cpu") -> nn.Module:
-    """The whole ``*ForCausalLM`` (random init under torch's current seed, or the checkpoint)."""
+    """The whole ``*ForCausalLM`` (random init under torch's current seed, or the checkpoint),
+    built directly in ``model.dtype`` (a bf16 model never exists in fp32 first)."""
     tf = _transformers()
     conf = hf_config(cfg)
     if cfg.checkpoint:
@@ -81,13 +82,13 @@ def causal_lm(cfg: ModelConfig, *, device: str | torch.device = "cpu") -> nn.Mod
             cfg.checkpoint,
             config=conf,
             local_files_only=True,
-            dtype=torch.float32,
+            dtype=DTYPES.get(cfg.dtype, torch.float32),
             attn_implementation="sdpa",
         )
         return model
     cls = tf.OPTForCausalLM if conf.snake_family == "opt" else tf.LlamaForCausalLM
     with torch.device(device):
-        return cls(conf)
+        return cls._from_config(conf, dtype=DTYPES.get(cfg.dtype, torch.float32))
 
 
 def count_params(cfg: ModelConfig) -> dict[str, Any]:

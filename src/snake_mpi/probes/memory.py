@@ -169,3 +169,21 @@ def ru_maxrss_bytes() -> int:
         return 0
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024
+
+
+def release_free_memory() -> bool:
+    """Hand memory that the process has freed back to the OS (glibc ``malloc_trim(0)``).
+
+    A node's optimiser state and gradients exist only during its turn; without this, glibc
+    may keep the freed pages (tensors below its mmap threshold live on the heap), so the RSS
+    of a waiting node would still show its last turn's state. Returns False where there is no
+    glibc (nothing to do)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -1,0 +1,230 @@
+"""``snake-mpi memory``: the training-state memory of a configured model, per scheme and node,
+beside the paper's figures (OPT-1.3B: 19.37 GB full fine-tuning, 3.13 GB per Snake node), and
+the measured peak memory of result files.
+
+Two accountings (both in the table, see docs/memory.md):
+
+* *paper* — what the paper reports: 16 bytes per **trainable** parameter (fp32 weight, gradient
+  and two Adam moments). Full fine-tuning: ``16 P``; a Snake node: ``16 p_i``.
+* *held* — what a process must hold: every weight it keeps (a Snake node keeps the frozen
+  blocks too, at the model's dtype) plus, for its trainable part, gradients and Adam moments in
+  fp32, and with bf16 weights an fp32 master copy and its gradient (``train.py``).
+
+Parameter counts come from the model built on the meta device for language models (so
+Llama-3-8B costs no memory) and from the model itself for the small families.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from snake_mpi.config import ConfigError, RunConfig, load_config
+
+GIB = 2**30
+PAPER = {"full_gb": 19.37, "snake_node_gb": 3.13, "model": "OPT-1.3B"}
+"""The paper's memory figures for fine-tuning OPT-1.3B (GB as printed; they equal GiB of
+1.3e9 x 16 bytes and about 210 M x 16 bytes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlockCounts:
+    names: list[str]
+    params: list[int]
+    bytes_per_value: int
+    """Bytes per weight value at the configured dtype (4 fp32, 2 bf16)."""
+
+    @property
+    def total(self) -> int:
+        return sum(self.params)
+
+
+def block_counts(cfg: RunConfig) -> BlockCounts:
+    """Parameters per block of the configured model (meta device for language models)."""
+    if cfg.model.family == "lm":
+        from snake_mpi.models.lm import count_params
+
+        c = count_params(cfg.model)
+        return BlockCounts(c["names"], c["params"], 2 if cfg.model.dtype == "bfloat16" else 4)
+    from snake_mpi.blocks import block_params
+    from snake_mpi.models import build_model
+
+    model = build_model(
+        cfg.model,
+        sample_shape=tuple(cfg.data.sample_shape),
+        n_classes=cfg.data.n_classes,
+        seed=0,
+    )
+    return BlockCounts(
+        list(model.names), [block_params(model, b) for b in range(model.n_blocks)], 4
+    )
+
+
+def held_bytes(params_held: int, params_trainable: int, bytes_per_value: int) -> int:
+    """Weights held at their dtype + what training adds for the trainable part: fp32 weights:
+    gradient 4 + Adam moments 8 bytes; bf16 weights: fp32 master 4 + its gradient 4 + moments 8
+    (the bf16 gradient is handed to the master at each step). The 4-byte step counter per tensor
+    is left out (negligible)."""
+    extra = 12 if bytes_per_value == 4 else 16
+    return params_held * bytes_per_value + params_trainable * extra
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    scheme: str
+    nodes: int
+    role: str
+    trainable: int
+    paper_bytes: int
+    held_bytes: int
+
+
+def rows_for(cfg: RunConfig, counts: BlockCounts, node_counts: Sequence[int]) -> list[Row]:
+    """Full fine-tuning, then for each node count the Snake node with the most trainable
+    parameters and the one with the fewest (ends per ``snake.ends``)."""
+    from snake_mpi.schemes.snake import plan_from_params
+
+    p, b = counts.total, counts.bytes_per_value
+    rows = [
+        Row("full fine-tuning (centralised, FedAvg client)", 1, "-", p, 16 * p, held_bytes(p, p, b))
+    ]
+    for n in node_counts:
+        if n > len(counts.params) - 2:
+            continue
+        caps = cfg.snake.capabilities if len(cfg.snake.capabilities) == n else None
+        plan = plan_from_params(counts.params, cfg.snake, n, capabilities=caps)
+        trainable = [sum(counts.params[i] for i in ids) for ids in plan]
+        scheme = f"snake (ends={cfg.snake.ends})"
+        if min(trainable) == max(trainable):
+            picks = [("every node", 0)]
+        else:
+            picks = [
+                (f"largest: node {int(np.argmax(trainable))}", int(np.argmax(trainable))),
+                (f"smallest: node {int(np.argmin(trainable))}", int(np.argmin(trainable))),
+            ]
+        for role, k in picks:
+            t = trainable[k]
+            rows.append(Row(scheme, n, role, t, 16 * t, held_bytes(p, t, b)))
+    return rows
+
+
+def format_table(cfg: RunConfig, counts: BlockCounts, rows: list[Row]) -> str:
+    """The blocks and the accounting as text, with the paper's figures beside them."""
+    name = cfg.model.preset or cfg.model.checkpoint or cfg.model.family
+    dtype = "bf16" if counts.bytes_per_value == 2 else "fp32"
+    n_blocks = len(counts.params)
+    lines = [f"model {name}: {counts.total:,} parameters in {n_blocks} blocks ({dtype} weights)"]
+    shown = counts.params if len(counts.params) <= 8 else None
+    if shown is not None:
+        lines += [f"  {n:<10} {q:>15,}" for n, q in zip(counts.names, counts.params, strict=True)]
+    else:
+        mids = counts.params[1:-1]
+        lines.append(f"  {counts.names[0]:<10} {counts.params[0]:>15,}")
+        lines.append(
+            f"  {len(mids)} middle blocks of {min(mids):,}"
+            + (f" to {max(mids):,}" if max(mids) != min(mids) else "")
+            + " each"
+        )
+        lines.append(f"  {counts.names[-1]:<10} {counts.params[-1]:>15,}")
+    lines.append("")
+    head = (
+        f"{'scheme':<46} {'nodes':>5}  {'node':<18} {'trainable':>15} "
+        f"{'paper GiB':>10} {'held GiB':>9}"
+    )
+    lines += [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r.scheme:<46} {r.nodes:>5}  {r.role:<18} {r.trainable:>15,} "
+            f"{r.paper_bytes / GIB:>10.2f} {r.held_bytes / GIB:>9.2f}"
+        )
+    lines.append("")
+    ratio = PAPER["full_gb"] / PAPER["snake_node_gb"]
+    lines.append(
+        f"paper ({PAPER['model']}): {PAPER['full_gb']} GB full fine-tuning, "
+        f"{PAPER['snake_node_gb']} GB per Snake node (ratio {ratio:.1f}x)"
+    )
+    full = rows[0].paper_bytes
+    for r in rows[1:]:
+        if r.role.startswith("largest") or r.role == "every node":
+            lines.append(
+                f"here, paper accounting, {r.nodes} nodes: full / largest Snake node = "
+                f"{full / r.paper_bytes:.2f}x; held: {rows[0].held_bytes / r.held_bytes:.2f}x"
+            )
+    return "\n".join(lines)
+
+
+def measured_table(paths: Sequence[str]) -> str:
+    """Per result file and rank: RSS baseline before the model, peak RSS, their difference and
+    the training-state bytes counted from the tensors; and the Snake / full ratio of the largest
+    per-node peak increase."""
+    from snake_mpi.store import read_result
+
+    results = [read_result(p) for p in paths]
+    biggest = max(float(r.tables["ranks"]["peak_rss_bytes"].max()) for r in results)
+    unit, scale = ("GiB", GIB) if biggest >= 4 * GIB else ("MiB", 2**20)
+    lines = [
+        f"{'run':<28} {'scheme':<12} {'rank':>4} {'baseline ' + unit:>12} {'peak ' + unit:>9} "
+        f"{'increase ' + unit:>12} {'train state ' + unit:>15}"
+    ]
+    lines.append("-" * len(lines[0]))
+    worst: dict[str, float] = {}
+    for res in results:
+        ranks = res.tables["ranks"]
+        base = ranks["rss_before_model_bytes"]
+        peak = np.maximum(ranks["peak_rss_bytes"], ranks["ru_maxrss_bytes"])
+        state = res.rounds["train_state_bytes"].max(axis=0)
+        scheme = res.attrs["scheme"]
+        label = scheme + ("" if scheme != "snake" else f"-{res.attrs.get('mode', '')}")
+        for k in range(res.world_size):
+            lines.append(
+                f"{res.path.name[:28]:<28} {label:<12} {k:>4} {base[k] / scale:>12.2f} "
+                f"{peak[k] / scale:>9.2f} {(peak[k] - base[k]) / scale:>12.2f} "
+                f"{state[k] / scale:>15.2f}"
+            )
+        trained = state > 0
+        inc = float((peak - base)[trained].max()) if trained.any() else float("nan")
+        worst[f"{res.path.name} ({label}, {res.world_size} ranks)"] = inc
+    full = {k: v for k, v in worst.items() if "snake" not in k}
+    lines.append("")
+    for name, inc in worst.items():
+        lines.append(f"largest per-node increase: {inc / scale:8.2f} {unit}  {name}")
+    for f_name, f_inc in full.items():
+        for name, inc in worst.items():
+            if "snake" in name:
+                lines.append(f"ratio {f_name.split()[0]} / {name.split()[0]}: {f_inc / inc:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``snake-mpi memory CONFIG [--nodes 2,4,6,8] [--set k=v] [--measured RESULT.h5 ...]``."""
+    ap = argparse.ArgumentParser(
+        prog="snake-mpi memory",
+        description="Training-state memory per scheme and node (paper accounting and what a "
+        "process holds) for a config's model, beside the paper's OPT-1.3B figures; with "
+        "--measured, the measured peak memory of result files.",
+    )
+    ap.add_argument("config", help="run config (TOML); its model, dtype and snake.ends are used")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument(
+        "--nodes", default="2,4,6,8", help="Snake node counts to tabulate (default 2,4,6,8)"
+    )
+    ap.add_argument("--measured", nargs="*", default=[], metavar="RESULT.h5")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        nodes = [int(x) for x in args.nodes.split(",") if x.strip()]
+        if not nodes or min(nodes) < 1:
+            raise ConfigError(f"--nodes must be positive integers, got {args.nodes!r}")
+    except (ConfigError, ValueError) as e:
+        print(f"snake-mpi memory: {e}", file=sys.stderr)
+        return 2
+    counts = block_counts(cfg)
+    print(format_table(cfg, counts, rows_for(cfg, counts, nodes)))
+    if args.measured:
+        print()
+        print(measured_table(args.measured))
+    return 0
