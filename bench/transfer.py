@@ -83,8 +83,54 @@ def comm_once(comm: Comm, world: MPI.Comm, buf: np.ndarray, reps: int) -> float:
     return (MPI.Wtime() - t0) / reps
 
 
-def transfer_table(max_mib: int, trials: int) -> None:
+def token_once(comm: Comm, world: MPI.Comm, buf: np.ndarray, reps: int) -> float:
+    """Seconds per hop when the payload goes back and forth (rank 0 -> 1 -> 0 ...), one
+    transfer in flight at a time: Snake's peer-to-peer pattern on two nodes, and ring_bw's
+    ``--mode token``."""
+    ids = np.array([0], dtype=np.int64)
+    sizes = np.array([buf.nbytes], dtype=np.int64)
+    peer = 1 - comm.rank
+
+    def send(i: int) -> None:
+        comm.send_blocks(
+            peer,
+            kind=KIND_MODEL,
+            round=i,
+            hop=comm.rank,
+            block_ids=ids,
+            versions=ids,
+            block_nbytes=sizes,
+            payload=buf,
+        )
+
+    world.Barrier()
+    t0 = MPI.Wtime()
+    for i in range(reps):
+        if comm.rank == 0:
+            send(i)
+            comm.recv_blocks(1, kind=KIND_MODEL, round=i, hop=1, out=buf)
+        elif comm.rank == 1:
+            comm.recv_blocks(0, kind=KIND_MODEL, round=i, hop=0, out=buf)
+            send(i)
+    return (MPI.Wtime() - t0) / (2 * reps)
+
+
+def read_ring(path: str | None) -> dict[int, float]:
+    """ring_bw's CSV (``bytes,iterations,latency_us,bandwidth_MBps``) as bytes -> GB/s."""
+    if not path:
+        return {}
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        if line and line[0].isdigit():
+            nbytes, _iters, _lat, mbps = line.split(",")
+            out[int(nbytes)] = float(mbps) / 1e3
+    return out
+
+
+def transfer_table(max_mib: int, trials: int, ring_csv: str | None, csv_out: str | None) -> None:
     world = MPI.COMM_WORLD
+    ring = read_ring(ring_csv)
+    rows = []
     comm = Comm.world(deadline_s=600)
     sizes = []
     s = 64 << 10
@@ -93,21 +139,38 @@ def transfer_table(max_mib: int, trials: int) -> None:
         s *= 4
     if world.Get_rank() == 0:
         print(f"# hop throughput, 2 ranks, {MPI.Get_library_version().splitlines()[0].strip()}")
-        print(f"{'size':>10} {'reps':>5} {'bare GB/s':>10} {'comm GB/s':>10} {'ratio':>6}")
+        ring_head = f" {'token GB/s':>10} {'ring_bw GB/s':>12} {'token/ring':>10}" if ring else ""
+        print(
+            f"{'size':>10} {'reps':>5} {'bare GB/s':>10} {'comm GB/s':>10} {'ratio':>6}{ring_head}"
+        )
     for nbytes in sizes:
         buf = np.ones(nbytes, dtype=np.uint8)
         reps = _reps(nbytes)
         bare_once(world, buf, 2)  # warm-up: connection set-up, page faults
         comm_once(comm, world, buf, 2)
-        bare, mine = [], []
+        bare, mine, hops = [], [], []
         for _ in range(trials):
             bare.append(bare_once(world, buf, reps))
             mine.append(comm_once(comm, world, buf, reps))
+            if ring:
+                hops.append(token_once(comm, world, buf, max(2, reps // 2)))
         if world.Get_rank() == 0:
             b, c = nbytes / min(bare) / 1e9, nbytes / min(mine) / 1e9
             label = f"{nbytes >> 20} MiB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KiB"
             flag = "" if nbytes < 4 << 20 or c / b >= 0.9 else "  < 0.9 target"
-            print(f"{label:>10} {reps:>5} {b:>10.2f} {c:>10.2f} {c / b:>6.3f}{flag}", flush=True)
+            r = ring.get(nbytes, float("nan"))
+            t = nbytes / min(hops) / 1e9 if hops else float("nan")
+            ring_cells = f" {t:>10.2f} {r:>12.2f} {t / r:>10.3f}" if ring else ""
+            print(
+                f"{label:>10} {reps:>5} {b:>10.2f} {c:>10.2f} {c / b:>6.3f}{ring_cells}{flag}",
+                flush=True,
+            )
+            rows.append((nbytes, b, c, t, r))
+    if csv_out and world.Get_rank() == 0:
+        with open(csv_out, "w") as f:
+            f.write("bytes,bare_GBps,comm_GBps,comm_token_GBps,ring_bw_GBps\n")
+            for nbytes, b, c, t, r in rows:
+                f.write(f"{nbytes},{b:.4f},{c:.4f},{t:.4f},{r:.4f}\n")
 
 
 def probe_overhead(pairs: int) -> None:
@@ -158,11 +221,17 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=5, help="interleaved trials per size (best taken)")
     p.add_argument("--probe-pairs", type=int, default=8, help="runs with the sampler on, and off")
     p.add_argument("--skip-probes", action="store_true")
+    p.add_argument(
+        "--ring-csv",
+        help="ring_bw --mode token's CSV from the same job: adds the hop throughput with one "
+        "transfer in flight, back and forth (token), ring_bw's, and their ratio",
+    )
+    p.add_argument("--csv", help="write the hop-throughput table as CSV here (for the report)")
     args = p.parse_args()
     if MPI.COMM_WORLD.Get_size() < 2:
         raise SystemExit("run under MPI with 2 ranks: mpirun -n 2 python bench/transfer.py")
     t0 = time.perf_counter()
-    transfer_table(args.max_mib, args.trials)
+    transfer_table(args.max_mib, args.trials, args.ring_csv, args.csv)
     if not args.skip_probes:
         probe_overhead(args.probe_pairs)
     if MPI.COMM_WORLD.Get_rank() == 0:

@@ -81,7 +81,9 @@ def test_flatten_unflatten_round_trip_is_bit_exact(preset, dtype):
     assert model_hash(a) != model_hash(b)
     ids = range(a.n_blocks)
     payload, sizes = flatten(a, ids)
-    assert payload.nbytes == int(block_table(a)["bytes"].sum())
+    table = block_table(a)
+    assert payload.nbytes == int(table["bytes"].sum())
+    assert set(table["dtype"]) == {dtype}
     per_value = 2 if dtype == "bfloat16" else 4
     assert payload.nbytes == per_value * sum(p.numel() for p in a.parameters())
     unflatten(b, ids, payload, sizes)

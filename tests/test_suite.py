@@ -71,3 +71,33 @@ def test_a_suite_runs_records_failures_and_resumes(tmp_path, capsys):
 def test_an_unknown_suite_is_a_clear_error(capsys):
     assert main(["nonesuch", "--out", "/tmp/x"]) == 2
     assert "unknown suite 'nonesuch'; known: paper-small, scaling, smoke" in capsys.readouterr().err
+
+
+def test_array_tasks_run_one_cell_each_and_share_the_manifest(tmp_path, capsys):
+    """As Slurm array tasks do: --count, then --cell K in parallel processes; the manifest
+    (updated under a lock) ends up with every cell; a cell number out of range is exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    suite = tmp_path / "two.toml"
+    suite.write_text(
+        f'configs = ["{TINY}"]\nranks = [2]\nseeds = [0, 1]\n'
+        'set = ["probes.enabled=false", "train.rounds=1"]\ntime_limit_s = 120\n'
+    )
+    assert main([str(suite), "--out", "x", "--count"]) == 0
+    assert capsys.readouterr().out.strip() == "2"
+    assert main([str(suite), "--out", "x", "--list"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("1 tiny-n2-s1 ranks=2 seed=1")
+    out = tmp_path / "out"
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = [sys.executable, "-m", "snake_mpi.cli", "suite", str(suite), "--out", str(out)]
+    procs = [subprocess.Popen([*cmd, "--cell", str(k)], env=env) for k in (0, 1)]
+    assert [p.wait(timeout=240) for p in procs] == [0, 0]
+    cells = json.loads((out / "manifest.json").read_text())["cells"]
+    assert {k: v["status"] for k, v in cells.items()} == {
+        "tiny-n2-s0": "complete",
+        "tiny-n2-s1": "complete",
+    }
+    assert main([str(suite), "--out", str(out), "--cell", "2"]) == 2
+    assert "cell 2 does not exist: suite" in capsys.readouterr().err

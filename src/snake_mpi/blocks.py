@@ -101,12 +101,20 @@ def block_params(model: BlockModel, b: int) -> int:
     return sum(p.numel() for p in block_parameters(model, b))
 
 
+def block_dtype(model: BlockModel, b: int) -> str:
+    """The dtypes of block ``b``'s tensors, e.g. ``"float32"`` or ``"bfloat16+float32"``
+    (sorted, each once; ``""`` for an empty block)."""
+    names = sorted({str(t.dtype).removeprefix("torch.") for t in block_tensors(model, b)})
+    return "+".join(names)
+
+
 def block_table(model: BlockModel) -> dict[str, np.ndarray]:
-    """Name, role, parameter count and byte size of every block (columns)."""
+    """Name, role, parameter count, dtypes and byte size of every block (columns)."""
     ids = range(model.n_blocks)
     return {
         "name": np.array(model.names, dtype=object),
         "role": np.array(model.roles, dtype=object),
+        "dtype": np.array([block_dtype(model, b) for b in ids], dtype=object),
         "params": np.array([block_params(model, b) for b in ids], dtype=np.int64),
         "bytes": np.array([block_nbytes(model, b) for b in ids], dtype=np.int64),
     }

@@ -44,6 +44,16 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sub.add_parser(
+        "report",
+        help="Markdown + HTML report with figures from result files (`snake-mpi report --help`)",
+        add_help=False,
+    )
+    sub.add_parser(
+        "launch",
+        help="run a command on N ranks with srun or mpirun (`snake-mpi launch --help`)",
+        add_help=False,
+    )
+    sub.add_parser(
         "memory",
         help="training-state memory per scheme and node vs the paper (`snake-mpi memory --help`)",
         add_help=False,
@@ -63,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         from snake_mpi.compare import main as compare_main
 
         return compare_main(argv[1:])
+    if argv[:1] == ["launch"]:
+        from snake_mpi.launch import main as launch_main
+
+        return launch_main(argv[1:])
+    if argv[:1] == ["report"]:
+        from snake_mpi.report import main as report_main
+
+        return report_main(argv[1:])
     if argv[:1] == ["memory"]:
         from snake_mpi.memory import main as memory_main
 

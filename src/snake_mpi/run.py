@@ -66,9 +66,13 @@ def seeds_for(root_seed: int, world_size: int) -> tuple[dict[str, int], list[int
 
 
 def torch_threads(cfg: RunConfig, comm: Any) -> int:
-    """Threads per rank: as configured, or the host's cores shared among the ranks on it."""
+    """Threads per rank: as configured, else Slurm's ``--cpus-per-task``, else the host's cores
+    shared among the ranks on it."""
     if cfg.torch_threads > 0:
         return cfg.torch_threads
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        return int(slurm)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, (cores or 1) // comm.ranks_on_host())
 

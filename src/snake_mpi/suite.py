@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -97,14 +96,30 @@ def load_suite(name: str) -> tuple[list[Cell], float]:
 
 
 def launcher(n: int, argv: list[str]) -> list[str]:
-    """``srun`` inside a Slurm allocation, else the venv's (or PATH's) ``mpirun``."""
-    if os.environ.get("SLURM_JOB_ID") and shutil.which("srun"):
-        return ["srun", "-n", str(n), *argv]
-    venv = Path(sys.executable).parent / "mpirun"
-    mpirun = str(venv) if venv.exists() else (shutil.which("mpirun") or "mpirun")
-    version = subprocess.run([mpirun, "--version"], capture_output=True, text=True)
-    over = ["--oversubscribe"] if "Open MPI" in version.stdout + version.stderr else []
-    return [mpirun, "-n", str(n), *over, *argv]
+    """``srun`` inside a Slurm allocation where it can start this MPI, else ``mpirun``
+    (``snake_mpi.launch``)."""
+    from snake_mpi.launch import launcher as choose
+
+    return choose(n, argv)
+
+
+def update_manifest(out_dir: Path, suite: str, name: str, outcome: Outcome) -> None:
+    """Merge one cell's outcome into ``manifest.json`` under an exclusive lock, so that the
+    tasks of a Slurm job array can update it at the same time; written atomically."""
+    import fcntl
+
+    path = out_dir / MANIFEST
+    with open(out_dir / (MANIFEST + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            manifest = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            manifest = {"cells": {}}
+        manifest["suite"] = suite
+        manifest.setdefault("cells", {})[name] = asdict(outcome)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, path)
 
 
 def _complete(path: Path) -> bool:
@@ -156,11 +171,20 @@ def run_cell(cell: Cell, out_dir: Path, time_limit_s: float) -> Outcome:
     )
 
 
-def run_suite(name: str, out_dir: Path, *, dry_run: bool = False) -> dict[str, Outcome]:
-    """Run every cell not already complete; write the manifest after each; print progress."""
+def run_suite(
+    name: str, out_dir: Path, *, dry_run: bool = False, only: int | None = None
+) -> dict[str, Outcome]:
+    """Run every cell not already complete (``only``: just cell number ``only``, 0-based, as a
+    Slurm array task does); update the manifest after each; print progress."""
     cells, limit = load_suite(name)
+    if only is not None:
+        if not 0 <= only < len(cells):
+            raise ConfigError(
+                f"cell {only} does not exist: suite {name!r} has {len(cells)} cells "
+                f"(0..{len(cells) - 1})"
+            )
+        cells = [cells[only]]
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = out_dir / MANIFEST
     outcomes: dict[str, Outcome] = {}
     t_start = time.perf_counter()
     ran_s: list[float] = []
@@ -185,9 +209,7 @@ def run_suite(name: str, out_dir: Path, *, dry_run: bool = False) -> dict[str, O
             + f", {time.perf_counter() - t_start:.0f} s elapsed{eta}",
             flush=True,
         )
-        cells_done = {k: asdict(v) for k, v in outcomes.items()}
-        manifest = {"suite": str(suite_path(name)), "cells": cells_done}
-        manifest_path.write_text(json.dumps(manifest, indent=1))
+        update_manifest(out_dir, str(suite_path(name)), cell.name, o)
     return outcomes
 
 
@@ -199,9 +221,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("suite", help="a name under bench/suites/ (smoke, scaling, ...) or a file")
     p.add_argument("--out", required=True, help="output directory (results, logs, manifest)")
     p.add_argument("--dry-run", action="store_true", help="list the cells to run, run nothing")
+    p.add_argument(
+        "--cell",
+        type=int,
+        default=None,
+        metavar="K",
+        help="run only cell K (0-based; a Slurm array task: --cell $SLURM_ARRAY_TASK_ID)",
+    )
+    p.add_argument("--count", action="store_true", help="print the number of cells and exit")
+    p.add_argument("--list", action="store_true", help="print the cells, numbered, and exit")
     args = p.parse_args(argv)
+    if args.count or args.list:
+        try:
+            cells, _ = load_suite(args.suite)
+        except (ConfigError, KeyError, tomllib.TOMLDecodeError) as e:
+            print(f"suite: {e}", file=sys.stderr)
+            return 2
+        if args.count:
+            print(len(cells))
+        else:
+            for k, c in enumerate(cells):
+                print(f"{k} {c.name} ranks={c.ranks} seed={c.seed} {c.config}")
+        return 0
     try:
-        outcomes = run_suite(args.suite, Path(args.out), dry_run=args.dry_run)
+        outcomes = run_suite(args.suite, Path(args.out), dry_run=args.dry_run, only=args.cell)
     except (ConfigError, KeyError, tomllib.TOMLDecodeError) as e:
         print(f"suite: {e}", file=sys.stderr)
         return 2

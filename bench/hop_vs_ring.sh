@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The machine's limit for weight hops and snake_mpi's share of it, measured in one job:
+# ring_bw (C; 2 ranks, 1 KiB .. 256 MiB, best of 5) in both modes, then bench/transfer.py
+# (comm.send_blocks/recv_blocks and bare mpi4py, 64 KiB .. 256 MiB, best of 5), which prints
+# the hop throughput with the same back-and-forth pattern as ring_bw --mode token and its
+# ratio to ring_bw's. Inside a Slurm allocation all use the same launcher.
+#
+#   bench/hop_vs_ring.sh OUT_DIR  # writes OUT_DIR/ring_bw.csv (token), ring_bw_sendrecv.csv,
+#                                 # transfer.csv
+#
+# Builds build/ring_bw with CMake first if it is missing (needs `make install`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: bench/hop_vs_ring.sh OUT_DIR}
+mkdir -p "$OUT"
+BIN=${VENV:-.venv}/bin
+export PATH="$PWD/$BIN:$PATH" OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+if [ ! -x build/ring_bw ]; then
+    cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+    cmake --build build --target ring_bw >/dev/null
+fi
+echo "== ring_bw (C), --mode sendrecv: every rank sends and receives at once =="
+snake-mpi launch -n 2 -- build/ring_bw --max-bytes 268435456 --trials 5 | tee "$OUT/ring_bw_sendrecv.csv"
+echo "== ring_bw (C), --mode token: one hop at a time, as Snake's weights travel =="
+snake-mpi launch -n 2 -- build/ring_bw --mode token --max-bytes 268435456 --trials 5 | tee "$OUT/ring_bw.csv"
+echo "== snake_mpi hops against ring_bw (token) =="
+snake-mpi launch -n 2 -- python bench/transfer.py --skip-probes --trials 5 \
+    --ring-csv "$OUT/ring_bw.csv" --csv "$OUT/transfer.csv"

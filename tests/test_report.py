@@ -1,0 +1,83 @@
+"""analysis/report.py / snake-mpi report: a results directory becomes report.md and
+report.html with the figures the issue names, the scaling table and the claims table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from conftest import REPO  # noqa: E402
+from snake_mpi import report  # noqa: E402
+from snake_mpi.config import load_config  # noqa: E402
+from snake_mpi.localcomm import ThreadWorld  # noqa: E402
+from snake_mpi.run import execute  # noqa: E402
+from snake_mpi.store import read_result  # noqa: E402
+
+TINY = REPO / "tests" / "configs" / "tiny.toml"
+RUNS = {  # file -> (ranks, overrides)
+    "snake-n2": (2, ['scheme="snake"']),
+    "snake-n3": (3, ['scheme="snake"']),
+    "fedavg-n3": (3, ['scheme="fedavg"']),
+}
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("runs")
+    for name, (n, sets) in RUNS.items():
+        cfg = load_config(TINY, ["probes.enabled=false", "train.rounds=2", *sets])
+        ThreadWorld(n).run(lambda c, cfg=cfg, name=name: execute(cfg, c, d / f"{name}.h5"))
+    (d / "broken.h5").write_bytes(b"not a result")
+    (d / "ring_bw.csv").write_text(
+        "# ring_bw: 2 ranks, mode token, test\nbytes,iterations,latency_us,bandwidth_MBps\n"
+        "65536,100,10.0,6553.6\n262144,100,20.0,13107.2\n"
+    )
+    (d / "transfer.csv").write_text(
+        "bytes,bare_GBps,comm_GBps,comm_token_GBps,ring_bw_GBps\n"
+        "65536,5.0,2.0,1.5,6.5536\n262144,12.0,9.0,6.5536,13.1072\n"
+    )
+    return d
+
+
+def test_the_report_has_every_figure_table_and_claim(results_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert report.main([str(results_dir), "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    assert "from 3 complete result file(s)" in md and "broken.h5" in md  # listed, left out
+    for fig in ("bytes", "memory", "time", "acc", "scaling"):
+        png = out / "figures" / f"w1_{fig}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig
+        assert f"figures/w1_{fig}.png" in md and f"figures/w1_{fig}.png" in html
+    assert (out / "figures" / "hops.png").exists()
+    # the scaling table: snake at N = 2 and 3 with the analytic bytes beside the measured
+    rows = [ln.split("|")[1:-1] for ln in md.splitlines() if ln.startswith("| snake-p2p s")]
+    assert [r[1].strip() for r in rows] == ["2", "3"]
+    for r, name in zip(rows, ("snake-n2", "snake-n3"), strict=True):
+        res = read_result(results_dir / f"{name}.h5")
+        measured = res.rounds["bytes_sent"].sum(axis=1).mean() / 2**20
+        assert r[2].strip() == r[3].strip() == f"{measured:.3f}"
+    # the claims: Snake at N=3 against FedAvg, with the measured bytes ratio
+    fed = read_result(results_dir / "fedavg-n3.h5").rounds["bytes_sent"].sum(axis=1).mean()
+    for name, n in (("snake-n2", 2), ("snake-n3", 3)):
+        sent = read_result(results_dir / f"{name}.h5").rounds["bytes_sent"].sum(axis=1).mean()
+        # paired with FedAvg at the same N, else with equal data holders (one rank more)
+        row = f"| snake-p2p N={n} vs fedavg N=3 | bytes per round / FedAvg's | {sent / fed:.3f} |"
+        assert row in md, md
+    assert "| 262,144 | 13.11 | 12.00 | 9.00 | 6.55 | 0.500 |" in md  # hop table: token/ring
+    assert "<table>" in html and "<img src='figures/w1_bytes.png'" in html
+
+
+def test_no_results_is_exit_1(tmp_path, capsys):
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 1
+    assert "no complete result files" in capsys.readouterr().err
+
+
+def test_csv_reader_ignores_comments(tmp_path):
+    p = tmp_path / "x.csv"
+    p.write_text("# c\na,b\n1,2\n3,4\n")
+    got = report.read_csv(p)
+    assert np.array_equal(got["a"], [1, 3]) and np.array_equal(got["b"], [2, 4])
