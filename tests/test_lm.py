@@ -266,3 +266,41 @@ def test_memory_accounting_for_opt_1_3b_beside_the_paper(capsys):
     assert "1,315,758,080 parameters in 26 blocks" in out
     assert "19.37 GB full fine-tuning, 3.13 GB per Snake node" in out
     assert main(["/dev/null", "--nodes", "zero"]) == 2
+
+
+def test_a_checkpoint_with_a_tokenizer_tokenizes_the_text(tmp_path):
+    """data.tokenizer = auto takes the checkpoint's tokenizer where it has one (made here with
+    the tokenizers library: nothing downloaded), else bytes."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from snake_mpi.config import DataConfig
+    from snake_mpi.data import load_dataset
+
+    root = write_corpus(tmp_path / "corpus", n_files=30, size=300)
+    tok = HFTokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "</s>"])
+    tok.train([str(f) for f in corpus_files(root)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+    ckpt = tmp_path / "ckpt"
+    torch.manual_seed(0)
+    causal_lm(ModelConfig(family="lm", preset="llama-tiny")).save_pretrained(ckpt)
+    fast.save_pretrained(ckpt)
+    d = DataConfig(name="text", path=str(root), seq_len=8, n_train=20, n_test=2)
+    with_tok = load_dataset(d, 0, checkpoint=str(ckpt))
+    assert with_tok.n_classes == len(fast) <= 256
+    first = sorted(f for f in corpus_files(root) if not is_test_file(root, f))[0]
+    assert with_tok.x_train[0].tolist() == fast(first.read_text())["input_ids"][:8]
+    as_bytes = load_dataset(dataclasses.replace(d, tokenizer="bytes"), 0, checkpoint=str(ckpt))
+    assert as_bytes.n_classes == 256
+    assert as_bytes.x_train[0].tolist() == list(first.read_bytes()[:8])
+    model = build_model(
+        ModelConfig(family="lm", checkpoint=str(ckpt)),
+        sample_shape=(1,),
+        n_classes=with_tok.n_classes,
+        seed=0,
+    )
+    loss, _ = evaluate(model, with_tok.x_test, with_tok.y_test)
+    assert np.isfinite(loss)
