@@ -4,7 +4,7 @@
  * --mode sendrecv (default): every rank sends a message to its successor and receives one
  *   from its predecessor at the same time (MPI_Sendrecv): all links busy in both directions.
  * --mode token: one message goes round the ring, hop after hop (rank 0 sends to 1, 1 receives
- *   it and sends it to 2, ..., the last back to 0): exactly the pattern of Snake Learning's
+ *   it and forwards that same buffer to 2, ..., the last back to 0): the pattern of Snake's
  *   peer-to-peer weight hops, one transfer in flight at a time. This is the physical limit for
  *   snake_mpi's hops on the machine it runs on.
  *
@@ -72,7 +72,7 @@ int main(int argc, char **argv) {
         MPI_Abort(MPI_COMM_WORLD, 1);
     }
     memset(send, rank & 0xff, (size_t)max_bytes);
-    memset(recv, 0, (size_t)max_bytes);
+    memset(recv, (token && rank == 0) ? 0xA5 : 0, (size_t)max_bytes); /* token: rank 0's data */
     int succ = (rank + 1) % size, pred = (rank - 1 + size) % size;
     if (rank == 0) {
         char version[MPI_MAX_LIBRARY_VERSION_STRING];
@@ -100,18 +100,18 @@ int main(int argc, char **argv) {
                 MPI_Sendrecv(send, (int)bytes, MPI_BYTE, succ, 1, recv, (int)bytes, MPI_BYTE,
                              pred, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
             } else if (rank == 0) { /* starts the token, then waits for it to come round */
-                MPI_Send(send, (int)bytes, MPI_BYTE, succ, 1, MPI_COMM_WORLD);
+                MPI_Send(recv, (int)bytes, MPI_BYTE, succ, 1, MPI_COMM_WORLD);
                 MPI_Recv(recv, (int)bytes, MPI_BYTE, pred, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-            } else {
+            } else { /* passes on the very buffer it received, as a Snake node does */
                 MPI_Recv(recv, (int)bytes, MPI_BYTE, pred, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-                MPI_Send(send, (int)bytes, MPI_BYTE, succ, 1, MPI_COMM_WORLD);
+                MPI_Send(recv, (int)bytes, MPI_BYTE, succ, 1, MPI_COMM_WORLD);
             }
         }
         double elapsed = MPI_Wtime() - t0, slowest;
         MPI_Reduce(&elapsed, &slowest, 1, MPI_DOUBLE, MPI_MAX, 0, MPI_COMM_WORLD);
         if (best < 0 || slowest < best) best = slowest;
         }
-        if (recv[bytes - 1] != (char)(pred & 0xff)) {
+        if (recv[bytes - 1] != (token ? (char)0xA5 : (char)(pred & 0xff))) {
             fprintf(stderr, "ring_bw: rank %d: wrong data from rank %d\n", rank, pred);
             MPI_Abort(MPI_COMM_WORLD, 1);
         }
