@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from snake_mpi.launch import launcher
+from snake_mpi.store import is_complete
 
 REPO = Path(__file__).resolve().parents[1]
 LLM = REPO / "bench" / "configs" / "llm"
@@ -45,25 +47,8 @@ def snake_mpi() -> str:
 
 
 def launch(n: int, argv: list[str]) -> list[str]:
-    """``mpirun -n N`` (oversubscribed, Open MPI) or, on one rank, the command itself."""
-    if n == 1:
-        return argv
-    mpirun = str(BIN / "mpirun") if (BIN / "mpirun").exists() else shutil.which("mpirun")
-    if mpirun is None:
-        sys.exit("bench/memory.py: no mpirun found (run `make install` first)")
-    version = subprocess.run([mpirun, "--version"], capture_output=True, text=True).stdout
-    extra = ["--oversubscribe"] if "Open MPI" in version else []
-    return [mpirun, "-n", str(n), *extra, *argv]
-
-
-def is_complete(path: Path) -> bool:
-    from snake_mpi.store import ResultError, read_result
-
-    try:
-        read_result(path)
-    except (ResultError, OSError):
-        return False
-    return True
+    """The command itself on one rank, else srun or mpirun (``snake_mpi.launch``)."""
+    return argv if n == 1 else launcher(n, argv)
 
 
 def main() -> int:

@@ -30,14 +30,29 @@ class BlockModel(nn.Module):
         self.blocks = nn.ModuleList([m for _, m in blocks])
         self.roles = [ROLE_STEM] + [ROLE_MIDDLE] * (len(blocks) - 2) + [ROLE_HEAD]
         self.versions = np.zeros(len(blocks), dtype=np.int64)
+        self._owners: dict[int, int] | None = None
+
+    def shared_owners(self) -> dict[int, int]:
+        """``id`` of every tensor that appears in more than one block -> the first block that
+        has it, its owner (empty for most models). Cached; ``drop_blocks`` and dtype/device
+        moves invalidate it."""
+        if self._owners is None:
+            first: dict[int, int] = {}
+            count: dict[int, int] = {}
+            for b, mod in enumerate(self.blocks):
+                for t in module_tensors(mod):
+                    first.setdefault(id(t), b)
+                    count[id(t)] = count.get(id(t), 0) + 1
+            self._owners = {k: first[k] for k, n in count.items() if n > 1}
+        return self._owners
 
     def tied_tensors(self) -> int:
         """Number of tensors that appear in more than one block (0 for most models)."""
-        seen: dict[int, int] = {}
-        for mod in self.blocks:
-            for t in module_tensors(mod):
-                seen[id(t)] = seen.get(id(t), 0) + 1
-        return sum(1 for n in seen.values() if n > 1)
+        return len(self.shared_owners())
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ...: tensors may be new objects
+        self._owners = None
+        return super()._apply(fn, *args, **kwargs)
 
     @property
     def n_blocks(self) -> int:
@@ -62,10 +77,10 @@ def block_tensors(model: BlockModel, b: int) -> list[torch.Tensor]:
     """The state tensors block ``b`` owns (parameters, then buffers) in a fixed order, each once;
     a tensor that an earlier block also has is that block's, not this one's."""
     own = module_tensors(model.blocks[b])
-    if b == 0:
+    owners = model.shared_owners()
+    if not owners:
         return own
-    earlier = {id(t) for a in range(b) for t in module_tensors(model.blocks[a])}
-    return [t for t in own if id(t) not in earlier]
+    return [t for t in own if owners.get(id(t), b) == b]
 
 
 def block_parameters(model: BlockModel, b: int) -> list[nn.Parameter]:
@@ -89,6 +104,7 @@ def drop_blocks(model: BlockModel, ids: Iterable[int]) -> None:
     each becomes an empty ``nn.Identity``, so it counts 0 bytes everywhere."""
     for b in ids:
         model.blocks[b] = nn.Identity()
+    model._owners = None
 
 
 def block_nbytes(model: BlockModel, b: int) -> int:
@@ -196,18 +212,23 @@ def training_state_bytes(
     grads = sum(
         p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None
     )
-    optim = 0
-    if optimizer is not None:
-        for state in optimizer.state.values():
-            for v in state.values():
-                if torch.is_tensor(v):
-                    optim += v.numel() * v.element_size()
+    optim = optimizer_state_bytes(optimizer) if optimizer is not None else 0
     return {
         "weights": weights,
         "grads": grads,
         "optimizer": optim,
         "total": weights + grads + optim,
     }
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors in an optimiser's state (moments, momentum, step counters)."""
+    return sum(
+        v.numel() * v.element_size()
+        for state in optimizer.state.values()
+        for v in state.values()
+        if torch.is_tensor(v)
+    )
 
 
 def model_hash(model: BlockModel) -> str:

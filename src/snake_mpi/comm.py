@@ -182,7 +182,7 @@ class Comm:
                     prepost = False  # the chunking must follow the actual payload size
                 else:
                     preqs = [self._comm.Irecv([out, MPI.BYTE], source, TAG_PAYLOAD)]
-        self._wait_all([req], f"the header of the {what}", status=status)
+        self._wait_all([req], f"the header of the {what}", statuses=[status])
         t1 = time.perf_counter()
         self.stats.wait_s += t1 - t0
         header = header_buf[: status.Get_count(MPI.INT64_T)].copy()
@@ -213,7 +213,6 @@ class Comm:
         reqs: list[MPI.Request],
         what: str,
         *,
-        status: MPI.Status | None = None,
         statuses: list[MPI.Status] | None = None,
         spin_s: float = _SPIN_IDLE_S,
     ) -> None:
@@ -225,7 +224,7 @@ class Comm:
             if statuses is not None:
                 done = MPI.Request.Testall(reqs, statuses)
             elif len(reqs) == 1:
-                done = reqs[0].Test(status) if status is not None else reqs[0].Test()
+                done = reqs[0].Test()
             else:
                 done = MPI.Request.Testall(reqs)
             if done:

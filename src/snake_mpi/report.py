@@ -27,14 +27,14 @@ import numpy as np
 
 from snake_mpi.compare import (
     Row,
+    cells,
     claims,
     default_target,
-    format_markdown,
     label,
     row_of,
     workload,
 )
-from snake_mpi.expected import expected_bytes, run_config
+from snake_mpi.expected import run_config
 from snake_mpi.store import Result, scan_results
 
 MIB = 2**20
@@ -129,12 +129,11 @@ def _save(fig, path: Path) -> None:
     _pyplot().close(fig)
 
 
-def fig_bytes(results: Sequence[Result], path: Path) -> None:
+def fig_bytes(rows: Sequence[Row], names: Sequence[str], path: Path) -> None:
     """Measured bytes per round (all ranks) beside the analytic count, one bar per run."""
     plt = _pyplot()
-    names = [run_name(r) for r in results]
-    measured = [r.rounds["bytes_sent"].sum(axis=1).mean() / MIB for r in results]
-    analytic = [expected_bytes(r)[0].sum(axis=1).mean() / MIB for r in results]
+    measured = [r.bytes_per_round / MIB for r in rows]
+    analytic = [r.analytic_bytes_per_round / MIB for r in rows]
     fig, ax = plt.subplots(figsize=(max(6.4, 0.7 * len(names) + 2), 4.2), dpi=120)
     x = np.arange(len(names))
     ax.bar(x, measured, color="tab:blue", label="measured")
@@ -142,32 +141,33 @@ def fig_bytes(results: Sequence[Result], path: Path) -> None:
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("model-transfer bytes per round, all ranks (MiB)")
     ax.set_title("bytes per round by run")
-    if (
-        max(measured, default=0) > 0
-        and max(measured) / max(min(m for m in measured if m > 0), 1e-9) > 50
-    ):
+    positive = [m for m in measured if m > 0]
+    if positive and max(positive) / min(positive) > 50:
         ax.set_yscale("log")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)
 
 
-def fig_memory(results: Sequence[Result], path: Path) -> None:
+def fig_memory(
+    results: Sequence[Result], rows: Sequence[Row], names: Sequence[str], path: Path
+) -> None:
     """Peak RSS (largest and mean rank) and training state (largest rank), MiB, per run."""
     plt = _pyplot()
-    names = [run_name(r) for r in results]
-    peak_max = [r.tables["ranks"]["peak_rss_bytes"].max() / MIB for r in results]
-    peak_mean = [r.tables["ranks"]["peak_rss_bytes"].mean() / MIB for r in results]
     base = [
         r.tables["ranks"].get("rss_before_model_bytes", np.zeros(1)).mean() / MIB for r in results
     ]
-    state = [r.rounds["train_state_bytes"].max() / MIB for r in results]
     fig, ax = plt.subplots(figsize=(max(6.4, 0.9 * len(names) + 2), 4.2), dpi=120)
     x = np.arange(len(names))
     w = 0.27
-    ax.bar(x - w, peak_max, w, label="peak RSS, largest rank")
-    ax.bar(x, peak_mean, w, label="peak RSS, mean over ranks")
-    ax.bar(x + w, state, w, label="training state, largest rank")
+    ax.bar(x - w, [r.peak_rss_max_bytes / MIB for r in rows], w, label="peak RSS, largest rank")
+    ax.bar(x, [r.peak_rss_mean_bytes / MIB for r in rows], w, label="peak RSS, mean over ranks")
+    ax.bar(
+        x + w,
+        [r.train_state_max_bytes / MIB for r in rows],
+        w,
+        label="training state, largest rank",
+    )
     ax.scatter(x, base, color="black", marker="_", s=300, zorder=3, label="RSS before the model")
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("memory per node (MiB)")
@@ -238,41 +238,39 @@ def fig_metric(results: Sequence[Result], path: Path) -> str:
     return metric
 
 
-def scaling_groups(results: Sequence[Result]) -> dict[str, list[Result]]:
+def scaling_groups(results: Sequence[Result], rows: Sequence[Row]) -> dict[str, list[Row]]:
     """Runs of one scheme (and seed) at two or more rank counts, sorted by N."""
-    groups: dict[str, list[Result]] = defaultdict(list)
-    for r in results:
-        groups[f"{label(r)} s{run_config(r).seed}"].append(r)
+    groups: dict[str, list[Row]] = defaultdict(list)
+    for res, row in zip(results, rows, strict=True):
+        groups[f"{row.label} s{run_config(res).seed}"].append(row)
     return {
-        k: sorted(v, key=lambda r: r.world_size)
+        k: sorted(v, key=lambda r: r.ranks)
         for k, v in groups.items()
-        if len({r.world_size for r in v}) >= 2
+        if len({r.ranks for r in v}) >= 2
     }
 
 
-def fig_scaling(groups: dict[str, list[Result]], path: Path) -> None:
+def fig_scaling(groups: dict[str, list[Row]], path: Path) -> None:
     """Against N: bytes per round (measured points, analytic line), round time, peak RSS and
     training state of the largest rank."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), dpi=110)
     for i, (name, runs) in enumerate(groups.items()):
         color = f"C{i}"
-        n = [r.world_size for r in runs]
-        meas = [r.rounds["bytes_sent"].sum(axis=1).mean() / MIB for r in runs]
-        anal = [expected_bytes(r)[0].sum(axis=1).mean() / MIB for r in runs]
-        axes[0].plot(n, anal, "-", color=color, label=f"{name} analytic")
-        axes[0].plot(n, meas, "o", color=color, label=f"{name} measured")
-        axes[1].plot(n, [r.rounds["round_s"].max(axis=1).mean() for r in runs], "o-", color=color)
-        axes[2].plot(
+        n = [r.ranks for r in runs]
+        axes[0].plot(
             n,
-            [r.tables["ranks"]["peak_rss_bytes"].max() / MIB for r in runs],
-            "o-",
+            [r.analytic_bytes_per_round / MIB for r in runs],
+            "-",
             color=color,
-            label=name,
+            label=f"{name} analytic",
         )
-        axes[3].plot(
-            n, [r.rounds["train_state_bytes"].max() / MIB for r in runs], "o-", color=color
+        axes[0].plot(
+            n, [r.bytes_per_round / MIB for r in runs], "o", color=color, label=f"{name} measured"
         )
+        axes[1].plot(n, [r.round_s for r in runs], "o-", color=color)
+        axes[2].plot(n, [r.peak_rss_max_bytes / MIB for r in runs], "o-", color=color, label=name)
+        axes[3].plot(n, [r.train_state_max_bytes / MIB for r in runs], "o-", color=color)
     titles = [
         ("bytes per round, all ranks (MiB)", "bytes"),
         ("round time, slowest rank (s)", "time"),
@@ -397,34 +395,36 @@ def perplexity_claim(results: Sequence[Result]) -> list[list[str]]:
 def memory_claim(rows: Sequence[Row], results: Sequence[Result]) -> list[list[str]]:
     """For language-model runs: the full / Snake ratio of the largest training state and of
     the largest peak-RSS increase, against the paper's 6.2."""
-    full = [(r, res) for r, res in zip(rows, results, strict=True) if r.label in ("centralised",)]
-    snake = [(r, res) for r, res in zip(rows, results, strict=True) if r.label.startswith("snake")]
+
+    def increase(res: Result) -> float:
+        ranks = res.tables["ranks"]
+        return float((ranks["peak_rss_bytes"] - ranks["rss_before_model_bytes"]).max())
+
+    pairs = list(zip(rows, results, strict=True))
+    full = next(((r, res) for r, res in pairs if r.label == "centralised"), None)
+    if full is None:
+        return []
     out = []
-    for fr, fres in full[:1]:
-        for sr, sres in snake:
-            for what, f in (
-                ("training state per node", lambda row, res: row.train_state_max_bytes),
-                (
-                    "peak RSS increase per node",
-                    lambda row, res: float(
-                        (
-                            res.tables["ranks"]["peak_rss_bytes"]
-                            - res.tables["ranks"]["rss_before_model_bytes"]
-                        ).max()
-                    ),
-                ),
-            ):
-                ratio = f(fr, fres) / max(f(sr, sres), 1)
-                verdict = "holds" if ratio >= 0.9 * PAPER_MEMORY_RATIO else "does not hold"
-                out.append(
-                    [
-                        f"{sr.label} N={sr.ranks}",
-                        f"full fine-tuning / Snake, {what}",
-                        f"{ratio:.2f}",
-                        f"about {PAPER_MEMORY_RATIO:.1f} (OPT-1.3B)",
-                        verdict,
-                    ]
-                )
+    for row, res in pairs:
+        if not row.label.startswith("snake"):
+            continue
+        for what, ratio in (
+            (
+                "training state per node",
+                full[0].train_state_max_bytes / max(row.train_state_max_bytes, 1),
+            ),
+            ("peak RSS increase per node", increase(full[1]) / max(increase(res), 1)),
+        ):
+            verdict = "holds" if ratio >= 0.9 * PAPER_MEMORY_RATIO else "does not hold"
+            out.append(
+                [
+                    f"{row.label} N={row.ranks}",
+                    f"full fine-tuning / Snake, {what}",
+                    f"{ratio:.2f}",
+                    f"about {PAPER_MEMORY_RATIO:.1f} (OPT-1.3B)",
+                    verdict,
+                ]
+            )
     return out
 
 
@@ -455,17 +455,15 @@ def build(paths: Sequence[str], out_dir: Path, *, title: str = "snake_mpi report
         target = default_target(runs)
         rows = [row_of(r, target) for r in runs]
         doc.p(f"Comparison (target accuracy {target:.4f}: 90 % of the best run's):")
-        md = format_markdown(rows).splitlines()
-        head = [c.strip() for c in md[0].strip("|").split("|")]
-        body = [[c.strip() for c in ln.strip("|").split("|")] for ln in md[2:]]
-        doc.table(head, body)
+        doc.table(*cells(rows))
+        names = [run_name(r) for r in runs]
         prefix = f"w{gi}"
-        fig_bytes(runs, figs / f"{prefix}_bytes.png")
+        fig_bytes(rows, names, figs / f"{prefix}_bytes.png")
         doc.img(
             f"figures/{prefix}_bytes.png",
             "Bytes per round by run: measured (bars), analytic (black).",
         )
-        fig_memory(runs, figs / f"{prefix}_memory.png")
+        fig_memory(runs, rows, names, figs / f"{prefix}_memory.png")
         doc.img(f"figures/{prefix}_memory.png", "Memory per node by run.")
         fig_time_split(runs, figs / f"{prefix}_time.png")
         doc.img(
@@ -477,7 +475,7 @@ def build(paths: Sequence[str], out_dir: Path, *, title: str = "snake_mpi report
             f"figures/{prefix}_{'ppl' if is_lm(runs[0]) else 'acc'}.png",
             f"Test {metric} against rounds, wall time and bytes.",
         )
-        scal = scaling_groups(runs)
+        scal = scaling_groups(runs, rows)
         if scal:
             fig_scaling(scal, figs / f"{prefix}_scaling.png")
             doc.img(
@@ -485,24 +483,20 @@ def build(paths: Sequence[str], out_dir: Path, *, title: str = "snake_mpi report
                 "Scaling against the number of ranks: bytes (analytic lines, measured points), "
                 "round time, peak RSS and training state.",
             )
-            srows = []
-            for name, rs in scal.items():
-                for r in rs:
-                    m = r.rounds["bytes_sent"].sum(axis=1).mean()
-                    a = expected_bytes(r)[0].sum(axis=1).mean()
-                    srows.append(
-                        [
-                            name,
-                            str(r.world_size),
-                            f"{m / MIB:.3f}",
-                            f"{a / MIB:.3f}",
-                            f"{r.rounds['round_s'].max(axis=1).mean():.3f}",
-                            f"{r.tables['ranks']['peak_rss_bytes'].max() / MIB:.1f}",
-                        ]
-                    )
             doc.table(
                 ["run", "N", "MiB/round", "analytic MiB/round", "round s", "peak RSS MiB max"],
-                srows,
+                [
+                    [
+                        name,
+                        str(r.ranks),
+                        f"{r.bytes_per_round / MIB:.3f}",
+                        f"{r.analytic_bytes_per_round / MIB:.3f}",
+                        f"{r.round_s:.3f}",
+                        f"{r.peak_rss_max_bytes / MIB:.1f}",
+                    ]
+                    for name, rs in scal.items()
+                    for r in rs
+                ],
             )
         found = snake_claims(rows)
         if is_lm(runs[0]):

@@ -350,6 +350,15 @@ def read_result(path: str | os.PathLike, *, allow_incomplete: bool = False) -> R
         raise ResultFormatError(p, f"damaged result file: {e}") from e
 
 
+def is_complete(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a complete, readable result file (what a resumable runner skips)."""
+    try:
+        read_result(path)
+    except (ResultError, OSError):
+        return False
+    return True
+
+
 def _read_open(p: pathlib.Path, f: h5py.File, allow_incomplete: bool) -> Result:
     attrs = {k: _py(v) for k, v in f.attrs.items()}
     if "schema_version" not in attrs:

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from snake_mpi.config import ConfigError, load_config
+from snake_mpi.launch import launcher
+from snake_mpi.store import is_complete
 
 REPO = Path(__file__).resolve().parents[2]
 SUITES = REPO / "bench" / "suites"
@@ -95,14 +97,6 @@ def load_suite(name: str) -> tuple[list[Cell], float]:
     return cells, float(raw.get("time_limit_s", 900))
 
 
-def launcher(n: int, argv: list[str]) -> list[str]:
-    """``srun`` inside a Slurm allocation where it can start this MPI, else ``mpirun``
-    (``snake_mpi.launch``)."""
-    from snake_mpi.launch import launcher as choose
-
-    return choose(n, argv)
-
-
 def update_manifest(out_dir: Path, suite: str, name: str, outcome: Outcome) -> None:
     """Merge one cell's outcome into ``manifest.json`` under an exclusive lock, so that the
     tasks of a Slurm job array can update it at the same time; written atomically."""
@@ -120,16 +114,6 @@ def update_manifest(out_dir: Path, suite: str, name: str, outcome: Outcome) -> N
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, path)
-
-
-def _complete(path: Path) -> bool:
-    from snake_mpi.store import ResultError, read_result
-
-    try:
-        read_result(path)
-    except ResultError:
-        return False
-    return True
 
 
 def run_cell(cell: Cell, out_dir: Path, time_limit_s: float) -> Outcome:
@@ -157,7 +141,7 @@ def run_cell(cell: Cell, out_dir: Path, time_limit_s: float) -> Outcome:
             code = None
             err += f"\nsuite: killed at the time limit of {time_limit_s:g} s"
     elapsed = time.perf_counter() - t0
-    ok = code == 0 and _complete(result)
+    ok = code == 0 and is_complete(result)
     return Outcome(
         status="complete" if ok else "failed",
         result=result.name,
@@ -190,7 +174,7 @@ def run_suite(
     ran_s: list[float] = []
     for i, cell in enumerate(cells, 1):
         result = out_dir / f"{cell.name}.h5"
-        if _complete(result):
+        if is_complete(result):
             outcomes[cell.name] = Outcome(
                 "skipped", result.name, cell.ranks, cell.seed, cell.config
             )

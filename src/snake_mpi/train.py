@@ -154,18 +154,14 @@ class Optimiser:
         for i, m in self.masters.items():
             self.params[i].copy_(m)
 
-    def state_bytes(self) -> int:
-        """Optimiser state + fp32 master weights and their gradients."""
-        n = 0
-        for state in self.opt.state.values():
-            for v in state.values():
-                if torch.is_tensor(v):
-                    n += v.numel() * v.element_size()
-        for m in self.masters.values():
-            n += m.numel() * m.element_size()
-            if m.grad is not None:
-                n += m.grad.numel() * m.grad.element_size()
-        return n
+    def master_bytes(self) -> int:
+        """The fp32 master weights and their gradients (0 for fp32 models)."""
+        return sum(
+            t.numel() * t.element_size()
+            for m in self.masters.values()
+            for t in (m, m.grad)
+            if t is not None
+        )
 
 
 def turn_batches(n: int, cfg: TrainConfig, generator: torch.Generator):
@@ -236,7 +232,7 @@ def train_local(
         total_loss += task.item() * len(idx)
         samples += len(idx)
         steps += 1
-    state = training_state_bytes(model, None)["total"] + opt.state_bytes()
+    state = training_state_bytes(model, opt.opt)["total"] + opt.master_bytes()
     state += teacher.nbytes() if teacher else 0
     opt.zero_grad()
     used_kd = teacher is not None

@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from snake_mpi.blocks import BlockModel, model_bytes_held, set_trainable, training_state_bytes
+from snake_mpi.blocks import (
+    BlockModel,
+    model_bytes_held,
+    optimizer_state_bytes,
+    set_trainable,
+    training_state_bytes,
+)
 from snake_mpi.config import RunConfig
 from snake_mpi.schemes import Context
 from snake_mpi.schemes.common import slowdown
@@ -177,12 +183,7 @@ class ServerPart:
         own = self.blocks[0] is not self.ctx.model.blocks[self.cut]
         weights = sum(p.numel() * p.element_size() for p in params) if own else 0
         grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
-        optim = 0
-        if self.opt is not None:
-            for st in self.opt.state.values():
-                optim += sum(
-                    v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v)
-                )
+        optim = optimizer_state_bytes(self.opt) if self.opt is not None else 0
         return weights + grads + optim
 
     def end_turn(self) -> None:
