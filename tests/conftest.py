@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -12,9 +13,58 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+SESSION_MARK = "SNAKE_MPI_TEST_SESSION"
+"""Set in this test process's environment, so every process a test starts (mpirun, its ranks,
+a suite's cells, Slurm jobs) carries it, even once reparented to PID 1."""
+os.environ[SESSION_MARK] = f"{os.getpid()}-{time.time_ns()}"
+settings.register_profile("default", deadline=None, derandomize=bool(os.environ.get("CI")))
+settings.register_profile("thorough", deadline=None, max_examples=2000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+DAEMONS = {"slurmctld", "slurmd", "slurmstepd", "munged"}
+"""Services a module fixture starts on purpose and stops at the module's end."""
+
+
+def session_processes() -> list[str]:
+    """Live processes started by this test session (other than this one and its ancestors)."""
+    import psutil
+
+    mark = os.environ[SESSION_MARK]
+    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    found = []
+    for p in psutil.process_iter(["name", "cmdline", "status"]):
+        if p.pid in mine or p.info["name"] in DAEMONS:
+            continue
+        if p.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        try:
+            if p.environ().get(SESSION_MARK) == mark:
+                found.append(f"{p.pid} {' '.join(p.info['cmdline'] or [])[:160]}")
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test():
+    """Fail a test that leaves a process behind (an orphaned rank, a launcher, a suite cell);
+    the leftovers are killed so that the next test starts clean."""
+    yield
+    import psutil
+
+    deadline = time.monotonic() + 5  # a job that just ended may still be exiting
+    left = session_processes()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = session_processes()
+    if left:
+        for line in left:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(int(line.split()[0])).kill()
+        pytest.fail("processes outlived the test:\n" + "\n".join(left))
 
 
 @dataclass

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
+import h5py
 import numpy as np
 import pytest
 
@@ -148,3 +150,55 @@ def test_accuracy_plots_are_written_as_png(results_dir, tmp_path, capsys):
     for name in ("rounds", "bytes", "time"):
         png = plots / f"accuracy_vs_{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def hand_made(good, d):
+    """Files with the schema's attributes and status "complete" but groups, columns or a
+    readable config missing: name -> the reason compare gives."""
+
+    def copy(name, edit):
+        p = d / name
+        shutil.copy(good, p)
+        with h5py.File(p, "a") as f:
+            edit(f)
+
+    with h5py.File(d / "bare.h5", "w") as f:
+        f.attrs.update(schema_version=1, status="complete", world_size=4, config_toml="")
+    copy("no-ranks.h5", lambda f: f.__delitem__("ranks"))
+    copy("no-eval-round.h5", lambda f: f.__delitem__("eval/round"))
+    copy("bad-toml.h5", lambda f: f.attrs.__setitem__("config_toml", "scheme = [unclosed"))
+    copy("bad-config.h5", lambda f: f.attrs.__setitem__("config_toml", "colour = 1\n"))
+    copy("no-config.h5", lambda f: f.attrs.__delitem__("config_toml"))
+
+    def short_column(f):
+        del f["ranks/peak_rss_bytes"]
+        f["ranks/peak_rss_bytes"] = [1, 2]
+
+    copy("short-column.h5", short_column)
+    return {
+        "bare.h5": "damaged result file: /rounds: missing",
+        "no-ranks.h5": "lacks /ranks/peak_rss_bytes, /ranks/data_samples",
+        "no-eval-round.h5": "lacks /eval/round",
+        "bad-toml.h5": "config_toml attribute is not a valid run configuration: Invalid value",
+        "bad-config.h5": "config_toml attribute is not a valid run configuration: ",
+        "no-config.h5": "no config_toml attribute",
+        "short-column.h5": "/ranks/peak_rss_bytes is int64 of shape (2,), expected 4 numbers",
+    }
+
+
+def test_hand_made_files_with_parts_missing_are_skipped_with_the_reason(
+    results_dir, tmp_path, capsys
+):
+    why = hand_made(results_dir / "fedavg.h5", tmp_path)
+    (tmp_path / "fedavg.h5").write_bytes((results_dir / "fedavg.h5").read_bytes())
+    assert compare.main([str(tmp_path), "--markdown", "--allow-mixed"]) == 0
+    captured = capsys.readouterr()
+    assert set(markdown_rows(captured.out)) == {"fedavg"}
+    skipped = [ln for ln in captured.err.splitlines() if ln.startswith("compare: skipped")]
+    assert [ln.split()[2].rstrip(":") for ln in skipped] == [str(tmp_path / n) for n in sorted(why)]
+    for name, reason in why.items():
+        assert f"compare: skipped {tmp_path / name}: {reason}" in captured.err
+    results, left_out = compare.scan([tmp_path])
+    assert [r.path.name for r in results] == ["fedavg.h5"] and len(left_out) == len(why)
+    assert compare.main([str(tmp_path / n) for n in why]) == 1
+    assert "no complete result files" in capsys.readouterr().err

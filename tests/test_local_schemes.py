@@ -144,8 +144,8 @@ def test_fedavg_with_identical_client_data_equals_a_centralised_step_on_the_unio
     shard = 256
     real = run_module.build_shards
 
-    def identical_shards(cfg, seeds, world_size):
-        dataset, _parts = real(cfg, seeds, world_size)
+    def identical_shards(cfg, seeds, world_size, dataset=None):
+        dataset, _parts = real(cfg, seeds, world_size, dataset)
         same = np.arange(shard, dtype=np.int64)
         return dataset, [np.zeros(0, np.int64)] + [same] * (world_size - 1)
 

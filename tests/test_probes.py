@@ -23,16 +23,24 @@ def _touched(n_bytes: int) -> np.ndarray:
     return arr
 
 
+def _wait_for(ok, timeout_s: float = 30.0) -> None:
+    """Until ``ok()``: the sampler thread ticks every 10 ms, but on a loaded host it may not be
+    scheduled for a while; 30 s is the margin relied on."""
+    deadline = time.monotonic() + timeout_s
+    while not ok() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_sampler_sees_peak_and_records_series():
     s = MemorySampler(0.01)
     s.start()
     try:
         base = s.peak_rss_bytes()
         big = _touched(200 * MB)
-        time.sleep(0.05)
+        _wait_for(lambda: s.series()["rss_bytes"].max() - base >= 150 * MB)  # a tick saw it
         peak = s.peak_rss_bytes()
         del big
-        time.sleep(0.05)
+        _wait_for(lambda: s.series()["t_s"].size >= 3)
     finally:
         s.stop()
     assert peak - base >= 150 * MB

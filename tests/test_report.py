@@ -3,6 +3,7 @@ report.html with the figures the issue names, the scaling table and the claims t
 
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import pytest
 
@@ -81,3 +82,32 @@ def test_csv_reader_ignores_comments(tmp_path):
     p.write_text("# c\na,b\n1,2\n3,4\n")
     got = report.read_csv(p)
     assert np.array_equal(got["a"], [1, 3]) and np.array_equal(got["b"], [2, 4])
+
+
+def test_only_bad_files_is_exit_1_with_every_reason(results_dir, tmp_path, capsys):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "broken.h5").write_bytes(b"not a result")
+    bad_toml = d / "bad-toml.h5"
+    bad_toml.write_bytes((results_dir / "fedavg-n3.h5").read_bytes())
+    with h5py.File(bad_toml, "a") as f:
+        f.attrs["config_toml"] = "scheme = [unclosed"
+    with h5py.File(d / "bare.h5", "w") as f:
+        f.attrs.update(schema_version=1, status="complete", world_size=3)
+    (d / "dead.h5.partial").write_bytes(b"")
+    assert report.main([str(d), "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    for name, reason in (
+        ("bad-toml.h5", "config_toml attribute is not a valid run configuration"),
+        ("bare.h5", "damaged result file: /rounds: missing"),
+        ("broken.h5", "not an HDF5 file"),
+        ("dead.h5.partial", "incomplete result"),
+    ):
+        assert f"snake-mpi report: skipped {d / name}: {reason}" in err, err
+    assert "no complete result files found" in err and "4 file(s) skipped" in err
+    assert "Traceback" not in err and not (tmp_path / "r" / "report.md").exists()
+    good = d / "fedavg-n3.h5"
+    good.write_bytes((results_dir / "fedavg-n3.h5").read_bytes())
+    assert report.main([str(d), "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "from 1 complete result file(s)" in md and "| bad-toml.h5 | config_toml" in md

@@ -58,6 +58,7 @@ def test_a_suite_runs_records_failures_and_resumes(tmp_path, capsys):
     assert "injected fault" in cells["fails-n2-s0"]["stderr_tail"]
     assert cells["hangs-n2-s0"]["exit_code"] is None
     assert "killed at the time limit of 20 s" in cells["hangs-n2-s0"]["stderr_tail"]
+    assert processes_of(out) == []  # the hung cells' launchers and ranks all ended
     assert (out / "tiny-n2-s1.h5").exists() and not (out / "fails-n2-s0.h5").exists()
     # resumed: complete cells are skipped, failed ones run again
     (tmp_path / "fails.toml").write_text(TINY.read_text())
@@ -66,6 +67,54 @@ def test_a_suite_runs_records_failures_and_resumes(tmp_path, capsys):
     cells = json.loads((out / "manifest.json").read_text())["cells"]
     assert cells["tiny-n2-s0"]["status"] == "skipped"
     assert cells["fails-n2-s0"]["status"] == "complete"
+
+
+def processes_of(out_dir) -> list[str]:
+    """Live processes whose command line names ``out_dir`` (a cell's launcher and ranks)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if str(out_dir) in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(f"{p.pid}: {cmd[:200]}")
+    return found
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_suite_ends_the_running_cell_whole_and_is_recorded(tmp_path, sig):
+    """TERM/INT to ``snake-mpi suite`` reach the running cell; within the grace time every
+    process of the cell (launcher and ranks, which sit in process groups of their own) is gone,
+    the manifest says "interrupted", and the exit status is 128 + the signal."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    suite = tmp_path / "hang.toml"
+    hang = write_suite(tmp_path).parent / "hangs.toml"
+    suite.write_text(f'configs = ["{hang}@2"]\nseeds = [0]\ntime_limit_s = 600\n')
+    out = tmp_path / "out"
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = [sys.executable, "-m", "snake_mpi.cli", "suite", str(suite), "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(processes_of(out)) < 3 and time.monotonic() < deadline:  # launcher + 2 ranks
+            time.sleep(0.2)
+        assert len(processes_of(out)) >= 3, processes_of(out)
+        time.sleep(3)  # the ranks are past start-up: rank 0 hangs, rank 1 waits for it
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + getattr(signal, sig), err
+    assert "completed cells are kept, run the suite again to resume" in err
+    assert processes_of(out) == []
+    cell = json.loads((out / "manifest.json").read_text())["cells"]["hangs-n2-s0"]
+    assert cell["status"] == "interrupted" and f"interrupted by {sig}" in cell["stderr_tail"]
 
 
 def test_an_unknown_suite_is_a_clear_error(capsys):

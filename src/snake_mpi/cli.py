@@ -34,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("config")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     val.add_argument("--np", type=int, default=None, help="also check it for this many ranks")
+    val.add_argument(
+        "--no-data",
+        action="store_true",
+        help="check the config only, not its data (by default the data are read and checked "
+        "in full, as `run` does before it starts)",
+    )
 
     show = sub.add_parser("show", help="print a readable summary of a result file")
     show.add_argument("result", help="result file written by `snake-mpi run`")
@@ -91,20 +97,36 @@ def main(argv: list[str] | None = None) -> int:
         return suite_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "show":
-        from snake_mpi.store import ResultError, read_result
+        from snake_mpi.store import ResultError, read_result, result_paths
         from snake_mpi.summary import format_summary
 
         try:
             print(format_summary(read_result(args.result, allow_incomplete=True)))
         except ResultError as e:
-            print(f"snake-mpi: {e}", file=sys.stderr)
+            hint = ""
+            if e.path.is_dir():
+                found = result_paths([e.path])
+                hint = (
+                    f"; name one of its {len(found)} result file(s) (e.g. {found[0]}), or "
+                    f"compare them with `snake-mpi compare {e.path}`"
+                    if found
+                    else "; it holds no result files (*.h5, *.hdf5, *.partial)"
+                )
+            print(f"snake-mpi: {e}{hint}", file=sys.stderr)
             return 1
         return 0
+    from snake_mpi.data import DataError
+
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.command == "validate" and args.np is not None:
-            validate_for_world(cfg, args.np)
-    except ConfigError as e:
+        if args.command == "validate":
+            from snake_mpi.run import load_checked
+
+            if args.np is not None:
+                validate_for_world(cfg, args.np)
+            if not args.no_data:
+                load_checked(cfg, args.np or 1)  # as `run` reads them before starting
+    except (ConfigError, DataError) as e:
         if args.command == "validate" or _is_rank0():
             print(f"snake-mpi: config error: {e}", file=sys.stderr, flush=True)
         if args.command == "run" and _launched_size() > 1:

@@ -9,12 +9,14 @@ awaited.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -347,6 +349,30 @@ def settle(timeout_s: float = 10.0) -> None:
         time.sleep(0.001)
 
 
+def agree(code: int, timeout_s: float = 60.0) -> list[int]:
+    """Every rank's ``code`` (0: ready), on every rank: the start-up checks' verdicts, so that
+    all ranks stop together when any one of them cannot start. A non-blocking allgather of one
+    int64 per rank, polled under ``timeout_s``; a rank that never gets here aborts the job."""
+    mine = np.array([code], dtype=np.int64)
+    codes = np.zeros(MPI.COMM_WORLD.Get_size(), dtype=np.int64)
+    req = MPI.COMM_WORLD.Iallgather([mine, MPI.INT64_T], [codes, MPI.INT64_T])
+    deadline = time.perf_counter() + timeout_s
+    while not req.Test():
+        if time.perf_counter() > deadline:
+            abort_job(f"not every rank finished its start-up checks within {timeout_s:g} s")
+        time.sleep(0.001)
+    return [int(c) for c in codes]
+
+
+_AT_ABORT: list[Callable[[], None]] = []
+
+
+def at_abort(fn: Callable[[], None]) -> None:
+    """Run ``fn`` (briefly, best effort) on this rank before it aborts the job, e.g. to remove
+    the output lock; ``abort_job`` skips atexit handlers."""
+    _AT_ABORT.append(fn)
+
+
 def library_version() -> str:
     """The MPI library's own version string (e.g. 'Open MPI v5.0.11, ...')."""
     return MPI.Get_library_version().strip()
@@ -363,6 +389,9 @@ def abort_job(message: str, code: int = 1) -> NoReturn:
     sys.stderr.write(f"snake-mpi: rank {rank} of {size}: {message}\n")
     sys.stderr.flush()
     sys.stdout.flush()
+    while _AT_ABORT:
+        with contextlib.suppress(Exception):
+            _AT_ABORT.pop()()
     MPI.COMM_WORLD.Abort(code)
     os._exit(code)  # pragma: no cover - Abort does not return
 

@@ -8,15 +8,16 @@ file alone; ``docs/compare.md`` says what each column means.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from snake_mpi.config import to_toml
+from snake_mpi.config import RunConfig, to_toml
 from snake_mpi.expected import expected_bytes, run_config
-from snake_mpi.store import Result
+from snake_mpi.store import Result, ResultFormatError, result_paths, scan_results
 
 
 class WorkloadMismatch(ValueError):
@@ -33,6 +34,81 @@ def workload(res: Result) -> str:
     """The workload a run trained: its model and data configuration as TOML text."""
     cfg = run_config(res)
     return to_toml(cfg.model) + to_toml(cfg.data)
+
+
+NEEDED_ROUNDS = (
+    "bytes_sent",
+    "bytes_received",
+    "train_state_bytes",
+    "round_s",
+    "compute_s",
+    "send_s",
+    "wait_s",
+)
+"""``/rounds`` fields every comparison (and the report) reads."""
+NEEDED_TABLES = {"ranks": ("peak_rss_bytes", "data_samples"), "blocks": ("bytes",)}
+"""Table columns every comparison reads (``ranks``: one row per rank)."""
+NEEDED_EVAL = ("round", "accuracy", "wall_s", "cum_bytes_sent")
+"""``/eval`` fields every comparison, its plots and the report read."""
+
+
+def check_usable(res: Result) -> RunConfig:
+    """The run's config, or ``ResultFormatError`` naming what compare and report need that the
+    file lacks: a readable ``config_toml``, ``NEEDED_ROUNDS``, ``NEEDED_TABLES`` (and, for
+    Snake, ``/blocks/params``; for language models, ``/ranks/rss_before_model_bytes``) and
+    ``NEEDED_EVAL``. Every other field they read is optional."""
+    if not res.config_toml.strip():
+        raise ResultFormatError(res.path, "no config_toml attribute (the run's configuration)")
+    try:
+        cfg = run_config(res)
+    except (ValueError, TypeError, KeyError) as e:  # TOMLDecodeError, ConfigError among them
+        raise ResultFormatError(
+            res.path, f"config_toml attribute is not a valid run configuration: {e}"
+        ) from e
+    needed = {f"/rounds/{k}": k in res.rounds for k in NEEDED_ROUNDS}
+    needed |= {f"/eval/{k}": k in res.evaluation for k in NEEDED_EVAL}
+    tables = {name: list(cols) for name, cols in NEEDED_TABLES.items()}
+    if cfg.scheme == "snake":
+        tables["blocks"].append("params")
+    if cfg.model.family == "lm":
+        tables["ranks"].append("rss_before_model_bytes")
+    for name, cols in tables.items():
+        have = res.tables.get(name, {})
+        needed |= {f"/{name}/{c}": c in have for c in cols}
+    missing = [k for k, ok in needed.items() if not ok]
+    if missing:
+        raise ResultFormatError(res.path, f"lacks {', '.join(missing)} (needed to compare runs)")
+    for name, cols in tables.items():
+        for c in cols:
+            v = res.tables[name][c]
+            rows = v.shape[0] if v.ndim else 0
+            want = res.world_size if name == "ranks" else len(res.tables[name][cols[0]])
+            if v.dtype.kind not in "biuf" or v.ndim != 1 or rows != want:
+                raise ResultFormatError(
+                    res.path,
+                    f"/{name}/{c} is {v.dtype} of shape {v.shape}, expected {want} numbers"
+                    + (" (one per rank)" if name == "ranks" else " (one per block)"),
+                )
+    return cfg
+
+
+def scan(
+    paths: Iterable[str | os.PathLike],
+) -> tuple[list[Result], list[tuple[Path, str]]]:
+    """``store.scan_results``, then ``check_usable``: (results compare and report can use,
+    [(path, reason)] for every other file, in the order they were found)."""
+    paths = list(paths)
+    results, skipped = scan_results(paths)
+    usable = []
+    for res in results:
+        try:
+            check_usable(res)
+        except ResultFormatError as e:
+            skipped.append((res.path, e.reason))
+        else:
+            usable.append(res)
+    order = {p: i for i, p in enumerate(result_paths(paths))}
+    return usable, sorted(skipped, key=lambda item: order.get(item[0], len(order)))
 
 
 def check_same_workload(results: Sequence[Result]) -> None:
@@ -241,8 +317,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import sys
 
-    from snake_mpi.store import scan_results
-
     p = argparse.ArgumentParser(
         prog="compare", description="Compare result files side by side (one workload)."
     )
@@ -265,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="write accuracy against rounds, bytes and time as PNG into DIR",
     )
     args = p.parse_args(argv)
-    results, skipped = scan_results(args.results)
+    results, skipped = scan(args.results)
     for path, why in skipped:
         print(f"compare: skipped {path}: {why}", file=sys.stderr)
     if not results:

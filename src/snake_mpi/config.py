@@ -32,6 +32,8 @@ TRANSFERS = ("delta", "full")
 BLOCK_COSTS = ("params", "equal")
 CAPABILITY_SOURCES = ("declared", "measure")
 FAULT_KINDS = ("exception", "exit", "hang", "kill")
+SEED_LIMIT = 2**63
+"""Seeds are stored as int64 (HDF5 attributes) and fed to numpy's SeedSequence: ``[0, 2**63)``."""
 
 
 class ConfigError(ValueError):
@@ -229,16 +231,33 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) 
     """Read a TOML file (defaults if ``path`` is None), apply ``key=value`` overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        try:
-            raw = tomllib.loads(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {p}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+        raw = _read_toml(Path(path))
     for item in overrides:
         _apply_override(raw, item)
     return from_dict(raw)
+
+
+def _read_toml(p: Path) -> dict[str, Any]:
+    """The TOML table of a config file; any file that is not readable TOML text is a
+    ``ConfigError`` naming it."""
+    if p.is_dir():
+        raise ConfigError(f"config path {p} is a directory; give a TOML file")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{p} is not a text file (not UTF-8 at byte {e.start}); give a TOML config"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
+    if "\x00" in text:
+        raise ConfigError(f"{p} is not a text file (it contains NUL bytes); give a TOML config")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
 
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:
@@ -330,6 +349,8 @@ def _positive(key: str, value: float) -> None:
 
 def _validate(c: RunConfig) -> None:
     """Checks that need only the config itself (world-size checks: ``validate_for_world``)."""
+    if not 0 <= c.seed < SEED_LIMIT:
+        raise ConfigError(f"seed must be an integer in [0, 2**63), got {c.seed}")
     _choice("scheme", c.scheme, SCHEMES)
     _choice("model.family", c.model.family, MODEL_FAMILIES)
     _choice("data.name", c.data.name, DATASETS)
@@ -432,8 +453,14 @@ def _validate(c: RunConfig) -> None:
     ):
         if not (math.isfinite(v) and v >= 0):
             raise ConfigError(f"{key} must be a finite number >= 0 (0: off), got {v}")
-    for e in c.emulate.edges:
-        parse_edge(e)
+    for key, lat in [("emulate.latency_s", c.emulate.latency_s)] + [
+        (f"emulate.edges entry {e!r}: latency", parse_edge(e)[3]) for e in c.emulate.edges
+    ]:
+        if lat >= c.comm.deadline_s:
+            raise ConfigError(
+                f"{key} = {lat:g} s is not below comm.deadline_s = {c.comm.deadline_s:g} s: "
+                "every hop would outlast the deadline"
+            )
     if c.torch_threads < 0:
         raise ConfigError(f"torch_threads must be >= 0 (0: automatic), got {c.torch_threads}")
     if c.train.rounds > 100_000:
@@ -619,10 +646,20 @@ def _toml_value(v: Any) -> str:
             return "inf" if v > 0 else "-inf"
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + "".join(_toml_char(ch) for ch in v) + '"'
     if isinstance(v, tuple | list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if dataclasses.is_dataclass(v):  # a table inside a table: inline
         inner = ", ".join(f"{g.name} = {_toml_value(getattr(v, g.name))}" for g in fields(v))
         return "{ " + inner + " }"
     raise TypeError(f"cannot write {v!r} as TOML")  # pragma: no cover
+
+
+def _toml_char(ch: str) -> str:
+    """One character inside a TOML basic string: quotes, backslashes and control characters
+    escaped (TOML allows none of them raw)."""
+    if ch in ('"', "\\"):
+        return "\\" + ch
+    if ch < " " or ch == "\x7f":
+        return f"\\u{ord(ch):04x}"
+    return ch

@@ -32,10 +32,11 @@ from snake_mpi.compare import (
     default_target,
     label,
     row_of,
+    scan,
     workload,
 )
 from snake_mpi.expected import run_config
-from snake_mpi.store import Result, scan_results
+from snake_mpi.store import Result
 
 MIB = 2**20
 PAPER_MEMORY_RATIO = 19.37 / 3.13
@@ -428,9 +429,17 @@ def memory_claim(rows: Sequence[Row], results: Sequence[Result]) -> list[list[st
     return out
 
 
-def build(paths: Sequence[str], out_dir: Path, *, title: str = "snake_mpi report") -> Path:
-    """Write ``report.md``, ``report.html`` and ``figures/*.png`` into ``out_dir``."""
-    results, skipped = scan_results(paths)
+def build(
+    paths: Sequence[str],
+    out_dir: Path,
+    *,
+    title: str = "snake_mpi report",
+    scanned: tuple[list[Result], list[tuple[Path, str]]] | None = None,
+) -> Path:
+    """Write ``report.md``, ``report.html`` and ``figures/*.png`` into ``out_dir``.
+
+    ``scanned`` is ``compare.scan(paths)`` where the caller has it already."""
+    results, skipped = scanned if scanned is not None else scan(paths)
     figs = out_dir / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     doc = Doc()
@@ -552,8 +561,8 @@ def build(paths: Sequence[str], out_dir: Path, *, title: str = "snake_mpi report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``snake-mpi report RESULTS [RESULTS ...] --out REPORT_DIR``: 0, or 1 if no complete
-    result was found."""
+    """``snake-mpi report RESULTS [RESULTS ...] --out REPORT_DIR``: 0, or 1 if no complete,
+    usable result was found. Every file left out is named on stderr with the reason."""
     import argparse
 
     p = argparse.ArgumentParser(
@@ -565,10 +574,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="report directory (report.md, report.html)")
     p.add_argument("--title", default="snake_mpi report")
     args = p.parse_args(argv)
-    results, _ = scan_results(args.results)
+    results, skipped = scan(args.results)
+    for bad, why in skipped:
+        print(f"snake-mpi report: skipped {bad}: {why}", file=sys.stderr)
     if not results:
-        print("snake-mpi report: no complete result files found", file=sys.stderr)
+        where = ", ".join(args.results)
+        why = f" ({len(skipped)} file(s) skipped, each for the reason above)" if skipped else ""
+        print(f"snake-mpi report: no complete result files found in {where}{why}", file=sys.stderr)
         return 1
-    path = build(args.results, Path(args.out), title=args.title)
+    path = build(args.results, Path(args.out), title=args.title, scanned=(results, skipped))
     print(f"snake-mpi report: wrote {path} and {path.with_suffix('.html')}")
     return 0

@@ -77,11 +77,12 @@ def torch_threads(cfg: RunConfig, comm: Any) -> int:
     return max(1, (cores or 1) // comm.ranks_on_host())
 
 
-def build_shards(cfg: RunConfig, seeds: dict[str, int], world_size: int):
-    """The dataset and every rank's training indices (identical on every rank); a server or
-    controller rank gets an empty shard."""
+def build_shards(cfg: RunConfig, seeds: dict[str, int], world_size: int, dataset: Any = None):
+    """The dataset (loaded unless given) and every rank's training indices (identical on every
+    rank); a server or controller rank gets an empty shard."""
     d = cfg.data
-    dataset = load_dataset(d, seeds["data"], checkpoint=cfg.model.checkpoint)
+    if dataset is None:
+        dataset = load_dataset(d, seeds["data"], checkpoint=cfg.model.checkpoint)
     rng = np.random.default_rng(seeds["partition"])
     holders = data_ranks(cfg, world_size)
     if d.partition == "iid":
@@ -103,6 +104,7 @@ def link_model(cfg: RunConfig) -> LinkModel:
         bandwidth_bps=e.bandwidth_bps,
         latency_s=e.latency_s,
         edges=tuple(parse_edge(x) for x in e.edges),
+        limit_s=cfg.comm.deadline_s,
     )
 
 
@@ -118,33 +120,81 @@ def result_attrs(cfg: RunConfig) -> dict[str, str]:
 
 
 def main(cfg: RunConfig, out: str, *, overwrite: bool) -> int:
-    """Entry point of ``snake-mpi run`` on every rank; returns the exit status."""
+    """Entry point of ``snake-mpi run`` on every rank; returns the exit status.
+
+    Start-up checks (world size, output, data read and checked in full, and on rank 0 the
+    output lock) run on every rank before any training message; the ranks then agree, so a
+    problem on any one rank ends every rank with exit 2 and one message."""
     from snake_mpi import comm as mpi  # initialises MPI; execute() itself needs no MPI
+    from snake_mpi.outlock import LockError, OutputLock
 
     rank, size = mpi.world_rank_size()
+    error, dataset, lock = "", None, None
     try:
         validate_for_world(cfg, size)
         out_path = check_output(out, overwrite=overwrite)
-        check_data(cfg.data)
-    except (ConfigError, DataError) as e:
+        dataset = load_checked(cfg, size)
         if rank == 0:
-            print(f"snake-mpi: config error: {e}", file=sys.stderr, flush=True)
+            lock = OutputLock(out_path).acquire()
+    except (ConfigError, DataError, LockError) as e:
+        error = str(e)
+    codes = mpi.agree(EXIT_CONFIG if error else 0)
+    if any(codes):
+        if error and rank == codes.index(EXIT_CONFIG):  # the first rank that failed says why
+            who = "" if rank == 0 else f"rank {rank}: "
+            print(f"snake-mpi: config error: {who}{error}", file=sys.stderr, flush=True)
+        if lock is not None:
+            lock.release()
         mpi.settle()
         return EXIT_CONFIG
+    if lock is not None:
+        mpi.at_abort(lock.release)
+        _release_on_signal(lock)
+        if lock.took_over:
+            print(f"snake-mpi: took over the stale lock {lock.path} ({lock.took_over})")
     mpi.install_abort_on_error()
     try:
-        execute(cfg, mpi.Comm.world(deadline_s=cfg.comm.deadline_s), out_path)
+        execute(cfg, mpi.Comm.world(deadline_s=cfg.comm.deadline_s), out_path, dataset=dataset)
     except SystemExit as e:
         if e.code not in (0, None):
             mpi.abort_job(f"exited with status {e.code}", e.code if isinstance(e.code, int) else 1)
         raise
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
 
 
-def execute(cfg: RunConfig, comm: Any, out_path: Path) -> Context:
+def _release_on_signal(lock: Any) -> None:
+    """On SIGTERM/SIGINT/SIGHUP (the launcher ending the job after another rank failed, Slurm's
+    time limit, Ctrl-C) remove the output lock, then die of the signal as before: a rerun on
+    another host then finds no lock it cannot judge. A lock left by SIGKILL stays; a rerun on
+    the same host takes it over (``outlock``)."""
+    import signal
+
+    def _handler(signum: int, _frame: object) -> None:
+        lock.release()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(sig, _handler)
+
+
+def load_checked(cfg: RunConfig, world_size: int):
+    """The configured dataset, read and checked in full (``DataError`` before any message:
+    paths, formats, label ranges, finite features, enough samples)."""
+    check_data(cfg.data)
+    seeds, _ = seeds_for(cfg.seed, world_size)
+    return load_dataset(cfg.data, seeds["data"], checkpoint=cfg.model.checkpoint)
+
+
+def execute(cfg: RunConfig, comm: Any, out_path: Path, *, dataset: Any = None) -> Context:
     """The run on this rank over ``comm`` (``comm.Comm``, or an in-process ``LocalComm``).
 
     Rank 0 writes ``out_path``; returns the scheme's context (model, recorder, info).
+    ``dataset``: the configured dataset if already loaded (``load_checked``).
     """
     rank, n = comm.rank, comm.size
     link = link_model(cfg)
@@ -157,7 +207,7 @@ def execute(cfg: RunConfig, comm: Any, out_path: Path) -> Context:
     sampler.start()
     disk = DiskWriteCounter()
 
-    dataset, parts = build_shards(cfg, seeds, n)
+    dataset, parts = build_shards(cfg, seeds, n, dataset)
     idx = torch.from_numpy(parts[rank])
     data = NodeData(
         x_train=dataset.x_train[idx].contiguous(),
@@ -283,6 +333,8 @@ def _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss) -> None:
         writer.write_array("assignment/capability", caps)
     if "block_time_s" in ctx.info:
         writer.write_array("assignment/block_time_s", np.asarray(ctx.info["block_time_s"]))
+        spread = np.asarray(ctx.info["block_time_spread"])
+        writer.write_array("assignment/block_time_spread", spread)
     if "final_sync" in ctx.info:
         writer.write_array("final_sync/bytes_sent", table[:, 5].astype(np.int64))
         writer.write_array("final_sync/bytes_received", table[:, 6].astype(np.int64))

@@ -3,8 +3,10 @@
 This is the only module that imports h5py. Rank 0 writes ``PATH.partial`` and flushes it
 after every round; ``ResultWriter.complete`` writes ``status="complete"`` last, fsyncs and
 renames the file to ``PATH``, so a run that dies leaves no file that looks complete. Readers
-refuse (or, in ``scan_results``, list) anything incomplete, truncated or foreign with a
-message naming the file. The layout is described in docs/results-schema.md.
+refuse (or, in ``scan_results``, list) anything incomplete, truncated, foreign or damaged with
+a message naming the file; asked for incomplete data (``snake-mpi show``), they read what
+they can and list the objects they could not read. The layout is described in
+docs/results-schema.md.
 
 HDF5 file locking fails on some cluster file systems (NFS, Lustre) with errors such as
 "unable to lock file"; set ``HDF5_USE_FILE_LOCKING=FALSE`` in the job's environment (e.g.
@@ -13,10 +15,12 @@ HDF5 file locking fails on some cluster file systems (NFS, Lustre) with errors s
 
 from __future__ import annotations
 
+import errno
 import os
 import pathlib
+import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import h5py
@@ -75,6 +79,7 @@ class ResultWriter:
         self._done = False
         self.partial.unlink(missing_ok=True)
         self._file: h5py.File | None = h5py.File(self.partial, "w")
+        self._identity = _identity(self.partial)
         f = self._file
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["status"] = "running"
@@ -191,6 +196,15 @@ class ResultWriter:
         f.flush()
         f.close()
         self._file = None
+        try:
+            same = _identity(self.partial) == self._identity
+        except FileNotFoundError:
+            same = False
+        if not same:  # never rename a file this writer did not write
+            raise RuntimeError(
+                f"{self.partial} is no longer the file this run wrote (another run replaced or "
+                f"removed it); {self.path} was not written"
+            )
         _fsync_path(self.partial)
         os.replace(self.partial, self.path)
         _fsync_dir(self.path.parent)
@@ -240,6 +254,12 @@ def _attr(value: Any) -> Any:
     return _text(value) if isinstance(value, str | bytes) else value
 
 
+def _identity(path: pathlib.Path) -> tuple[int, int]:
+    """(device, inode) of a file: the same name may later hold another file."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def _fsync_path(path: pathlib.Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -278,8 +298,20 @@ class IncompleteResultError(ResultError):
     """The run did not finish: status is not "complete", or it is a ``.partial`` file."""
 
 
+class ResultInUseError(IncompleteResultError):
+    """Another process (the run writing it) holds the file's HDF5 lock."""
+
+
 class ResultFormatError(ResultError):
-    """Not a usable result file: not HDF5, truncated, foreign (no schema_version) or newer."""
+    """Not a usable result file: not HDF5, truncated, foreign (no schema_version), newer, or
+    damaged (an object the schema needs is missing its data or has the wrong kind or shape)."""
+
+
+IN_USE = (
+    "in use by a running job (HDF5 file lock held); try again when it ends, "
+    "or open with HDF5_USE_FILE_LOCKING=FALSE"
+)
+"""The reason given for a file whose HDF5 lock another process holds."""
 
 
 @dataclass
@@ -301,6 +333,12 @@ class Result:
     series: dict[int, dict[str, np.ndarray]]
     """``/series/rank_<k>/<name>`` by rank."""
     config_toml: str
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    """Incomplete files only: (HDF5 path, reason) for every object that could not be read;
+    what was read is in the fields above."""
+    in_use: bool = False
+    """Read without the HDF5 lock while another process (its run) held it: the round being
+    written when it was read may be missing or half there."""
 
     @property
     def world_size(self) -> int:
@@ -312,7 +350,8 @@ class Result:
         """Rounds actually stored (the length of the round datasets)."""
         for arr in self.rounds.values():
             return int(arr.shape[0])
-        return int(self.attrs.get("n_rounds", 0))
+        n = self.attrs.get("n_rounds", 0)
+        return n if isinstance(n, int) and n >= 0 else 0
 
     @property
     def scheme(self) -> str:
@@ -325,28 +364,55 @@ class Result:
         return str(self.attrs.get("status", ""))
 
 
+_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError)
+"""What h5py and numpy raise on damaged or half-written objects."""
+
+
 def read_result(path: str | os.PathLike, *, allow_incomplete: bool = False) -> Result:
     """Read a result file; raises a ``ResultError`` naming the file if it is unusable.
 
     Without ``allow_incomplete`` a ``.partial`` file or status other than "complete" raises
     ``IncompleteResultError`` (a ``.partial`` file is not opened at all, as its writer may
-    still be running).
+    still be running). With it, an incomplete file is read as far as it can be: objects that
+    are damaged or half-written are left out and listed in ``Result.unreadable``, and a file
+    locked by its running writer is read without the lock (``Result.in_use``). A complete file
+    with any such object raises ``ResultFormatError``.
     """
     p = pathlib.Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise ResultError(p, "is a directory, not a result file")
+    if not p.exists():
         raise ResultError(p, "no such file")
-    if p.name.endswith(PARTIAL_SUFFIX) and not allow_incomplete:
+    if not p.is_file():
+        raise ResultError(p, "not a regular file")
+    partial = p.name.endswith(PARTIAL_SUFFIX)
+    if partial and not allow_incomplete:
         raise IncompleteResultError(p, "incomplete result (.partial: the run did not finish)")
+    in_use = False
     try:
         f = h5py.File(p, "r")
     except OSError as e:
-        raise ResultFormatError(p, f"not a readable HDF5 file (truncated or not HDF5): {e}") from e
+        if not _lock_failed(e):
+            raise ResultFormatError(p, _open_failure(e)) from e
+        held = _lock_held(e)
+        if not allow_incomplete:
+            if held:
+                raise ResultInUseError(p, IN_USE) from e
+            raise ResultFormatError(p, _no_locking(e)) from e
+        try:
+            f = h5py.File(p, "r", locking=False)
+        except (OSError, ValueError, TypeError) as e2:
+            reason = IN_USE if held else _no_locking(e)
+            raise (ResultInUseError if held else ResultFormatError)(p, reason) from e2
+        in_use = held
     try:
         with f:
-            return _read_open(p, f, allow_incomplete)
+            return _read_open(
+                p, f, allow_incomplete=allow_incomplete, partial=partial, in_use=in_use
+            )
     except ResultError:
         raise
-    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
+    except _READ_ERRORS as e:
         raise ResultFormatError(p, f"damaged result file: {e}") from e
 
 
@@ -359,7 +425,54 @@ def is_complete(path: str | os.PathLike) -> bool:
     return True
 
 
-def _read_open(p: pathlib.Path, f: h5py.File, allow_incomplete: bool) -> Result:
+def _lock_failed(e: OSError) -> bool:
+    return "unable to lock file" in str(e)
+
+
+def _lock_held(e: OSError) -> bool:
+    """The lock is held by another process (EAGAIN), not unsupported by the file system."""
+    return e.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or f"errno = {errno.EAGAIN}," in str(e)
+
+
+def _no_locking(e: OSError) -> str:
+    return (
+        f"HDF5 could not lock the file ({e}); file systems such as NFS or Lustre do not "
+        "support it: set HDF5_USE_FILE_LOCKING=FALSE"
+    )
+
+
+def _open_failure(e: OSError) -> str:
+    """Why h5py could not open the file, in words."""
+    text = str(e)
+    m = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", text)
+    if m:
+        have, want = int(m.group(1)), int(m.group(2))
+        return (
+            f"truncated HDF5 file: {have:,} of its {want:,} bytes are there (its writer was "
+            "killed or the disk filled up); HDF5 cannot open it, so nothing in it is readable"
+        )
+    if "file signature not found" in text:
+        return "not an HDF5 file (no HDF5 signature)"
+    return f"not a readable HDF5 file (truncated or not HDF5): {e}"
+
+
+class _Problems:
+    """Collects objects that cannot be read: listed for an incomplete file, an error else."""
+
+    def __init__(self, path: pathlib.Path, tolerant: bool) -> None:
+        self.path = path
+        self.tolerant = tolerant
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, where: str, reason: str) -> None:
+        if not self.tolerant:
+            raise ResultFormatError(self.path, f"damaged result file: {where}: {reason}")
+        self.items.append((where, reason))
+
+
+def _read_open(
+    p: pathlib.Path, f: h5py.File, *, allow_incomplete: bool, partial: bool, in_use: bool
+) -> Result:
     attrs = {k: _py(v) for k, v in f.attrs.items()}
     if "schema_version" not in attrs:
         raise ResultFormatError(p, "not a snake_mpi result file (no schema_version attribute)")
@@ -369,44 +482,175 @@ def _read_open(p: pathlib.Path, f: h5py.File, allow_incomplete: bool) -> Result:
             p, f"schema_version {version} is newer than this snake_mpi reads ({SCHEMA_VERSION})"
         )
     status = str(attrs.get("status", ""))
-    if not allow_incomplete and status != "complete":
+    incomplete = partial or in_use or status != "complete"
+    if not allow_incomplete and incomplete:
         raise IncompleteResultError(p, f"incomplete result (status {status!r})")
+    ws = attrs.get("world_size")
+    if not isinstance(ws, int) or isinstance(ws, bool) or ws < 1:
+        raise ResultFormatError(p, f"world_size attribute is {ws!r}, not a positive integer")
+    bad = _Problems(p, tolerant=incomplete)
     config_toml = str(attrs.pop("config_toml", ""))
-    provenance = {k: _py(v) for k, v in f["provenance"].attrs.items()} if "provenance" in f else {}
+    provenance: dict[str, Any] = {}
+    group = _group(f, "provenance", bad, required=False)
+    if group is not None:
+        provenance = _attrs(group, "/provenance", bad)
+    rounds = _fields(f, "rounds", bad, ndim=2, width=ws)
+    evaluation = _fields(f, "eval", bad, ndim=1)
     series: dict[int, dict[str, np.ndarray]] = {}
-    if "series" in f:
-        for name, group in f["series"].items():
-            series[int(name.removeprefix("rank_"))] = _datasets(group)
-    tables, arrays = {}, {}
-    for name, obj in f.items():
+    group = _group(f, "series", bad, required=False)
+    for name in _names(group, "/series", bad):
+        where = f"/series/{name}"
+        rank = name.removeprefix("rank_")
+        if not rank.isdigit():
+            bad.add(where, "not named rank_<k>")
+            continue
+        sub = _group(group, name, bad, where=where)
+        if sub is not None:
+            series[int(rank)] = _datasets(sub, where, bad)
+    tables: dict[str, dict[str, np.ndarray]] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for name in _names(f, "", bad):
         if name in _RESERVED_GROUPS:
             continue
-        if isinstance(obj, h5py.Group) and obj.attrs.get("kind") == _TABLE_KIND:
-            tables[name] = _datasets(obj)
+        try:
+            obj = f[name]
+            kind = obj.attrs.get("kind") if isinstance(obj, h5py.Group) else None
+        except _READ_ERRORS as e:
+            bad.add(f"/{name}", _why(e))
+            continue
+        if kind == _TABLE_KIND:
+            tables[name] = _datasets(obj, f"/{name}", bad)
         elif isinstance(obj, h5py.Dataset):
-            arrays[name] = _value(obj)
-        else:
-            obj.visititems(lambda sub, o, g=name: _collect(arrays, f"{g}/{sub}", o))
+            _read_into(arrays, name, obj, bad)
+        elif isinstance(obj, h5py.Group):
+            _collect(arrays, name, obj, bad)
     return Result(
         path=p,
         attrs=attrs,
         provenance=provenance,
-        rounds=_datasets(f["rounds"]) if "rounds" in f else {},
-        evaluation=_datasets(f["eval"]) if "eval" in f else {},
+        rounds=rounds,
+        evaluation=evaluation,
         tables=tables,
         arrays=arrays,
         series=dict(sorted(series.items())),
         config_toml=config_toml,
+        unreadable=bad.items,
+        in_use=in_use,
     )
 
 
-def _collect(out: dict[str, np.ndarray], path: str, obj: Any) -> None:
-    if isinstance(obj, h5py.Dataset):
-        out[path] = _value(obj)
+def _why(e: BaseException) -> str:
+    return str(e) or type(e).__name__
 
 
-def _datasets(group: h5py.Group) -> dict[str, np.ndarray]:
-    return {k: _value(v) for k, v in group.items() if isinstance(v, h5py.Dataset)}
+def _names(group: h5py.Group | None, where: str, bad: _Problems) -> list[str]:
+    """Member names of ``group`` (none if it is None or its index cannot be read)."""
+    if group is None:
+        return []
+    try:
+        return list(group.keys())
+    except _READ_ERRORS as e:
+        bad.add(where or "/", f"members cannot be listed: {_why(e)}")
+        return []
+
+
+def _group(
+    parent: h5py.Group, name: str, bad: _Problems, *, required: bool = True, where: str = ""
+) -> h5py.Group | None:
+    """``parent[name]`` if it is a readable group; else listed (when required) and None."""
+    where = where or f"/{name}"
+    try:
+        if name not in parent:
+            if required:
+                bad.add(where, "missing")
+            return None
+        obj = parent[name]
+    except _READ_ERRORS as e:
+        bad.add(where, _why(e))
+        return None
+    if not isinstance(obj, h5py.Group):
+        bad.add(where, "a dataset where a group is expected")
+        return None
+    return obj
+
+
+def _attrs(obj: h5py.HLObject, where: str, bad: _Problems) -> dict[str, Any]:
+    try:
+        return {k: _py(v) for k, v in obj.attrs.items()}
+    except _READ_ERRORS as e:
+        bad.add(f"{where} (attributes)", _why(e))
+        return {}
+
+
+def _fields(
+    f: h5py.File, name: str, bad: _Problems, *, ndim: int, width: int | None = None
+) -> dict[str, np.ndarray]:
+    """``/rounds`` or ``/eval``: numeric datasets of ``ndim`` dimensions (the second one
+    ``width``), cut to their common length (a half-appended row is left out)."""
+    group = _group(f, name, bad)
+    if group is None:
+        return {}
+    out = {}
+    for key, arr in _datasets(group, f"/{name}", bad).items():
+        where = f"/{name}/{key}"
+        want = f"(n_rounds, {width})" if ndim == 2 else "(n,)"
+        if arr.dtype.kind not in "biuf":
+            bad.add(where, f"dtype {arr.dtype}, expected a number")
+        elif arr.ndim != ndim or (width is not None and arr.shape[1] != width):
+            bad.add(where, f"shape {arr.shape}, expected {want}")
+        else:
+            out[key] = arr
+    lengths = {len(a) for a in out.values()}
+    if len(lengths) > 1:
+        n = min(lengths)
+        longer = sorted(k for k, a in out.items() if len(a) > n)
+        bad.add(
+            f"/{name}",
+            f"datasets differ in length ({n} to {max(lengths)} rows; a row was being "
+            f"appended): rows after the first {n} of {', '.join(longer)} are left out",
+        )
+        out = {k: a[:n] for k, a in out.items()}
+    return out
+
+
+def _datasets(group: h5py.Group, where: str, bad: _Problems) -> dict[str, np.ndarray]:
+    """Every dataset directly in ``group``; subgroups and unreadable datasets are listed."""
+    out: dict[str, np.ndarray] = {}
+    for name in _names(group, where, bad):
+        try:
+            obj = group[name]
+        except _READ_ERRORS as e:
+            bad.add(f"{where}/{name}", _why(e))
+            continue
+        if isinstance(obj, h5py.Dataset):
+            _read_into(out, name, obj, bad, where=f"{where}/{name}")
+        else:
+            bad.add(f"{where}/{name}", "a group where a dataset is expected")
+    return out
+
+
+def _collect(out: dict[str, np.ndarray], prefix: str, group: h5py.Group, bad: _Problems) -> None:
+    """Every dataset under ``group`` by its path (``prefix/...``), recursively."""
+    for name in _names(group, f"/{prefix}", bad):
+        path = f"{prefix}/{name}"
+        try:
+            obj = group[name]
+        except _READ_ERRORS as e:
+            bad.add(f"/{path}", _why(e))
+            continue
+        if isinstance(obj, h5py.Dataset):
+            _read_into(out, path, obj, bad)
+        elif isinstance(obj, h5py.Group):
+            _collect(out, path, obj, bad)
+
+
+def _read_into(
+    out: dict[str, np.ndarray], key: str, ds: h5py.Dataset, bad: _Problems, *, where: str = ""
+) -> None:
+    try:
+        out[key] = _value(ds)
+    except _READ_ERRORS as e:
+        bad.add(where or f"/{key}", f"data cannot be read: {_why(e)}")
 
 
 def _value(ds: h5py.Dataset) -> np.ndarray:
@@ -437,7 +681,7 @@ def scan_results(
     """
     results: list[Result] = []
     skipped: list[tuple[pathlib.Path, str]] = []
-    for path in _expand(paths):
+    for path in result_paths(paths):
         try:
             results.append(read_result(path))
         except ResultError as e:
@@ -445,7 +689,9 @@ def scan_results(
     return results, skipped
 
 
-def _expand(paths: Iterable[str | os.PathLike]) -> list[pathlib.Path]:
+def result_paths(paths: Iterable[str | os.PathLike]) -> list[pathlib.Path]:
+    """The files ``scan_results`` reads, in its order: a directory stands for its result files
+    (``RESULT_SUFFIXES``, sorted by name)."""
     out: list[pathlib.Path] = []
     for path in paths:
         p = pathlib.Path(path)

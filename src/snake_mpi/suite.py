@@ -16,11 +16,13 @@ A suite is a TOML file (``bench/suites/<name>.toml``)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -51,7 +53,8 @@ class Outcome:
     """What became of a cell (the manifest holds one per cell)."""
 
     status: str
-    """``complete``, ``skipped`` (a complete result was already there) or ``failed``."""
+    """``complete``, ``skipped`` (a complete result was already there), ``failed``, or
+    ``interrupted`` (the suite got TERM/INT while the cell ran; it runs again on resume)."""
     result: str
     ranks: int
     seed: int
@@ -74,27 +77,58 @@ def suite_path(name: str) -> Path:
     return p
 
 
+def _int_list(path: Path, raw: dict, key: str, default: list[int], low: int, high: int) -> list:
+    values = raw.get(key, default)
+    ok = isinstance(values, list) and values
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+    if not ok or not all(low <= v < high for v in values):
+        bound = f"integers >= {low}" if high == 2**63 else f"integers in [{low}, {high})"
+        raise ConfigError(f"{path}: {key} must be a list of {bound}, got {values!r}")
+    return values
+
+
+def _str_list(path: Path, raw: dict, key: str, default: list[str]) -> list[str]:
+    values = raw.get(key, default)
+    if not (isinstance(values, list) and all(isinstance(v, str) for v in values)):
+        raise ConfigError(f"{path}: {key} must be a list of strings, got {values!r}")
+    return values
+
+
 def load_suite(name: str) -> tuple[list[Cell], float]:
-    """The cells of a suite and its per-cell time limit in seconds."""
+    """The cells of a suite and its per-cell time limit in seconds (``ConfigError`` naming the
+    file and key for anything malformed)."""
     path = suite_path(name)
-    raw = tomllib.loads(path.read_text())
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable TOML suite: {e}") from None
     unknown = sorted(set(raw) - {"configs", "ranks", "seeds", "set", "time_limit_s"})
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r}")
+    configs = _str_list(path, raw, "configs", [])
+    if not configs:
+        raise ConfigError(f"{path}: configs must list at least one config file")
+    ranks = _int_list(path, raw, "ranks", [4], 1, 2**63)
+    seeds = _int_list(path, raw, "seeds", [0], 0, 2**63)
+    overrides = tuple(_str_list(path, raw, "set", []))
+    limit = raw.get("time_limit_s", 900)
+    if isinstance(limit, bool) or not isinstance(limit, int | float) or not 0 < limit < 1e9:
+        raise ConfigError(f"{path}: time_limit_s must be a positive number, got {limit!r}")
     cells: list[Cell] = []
-    overrides = tuple(raw.get("set", []))
-    for entry in raw["configs"]:
+    for entry in configs:
         config, _, at = entry.partition("@")  # "file.toml@5": this config on 5 ranks only
+        if at and not (at.isdigit() and int(at) >= 1):
+            raise ConfigError(f"{path}: {entry!r}: the rank count after @ must be an integer >= 1")
         cfg_path = REPO / config if not Path(config).is_absolute() else Path(config)
         cfg = load_config(cfg_path, list(overrides))
-        counts = [int(at)] if at else raw.get("ranks", [4])
+        counts = [int(at)] if at else ranks
         if cfg.scheme == "centralised":
             counts = [1]
         for n in counts:
-            for seed in raw.get("seeds", [0]):
+            for seed in seeds:
                 name_ = f"{Path(config).stem}-n{n}-s{seed}"
                 cells.append(Cell(name_, str(cfg_path), int(n), int(seed), overrides))
-    return cells, float(raw.get("time_limit_s", 900))
+    return cells, float(limit)
 
 
 def update_manifest(out_dir: Path, suite: str, name: str, outcome: Outcome) -> None:
@@ -116,8 +150,30 @@ def update_manifest(out_dir: Path, suite: str, name: str, outcome: Outcome) -> N
         os.replace(tmp, path)
 
 
+GRACE_S = 10.0
+"""After a TERM/INT is forwarded to a running cell, how long it may take to end before the
+rest of its processes are killed."""
+
+
+class Interrupted(Exception):
+    """The suite got SIGTERM or SIGINT (Slurm's time limit, Ctrl-C)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
 def run_cell(cell: Cell, out_dir: Path, time_limit_s: float) -> Outcome:
-    """Run one cell as its own MPI job, killed (the whole process group) at the time limit."""
+    """Run one cell as its own MPI job. At the time limit the whole job ends (launcher, ranks,
+    orphans: ``proctree.end_job``); on TERM/INT (``Interrupted``) the signal is forwarded to
+    the launcher, the job gets ``GRACE_S`` to end, the rest is killed, and ``Interrupted``
+    propagates with the outcome attached (``.outcome``)."""
+    from snake_mpi.proctree import end_job
+
     result = out_dir / f"{cell.name}.h5"
     exe = Path(sys.executable).parent / "snake-mpi"
     argv = [str(exe) if exe.exists() else "snake-mpi", "run", cell.config, "--out", str(result)]
@@ -128,31 +184,45 @@ def run_cell(cell: Cell, out_dir: Path, time_limit_s: float) -> Outcome:
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     log = out_dir / f"{cell.name}.log"
     t0 = time.perf_counter()
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
-        )
+    status, note, interrupted = "", "", None
+    with log.open("w") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
         try:
-            _, err = proc.communicate(timeout=time_limit_s)
-            code: int | None = proc.returncode
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            _, err = proc.communicate()
-            code = None
-            err += f"\nsuite: killed at the time limit of {time_limit_s:g} s"
+            try:
+                proc.wait(timeout=time_limit_s)
+            except subprocess.TimeoutExpired:
+                killed = end_job(proc)
+                note = f"\nsuite: killed at the time limit of {time_limit_s:g} s"
+                note += f" ({len(killed)} process(es) needed SIGKILL)" if killed else ""
+        except Interrupted as e:
+            interrupted = e
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(e.signum)  # mpirun and srun pass it on to the ranks
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=GRACE_S)
+            end_job(proc, grace_s=1.0)
+            status = "interrupted"
+            note = f"\nsuite: interrupted by {e}; the cell's processes were ended"
+        err.seek(0)
+        tail = err.read()[-2000:] + note
+    code = None if note and not interrupted else proc.returncode
     elapsed = time.perf_counter() - t0
     ok = code == 0 and is_complete(result)
-    return Outcome(
-        status="complete" if ok else "failed",
+    outcome = Outcome(
+        status=status or ("complete" if ok else "failed"),
         result=result.name,
         ranks=cell.ranks,
         seed=cell.seed,
         config=cell.config,
         exit_code=code,
         elapsed_s=round(elapsed, 3),
-        stderr_tail="" if ok else err[-2000:],
+        stderr_tail="" if ok else tail[-2000:],
         command=cmd,
     )
+    if interrupted is not None:
+        interrupted.outcome = outcome
+        raise interrupted
+    return outcome
 
 
 def run_suite(
@@ -182,7 +252,12 @@ def run_suite(
             print(f"suite: would run {cell.name}: {' '.join(launcher(cell.ranks, ['...']))}")
             continue
         else:
-            outcomes[cell.name] = run_cell(cell, out_dir, limit)
+            try:
+                outcomes[cell.name] = run_cell(cell, out_dir, limit)
+            except Interrupted as e:
+                update_manifest(out_dir, str(suite_path(name)), cell.name, e.outcome)
+                print(f"suite: [{i}/{len(cells)}] {cell.name}: interrupted ({e})", flush=True)
+                raise
             ran_s.append(outcomes[cell.name].elapsed_s)
         o = outcomes[cell.name]
         left = len(cells) - i
@@ -218,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.count or args.list:
         try:
             cells, _ = load_suite(args.suite)
-        except (ConfigError, KeyError, tomllib.TOMLDecodeError) as e:
+        except ConfigError as e:
             print(f"suite: {e}", file=sys.stderr)
             return 2
         if args.count:
@@ -227,11 +302,21 @@ def main(argv: list[str] | None = None) -> int:
             for k, c in enumerate(cells):
                 print(f"{k} {c.name} ranks={c.ranks} seed={c.seed} {c.config}")
         return 0
+    handlers = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         outcomes = run_suite(args.suite, Path(args.out), dry_run=args.dry_run, only=args.cell)
-    except (ConfigError, KeyError, tomllib.TOMLDecodeError) as e:
+    except ConfigError as e:
         print(f"suite: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(
+            f"suite: stopped by {e}; completed cells are kept, run the suite again to resume",
+            file=sys.stderr,
+        )
+        return 128 + e.signum
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
     failed = [k for k, o in outcomes.items() if o.status == "failed"]
     for k in failed:
         print(f"suite: FAILED {k}: see {Path(args.out) / (k + '.log')} and {MANIFEST}")

@@ -19,11 +19,17 @@ MIB = 2**20
 
 
 def format_summary(result: Result, *, max_round_rows: int = 40) -> str:
-    """Header, a per-round table and a per-rank table (with totals) as fixed-width text.
+    """Header, what could not be read (incomplete files), a per-round table and a per-rank
+    table (with totals) as fixed-width text.
 
     With more than ``max_round_rows`` rounds only the first and last rounds are listed.
     """
-    parts = [_header(result), _round_table(result, max_round_rows), _rank_table(result)]
+    parts = [
+        _header(result),
+        _unreadable(result),
+        _round_table(result, max_round_rows),
+        _rank_table(result),
+    ]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
@@ -33,7 +39,12 @@ def format_summary(result: Result, *, max_round_rows: int = 40) -> str:
 def _header(r: Result) -> str:
     prov = r.provenance
     status = r.status or "unknown"
-    if status != "complete":
+    if r.in_use:
+        status += (
+            " (in use by a running job: HDF5 file lock held; read without the lock, so the"
+            " round being written may be missing)"
+        )
+    elif status != "complete":
         status += " (incomplete: the run did not finish)"
     items: list[tuple[str, str]] = [
         ("file", str(r.path)),
@@ -75,6 +86,11 @@ def _hosts(r: Result) -> str:
         names = str(r.provenance["hosts"]).split(",")
     counts = Counter(names)
     return ", ".join(f"{h} x{n}" for h, n in counts.items())
+
+
+def _unreadable(r: Result) -> str:
+    """One line per object of an incomplete file that could not be read."""
+    return "\n".join(f"unreadable: {where}: {why}" for where, why in r.unreadable)
 
 
 # ---------------------------------------------------------------------------- tables
@@ -158,15 +174,20 @@ def _rank_table(r: Result) -> str:
 def _extras(r: Result) -> list[str]:
     """One-line figures outside the round loop, where recorded."""
     out = []
-    sync_sent = r.arrays.get("final_sync/bytes_sent")
+    sync_sent = _numbers(r.arrays.get("final_sync/bytes_sent"))
     if sync_sent is not None:
-        recv = r.arrays.get("final_sync/bytes_received")
+        recv = _numbers(r.arrays.get("final_sync/bytes_received"))
         recv_text = f", received {_int(np.sum(recv))} bytes" if recv is not None else ""
         out.append(f"final sync: sent {_int(np.sum(sync_sent))} bytes{recv_text}")
-    control = r.tables.get("ranks", {}).get("control_bytes_sent")
+    control = _numbers(r.tables.get("ranks", {}).get("control_bytes_sent"))
     if control is not None:
         out.append(f"control (metric gathers): sent {_int(np.sum(control))} bytes")
     return out
+
+
+def _numbers(values: np.ndarray | None) -> np.ndarray | None:
+    """``values`` if it is a numeric array, else None (a hand-made file may hold anything)."""
+    return values if values is not None and values.dtype.kind in "biuf" else None
 
 
 def _table(head: list[str], body: list[list[str]], *, rule_before_last: bool = False) -> str:

@@ -95,6 +95,24 @@ class Teacher:
         return sum(t.numel() * t.element_size() for t in seen.values())
 
 
+class NonFiniteLoss(FloatingPointError):
+    """Training produced a NaN or infinite loss: nothing after it means anything."""
+
+    def __init__(self, value: float, step: int) -> None:
+        super().__init__(f"non-finite training loss ({value}) at step {step}")
+        self.value = value
+        self.step = step
+
+
+def checked_loss(loss: torch.Tensor, step: int) -> float:
+    """The loss as a float; ``NonFiniteLoss`` if it is NaN or infinite (before the step that
+    would spread it into the weights)."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLoss(value, step)
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class LocalResult:
     """What one turn of local training did and held."""
@@ -222,14 +240,15 @@ def train_local(
         xb = x[idx] if augment is None else augment(x[idx], generator)
         logits = model(xb, no_grad_below=lowest)
         task = task_loss(logits, y[idx])
+        task_value = checked_loss(task, steps)
         loss = task
         if teacher is not None:
             distil = kd_term(logits, teacher(xb), kd.temperature)
             loss = task + kd.weight * distil
-            total_kd += distil.item() * len(idx)
+            total_kd += checked_loss(distil, steps) * len(idx)
         loss.backward()
         opt.step()
-        total_loss += task.item() * len(idx)
+        total_loss += task_value * len(idx)
         samples += len(idx)
         steps += 1
     state = training_state_bytes(model, opt.opt)["total"] + opt.master_bytes()

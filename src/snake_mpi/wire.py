@@ -8,6 +8,7 @@ A transfer is an int64 header, then one contiguous uint8 payload with the blocks
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -44,6 +45,9 @@ class LinkModel:
     latency_s: float = 0.0
     edges: tuple[tuple[int, int, float, float], ...] = ()
     """(src, dst, bandwidth_bps, latency_s) overrides."""
+    limit_s: float = math.inf
+    """Longest emulated hop (the run's ``comm.deadline_s``): a longer one is an error, not a
+    sleep that outlasts every deadline."""
 
     @property
     def active(self) -> bool:
@@ -193,7 +197,13 @@ def stretch(
     ``dst``; the sleep is counted in ``stats.link_emulated_s``, apart from measured times."""
     if link is None:
         return
-    left = since + link.hop_s(src, dst, nbytes) - time.perf_counter()
+    hop_s = link.hop_s(src, dst, nbytes)
+    if hop_s > link.limit_s:
+        raise PeerTimeout(
+            f"the emulated link {src}->{dst} would take {hop_s:.4g} s for {nbytes} bytes, longer "
+            f"than comm.deadline_s = {link.limit_s:g} s (raise emulate.bandwidth_bps)"
+        )
+    left = since + hop_s - time.perf_counter()
     if left > 0:
         time.sleep(left)
         stats.link_emulated_s += left

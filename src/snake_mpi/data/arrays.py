@@ -26,6 +26,11 @@ def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
         )
     if not p.is_file():
         raise DataError(f"data.path {p} is not a file (an .npz with {', '.join(KEYS)})")
+    if p.suffix == ".npy" or _is_npy(p):
+        raise DataError(
+            f"{p} is a .npy file (one array), not an .npz file with {', '.join(KEYS)}; "
+            "save them with numpy.savez"
+        )
     try:
         with np.load(p, allow_pickle=False) as f:
             missing = [k for k in KEYS if k not in f.files]
@@ -35,7 +40,40 @@ def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         if isinstance(e, DataError):
             raise
-        raise DataError(f"{p} is not a readable .npz file without pickled objects: {e}") from None
+        if not zipfile.is_zipfile(p):  # numpy then takes it for a pickle and says so
+            raise DataError(
+                f"{p} is not a readable .npz file: not a zip archive (numpy.savez writes one "
+                f"with {', '.join(KEYS)})"
+            ) from None
+        if "pickle" in str(e):
+            raise DataError(
+                f"{p} holds object arrays (stored with pickle); only .npz files without "
+                "pickled objects are read: save numeric arrays with numpy.savez"
+            ) from None
+        raise DataError(f"{p} is not a readable .npz file: {e}") from None
+
+
+def _is_npy(p: Path) -> bool:
+    """Whether ``p`` starts with numpy's .npy magic string."""
+    with p.open("rb") as f:
+        return f.read(6) == b"\x93NUMPY"
+
+
+def first_non_finite(x: np.ndarray) -> tuple[int, ...] | None:
+    """Index of the first NaN or infinite value of ``x`` as float32 (values beyond float32's
+    range count), None if all are finite."""
+    if not np.issubdtype(x.dtype, np.floating):
+        return None
+    with np.errstate(over="ignore"):
+        bad = ~np.isfinite(x.astype(np.float32))
+    if not bad.any():
+        return None
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), x.shape))
+
+
+def _as_float32(v: np.generic) -> str:
+    value = float(v)
+    return f"{value!r} (beyond float32's range)" if np.isfinite(value) else repr(value)
 
 
 def check_arrays(
@@ -61,6 +99,12 @@ def check_arrays(
             )
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
             raise DataError(f"{path}: x_{split} must be numeric, got {x.dtype}")
+        bad = first_non_finite(x)
+        if bad is not None:
+            raise DataError(
+                f"{path}: x_{split} has a non-finite value at index {bad}: {_as_float32(x[bad])}; "
+                "features must be finite float32 numbers (normalise them)"
+            )
         if y.min() < 0 or y.max() >= n_classes:
             raise DataError(
                 f"{path}: y_{split} has labels from {y.min()} to {y.max()}, outside "

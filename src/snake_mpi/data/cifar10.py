@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -53,16 +54,21 @@ def _members(p: Path) -> dict[str, bytes] | dict[str, Path]:
     """File name -> path (a directory) or bytes (a tar archive) of the release's files."""
     names = [*TRAIN_FILES, TEST_FILE]
     if p.is_file():
-        if not tarfile.is_tarfile(p):
-            raise DataError(f"{p} is neither a directory nor a tar archive; {WHERE}")
         out: dict[str, bytes] = {}
-        with tarfile.open(p) as tar:
-            for m in tar.getmembers():
-                base = m.name.rsplit("/", 1)[-1]
-                if base in names and m.isfile():
-                    f = tar.extractfile(m)
-                    assert f is not None
-                    out[base] = f.read()
+        try:
+            if not tarfile.is_tarfile(p):
+                raise DataError(f"{p} is neither a directory nor a tar archive; {WHERE}")
+            with tarfile.open(p) as tar:
+                for m in tar.getmembers():
+                    base = m.name.rsplit("/", 1)[-1]
+                    if base in names and m.isfile():
+                        f = tar.extractfile(m)
+                        assert f is not None
+                        out[base] = f.read()
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise DataError(
+                f"{p} cannot be read to the end (truncated or damaged archive: {e}); {WHERE}"
+            ) from None
         missing = [n for n in names if n not in out]
         if missing:
             raise DataError(f"{p} lacks {', '.join(missing)}: not the CIFAR-10 binary release")

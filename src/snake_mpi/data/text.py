@@ -100,7 +100,11 @@ def _stream(files: list[Path], tok: Tokenizer, need: int) -> Iterator[np.ndarray
         yield ids
 
 
-def _take(files: list[Path], tok: Tokenizer, n_seq: int, seq_len: int, what: str) -> np.ndarray:
+def _take(
+    files: list[Path], tok: Tokenizer, n_seq: int, seq_len: int, what: str, where: str = ""
+) -> np.ndarray:
+    """``n_seq`` sequences of ``seq_len`` + 1 tokens from ``files``; ``where`` says, in the
+    error, which files the ``what`` tokens come from."""
     need = n_seq * (seq_len + 1)
     parts = list(_stream(files, tok, need))
     tokens = np.concatenate(parts) if parts else np.zeros(0, np.int64)
@@ -108,9 +112,18 @@ def _take(files: list[Path], tok: Tokenizer, n_seq: int, seq_len: int, what: str
         raise DataError(
             f"the text corpus has {len(tokens)} {what} tokens; {n_seq} sequences of "
             f"{seq_len} + 1 tokens need {need} (lower data.n_train/n_test or data.seq_len, or "
-            "point data.path at more text)"
+            "point data.path at more text)" + (f"; {where}" if where else "")
         )
     return tokens[:need].reshape(n_seq, seq_len + 1)
+
+
+def split_rule(n_files: int, n_held: int) -> str:
+    """How a corpus directory is split into training and held-out files, with the counts."""
+    return (
+        f"held-out (test) text comes from the files whose path relative to data.path hashes "
+        f"(CRC-32) to 0 mod {TEST_EVERY}, training text from the others: {n_held} of its "
+        f"{n_files} {'/'.join(SUFFIXES)} files are held out"
+    )
 
 
 def check_text(path: str) -> None:
@@ -137,8 +150,15 @@ def load_text(
         files = corpus_files(root)
         held = [f for f in files if is_test_file(root, f)]
         rest = [f for f in files if not is_test_file(root, f)]
-        train = _take(rest, tokenizer, n_train, seq_len, "training")
-        test = _take(held, tokenizer, n_test, seq_len, "held-out")
+        rule = split_rule(len(files), len(held))
+        if (n_test and not held) or (n_train and not rest):
+            which = "held-out" if n_test and not held else "training"
+            raise DataError(
+                f"data.path {str(root)!r} gives no {which} text: {rule}; add files, or point "
+                "data.path at one file (its last tokens are held out)"
+            )
+        train = _take(rest, tokenizer, n_train, seq_len, "training", rule)
+        test = _take(held, tokenizer, n_test, seq_len, "held-out", rule)
     train_t, test_t = torch.from_numpy(train), torch.from_numpy(test)
     return Dataset(
         x_train=train_t[:, :-1].contiguous(),

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import NoReturn
 
 import numpy as np
 
 from snake_mpi.blocks import BlockModel, flatten, unflatten
 from snake_mpi.schemes import Context
-from snake_mpi.train import KDSpec, evaluate, train_local
+from snake_mpi.train import KDSpec, NonFiniteLoss, evaluate, train_local
 from snake_mpi.wire import Transfer
 
 
@@ -80,19 +81,32 @@ def slowdown(ctx: Context, compute_s: float) -> None:
         ctx.record.add("slowdown_s", extra)
 
 
+def abort_non_finite(ctx: Context, e: NonFiniteLoss) -> NoReturn:
+    """End the job: a NaN or infinite loss makes every later figure meaningless."""
+    r = ctx.record.round
+    ctx.comm.abort(
+        f"{e} of its turn in round {r + 1} of {ctx.cfg.train.rounds}: training diverged "
+        "(check that the features are finite and scaled, and train.lr)"
+    )
+    raise e  # LocalComm.abort raises; comm.Comm.abort never returns
+
+
 def train_and_record(ctx: Context, trainable: Sequence[int], kd: KDSpec | None = None) -> None:
     """One turn of local training of blocks ``trainable`` on this rank's shard, recorded."""
     t0 = time.perf_counter()
-    res = train_local(
-        ctx.model,
-        trainable,
-        ctx.data.x_train,
-        ctx.data.y_train,
-        cfg=ctx.cfg.train,
-        generator=ctx.generator,
-        augment=ctx.data.augment,
-        kd=kd,
-    )
+    try:
+        res = train_local(
+            ctx.model,
+            trainable,
+            ctx.data.x_train,
+            ctx.data.y_train,
+            cfg=ctx.cfg.train,
+            generator=ctx.generator,
+            augment=ctx.data.augment,
+            kd=kd,
+        )
+    except NonFiniteLoss as e:
+        abort_non_finite(ctx, e)
     rec = ctx.record
     compute_s = time.perf_counter() - t0
     rec.add("compute_s", compute_s)

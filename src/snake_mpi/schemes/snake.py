@@ -48,20 +48,23 @@ def plan_segments(
 def plan_for_run(ctx: Context, nodes: Sequence[int]) -> list[list[int]]:
     """The plan of this run over the node ranks ``nodes``: by declared capabilities, or by
     measuring every rank's block times now (``snake.capability = "measure"``); the figures
-    used are put in ``ctx.info`` for the result file."""
+    used (and the measurement's spread) are put in ``ctx.info`` for the result file."""
     cfg = ctx.cfg.snake
     if cfg.capability != "measure":
         caps = list(cfg.capabilities) or [1.0] * len(nodes)
         ctx.info["capabilities"] = caps
         return plan_segments(ctx.model, cfg, len(nodes))
-    times = ctx.comm.allgather_row(measure_in_turn(ctx))  # (ranks, blocks), everywhere
+    nb = ctx.model.n_blocks
+    table = ctx.comm.allgather_row(np.concatenate(measure_in_turn(ctx)), "the block times")
+    times, spread = table[:, :nb], table[:, nb:]  # (ranks, blocks) each
     mids = ctx.model.middle_ids
     node_times = times[list(nodes)][:, mids]
     costs = node_times.mean(axis=0)
     totals = node_times.sum(axis=1)
     caps = [float(c) for c in totals.mean() / totals]
     ctx.info["capabilities"] = caps
-    ctx.info["block_time_s"] = times
+    ctx.info["block_time_s"] = times  # exactly what the plan used (expected.py rebuilds it)
+    ctx.info["block_time_spread"] = spread
     return plan_segments(ctx.model, cfg, len(nodes), costs=list(costs), capabilities=caps)
 
 

@@ -28,8 +28,14 @@ from snake_mpi.blocks import (
 )
 from snake_mpi.config import RunConfig
 from snake_mpi.schemes import Context
-from snake_mpi.schemes.common import slowdown
-from snake_mpi.train import make_optimizer, turn_batch_sizes, turn_batches
+from snake_mpi.schemes.common import abort_non_finite, slowdown
+from snake_mpi.train import (
+    NonFiniteLoss,
+    checked_loss,
+    make_optimizer,
+    turn_batch_sizes,
+    turn_batches,
+)
 from snake_mpi.wire import KIND_ACTIVATION, KIND_GRADIENT
 
 PART_ACTIVATION, PART_LABELS = 0, 1
@@ -158,11 +164,15 @@ class ServerPart:
         for m in self.blocks:
             x = m(x)
         loss = F.cross_entropy(x, y)
+        try:
+            value = checked_loss(loss, self.steps)
+        except NonFiniteLoss as e:
+            abort_non_finite(self.ctx, e)
         loss.backward()
         self.opt.step()
         grad = _bytes_of(act.grad)
         self.compute_s += time.perf_counter() - t0
-        self.loss_sum += loss.item() * n
+        self.loss_sum += value * n
         self.samples += n
         self.steps += 1
         comm.send_blocks(
