@@ -135,3 +135,11 @@ def snake_mpi(*args: str) -> list[str]:
     """argv of the installed ``snake-mpi`` console script."""
     exe = BIN / "snake-mpi"
     return [str(exe) if exe.exists() else "snake-mpi", *args]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """At the end of the run, nothing this session started may still be running."""
+    left = session_processes()
+    if left:
+        print("\nprocesses outlived the test session:\n" + "\n".join(left), file=sys.stderr)
+        session.exitstatus = 1
