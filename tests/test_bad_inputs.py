@@ -143,6 +143,8 @@ CASES = [
     Case("npy-not-npz", lambda t: _validate(_run_arrays(t, _npy(t))), 2, "not an .npz file"),
     Case("random-bytes-npz", lambda t: _validate(_run_arrays(t, _random_npz(t))), 2,
          "not a readable .npz"),
+    Case("npz-members-not-arrays", lambda t: _validate(_run_arrays(t, _zip_npz(t))), 2,
+         "x_train, y_train, x_test, y_test in it is not a .npy array"),
     Case("npz-n-train-too-large", lambda t: _run_arrays(t, _npz(t, n_train=100)), 2,
          "data.n_train = 512 but", ranks=2),
     Case("npz-nan-features", lambda t: _run_arrays(t, _npz(t, x_train=_with(np.nan, 37, 5))),
@@ -203,6 +205,17 @@ def _npy(tmp: Path) -> Path:
 def _random_npz(tmp: Path) -> Path:
     p = tmp / "data.npz"
     p.write_bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    return p
+
+
+def _zip_npz(tmp: Path) -> Path:
+    """A zip with the four names but text inside, not .npy data."""
+    import zipfile
+
+    p = tmp / "data.npz"
+    with zipfile.ZipFile(p, "w") as z:
+        for key in ("x_train", "y_train", "x_test", "y_test"):
+            z.writestr(f"{key}.npy", "not an array")
     return p
 
 

@@ -36,7 +36,7 @@ def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
             missing = [k for k in KEYS if k not in f.files]
             if missing:
                 raise DataError(f"{p} lacks {', '.join(missing)} (has {', '.join(f.files)})")
-            return {k: f[k] for k in KEYS}
+            arrays = {k: f[k] for k in KEYS}
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         if isinstance(e, DataError):
             raise
@@ -51,6 +51,12 @@ def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 "pickled objects are read: save numeric arrays with numpy.savez"
             ) from None
         raise DataError(f"{p} is not a readable .npz file: {e}") from None
+    raw = [k for k, v in arrays.items() if not isinstance(v, np.ndarray)]
+    if raw:  # a zip member that is not .npy data comes back from numpy as its bytes
+        raise DataError(
+            f"{p}: {', '.join(raw)} in it is not a .npy array (not saved by numpy.savez)"
+        )
+    return arrays
 
 
 def _is_npy(p: Path) -> bool:
