@@ -111,6 +111,20 @@ def test_a_block_time_is_the_least_sample_and_a_slow_spell_shows_only_in_the_spr
     np.testing.assert_array_equal(summarise(np.zeros((3, 2)))[1], [0.0, 0.0])
 
 
+def meter_context(cfg, model, x) -> Context:
+    """A one-rank context with ``x`` as both training and test data, for a ``BlockMeter``."""
+    data = NodeData(x_train=x, y_train=torch.zeros(8), x_test=x, y_test=torch.zeros(8))
+    return Context(
+        cfg=cfg,
+        comm=SimpleNamespace(rank=0),
+        model=model,
+        data=data,
+        record=None,
+        generator=torch.Generator(),
+        info={},
+    )
+
+
 def test_a_block_meter_stops_after_its_minimum_passes_once_over_its_cap():
     """One pass per turn (``turn_passes=1``), cap 0 s: the fourth and later turns time
     nothing, so a large model is timed ``min_passes`` times (after one warm-up), not once per
@@ -118,15 +132,7 @@ def test_a_block_meter_stops_after_its_minimum_passes_once_over_its_cap():
     cfg = load_config(SMALL)
     model = build_model(cfg.model, sample_shape=(32,), n_classes=4, seed=1)
     x = torch.randn(8, 32)
-    ctx = Context(
-        cfg=cfg,
-        comm=SimpleNamespace(rank=0),
-        model=model,
-        data=NodeData(x_train=x, y_train=torch.zeros(8), x_test=x, y_test=torch.zeros(8)),
-        record=None,
-        generator=torch.Generator(),
-        info={},
-    )
+    ctx = meter_context(cfg, model, x)
     meter = BlockMeter(ctx, turn_passes=1, min_passes=3, cap_s=0.0)
     for _ in range(6):
         meter.turn()
@@ -149,15 +155,7 @@ def test_measuring_leaves_batch_norm_statistics_as_they_were():
     )
     before = model_hash(model)
     x = torch.randn(8, 3, 32, 32)
-    ctx = Context(
-        cfg=cfg,
-        comm=SimpleNamespace(rank=0),
-        model=model,
-        data=NodeData(x_train=x, y_train=torch.zeros(8), x_test=x, y_test=torch.zeros(8)),
-        record=None,
-        generator=torch.Generator(),
-        info={},
-    )
+    ctx = meter_context(cfg, model, x)
     meter = BlockMeter(ctx, turn_passes=2)
     meter.turn()
     meter.turn()
