@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -123,7 +122,9 @@ def run_mpi(n: int, argv: list[str], *, timeout_s: float = 180, cwd: Path | None
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
+        from snake_mpi.proctree import end_job
+
+        end_job(proc, grace_s=1.0)  # the launcher and every rank, in whatever process group
         out, err = proc.communicate()
         pytest.fail(
             f"mpirun -n {n} {' '.join(argv)} did not finish within {timeout_s} s:\n{out}\n{err}"
