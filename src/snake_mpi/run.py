@@ -27,7 +27,7 @@ from snake_mpi.config import (
     to_toml,
     validate_for_world,
 )
-from snake_mpi.data import DataError, check_data, load_dataset
+from snake_mpi.data import DataError, load_dataset
 from snake_mpi.data.augment import crop_flip
 from snake_mpi.data.partition import (
     label_histogram,
@@ -184,8 +184,8 @@ def _release_on_signal(lock: Any) -> None:
 
 def load_checked(cfg: RunConfig, world_size: int):
     """The configured dataset, read and checked in full (``DataError`` before any message:
-    paths, formats, label ranges, finite features, enough samples)."""
-    check_data(cfg.data)
+    paths, formats, label ranges, finite features, enough samples); the loaders make the
+    checks of ``check_data`` themselves, so the data are read once."""
     seeds, _ = seeds_for(cfg.seed, world_size)
     return load_dataset(cfg.data, seeds["data"], checkpoint=cfg.model.checkpoint)
 

@@ -19,7 +19,7 @@ import errno
 import os
 import pathlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -613,15 +613,19 @@ def _fields(
     return out
 
 
+def _members(group: h5py.Group, where: str, bad: _Problems) -> Iterator[tuple[str, Any]]:
+    """(name, object) of each readable member of ``group``; unreadable ones are listed."""
+    for name in _names(group, where, bad):
+        try:
+            yield name, group[name]
+        except _READ_ERRORS as e:
+            bad.add(f"{where}/{name}", _why(e))
+
+
 def _datasets(group: h5py.Group, where: str, bad: _Problems) -> dict[str, np.ndarray]:
     """Every dataset directly in ``group``; subgroups and unreadable datasets are listed."""
     out: dict[str, np.ndarray] = {}
-    for name in _names(group, where, bad):
-        try:
-            obj = group[name]
-        except _READ_ERRORS as e:
-            bad.add(f"{where}/{name}", _why(e))
-            continue
+    for name, obj in _members(group, where, bad):
         if isinstance(obj, h5py.Dataset):
             _read_into(out, name, obj, bad, where=f"{where}/{name}")
         else:
@@ -631,13 +635,8 @@ def _datasets(group: h5py.Group, where: str, bad: _Problems) -> dict[str, np.nda
 
 def _collect(out: dict[str, np.ndarray], prefix: str, group: h5py.Group, bad: _Problems) -> None:
     """Every dataset under ``group`` by its path (``prefix/...``), recursively."""
-    for name in _names(group, f"/{prefix}", bad):
+    for name, obj in _members(group, f"/{prefix}", bad):
         path = f"{prefix}/{name}"
-        try:
-            obj = group[name]
-        except _READ_ERRORS as e:
-            bad.add(f"/{path}", _why(e))
-            continue
         if isinstance(obj, h5py.Dataset):
             _read_into(out, path, obj, bad)
         elif isinstance(obj, h5py.Group):

@@ -184,7 +184,7 @@ def run_cell(cell: Cell, out_dir: Path, time_limit_s: float) -> Outcome:
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     log = out_dir / f"{cell.name}.log"
     t0 = time.perf_counter()
-    status, note, interrupted = "", "", None
+    status, note, interrupted, timed_out = "", "", None, False
     with log.open("w") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
         try:
@@ -192,6 +192,7 @@ def run_cell(cell: Cell, out_dir: Path, time_limit_s: float) -> Outcome:
                 proc.wait(timeout=time_limit_s)
             except subprocess.TimeoutExpired:
                 killed = end_job(proc)
+                timed_out = True
                 note = f"\nsuite: killed at the time limit of {time_limit_s:g} s"
                 note += f" ({len(killed)} process(es) needed SIGKILL)" if killed else ""
         except Interrupted as e:
@@ -205,7 +206,7 @@ def run_cell(cell: Cell, out_dir: Path, time_limit_s: float) -> Outcome:
             note = f"\nsuite: interrupted by {e}; the cell's processes were ended"
         err.seek(0)
         tail = err.read()[-2000:] + note
-    code = None if note and not interrupted else proc.returncode
+    code = None if timed_out else proc.returncode
     elapsed = time.perf_counter() - t0
     ok = code == 0 and is_complete(result)
     outcome = Outcome(
