@@ -162,27 +162,41 @@ def _byte_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def flatten(model: BlockModel, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Copy the state of blocks ``ids`` into one contiguous uint8 buffer.
+    """Copy the state of blocks ``ids`` into one contiguous uint8 buffer in host memory.
 
     Returns ``(payload, nbytes_per_block)``; the bytes are the tensors' own, so the round trip
     through ``unflatten`` is bit-exact for any dtype.
     """
     sizes = np.array([block_nbytes(model, b) for b in ids], dtype=np.int64)
     buf = torch.empty(int(sizes.sum()), dtype=torch.uint8)
+    flatten_into(model, ids, buf)
+    return buf.numpy(), sizes
+
+
+def flatten_into(model: BlockModel, ids: Sequence[int], out: torch.Tensor) -> np.ndarray:
+    """``flatten`` into ``out`` (a uint8 tensor of exactly the blocks' bytes, on any device:
+    pinned host memory to stage a GPU rank's weights, or device memory for a CUDA-aware MPI);
+    returns the bytes per block. Copies from a GPU into ``out`` may still be in flight on the
+    current stream when this returns."""
+    sizes = np.array([block_nbytes(model, b) for b in ids], dtype=np.int64)
+    if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() != int(sizes.sum()):
+        raise ValueError(f"out must be {int(sizes.sum())} uint8 values, got {tuple(out.shape)}")
     offset = 0
     for b in ids:
         for t in block_tensors(model, b):
             n = t.numel() * t.element_size()
-            buf[offset : offset + n].copy_(_byte_view(t))
+            out[offset : offset + n].copy_(_byte_view(t))
             offset += n
-    return buf.numpy(), sizes
+    return sizes
 
 
 def unflatten(
     model: BlockModel, ids: Sequence[int], payload: np.ndarray, nbytes: np.ndarray
 ) -> None:
-    """Write a payload made by ``flatten`` back into blocks ``ids`` of ``model`` (in place)."""
-    src = torch.from_numpy(payload)
+    """Write a payload made by ``flatten`` back into blocks ``ids`` of ``model`` (in place).
+
+    ``payload``: a uint8 numpy array, or a uint8 tensor on any device."""
+    src = payload if torch.is_tensor(payload) else torch.from_numpy(payload)
     offset = 0
     with torch.no_grad():
         for b, expect in zip(ids, nbytes, strict=True):
@@ -195,8 +209,17 @@ def unflatten(
                 n = t.numel() * t.element_size()
                 _byte_view(t).copy_(src[offset : offset + n])
                 offset += n
-    if offset != payload.nbytes:
-        raise ValueError(f"payload has {payload.nbytes} bytes, blocks used {offset}")
+    if offset != src.numel():
+        raise ValueError(f"payload has {src.numel()} bytes, blocks used {offset}")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first tensor (CPU for a model with none)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
 
 
 def model_bytes_held(model: BlockModel) -> int:
@@ -238,5 +261,5 @@ def model_hash(model: BlockModel) -> str:
     h = hashlib.sha256()
     for b in range(model.n_blocks):
         for t in block_tensors(model, b):
-            h.update(_byte_view(t).numpy())
+            h.update(_byte_view(t).cpu().numpy())
     return h.hexdigest()

@@ -18,7 +18,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 from mpi4py import MPI
@@ -34,6 +34,7 @@ from snake_mpi.wire import (
     account_receive,
     account_send,
     describe,
+    is_byte_buffer,
     pack_header,
     parse_header,
     transfer_from,
@@ -58,14 +59,15 @@ class _Posted:
     """Receives posted ahead by ``Comm.expect``: buffers and requests of header and payload."""
 
     header: np.ndarray
-    payload: np.ndarray
+    payload: Any
     hreq: MPI.Request
     preqs: list[MPI.Request]
 
 
-def chunks(payload: np.ndarray) -> list[np.ndarray]:
+def chunks(payload: Any) -> list[Any]:
     """The payload as the messages that carry it: slices of at most ``MAX_MESSAGE_BYTES``
-    (one empty message for an empty payload)."""
+    (one empty message for an empty payload). A numpy array, or a 1-D uint8 CUDA tensor that
+    mpi4py takes by DLPack where the MPI library is CUDA-aware (``payloads.py``)."""
     n = payload.nbytes
     return [payload[i : i + MAX_MESSAGE_BYTES] for i in range(0, max(n, 1), MAX_MESSAGE_BYTES)]
 
@@ -114,9 +116,11 @@ class Comm:
         block_ids: np.ndarray,
         versions: np.ndarray,
         block_nbytes: np.ndarray,
-        payload: np.ndarray,
+        payload: Any,
     ) -> None:
-        """Send a header and one contiguous uint8 payload to ``dest``; counts bytes and time."""
+        """Send a header and one contiguous uint8 payload to ``dest``; counts bytes and time.
+
+        ``payload``: a numpy array, or a device tensor whose stream has been synchronised."""
         header = pack_header(
             kind=kind,
             round=round,
@@ -137,16 +141,26 @@ class Comm:
         )
         account_send(self.stats, self.link, self.rank, dest, header.nbytes + payload.nbytes, t0)
 
-    def expect(self, source: int, *, kind: int, round: int, hop: int, payload_bytes: int) -> None:
+    def expect(
+        self,
+        source: int,
+        *,
+        kind: int,
+        round: int,
+        hop: int,
+        payload_bytes: int,
+        alloc: Callable[[int], Any] | None = None,
+    ) -> None:
         """Post the receives of a transfer now, to be completed by a later ``recv_blocks``.
 
         A rank that enters a collective before its next receive must post that receive
         first: a large send is taken only once the receive is posted, so a sender waiting
         on it would never join the collective (node N-1's hop to node 0 across a round end).
+        ``alloc(nbytes)``: the buffer to receive into (a staged or device buffer), else new.
         """
         key = (source, kind, round, hop)
         header = np.empty(HEADER_FIXED + 3 * HEADER_MAX_BLOCKS, dtype=np.int64)
-        payload = np.empty(payload_bytes, dtype=np.uint8)
+        payload = _new_payload(payload_bytes, alloc)
         self._expected[key] = _Posted(
             header=header,
             payload=payload,
@@ -154,18 +168,26 @@ class Comm:
             preqs=self._irecv_payload(payload, source),
         )
 
-    def _irecv_payload(self, buf: np.ndarray, source: int) -> list[MPI.Request]:
+    def _irecv_payload(self, buf: Any, source: int) -> list[MPI.Request]:
         return [self._comm.Irecv([part, MPI.BYTE], source, TAG_PAYLOAD) for part in chunks(buf)]
 
     def recv_blocks(
-        self, source: int, *, kind: int, round: int, hop: int, out: np.ndarray | None = None
+        self,
+        source: int,
+        *,
+        kind: int,
+        round: int,
+        hop: int,
+        out: np.ndarray | None = None,
+        alloc: Callable[[int], Any] | None = None,
     ) -> Transfer:
         """Receive the transfer ``(kind, round, hop)`` from ``source``; checks it is that one.
 
         With ``out`` (a contiguous uint8 buffer, reused across hops) the payload receive is
-        posted together with the header's and lands in ``out[:payload_bytes]``; without it the
-        payload goes into a new array once the header has said how large it is. A transfer
-        announced with ``expect`` completes the receives posted then.
+        posted together with the header's and lands in ``out[:payload_bytes]``; with
+        ``alloc(nbytes)`` the payload lands in the buffer it returns once the header has said
+        how large it is (a pinned or device buffer, ``payloads.HopBuffers``); with neither,
+        in a new array. A transfer announced with ``expect`` completes the receives posted then.
         """
         what = describe(kind, round, hop, source)
         status = MPI.Status()
@@ -178,7 +200,7 @@ class Comm:
         else:
             header_buf = self._header_buf
             req = self._comm.Irecv([header_buf, MPI.INT64_T], source, TAG_HEADER)
-            prepost = out is not None and out.dtype == np.uint8 and out.flags.c_contiguous
+            prepost = out is not None and is_byte_buffer(out)
             if prepost:  # the payload can flow at once, before we have read the header
                 if out.nbytes > MAX_MESSAGE_BYTES:
                     prepost = False  # the chunking must follow the actual payload size
@@ -199,7 +221,7 @@ class Comm:
                 )
             payload = out[:payload_bytes]
         else:
-            payload = np.empty(payload_bytes, dtype=np.uint8)
+            payload = _new_payload(payload_bytes, alloc)
             preqs = self._irecv_payload(payload, source)
         statuses = [MPI.Status() for _ in preqs]
         self._wait_all(preqs, payload_what, statuses=statuses, spin_s=_SPIN_FLOW_S)
@@ -332,6 +354,74 @@ class Comm:
     def abort(self, message: str, code: int = 1) -> NoReturn:
         """Print the message naming this rank and end the whole job (never returns)."""
         abort_job(message, code)
+
+
+def _new_payload(nbytes: int, alloc: Callable[[int], Any] | None) -> Any:
+    """The buffer a payload of ``nbytes`` lands in: ``alloc``'s, else a new host array."""
+    buf = alloc(nbytes) if alloc is not None else None
+    if buf is None:
+        return np.empty(nbytes, dtype=np.uint8)
+    if buf.nbytes != nbytes or not is_byte_buffer(buf):
+        raise ProtocolError(f"receive buffer of {buf.nbytes} bytes for a {nbytes}-byte payload")
+    return buf
+
+
+def cuda_support() -> tuple[bool | None, str]:
+    """Whether the MPI library can take CUDA device buffers, and how that was learnt.
+
+    MPI 4.1's ``mpi_memory_alloc_kinds`` info (``cuda:device``), else Open MPI's
+    ``MPIX_Query_cuda_support()`` or MPICH's ``MPIX_GPU_query_support`` found in the loaded
+    MPI library (mpi4py has no query of its own); ``(None, reason)`` when nothing answers.
+    """
+    kinds = None
+    with contextlib.suppress(Exception):
+        kinds = MPI.INFO_ENV.Get("mpi_memory_alloc_kinds")
+    if kinds:
+        return "cuda" in kinds, f"mpi_memory_alloc_kinds = {kinds}"
+    lib = _loaded_mpi_library()
+    if lib is None:
+        return None, "no CUDA query in the MPI library"
+    name, handle = lib
+    if hasattr(handle, "MPIX_Query_cuda_support"):
+        return bool(handle.MPIX_Query_cuda_support()), f"MPIX_Query_cuda_support in {name}"
+    if hasattr(handle, "MPIX_GPU_query_support"):
+        import ctypes
+
+        flag = ctypes.c_int(0)
+        if handle.MPIX_GPU_query_support(1, ctypes.byref(flag)) == 0:  # 1: MPIX_GPU_SUPPORT_CUDA
+            return bool(flag.value), f"MPIX_GPU_query_support in {name}"
+    return None, f"no CUDA query in {name}"
+
+
+def _loaded_mpi_library() -> tuple[str, Any] | None:
+    """The MPI shared library this process has loaded (via mpi4py), opened again by ctypes
+    without loading anything new; None where it cannot be found."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/libmpi" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        name = os.path.basename(path)
+        if not name.startswith("libmpi.so"):  # not libmpi_mpifh, libmpicxx, ...
+            continue
+        try:
+            return name, ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
+        except OSError:
+            continue
+    return None
+
+
+def local_rank_by_split() -> int:
+    """This rank's index among the job's ranks on its host (a shared-memory split of the world
+    communicator): the fallback when no launcher variable names the local rank."""
+    local = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return local.Get_rank()
+    finally:
+        local.Free()
 
 
 def world_rank_size() -> tuple[int, int]:

@@ -32,6 +32,8 @@ TRANSFERS = ("delta", "full")
 BLOCK_COSTS = ("params", "equal")
 CAPABILITY_SOURCES = ("declared", "measure")
 FAULT_KINDS = ("exception", "exit", "hang", "kill")
+DEVICES = ("auto", "cpu", "cuda")
+GPU_TRANSFERS = ("auto", "direct", "staged")
 SEED_LIMIT = 2**63
 """Seeds are stored as int64 (HDF5 attributes) and fed to numpy's SeedSequence: ``[0, 2**63)``."""
 
@@ -181,6 +183,10 @@ class EmulateConfig:
 class CommConfig:
     deadline_s: float = 600.0
     """Longest wait for any one message from a peer before the job aborts naming it."""
+    gpu_transfer: str = "auto"
+    """How weights leave a GPU rank: ``direct`` (device buffers to a CUDA-aware MPI),
+    ``staged`` (through one pinned host buffer per direction), ``auto`` (direct only where the
+    MPI library confirms CUDA support). Ignored on CPU ranks."""
 
 
 @_cfg()
@@ -209,6 +215,9 @@ class RunConfig:
     """Root seed; per-rank streams come from numpy SeedSequence(seed).spawn(world_size)."""
     torch_threads: int = 0
     """torch threads per rank; 0: the host's cores divided by the ranks on that host."""
+    device: str = "auto"
+    """Where each rank trains: ``auto`` (its GPU when torch sees one, else the CPU), ``cpu``,
+    or ``cuda`` (an error on a host without a usable GPU). GPUs by local rank, round-robin."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -352,6 +361,8 @@ def _validate(c: RunConfig) -> None:
     if not 0 <= c.seed < SEED_LIMIT:
         raise ConfigError(f"seed must be an integer in [0, 2**63), got {c.seed}")
     _choice("scheme", c.scheme, SCHEMES)
+    _choice("device", c.device, DEVICES)
+    _choice("comm.gpu_transfer", c.comm.gpu_transfer, GPU_TRANSFERS)
     _choice("model.family", c.model.family, MODEL_FAMILIES)
     _choice("data.name", c.data.name, DATASETS)
     _choice("data.partition", c.data.partition, PARTITIONS)

@@ -118,14 +118,31 @@ class LocalComm:
             payload=payload,
         )
         t0 = time.perf_counter()
-        self._world._boxes[(self.rank, dest)].put((header, payload.copy()))
+        sent = payload.copy() if isinstance(payload, np.ndarray) else payload.clone()
+        self._world._boxes[(self.rank, dest)].put((header, sent))
         account_send(self.stats, self.link, self.rank, dest, header.nbytes + payload.nbytes, t0)
 
-    def expect(self, source: int, *, kind: int, round: int, hop: int, payload_bytes: int) -> None:
+    def expect(
+        self,
+        source: int,
+        *,
+        kind: int,
+        round: int,
+        hop: int,
+        payload_bytes: int,
+        alloc: Any = None,
+    ) -> None:
         """Nothing to post ahead: sends here never wait for the receiver."""
 
     def recv_blocks(
-        self, source: int, *, kind: int, round: int, hop: int, out: np.ndarray | None = None
+        self,
+        source: int,
+        *,
+        kind: int,
+        round: int,
+        hop: int,
+        out: np.ndarray | None = None,
+        alloc: Any = None,
     ) -> Transfer:
         what = describe(kind, round, hop, source)
         t0 = time.perf_counter()
@@ -143,8 +160,10 @@ class LocalComm:
         )
         if payload.nbytes != payload_bytes:
             raise ProtocolError(f"rank {self.rank}: payload size mismatch in the {what}")
+        if out is None and alloc is not None:
+            out = alloc(payload_bytes)
         if out is not None:
-            out[:payload_bytes] = payload
+            _copy_bytes(out[:payload_bytes], payload)
             payload = out[:payload_bytes]
         nbytes = header.nbytes + payload_bytes
         account_receive(self.stats, self.link, source, self.rank, nbytes, t1)
@@ -203,3 +222,14 @@ class LocalComm:
 
     def abort(self, message: str, code: int = 1) -> None:
         raise RuntimeError(f"rank {self.rank} of {self.size}: {message}")
+
+
+def _copy_bytes(dst: Any, src: Any) -> None:
+    """Copy a payload between numpy arrays and/or torch tensors (as MPI would)."""
+    if isinstance(dst, np.ndarray) and isinstance(src, np.ndarray):
+        dst[...] = src
+        return
+    import torch
+
+    as_t = lambda a: a if torch.is_tensor(a) else torch.from_numpy(a)  # noqa: E731
+    as_t(dst).copy_(as_t(src))

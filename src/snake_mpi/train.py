@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from snake_mpi.blocks import (
     BlockModel,
     block_tensors,
+    model_device,
     module_tensors,
     set_trainable,
     training_state_bytes,
@@ -234,12 +235,14 @@ def train_local(
     params = set_trainable(model, trainable)
     opt = Optimiser(params, cfg)
     lowest = min(trainable)
+    dev = model_device(model)
     total_loss, total_kd, samples, steps = 0.0, 0.0, 0, 0
     for idx in turn_batches(len(x), cfg, generator):
         opt.zero_grad()
         xb = x[idx] if augment is None else augment(x[idx], generator)
+        xb, yb = xb.to(dev, non_blocking=True), y[idx].to(dev, non_blocking=True)
         logits = model(xb, no_grad_below=lowest)
-        task = task_loss(logits, y[idx])
+        task = task_loss(logits, yb)
         task_value = checked_loss(task, steps)
         loss = task
         if teacher is not None:
@@ -277,10 +280,11 @@ def evaluate(
     """
     was_training = [m.training for m in model.blocks]
     model.eval()
+    dev = model_device(model)
     loss_sum, correct = 0.0, 0
     for start in range(0, len(x), batch_size):
-        out = model(x[start : start + batch_size])
-        yb = y[start : start + batch_size]
+        out = model(x[start : start + batch_size].to(dev))
+        yb = y[start : start + batch_size].to(dev)
         loss_sum += float(task_loss(out, yb, reduction="sum"))
         correct += int((_rows(out).argmax(1) == yb.reshape(-1)).sum())
     for m, t in zip(model.blocks, was_training, strict=True):

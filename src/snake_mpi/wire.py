@@ -139,8 +139,8 @@ def pack_header(
     n = len(block_ids)
     if n > HEADER_MAX_BLOCKS:
         raise ValueError(f"{n} blocks exceed the header limit of {HEADER_MAX_BLOCKS}")
-    if payload.dtype != np.uint8 or not payload.flags.c_contiguous:
-        raise TypeError("payload must be a contiguous uint8 array")
+    if not is_byte_buffer(payload):
+        raise TypeError("payload must be a contiguous uint8 array (or uint8 tensor)")
     if int(np.sum(block_nbytes)) != payload.nbytes:
         raise ValueError(
             f"payload has {payload.nbytes} bytes; the blocks add up to {np.sum(block_nbytes)}"
@@ -170,6 +170,18 @@ def parse_header(
     if int(body[:, 2].sum()) != payload_bytes:
         raise ProtocolError(f"rank {rank}: block sizes do not add up in the {what}")
     return body, payload_bytes
+
+
+def is_byte_buffer(buf: object) -> bool:
+    """A contiguous uint8 numpy array, or a contiguous 1-D uint8 torch tensor (a staged or
+    direct GPU payload, ``payloads.py``); no torch import here."""
+    if isinstance(buf, np.ndarray):
+        return buf.dtype == np.uint8 and buf.flags.c_contiguous
+    return (
+        str(getattr(buf, "dtype", "")) == "torch.uint8"
+        and getattr(buf, "dim", lambda: 0)() == 1
+        and bool(buf.is_contiguous())
+    )
 
 
 def transfer_from(header: np.ndarray, body: np.ndarray, payload: np.ndarray) -> Transfer:

@@ -11,6 +11,7 @@ import torch
 
 from snake_mpi.blocks import BlockModel
 from snake_mpi.config import RunConfig
+from snake_mpi.payloads import HopBuffers
 
 
 @dataclass(slots=True)
@@ -44,6 +45,8 @@ class Context:
     """Training samples of every rank (0 for a server or controller), for weighted averages."""
     seeds: dict[str, int] = field(default_factory=dict)
     """The run's shared seeds (``run.seeds_for``): identical on every rank."""
+    hop: HopBuffers = field(default_factory=HopBuffers)
+    """The buffers model blocks travel in on this rank's transfer path (host, staged, direct)."""
 
 
 def get_scheme(name: str) -> Callable[[Context], None]:

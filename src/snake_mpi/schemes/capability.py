@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from snake_mpi.blocks import BlockModel, set_trainable
+from snake_mpi.blocks import BlockModel, model_device, set_trainable
 from snake_mpi.schemes import Context
 
 ROUNDS = 8
@@ -64,7 +64,7 @@ class BlockMeter:
     ) -> None:
         self.model = ctx.model
         x = ctx.data.x_train if len(ctx.data.x_train) else ctx.data.x_test
-        self.x = x[:batch]
+        self.x = x[:batch].to(model_device(self.model))
         factors = ctx.cfg.emulate.slowdown
         self.factor = float(factors[ctx.comm.rank]) if factors else 1.0
         self.turn_s, self.turn_passes = turn_s, turn_passes
@@ -106,14 +106,18 @@ class BlockMeter:
 
 
 def timed_pass(model: BlockModel, x: torch.Tensor) -> np.ndarray:
-    """Seconds of one forward + backward step of each block in turn, shape (n_blocks,)."""
+    """Seconds of one forward + backward step of each block in turn, shape (n_blocks,); on a
+    GPU the device is synchronised at both edges (kernels run asynchronously)."""
     times = np.zeros(model.n_blocks)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     h = x
     for b in range(model.n_blocks):
         inp = h.detach().requires_grad_(b > 0)
+        sync()
         t0 = time.perf_counter()
         out = model.blocks[b](inp)
         out.float().sum().backward()
+        sync()
         times[b] = time.perf_counter() - t0
         h = out.detach()
     return times

@@ -8,7 +8,7 @@ from typing import NoReturn
 
 import numpy as np
 
-from snake_mpi.blocks import BlockModel, flatten, unflatten
+from snake_mpi.blocks import BlockModel
 from snake_mpi.schemes import Context
 from snake_mpi.train import KDSpec, NonFiniteLoss, evaluate, train_local
 from snake_mpi.wire import Transfer
@@ -18,7 +18,7 @@ def send_blocks(ctx: Context, dest: int, kind: int, round_: int, hop: int, ids: 
     """Send blocks ``ids`` of ``ctx.model`` (state and versions) to ``dest`` as one transfer."""
     model = ctx.model
     ids = list(ids)
-    payload, sizes = flatten(model, ids)
+    payload, sizes = ctx.hop.pack(model, ids)
     ctx.comm.send_blocks(
         dest,
         kind=kind,
@@ -33,7 +33,7 @@ def send_blocks(ctx: Context, dest: int, kind: int, round_: int, hop: int, ids: 
 
 def receive_transfer(ctx: Context, source: int, kind: int, round_: int, hop: int) -> Transfer:
     """Receive one transfer of model blocks and check its block ids against the model."""
-    t = ctx.comm.recv_blocks(source, kind=kind, round=round_, hop=hop)
+    t = ctx.comm.recv_blocks(source, kind=kind, round=round_, hop=hop, alloc=ctx.hop.alloc)
     n = ctx.model.n_blocks
     if any(b < 0 or b >= n for b in t.block_ids):
         raise ValueError(
@@ -53,7 +53,7 @@ def receive_blocks(ctx: Context, source: int, kind: int, round_: int, hop: int) 
             f"rank {ctx.comm.rank}: received older versions of blocks {stale} than it holds "
             f"(round {round_}, hop {hop} from rank {source})"
         )
-    unflatten(model, ids, t.payload, t.block_nbytes)
+    ctx.hop.unpack(model, ids, t.payload, t.block_nbytes)
     model.versions[ids] = t.versions
     return ids
 

@@ -56,7 +56,9 @@ class RunningAverage:
     def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
         self.tensors = list(tensors)
         self.sums = [
-            torch.zeros(t.shape, dtype=torch.float64) if t.is_floating_point() else None
+            torch.zeros(t.shape, dtype=torch.float64, device=t.device)
+            if t.is_floating_point()
+            else None
             for t in self.tensors
         ]
         self.first_ints: list[torch.Tensor | None] = [None] * len(self.tensors)
@@ -73,21 +75,23 @@ class RunningAverage:
 
     def _add(self, i: int, value: torch.Tensor, weight: float) -> None:
         if self.sums[i] is not None:
-            self.sums[i].add_(value.to(torch.float64), alpha=weight)
+            s = self.sums[i]
+            s.add_(value.to(device=s.device, dtype=torch.float64), alpha=weight)
         elif self.first_ints[i] is None:
             self.first_ints[i] = value.clone()
 
-    def add(self, payload: np.ndarray, weight: float) -> None:
-        """Add ``weight`` times the blocks held in ``payload`` (``flatten`` order)."""
-        raw = torch.from_numpy(payload)
+    def add(self, payload: np.ndarray | torch.Tensor, weight: float) -> None:
+        """Add ``weight`` times the blocks held in ``payload`` (``flatten`` order; a host array
+        or a device tensor)."""
+        raw = payload if torch.is_tensor(payload) else torch.from_numpy(payload)
         offset = 0
         for i, t in enumerate(self.tensors):
             n = t.numel() * t.element_size()
             value = raw[offset : offset + n].view(t.dtype).view(t.shape)
             offset += n
             self._add(i, value, weight)
-        if offset != payload.nbytes:
-            raise ValueError(f"payload has {payload.nbytes} bytes, the model {offset}")
+        if offset != raw.numel():
+            raise ValueError(f"payload has {raw.numel()} bytes, the model {offset}")
 
     def write(self) -> None:
         """Replace the model's state by the average."""

@@ -22,6 +22,7 @@ from torch import nn
 from snake_mpi.blocks import (
     BlockModel,
     model_bytes_held,
+    model_device,
     optimizer_state_bytes,
     set_trainable,
     training_state_bytes,
@@ -43,7 +44,7 @@ PART_ACTIVATION, PART_LABELS = 0, 1
 
 def cut_shape(model: BlockModel, cut: int, sample_shape: Sequence[int]) -> tuple[int, ...]:
     """Shape of one sample's activation at the cut (output of block ``cut - 1``)."""
-    x = torch.zeros((1, *sample_shape))
+    x = torch.zeros((1, *sample_shape), device=model_device(model))
     was = [m.training for m in model.blocks]
     model.eval()
     with torch.no_grad():
@@ -65,7 +66,9 @@ def steps_of(cfg: RunConfig, n_samples: int) -> int:
 
 
 def _bytes_of(t: torch.Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy().reshape(-1).view(np.uint8)
+    """A tensor's bytes in host memory (activations and gradients travel from the host on
+    every device: they are made and used once, so there is nothing to keep on the GPU)."""
+    return t.detach().contiguous().cpu().numpy().reshape(-1).view(np.uint8)
 
 
 @dataclass
@@ -84,12 +87,14 @@ class ClientTurn:
         opt = make_optimizer(params, ctx.cfg.train)
         compute_s, samples, steps = 0.0, 0, 0
         x_all, y_all = ctx.data.x_train, ctx.data.y_train
+        dev = model_device(model)
         for step, idx in enumerate(turn_batches(len(x_all), ctx.cfg.train, ctx.generator)):
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             x, y = x_all[idx], y_all[idx]
             if ctx.data.augment is not None:
                 x = ctx.data.augment(x, ctx.generator)
+            x = x.to(dev)
             for b in range(cut):
                 x = model.blocks[b](x)
             act = x
@@ -107,7 +112,7 @@ class ClientTurn:
             )
             t = comm.recv_blocks(0, kind=KIND_GRADIENT, round=r, hop=step)
             t0 = time.perf_counter()
-            grad = torch.from_numpy(t.payload.copy()).view(act.dtype).view(act.shape)
+            grad = torch.from_numpy(t.payload.copy()).view(act.dtype).view(act.shape).to(dev)
             act.backward(grad)
             opt.step()
             compute_s += time.perf_counter() - t0
@@ -156,8 +161,9 @@ class ServerPart:
         t0 = time.perf_counter()
         n = y_nbytes // 8
         act = torch.from_numpy(t.payload[:a_nbytes].copy()).view(torch.float32)
-        act = act.view(n, *self.act_shape).requires_grad_(True)
-        y = torch.from_numpy(t.payload[a_nbytes:].copy()).view(torch.int64)
+        dev = model_device(self.ctx.model)
+        act = act.view(n, *self.act_shape).to(dev).requires_grad_(True)
+        y = torch.from_numpy(t.payload[a_nbytes:].copy()).view(torch.int64).to(dev)
         assert self.opt is not None
         self.opt.zero_grad(set_to_none=True)
         x = act
