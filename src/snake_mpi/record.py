@@ -41,8 +41,27 @@ ROUND_FIELDS: dict[str, str] = {
     "kd_loss": "float64",
     "samples": "int64",
     "steps": "int64",
+    "gpu_max_allocated_bytes": "float64",
+    "gpu_max_reserved_bytes": "float64",
+    "gpu_nvml_used_bytes": "float64",
+    "gpu_nvml_process_bytes": "float64",
+    "gpu_energy_j": "float64",
+    "gpu_power_w": "float64",
+    "host_cpu_energy_j": "float64",
 }
-"""Datasets ``/rounds/<name>``, shape (n_rounds, world_size); see docs/results-schema.md."""
+"""Datasets ``/rounds/<name>``, shape (n_rounds, world_size); see docs/results-schema.md.
+The GPU and energy figures are float64 so that NaN can say "unavailable" (a CPU rank, a
+driver that does not report it, a rank that is not its host's energy reader)."""
+
+_UNAVAILABLE_UNLESS_MEASURED = (
+    "gpu_max_allocated_bytes",
+    "gpu_max_reserved_bytes",
+    "gpu_nvml_used_bytes",
+    "gpu_nvml_process_bytes",
+    "gpu_energy_j",
+    "gpu_power_w",
+    "host_cpu_energy_j",
+)
 
 EVAL_FIELDS: dict[str, str] = {
     "round": "int64",
@@ -78,6 +97,8 @@ class Recorder:
         n_rounds: int,
         progress: bool = True,
         perplexity: bool = False,
+        gpu: Any = None,
+        rapl: Any = None,
     ) -> None:
         self.comm = comm
         self.model = model
@@ -88,6 +109,10 @@ class Recorder:
         self.n_rounds = n_rounds
         self.progress = progress
         self.show_perplexity = perplexity
+        self.gpu = gpu
+        """A ``probes.gpu.GpuProbe`` (its round figures), or None."""
+        self.rapl = rapl
+        """A ``probes.rapl.RaplCounter`` on the host's energy-reading rank, or None."""
         self.last_evaluation: dict[str, float] | None = None
         self.round = -1
         self.n_rounds_written = 0
@@ -105,8 +130,12 @@ class Recorder:
         self._values = dict.fromkeys(ROUND_FIELDS, 0.0)
         self._values["loss"] = math.nan
         self._values["kd_loss"] = math.nan
-        for k in _EVAL_SLOTS:
+        for k in (*_EVAL_SLOTS, *_UNAVAILABLE_UNLESS_MEASURED):
             self._values[k] = math.nan
+        if self.gpu is not None:
+            self.gpu.begin_round()
+        if self.rapl is not None:
+            self.rapl.begin()
         d = self.debug
         if d.fail_rank == self.comm.rank and d.fail_round == r:
             self._inject(d.fail_kind)
@@ -163,6 +192,10 @@ class Recorder:
         v["peak_rss_bytes"] = self.sampler.take_round_peak()
         v["disk_write_bytes"] = self.disk.take_round()
         v["model_at_rest_bytes"] = model_bytes_held(self.model)
+        if self.gpu is not None:
+            v.update(self.gpu.end_round())
+        if self.rapl is not None:
+            v["host_cpu_energy_j"] = self.rapl.take_j()
         v["round_s"] = time.perf_counter() - self._t_round
         names = list(ROUND_FIELDS) + list(_EVAL_SLOTS)
         row = np.array([v[k] for k in names], dtype=np.float64)

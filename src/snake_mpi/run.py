@@ -36,6 +36,7 @@ from snake_mpi.data.partition import (
     partition_shards,
 )
 from snake_mpi.models import build_model
+from snake_mpi.probes.gpu import SERIES_KEYS as GPU_SERIES
 from snake_mpi.probes.memory import MemorySampler, ru_maxrss_bytes
 from snake_mpi.probes.storage import DiskWriteCounter
 from snake_mpi.record import EVAL_FIELDS, ROUND_FIELDS, Recorder
@@ -122,22 +123,34 @@ def result_attrs(cfg: RunConfig) -> dict[str, str]:
 def main(cfg: RunConfig, out: str, *, overwrite: bool) -> int:
     """Entry point of ``snake-mpi run`` on every rank; returns the exit status.
 
-    Start-up checks (world size, output, data read and checked in full, and on rank 0 the
-    output lock) run on every rank before any training message; the ranks then agree, so a
-    problem on any one rank ends every rank with exit 2 and one message."""
+    The device is chosen (from the launcher's local rank) and made current before mpi4py
+    initialises MPI. Start-up checks (device and transfer path, world size, output, data read
+    and checked in full, and on rank 0 the output lock) run on every rank before any training
+    message; the ranks then agree, so a problem on any one rank ends every rank with exit 2
+    and one message."""
+    from snake_mpi.device import DeviceError
+
+    error, placement = "", None
+    try:
+        placement = place_before_mpi(cfg)
+    except DeviceError as e:
+        error = str(e)
     from snake_mpi import comm as mpi  # initialises MPI; execute() itself needs no MPI
     from snake_mpi.outlock import LockError, OutputLock
 
     rank, size = mpi.world_rank_size()
-    error, dataset, lock = "", None, None
+    dataset, lock, route = None, None, None
     try:
+        if not error:
+            placement = placement or place_after_mpi(cfg, mpi.local_rank_by_split())
+            route = transfer_route(cfg, placement, mpi.cuda_support)
         validate_for_world(cfg, size)
         out_path = check_output(out, overwrite=overwrite)
         dataset = load_checked(cfg, size)
         if rank == 0:
             lock = OutputLock(out_path).acquire()
     except (ConfigError, DataError, LockError) as e:
-        error = str(e)
+        error = error or str(e)
     codes = mpi.agree(EXIT_CONFIG if error else 0)
     if any(codes):
         if error and rank == codes.index(EXIT_CONFIG):  # the first rank that failed says why
@@ -154,7 +167,14 @@ def main(cfg: RunConfig, out: str, *, overwrite: bool) -> int:
             print(f"snake-mpi: took over the stale lock {lock.path} ({lock.took_over})")
     mpi.install_abort_on_error()
     try:
-        execute(cfg, mpi.Comm.world(deadline_s=cfg.comm.deadline_s), out_path, dataset=dataset)
+        execute(
+            cfg,
+            mpi.Comm.world(deadline_s=cfg.comm.deadline_s),
+            out_path,
+            dataset=dataset,
+            placement=placement,
+            route=route,
+        )
     except SystemExit as e:
         if e.code not in (0, None):
             mpi.abort_job(f"exited with status {e.code}", e.code if isinstance(e.code, int) else 1)
@@ -163,6 +183,56 @@ def main(cfg: RunConfig, out: str, *, overwrite: bool) -> int:
         if lock is not None:
             lock.release()
     return 0
+
+
+def place_before_mpi(cfg: RunConfig, environ: Any = None) -> Any:
+    """This rank's device from the launcher's local-rank variable, made current (before MPI
+    starts, so that no CUDA context lands on another GPU); None when no variable names the
+    local rank and a GPU may be used (the caller splits the communicator instead)."""
+    from snake_mpi import device
+
+    local, source = device.local_rank_from_env(environ)
+    if cfg.device == "cpu":
+        return device.choose("cpu", cuda_available=False, n_devices=0, local_rank=local or 0)
+    available, n = device.cuda_state()
+    if local is None and available and n > 1:
+        return None
+    placement = device.choose(
+        cfg.device,
+        cuda_available=available,
+        n_devices=n,
+        local_rank=local or 0,
+        local_rank_source=source,
+    )
+    device.activate(placement)
+    return placement
+
+
+def place_after_mpi(cfg: RunConfig, local_rank: int) -> Any:
+    """``place_before_mpi`` with the local rank from a split of the world communicator."""
+    from snake_mpi import device
+
+    available, n = device.cuda_state()
+    placement = device.choose(
+        cfg.device,
+        cuda_available=available,
+        n_devices=n,
+        local_rank=local_rank,
+        local_rank_source="MPI_COMM_TYPE_SHARED split",
+    )
+    device.activate(placement)
+    return placement
+
+
+def transfer_route(cfg: RunConfig, placement: Any, query: Any) -> tuple[str, str]:
+    """``(path, reason)`` of this rank's weights (``device.choose_transfer``); ``query`` asks
+    the MPI library about CUDA support, only on a GPU rank."""
+    from snake_mpi.device import choose_transfer
+
+    if placement.kind != "cuda":
+        return choose_transfer(cfg.comm.gpu_transfer, placement.kind, None)
+    support, how = query()
+    return choose_transfer(cfg.comm.gpu_transfer, placement.kind, support, how)
 
 
 def _release_on_signal(lock: Any) -> None:
@@ -190,20 +260,50 @@ def load_checked(cfg: RunConfig, world_size: int):
     return load_dataset(cfg.data, seeds["data"], checkpoint=cfg.model.checkpoint)
 
 
-def execute(cfg: RunConfig, comm: Any, out_path: Path, *, dataset: Any = None) -> Context:
+def execute(
+    cfg: RunConfig,
+    comm: Any,
+    out_path: Path,
+    *,
+    dataset: Any = None,
+    placement: Any = None,
+    route: tuple[str, str] | None = None,
+) -> Context:
     """The run on this rank over ``comm`` (``comm.Comm``, or an in-process ``LocalComm``).
 
     Rank 0 writes ``out_path``; returns the scheme's context (model, recorder, info).
-    ``dataset``: the configured dataset if already loaded (``load_checked``).
+    ``dataset``: the configured dataset if already loaded (``load_checked``); ``placement``
+    and ``route``: this rank's device and transfer path (default: the CPU, host path).
     """
+    from snake_mpi.device import PATH_HOST, Placement, activate
+    from snake_mpi.payloads import HopBuffers
+    from snake_mpi.probes.gpu import GpuProbe
+    from snake_mpi.probes.rapl import RaplCounter
+
     rank, n = comm.rank, comm.size
+    placement = placement or Placement("cpu", local_rank=rank)
+    path, path_reason = route or (PATH_HOST, "CPU rank: weights travel from host memory")
+    device = activate(placement)
     link = link_model(cfg)
     comm.link = link if link.active else None
     threads = torch_threads(cfg, comm)
     torch.set_num_threads(threads)
     seeds, rank_seeds = seeds_for(cfg.seed, n)
 
-    sampler = MemorySampler(cfg.probes.interval_s, enabled=cfg.probes.enabled)
+    probing = cfg.probes.enabled  # off: no GPU or energy figures either (NaN), only identity
+    gpu = GpuProbe(placement.index if placement.kind == "cuda" else None)
+    rapl = RaplCounter() if placement.local_rank == 0 and probing else None  # one per host
+
+    def tick() -> dict[str, float]:  # each sampler tick: GPU samples; RAPL read (no wrap lost)
+        if rapl is not None:
+            rapl.poll()
+        return gpu.sample() if gpu.enabled else {}
+
+    sampler = MemorySampler(
+        cfg.probes.interval_s,
+        enabled=probing,
+        extra=tick if gpu.enabled or (rapl is not None and rapl.available) else None,
+    )
     sampler.start()
     disk = DiskWriteCounter()
 
@@ -226,13 +326,19 @@ def execute(cfg: RunConfig, comm: Any, out_path: Path, *, dataset: Any = None) -
         sample_shape=tuple(cfg.data.sample_shape),
         n_classes=dataset.n_classes,
         seed=seeds["model"],
-    )
+    ).to(device)
     rss_model_built = sampler.sample_now()
     generator = torch.Generator().manual_seed(rank_seeds[rank])
 
     hosts = comm.gather_str(comm.hostname())
-    writer = None
+    ident = gpu.identity()
+    where = comm.gather_str(
+        "|".join([placement.name, path, ident["gpu_name"], ident["gpu_uuid"]])
+        + f"|{placement.local_rank}"
+    )
+    writer, places = None, None
     if rank == 0:
+        places = rank_places(hosts, where)
         from snake_mpi.store import ResultWriter
 
         writer = ResultWriter(
@@ -240,17 +346,18 @@ def execute(cfg: RunConfig, comm: Any, out_path: Path, *, dataset: Any = None) -
             world_size=n,
             round_fields=ROUND_FIELDS,
             eval_fields=EVAL_FIELDS,
-            attrs=result_attrs(cfg),
+            attrs=result_attrs(cfg) | run_device_attrs(places),
             config_toml=to_toml(cfg),
         )
         prov = provenance.collect(
             mpi_library_version=comm.library_version(), hosts=hosts, world_size=n, seeds=seeds
         )
         prov["torch_num_threads"] = threads
+        prov |= gpu.versions() | {"gpu_transfer_reason": path_reason}
         writer.write_provenance(prov)
         print(
             f"snake-mpi: {cfg.scheme} on {n} ranks, {cfg.train.rounds} rounds, "
-            f"writing {out_path} ({threads} torch thread(s) per rank)",
+            f"writing {out_path} ({threads} torch thread(s) per rank; {describe_places(places)})",
             flush=True,
         )
 
@@ -264,6 +371,8 @@ def execute(cfg: RunConfig, comm: Any, out_path: Path, *, dataset: Any = None) -
         n_rounds=cfg.train.rounds,
         progress=rank == 0,
         perplexity=cfg.model.family == "lm",
+        gpu=gpu if probing else None,
+        rapl=rapl,
     )
     ctx = Context(
         cfg=cfg,
@@ -275,15 +384,54 @@ def execute(cfg: RunConfig, comm: Any, out_path: Path, *, dataset: Any = None) -
         info={},
         shard_sizes=[len(p) for p in parts],
         seeds=seeds,
+        hop=HopBuffers(path, device),
     )
     get_scheme(cfg.scheme)(ctx)
     sampler.stop()
+    gpu.close()
     rss = (rss_before_model, rss_model_built)
-    _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss)
+    _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss, places)
     return ctx
 
 
-def _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss) -> None:
+def rank_places(hosts: list[str], where: list[str]) -> dict[str, np.ndarray]:
+    """The ``/ranks`` columns of where each rank ran, from the gathered ``device|path|GPU
+    name|GPU UUID|local rank`` strings; a GPU is shared when several ranks of one host have
+    the same UUID."""
+    rows = [w.split("|") for w in where]
+    keys = [(h, r[3]) for h, r in zip(hosts, rows, strict=True)]
+    shared = [int(bool(r[3]) and keys.count(k) > 1) for k, r in zip(keys, rows, strict=True)]
+    return {
+        "device": np.array([r[0] for r in rows], dtype=object),
+        "local_rank": np.array([int(r[4]) for r in rows], dtype=np.int64),
+        "gpu_name": np.array([r[2] for r in rows], dtype=object),
+        "gpu_uuid": np.array([r[3] for r in rows], dtype=object),
+        "gpu_shared": np.array(shared, dtype=np.int64),
+        "gpu_transfer": np.array([r[1] for r in rows], dtype=object),
+    }
+
+
+def run_device_attrs(places: dict[str, np.ndarray]) -> dict[str, str]:
+    """Root attributes: ``device`` ("cpu", "cuda", or "cpu+cuda" for a mixed job) and
+    ``gpu_transfer`` (the paths weights took: "host", "staged", "direct", joined by "+")."""
+    kinds = sorted({d.split(":")[0] for d in places["device"]})
+    paths = sorted(set(places["gpu_transfer"]))
+    return {"device": "+".join(kinds), "gpu_transfer": "+".join(paths)}
+
+
+def describe_places(places: dict[str, np.ndarray]) -> str:
+    """One phrase for the start-up line, e.g. "on CPU" or "4 ranks on 1 GPU(s), shared,
+    weights staged"."""
+    gpus = {(d, u) for d, u in zip(places["device"], places["gpu_uuid"], strict=True) if u}
+    if not gpus:
+        return "on CPU"
+    n_gpu = sum(1 for d in places["device"] if d.startswith("cuda"))
+    shared = ", shared" if places["gpu_shared"].any() else ""
+    paths = "+".join(sorted(set(places["gpu_transfer"])))
+    return f"{n_gpu} rank(s) on {len({u for _, u in gpus})} GPU(s){shared}, weights {paths}"
+
+
+def _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss, places) -> None:
     """Gather the whole-run, per-rank figures and the series; rank 0 completes the file.
 
     ``rss``: this rank's RSS just before and just after the model was built."""
@@ -305,7 +453,9 @@ def _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss) -> None:
     )
     table = comm.gather_row(summary)
     hashes = comm.gather_str(model_hash(model))
-    series = {k: comm.gatherv(v) for k, v in sampler.series().items()}
+    mine = sampler.series()
+    names = ("t_s", "rss_bytes", "cpu_percent", *GPU_SERIES)  # the same on every rank
+    series = {k: comm.gatherv(mine.get(k, np.zeros(0)), k) for k in names}
     if writer is None:
         return
     blocks = block_table(model)
@@ -323,6 +473,7 @@ def _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss) -> None:
             "data_samples": table[:, 3].astype(np.int64),
             "control_bytes_sent": table[:, 4].astype(np.int64),
             "model_sha256": np.array(hashes, dtype=object),
+            **places,
         },
     )
     if dataset.y_train.dim() == 1:  # classification (a language model's targets are tokens)
@@ -339,12 +490,14 @@ def _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss) -> None:
         writer.write_array("final_sync/bytes_sent", table[:, 5].astype(np.int64))
         writer.write_array("final_sync/bytes_received", table[:, 6].astype(np.int64))
     for k in range(comm.size):
+        extra = {name: series[name][k] for name in GPU_SERIES}
         writer.write_series(
             k,
             {
                 "t_s": series["t_s"][k],
                 "rss_bytes": series["rss_bytes"][k].astype(np.int64),
                 "cpu_percent": series["cpu_percent"][k],
+                **extra,
             },
         )
     path = writer.complete()

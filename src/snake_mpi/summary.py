@@ -59,6 +59,9 @@ def _header(r: Result) -> str:
     hosts = _hosts(r)
     if hosts:
         items.append(("hosts", hosts))
+    device = _device(r)
+    if device:
+        items.append(("device", device))
     mpi = str(prov.get("mpi_library_version", "")).strip()
     if mpi:
         items.append(("MPI", mpi.splitlines()[0].strip()))
@@ -75,6 +78,24 @@ def _header(r: Result) -> str:
         items.append(("created", str(prov["created_utc"])))
     width = max(len(k) for k, _ in items)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in items)
+
+
+def _device(r: Result) -> str:
+    """Where the ranks trained, e.g. "cpu" or "cuda: 4 ranks on 1 GPU (NVIDIA H100), shared;
+    weights staged"; "" for files from before devices were recorded."""
+    kind = str(r.attrs.get("device", ""))
+    ranks = r.tables.get("ranks", {})
+    if not kind or "gpu_uuid" not in ranks:
+        return kind
+    path = str(r.attrs.get("gpu_transfer", ""))
+    uuids = [str(u) for u in ranks["gpu_uuid"] if str(u)]
+    if not uuids:
+        return f"{kind}; weights {path}" if path and path != "host" else kind
+    names = sorted({str(n) for n in ranks.get("gpu_name", []) if str(n)})
+    shared = ", shared" if np.any(np.asarray(ranks.get("gpu_shared", [0])) > 0) else ""
+    n_gpus = len(set(uuids))
+    what = f"{len(uuids)} rank(s) on {n_gpus} GPU(s) ({', '.join(names)}){shared}"
+    return f"{kind}: {what}; weights {path}"
 
 
 def _hosts(r: Result) -> str:
@@ -157,12 +178,22 @@ def _rank_table(r: Result) -> str:
         ("train_state_bytes", "train state MiB", "max"),
         ("model_at_rest_bytes", "at rest MiB", "last"),
     )
-    for name, label, how in memory:
+    gpu = (
+        ("gpu_max_allocated_bytes", "GPU alloc MiB", "max"),
+        ("gpu_nvml_used_bytes", "GPU used MiB", "max"),
+    )
+    for name, label, how in memory + tuple(g for g in gpu if _measured(rounds.get(g[0]))):
         if name in rounds and len(rounds[name]):
-            per_rank = rounds[name].max(axis=0) if how == "max" else rounds[name][-1]
+            values = rounds[name]
+            per_rank = _max_over_rounds(values) if how == "max" else values[-1]
             head.append(label)
             rows.append([_float(v / MIB, "{:.1f}") for v in per_rank])
-            total.append(_float(per_rank.max() / MIB, "{:.1f}"))
+            total.append(_float(np.nanmax(per_rank) / MIB, "{:.1f}"))
+    if _measured(rounds.get("gpu_energy_j")):
+        per_rank = np.nansum(rounds["gpu_energy_j"], axis=0)
+        head.append("GPU energy J")
+        rows.append([_float(v, "{:.1f}") for v in per_rank])
+        total.append("")  # ranks sharing a GPU each see all of its energy: no sum
     body = [list(row) for row in zip(*rows)] + [total]
     lines = ["per rank (sums over rounds; memory: max over rounds, at rest: last round)"]
     lines.append(_table(head, body, rule_before_last=True))
@@ -183,6 +214,19 @@ def _extras(r: Result) -> list[str]:
     if control is not None:
         out.append(f"control (metric gathers): sent {_int(np.sum(control))} bytes")
     return out
+
+
+def _measured(values: np.ndarray | None) -> bool:
+    """A numeric figure with at least one value (GPU figures are NaN on CPU ranks)."""
+    return values is not None and values.dtype.kind == "f" and bool(np.isfinite(values).any())
+
+
+def _max_over_rounds(values: np.ndarray) -> np.ndarray:
+    """Per rank, the largest value over rounds; NaN where a rank has none (no warning)."""
+    if values.dtype.kind != "f":
+        return values.max(axis=0)
+    finite = np.isfinite(values)
+    return np.where(finite.any(axis=0), np.where(finite, values, -np.inf).max(axis=0), np.nan)
 
 
 def _numbers(values: np.ndarray | None) -> np.ndarray | None:

@@ -1,4 +1,5 @@
-"""Memory probe: a psutil sampler thread for this process (RSS and CPU %), with peaks.
+"""Memory probe: a psutil sampler thread for this process (RSS and CPU %), with peaks; it
+also samples other sensors' series on the same ticks (``extra``, e.g. the GPU probe).
 
 Peaks are *sampled*: a spike shorter than the interval can be missed, which is why every
 peak query also takes a sample at the moment of the query. ``ru_maxrss_bytes`` gives the
@@ -7,9 +8,11 @@ kernel's exact high-water mark for the whole process lifetime as a cross-check.
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -20,6 +23,8 @@ except ImportError:  # pragma: no cover - psutil is a dependency; degrade rather
 
 MAX_SAMPLES = 100_000
 """Cap on the stored series length; beyond it the series is halved (see ``MemorySampler``)."""
+
+_BUILTIN_SERIES = frozenset({"t_s", "rss_bytes", "cpu_percent"})
 
 
 class MemorySampler:
@@ -33,10 +38,20 @@ class MemorySampler:
 
     With ``enabled=False`` (or without psutil) no thread runs and the series stay empty, but
     ``sample_now``, ``peak_rss_bytes`` and ``take_round_peak`` still take one sample per call.
+
+    ``extra`` (e.g. ``GpuProbe.sample``) is called on every tick of the thread, so other
+    sensors share its clock; its values become further series, aligned with ``t_s``. A key
+    missing from a tick, or a tick whose ``extra()`` raised, records NaN; keys that clash with
+    the built-in series are ignored.
     """
 
     def __init__(
-        self, interval_s: float = 0.1, *, enabled: bool = True, max_samples: int = MAX_SAMPLES
+        self,
+        interval_s: float = 0.1,
+        *,
+        enabled: bool = True,
+        max_samples: int = MAX_SAMPLES,
+        extra: Callable[[], dict[str, float]] | None = None,
     ) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s must be positive, got {interval_s}")
@@ -55,6 +70,8 @@ class MemorySampler:
         self._t_s: list[float] = []
         self._rss_bytes: list[int] = []
         self._cpu_percent: list[float] = []
+        self._extra = extra
+        self._extra_series: dict[str, list[float]] = {}
         self._stride = 1
         self._ticks = 0
 
@@ -100,9 +117,11 @@ class MemorySampler:
         except (psutil.Error, OSError):
             return
         t = time.perf_counter() - self._t0
+        extra = self._call_extra()
         with self._lock:
             self._note(rss)
             if self._ticks % self._stride == 0:
+                self._append_extra(extra)
                 self._t_s.append(t)
                 self._rss_bytes.append(rss)
                 self._cpu_percent.append(cpu)
@@ -110,9 +129,32 @@ class MemorySampler:
                     self._decimate()
             self._ticks += 1
 
+    def _call_extra(self) -> dict[str, float]:
+        """``extra()`` on every tick (also unrecorded ones: it may keep its own peaks)."""
+        if self._extra is None:
+            return {}
+        try:
+            return dict(self._extra())
+        except Exception:  # a failing sensor must not end the sampler: NaN for this tick
+            return {}
+
+    def _append_extra(self, values: dict[str, float]) -> None:
+        """One entry per extra series, before ``t_s`` grows (caller holds the lock)."""
+        n = len(self._t_s)
+        for key in values:
+            if key not in self._extra_series and key not in _BUILTIN_SERIES:
+                self._extra_series[key] = [math.nan] * n
+        for key, column in self._extra_series.items():
+            try:
+                column.append(float(values.get(key, math.nan)))
+            except (TypeError, ValueError):
+                column.append(math.nan)
+
     def _decimate(self) -> None:
         """Keep every other sample and double the stride (caller holds the lock)."""
         del self._t_s[1::2], self._rss_bytes[1::2], self._cpu_percent[1::2]
+        for column in self._extra_series.values():
+            del column[1::2]
         self._stride *= 2
 
     def _note(self, rss_bytes: int) -> None:
@@ -151,13 +193,17 @@ class MemorySampler:
         return peak
 
     def series(self) -> dict[str, np.ndarray]:
-        """The sampled series: ``t_s`` (float64 s since start), ``rss_bytes``, ``cpu_percent``."""
+        """The sampled series: ``t_s`` (float64 s since start), ``rss_bytes``, ``cpu_percent``,
+        and each key ``extra`` returned (float64, same length as ``t_s``)."""
         with self._lock:
-            return {
+            out = {
                 "t_s": np.array(self._t_s, dtype=np.float64),
                 "rss_bytes": np.array(self._rss_bytes, dtype=np.int64),
                 "cpu_percent": np.array(self._cpu_percent, dtype=np.float64),
             }
+            for key, column in self._extra_series.items():
+                out[key] = np.array(column, dtype=np.float64)
+            return out
 
 
 def ru_maxrss_bytes() -> int:
