@@ -5,40 +5,76 @@ checked both ways in one job:
    parameters per block, paper accounting (16 bytes per trainable parameter) and what a process
    holds, per scheme and node count, beside the paper's figures;
 2. measurement: real fine-tuning runs, one after another, each rank's RSS before the model is
-   built (baseline) and its peak, and the ratio of the largest per-node increase.
+   built (baseline) and its peak, and the ratio of the largest per-node increase; on a GPU
+   (``--device cuda``) each rank's peak GPU memory too, from torch's allocator and from NVML.
 
-    python bench/memory.py --out results/memory          # OPT-1.3B: needs ~22 GiB, ~15 min
+    python bench/memory.py --out results/memory          # OPT-1.3B on the CPU: ~22 GiB, ~15 min
     python bench/memory.py --out results/memory --tiny   # the tiny model, a minute
+    python bench/memory.py --out results/mem-gpu --device cuda --steps 2 --table mem-gpu.md
 
-Runs whose complete result file exists in ``--out`` are not repeated (resumable).
+``--device cuda`` runs OPT-1.3B full fine-tuning with fp32 and with bf16 weights (fp32 master
+copies and AdamW state) against a Snake node at the paper's share (6 nodes of 4 decoder layers,
+bf16 weights); with one GPU the six Snake ranks share it (recorded in ``/ranks/gpu_shared``).
+``--steps N`` makes every run one round of N optimiser steps per turn (a quick check).
+Multi-rank runs need an MPI launcher (mpirun, or srun inside Slurm); without one they are
+skipped with a message. Runs whose complete result file exists in ``--out`` are not repeated
+(resumable); a result's name carries its device and ``--steps``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from snake_mpi import memory
+from snake_mpi.config import load_config
 from snake_mpi.launch import launcher
-from snake_mpi.store import is_complete
+from snake_mpi.store import is_complete, read_result
 
 REPO = Path(__file__).resolve().parents[1]
 LLM = REPO / "bench" / "configs" / "llm"
 BIN = Path(sys.executable).parent
 
-OPT = [  # (name, config, ranks)
-    ("opt-full", LLM / "opt-1.3b-full.toml", 1),
-    ("opt-snake-fp32-n2", LLM / "opt-1.3b-snake.toml", 2),
-    ("opt-snake-bf16-n6", LLM / "opt-1.3b-snake-bf16.toml", 6),
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    name: str
+    config: Path
+    ranks: int
+
+
+OPT = [
+    Run("opt-full", LLM / "opt-1.3b-full.toml", 1),
+    Run("opt-snake-fp32-n2", LLM / "opt-1.3b-snake.toml", 2),
+    Run("opt-snake-bf16-n6", LLM / "opt-1.3b-snake-bf16.toml", 6),
+]
+OPT_GPU = [
+    Run("opt-full", LLM / "opt-1.3b-full.toml", 1),
+    Run("opt-full-bf16", LLM / "opt-1.3b-full-bf16.toml", 1),
+    Run("opt-snake-bf16-n6", LLM / "opt-1.3b-snake-bf16.toml", 6),
 ]
 TINY = [
-    ("tiny-full", LLM / "tiny-centralised.toml", 1),
-    ("tiny-snake-n4", LLM / "tiny-snake.toml", 4),
-    ("tiny-fedavg-n5", LLM / "tiny-fedavg.toml", 5),
+    Run("tiny-full", LLM / "tiny-centralised.toml", 1),
+    Run("tiny-snake-n4", LLM / "tiny-snake.toml", 4),
+    Run("tiny-fedavg-n5", LLM / "tiny-fedavg.toml", 5),
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    run: Run
+    path: Path
+    status: str
+    """"done", "failed (exit N)" or "skipped (...)"."""
 
 
 def snake_mpi() -> str:
@@ -46,17 +82,188 @@ def snake_mpi() -> str:
     return str(exe) if exe.exists() else "snake-mpi"
 
 
-def launch(n: int, argv: list[str]) -> list[str]:
-    """The command itself on one rank, else srun or mpirun (``snake_mpi.launch``)."""
-    return argv if n == 1 else launcher(n, argv)
+def launch(n: int, argv: list[str]) -> list[str] | None:
+    """The command itself on one rank, else srun or mpirun (``snake_mpi.launch``); None when
+    that launcher is not installed."""
+    if n == 1:
+        return argv
+    cmd = launcher(n, argv)
+    return cmd if Path(cmd[0]).is_file() or shutil.which(cmd[0]) else None
 
 
-def main() -> int:
+def run_sets(device: str, steps: int) -> list[str]:
+    """``--set`` overrides of every measured run."""
+    sets = [f'device="{device}"']
+    if steps > 0:
+        sets += [f"train.local_steps={steps}", "train.rounds=1"]
+    return sets
+
+
+def result_name(run: Run, device: str, steps: int) -> str:
+    return run.name + ("-cuda" if device == "cuda" else "") + (f"-s{steps}" if steps else "")
+
+
+def measure(run: Run, sets: list[str], path: Path, env: dict[str, str]) -> Outcome:
+    """One run under its launcher, its output beside the result (``<name>.log``)."""
+    if is_complete(path):
+        print(f"== {run.name}: complete result exists, not repeated ({path}) ==")
+        return Outcome(run, path, "done")
+    argv = [snake_mpi(), "run", str(run.config), "--out", str(path), "--overwrite"]
+    for s in sets:
+        argv += ["--set", s]
+    cmd = launch(run.ranks, argv)
+    if cmd is None:
+        print(f"== {run.name}: skipped: no MPI launcher (mpirun) for its {run.ranks} ranks ==")
+        return Outcome(run, path, "skipped (no mpirun)")
+    print(f"== {run.name}: {' '.join(cmd)} ==", flush=True)
+    log_path = path.with_suffix(".log")
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        job = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    elapsed = time.perf_counter() - t0
+    if job.returncode != 0:
+        tail = log_path.read_text().splitlines()[-8:]
+        print(f"   FAILED (exit {job.returncode}, {elapsed:.0f} s):\n   " + "\n   ".join(tail))
+        return Outcome(run, path, f"failed (exit {job.returncode})")
+    print(f"   done in {elapsed:.0f} s")
+    return Outcome(run, path, "done")
+
+
+COLUMNS = [
+    "run",
+    "ranks",
+    "device",
+    "trainable per node",
+    "paper GB",
+    "paper accounting",
+    "held",
+    "peak RSS",
+    "train state",
+    "torch alloc",
+    "torch reserved",
+    "NVML used",
+    "NVML process",
+    "status",
+]
+"""Columns of the summary table; byte figures are the largest rank's, in the table's unit."""
+BYTE_COLUMNS = COLUMNS[5:13]
+
+
+def summary_rows(outcomes: list[Outcome], sets: list[str]) -> list[dict[str, float | str]]:
+    """Per run: the accounting of its config (``snake-mpi memory``), the paper's figure for
+    it, and what its result file measured (largest rank; GPU fields NaN on a CPU run)."""
+    rows = []
+    for o in outcomes:
+        cfg = load_config(o.run.config, sets)
+        acc = memory.run_accounting(cfg, o.run.ranks)
+        paper: float | str = "-"
+        if cfg.model.preset == "opt-1.3b":
+            if cfg.scheme != "snake":
+                paper = memory.PAPER["full_gb"]
+            elif o.run.ranks == 6:
+                paper = memory.PAPER["snake_node_gb"]
+        row: dict[str, float | str] = {
+            "run": o.run.name,
+            "ranks": o.run.ranks,
+            "device": cfg.device,
+            "trainable per node": acc.trainable,
+            "paper GB": paper,
+            "paper accounting": float(acc.paper_bytes),
+            "held": float(acc.held_bytes),
+            "status": o.status,
+        }
+        measured = dict.fromkeys(BYTE_COLUMNS[2:], float("nan"))
+        if o.status == "done":
+            res = read_result(o.path)
+            row["device"] = str(res.attrs.get("device", "cpu"))
+            ranks = res.tables["ranks"]
+            peak = np.maximum(ranks["peak_rss_bytes"], ranks["ru_maxrss_bytes"])
+            measured["peak RSS"] = float(peak.max())
+            measured["train state"] = float(res.rounds["train_state_bytes"].max())
+            gpu = memory.gpu_peaks(res)
+            if gpu is not None:
+                for key, label in memory.GPU_FIELDS.items():
+                    measured[label] = memory.largest(gpu[key])
+        rows.append(row | measured)
+    return rows
+
+
+def format_summary(rows: list[dict[str, float | str]], fmt: str = "markdown") -> str:
+    """The summary as a markdown table (byte columns in one unit, named in the header) or CSV
+    (bytes as integers; NaN empty)."""
+    if fmt == "csv":
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow([c + (" bytes" if c in BYTE_COLUMNS else "") for c in COLUMNS])
+        for r in rows:
+            w.writerow(
+                [
+                    ""
+                    if isinstance(r[c], float) and not np.isfinite(r[c])
+                    else (int(r[c]) if c in BYTE_COLUMNS else r[c])
+                    for c in COLUMNS
+                ]
+            )
+        return buf.getvalue()
+    figures = [v for r in rows for c in BYTE_COLUMNS if np.isfinite(v := float(r[c]))]
+    unit, scale = ("GiB", 2**30) if max(figures, default=0) >= 2**30 else ("MiB", 2**20)
+    head = [c + (f" {unit}" if c in BYTE_COLUMNS else "") for c in COLUMNS]
+
+    def cell(c: str, v: float | str) -> str:
+        if c in BYTE_COLUMNS:
+            return f"{float(v) / scale:.2f}" if np.isfinite(float(v)) else "-"
+        if c == "trainable per node":
+            return f"{int(v):,}"
+        return str(v)
+
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join(cell(c, r[c]) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+NOTES = f"""Paper ({memory.PAPER["model"]}): {memory.PAPER["full_gb"]} GB full fine-tuning, \
+{memory.PAPER["snake_node_gb"]} GB per Snake node (6 nodes of 4 decoder layers). Paper \
+accounting: 16 bytes per trainable parameter; held: every weight at its dtype + gradients and \
+AdamW state (+ fp32 master copies with bf16 weights) of the trainable part (docs/memory.md). \
+Measured figures are the largest rank's: peak RSS, the training state counted from the tensors, \
+torch's max allocated / reserved, NVML's used (the whole device: every rank sharing the GPU and \
+their CUDA contexts) and the rank's own NVML process figure."""
+
+
+def write_table(path: Path, rows: list[dict[str, float | str]]) -> None:
+    """The summary as CSV (``.csv``) or markdown (any other suffix), with the notes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".csv":
+        path.write_text(format_summary(rows, "csv"))
+    else:
+        path.write_text(format_summary(rows) + "\n\n" + NOTES + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", required=True, help="directory for result files and logs")
     ap.add_argument("--tiny", action="store_true", help="the tiny model instead of OPT-1.3B")
     ap.add_argument("--accounting-only", action="store_true", help="no measured runs")
-    args = ap.parse_args()
+    ap.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the measured runs train (cuda: OPT-1.3B fp32 and bf16 full fine-tuning "
+        "against a 6-node bf16 Snake node)",
+    )
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="optimiser steps per turn (train.local_steps) in one round; 0: the configs' own",
+    )
+    ap.add_argument("--table", type=Path, help="also write the summary table here (.csv or .md)")
+    ap.add_argument("--only", default="", help="comma-separated run names: measure only these")
+    args = ap.parse_args(argv)
+    if args.steps < 0:
+        ap.error("--steps must be >= 0")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
@@ -65,38 +272,45 @@ def main() -> int:
     print("== accounting (meta device; paper: 19.37 GB full, 3.13 GB per Snake node) ==")
     for preset in ("opt-1.3b", "llama-3-8b"):
         for ends in ("frozen", "owner"):
-            cmd = [snake_mpi(), "memory", str(LLM / "opt-1.3b-snake.toml")]
-            cmd += ["--set", f'model.preset="{preset}"', "--set", f'snake.ends="{ends}"']
-            subprocess.run(cmd, check=True, env=env)
-            print()
+            memory.main(
+                [
+                    str(LLM / "opt-1.3b-snake.toml"),
+                    "--set",
+                    f'model.preset="{preset}"',
+                    "--set",
+                    f'snake.ends="{ends}"',
+                ]
+            )
+            print(flush=True)
     if args.accounting_only:
         return 0
 
-    runs = TINY if args.tiny else OPT
-    done = []
-    for name, config, n in runs:
-        path = out / f"{name}.h5"
-        if is_complete(path):
-            print(f"== {name}: complete result exists, not repeated ({path}) ==")
-            done.append(path)
-            continue
-        cmd = launch(n, [snake_mpi(), "run", str(config), "--out", str(path), "--overwrite"])
-        print(f"== {name}: {' '.join(cmd)} ==", flush=True)
-        t0 = time.perf_counter()
-        with open(out / f"{name}.log", "w") as log:
-            job = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        elapsed = time.perf_counter() - t0
-        if job.returncode != 0:
-            tail = (out / f"{name}.log").read_text().splitlines()[-8:]
-            print(f"   FAILED (exit {job.returncode}, {elapsed:.0f} s):\n   " + "\n   ".join(tail))
-            continue
-        print(f"   done in {elapsed:.0f} s")
-        done.append(path)
+    runs = TINY if args.tiny else OPT_GPU if args.device == "cuda" else OPT
+    if args.only:
+        wanted = {x.strip() for x in args.only.split(",") if x.strip()}
+        if not wanted <= {r.name for r in runs}:
+            ap.error(f"--only takes run names of {', '.join(r.name for r in runs)}")
+        runs = [r for r in runs if r.name in wanted]
+    sets = run_sets(args.device, args.steps)
+    outcomes = [
+        measure(run, sets, out / f"{result_name(run, args.device, args.steps)}.h5", env)
+        for run in runs
+    ]
+    done = [o for o in outcomes if o.status == "done"]
     if done:
-        print("\n== measured (RSS: baseline before the model is built, peak over the run) ==")
-        cmd = [snake_mpi(), "memory", str(runs[1][1]), "--nodes", str(runs[1][2])]
-        subprocess.run(cmd + ["--measured", *map(str, done)], check=True, env=env)
-    return 0 if len(done) == len(runs) else 1
+        unit = "RSS" + (" and GPU memory" if args.device == "cuda" else "")
+        print(f"\n== measured ({unit}: baseline before the model is built, peak over the run) ==")
+        snake = next((r for r in runs if "snake" in r.name), runs[0])
+        measured = ["--measured", *(str(o.path) for o in done)]
+        memory.main([str(snake.config), "--nodes", str(max(2, snake.ranks)), *measured])
+    rows = summary_rows(outcomes, sets)
+    print("\n== summary (largest rank of each run) ==")
+    print(format_summary(rows))
+    print("\n" + NOTES)
+    if args.table:
+        write_table(args.table, rows)
+        print(f"\ntable written to {args.table}")
+    return 1 if any(o.status.startswith("failed") for o in outcomes) else 0
 
 
 if __name__ == "__main__":

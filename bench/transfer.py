@@ -12,7 +12,16 @@ The same bytes go once as a bare ``Send``/``Recv`` into a preallocated buffer an
 interleaved, best of ``trials``. Prints the ratio comm/bare (target >= 0.9 from 4 MiB up).
 
 Part 2: the same Snake run (the demo's workload, 2 rounds) with the memory sampler on and off,
-alternating, and prints the wall-time overhead of the probes (target <= 2 %).
+alternating, and prints the wall-time overhead of the probes (target <= 2 %). With
+``--device cuda`` the runs train on the GPU and "on" includes the GPU probe (NVML samples,
+torch peaks, the energy counter).
+
+Part 3, with ``--device cuda`` only: the same payload sizes from GPU memory on rank 0 to GPU
+memory on rank 1 over each transfer path (``staged``: device -> pinned host buffer -> MPI ->
+pinned buffer -> device; ``direct``: device buffers to MPI, only where the library reports
+CUDA support), against a bare mpi4py ``Send``/``Recv`` of the same bytes between host buffers.
+
+    mpirun -n 2 python bench/transfer.py --device cuda --max-mib 256 --trials 3
 """
 
 from __future__ import annotations
@@ -115,6 +124,92 @@ def token_once(comm: Comm, world: MPI.Comm, buf: np.ndarray, reps: int) -> float
     return (MPI.Wtime() - t0) / (2 * reps)
 
 
+def path_once(comm: Comm, world: MPI.Comm, path: str, dev_buf, pinned, reps: int) -> float:
+    """Seconds per message from rank 0's device buffer to rank 1's over ``path``: what
+    ``payloads.HopBuffers`` does per hop (copy through the pinned buffer, or hand the device
+    buffer to MPI after synchronising), timed to the data's arrival in device memory."""
+    import torch
+
+    ack = np.zeros(1, dtype=np.uint8)
+    n = dev_buf.numel()
+    ids = np.array([0], dtype=np.int64)
+    sizes = np.array([n], dtype=np.int64)
+    host = pinned.numpy() if pinned is not None else None
+    world.Barrier()
+    t0 = MPI.Wtime()
+    for i in range(reps):
+        if comm.rank == 0:
+            if path == "staged":
+                pinned.copy_(dev_buf)
+                payload = host
+            else:
+                torch.cuda.current_stream().synchronize()
+                payload = dev_buf
+            comm.send_blocks(
+                1, kind=KIND_MODEL, round=i, hop=0, block_ids=ids, versions=ids,
+                block_nbytes=sizes, payload=payload,
+            )  # fmt: skip
+        elif comm.rank == 1:
+            into = host if path == "staged" else dev_buf
+            comm.recv_blocks(0, kind=KIND_MODEL, round=i, hop=0, alloc=lambda k, b=into: b[:k])
+            if path == "staged":
+                dev_buf.copy_(pinned)
+            torch.cuda.current_stream().synchronize()
+    if comm.rank == 1:
+        world.Send([ack, MPI.BYTE], 0, 8)
+    elif comm.rank == 0:
+        world.Recv([ack, MPI.BYTE], 1, 8)
+    return (MPI.Wtime() - t0) / reps
+
+
+def device_paths_table(max_mib: int, trials: int, csv_out: str | None) -> None:
+    """Part 3: hop throughput of each transfer path from GPU memory vs bare host mpi4py."""
+    import torch
+
+    from snake_mpi.comm import cuda_support
+
+    world = MPI.COMM_WORLD
+    rank = world.Get_rank()
+    torch.cuda.set_device(0 if torch.cuda.device_count() == 1 else rank)
+    support, how = cuda_support()
+    paths = ["staged"] + (["direct"] if support else [])
+    comm = Comm.world(deadline_s=600)
+    if rank == 0:
+        print(f"# device paths, 2 ranks on {torch.cuda.get_device_name()}; CUDA-aware MPI: "
+              f"{support} ({how}){'' if support else '; direct skipped'}")  # fmt: skip
+        heads = "".join(f" {p + ' GB/s':>12} {p + '/bare':>12}" for p in paths)
+        print(f"{'size':>10} {'reps':>5} {'bare GB/s':>10}{heads}")
+    rows = []
+    s = 64 << 10
+    while s <= max_mib << 20:
+        host_buf = np.ones(s, dtype=np.uint8)
+        dev_buf = torch.ones(s, dtype=torch.uint8, device="cuda")
+        pinned = torch.empty(s, dtype=torch.uint8, pin_memory=True)
+        reps = max(4, _reps(s) // 4)
+        bare_once(world, host_buf, 2)
+        for p in paths:
+            path_once(comm, world, p, dev_buf, pinned, 2)
+        best = {"bare": [], **{p: [] for p in paths}}
+        for _ in range(trials):
+            best["bare"].append(bare_once(world, host_buf, reps))
+            for p in paths:
+                best[p].append(path_once(comm, world, p, dev_buf, pinned, reps))
+        if rank == 0:
+            gbps = {k: s / min(v) / 1e9 for k, v in best.items()}
+            label = f"{s >> 20} MiB" if s >= 1 << 20 else f"{s >> 10} KiB"
+            cells = "".join(f" {gbps[p]:>12.2f} {gbps[p] / gbps['bare']:>12.3f}" for p in paths)
+            print(f"{label:>10} {reps:>5} {gbps['bare']:>10.2f}{cells}", flush=True)
+            rows.append((s, gbps))
+        del dev_buf, pinned
+        s *= 4
+    if csv_out and rank == 0:
+        with open(csv_out, "w") as f:
+            f.write("bytes,bare_GBps," + ",".join(f"{p}_GBps" for p in paths) + "\n")
+            for nbytes, g in rows:
+                f.write(f"{nbytes},{g['bare']:.4f}," + ",".join(f"{g[p]:.4f}" for p in paths))
+                f.write("\n")
+
+
 def read_ring(path: str | None) -> dict[int, float]:
     """ring_bw's CSV (``bytes,iterations,latency_us,bandwidth_MBps``) as bytes -> GB/s."""
     if not path:
@@ -138,7 +233,8 @@ def transfer_table(max_mib: int, trials: int, ring_csv: str | None, csv_out: str
         sizes.append(s)
         s *= 4
     if world.Get_rank() == 0:
-        print(f"# hop throughput, 2 ranks, {MPI.Get_library_version().splitlines()[0].strip()}")
+        library = MPI.Get_library_version().replace("\x00", "").splitlines()[0].strip()
+        print(f"# hop throughput, 2 ranks, {library}")
         ring_head = f" {'token GB/s':>10} {'ring_bw GB/s':>12} {'token/ring':>10}" if ring else ""
         print(
             f"{'size':>10} {'reps':>5} {'bare GB/s':>10} {'comm GB/s':>10} {'ratio':>6}{ring_head}"
@@ -173,9 +269,10 @@ def transfer_table(max_mib: int, trials: int, ring_csv: str | None, csv_out: str
                 f.write(f"{nbytes},{b:.4f},{c:.4f},{t:.4f},{r:.4f}\n")
 
 
-def probe_overhead(pairs: int) -> None:
+def probe_overhead(pairs: int, device: str = "cpu") -> None:
     """Wall time of the same Snake run with the sampler on and off (alternating, ``pairs`` each)."""
     from snake_mpi import run
+    from snake_mpi.comm import cuda_support, local_rank_by_split
     from snake_mpi.config import load_config
 
     world = MPI.COMM_WORLD
@@ -188,6 +285,7 @@ def probe_overhead(pairs: int) -> None:
         "train.local_epochs=1",
         "torch_threads=1",
         "probes.interval_s=0.1",  # the default sampling period
+        f'device="{device}"',
     ]
     for i in range(-1, pairs):  # i = -1: a warm-up pair (imports, page faults), not counted
         for enabled in (True, False) if i % 2 == 0 else (False, True):
@@ -198,14 +296,19 @@ def probe_overhead(pairs: int) -> None:
             out = Path(tmp_name) / f"probe-{enabled}-{i}.h5"
             world.Barrier()
             t0 = MPI.Wtime()
+            placement = run.place_before_mpi(cfg) or run.place_after_mpi(cfg, local_rank_by_split())
+            route = run.transfer_route(cfg, placement, cuda_support)
             with contextlib.redirect_stdout(io.StringIO()):  # the runs' own progress lines
-                run.execute(cfg, Comm.world(deadline_s=600), out)
+                run.execute(cfg, Comm.world(deadline_s=600), out, placement=placement, route=route)
             world.Barrier()
             if i >= 0:
                 times[enabled].append(MPI.Wtime() - t0)
     if rank == 0:
         on, off = np.median(times[True]), np.median(times[False])
-        print(f"# probe overhead: {pairs} runs each, sampler interval {cfg.probes.interval_s:g} s")
+        print(
+            f"# probe overhead on {device}: {pairs} runs each, "
+            f"sampler interval {cfg.probes.interval_s:g} s"
+        )
         print(f"sampler on  {on:.3f} s (median; runs {', '.join(f'{t:.3f}' for t in times[True])})")
         print(
             f"sampler off {off:.3f} s (median; runs {', '.join(f'{t:.3f}' for t in times[False])})"
@@ -227,13 +330,22 @@ def main() -> None:
         "transfer in flight, back and forth (token), ring_bw's, and their ratio",
     )
     p.add_argument("--csv", help="write the hop-throughput table as CSV here (for the report)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: also the transfer paths from GPU memory (part 3); probe runs on the GPU",
+    )
+    p.add_argument("--paths-csv", help="write part 3's table as CSV here")
     args = p.parse_args()
     if MPI.COMM_WORLD.Get_size() < 2:
         raise SystemExit("run under MPI with 2 ranks: mpirun -n 2 python bench/transfer.py")
     t0 = time.perf_counter()
     transfer_table(args.max_mib, args.trials, args.ring_csv, args.csv)
+    if args.device == "cuda":
+        device_paths_table(args.max_mib, args.trials, args.paths_csv)
     if not args.skip_probes:
-        probe_overhead(args.probe_pairs)
+        probe_overhead(args.probe_pairs, args.device)
     if MPI.COMM_WORLD.Get_rank() == 0:
         print(f"# done in {time.perf_counter() - t0:.1f} s")
 

@@ -1,6 +1,6 @@
 """``snake-mpi memory``: the training-state memory of a configured model, per scheme and node,
 beside the paper's figures (OPT-1.3B: 19.37 GB full fine-tuning, 3.13 GB per Snake node), and
-the measured peak memory of result files.
+the measured peak memory of result files (RSS; on GPU runs also torch's and NVML's figures).
 
 Two accountings (both in the table, see docs/memory.md):
 
@@ -20,10 +20,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from snake_mpi.config import ConfigError, RunConfig, load_config
+
+if TYPE_CHECKING:
+    from snake_mpi.store import Result
 
 GIB = 2**30
 PAPER = {"full_gb": 19.37, "snake_node_gb": 3.13, "model": "OPT-1.3B"}
@@ -112,6 +116,21 @@ def rows_for(cfg: RunConfig, counts: BlockCounts, node_counts: Sequence[int]) ->
     return rows
 
 
+def run_accounting(cfg: RunConfig, world_size: int) -> Row:
+    """The accounting row of a configured run on ``world_size`` ranks: the Snake node with the
+    most trainable parameters for Snake (rank 0 is the server in ``cs`` mode), full
+    fine-tuning for the other schemes (a FedAvg client trains every block)."""
+    counts = block_counts(cfg)
+    rows = rows_for(cfg, counts, [])
+    if cfg.scheme != "snake":
+        return rows[0]
+    nodes = world_size - 1 if cfg.snake.mode == "cs" else world_size
+    node_rows = rows_for(cfg, counts, [nodes])[1:]
+    if not node_rows:
+        raise ValueError(f"{nodes} Snake nodes do not fit {len(counts.params) - 2} middle blocks")
+    return node_rows[0]
+
+
 def format_table(cfg: RunConfig, counts: BlockCounts, rows: list[Row]) -> str:
     """The blocks and the accounting as text, with the paper's figures beside them."""
     name = cfg.model.preset or cfg.model.checkpoint or cfg.model.family
@@ -157,22 +176,83 @@ def format_table(cfg: RunConfig, counts: BlockCounts, rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+GPU_FIELDS = {
+    "gpu_max_allocated_bytes": "torch alloc",
+    "gpu_max_reserved_bytes": "torch reserved",
+    "gpu_nvml_used_bytes": "NVML used",
+    "gpu_nvml_process_bytes": "NVML process",
+}
+"""``/rounds`` GPU memory fields (float64, NaN where unavailable) and their column labels:
+torch's caching allocator (tensors; the pool), NVML's device-wide use (every process on the
+GPU, the CUDA contexts included) and this process's NVML figure."""
+
+
+def is_gpu_result(res: Result) -> bool:
+    """Whether a run trained on a GPU: its ``device`` attribute names CUDA, or a GPU memory
+    field holds a number. Files older than the GPU fields count as CPU runs."""
+    if "cuda" in str(res.attrs.get("device", "")):
+        return True
+    return any(
+        res.rounds[k].size and np.isfinite(res.rounds[k]).any()
+        for k in GPU_FIELDS
+        if k in res.rounds
+    )
+
+
+def gpu_peaks(res: Result) -> dict[str, np.ndarray] | None:
+    """Per rank, the largest value over rounds of each GPU memory field (NaN where a rank
+    never recorded one, or the file lacks the field); None for a CPU run."""
+    if not is_gpu_result(res):
+        return None
+    out = {}
+    for key in GPU_FIELDS:
+        arr = res.rounds.get(key)
+        if arr is None or arr.size == 0:
+            out[key] = np.full(res.world_size, np.nan)
+            continue
+        arr = np.asarray(arr, dtype=np.float64)
+        best = np.where(np.isfinite(arr), arr, -np.inf).max(axis=0)
+        out[key] = np.where(np.isfinite(best), best, np.nan)
+    return out
+
+
+def largest(values: np.ndarray) -> float:
+    """The largest finite value, NaN if there is none."""
+    finite = values[np.isfinite(values)]
+    return float(finite.max()) if finite.size else float("nan")
+
+
+def _cell(value: float, scale: float, width: int) -> str:
+    return f"{value / scale:>{width}.2f}" if np.isfinite(value) else f"{'n/a':>{width}}"
+
+
 def measured_table(paths: Sequence[str]) -> str:
     """Per result file and rank: RSS baseline before the model, peak RSS, their difference and
     the training-state bytes counted from the tensors; and the Snake / full ratio of the largest
-    per-node peak increase."""
+    per-node peak increase. Where a file ran on a GPU, its peak GPU memory per rank too (max
+    over rounds: torch's allocated and reserved, NVML's device-wide and per-process figures)."""
     from snake_mpi.store import read_result
 
     results = [read_result(p) for p in paths]
+    gpus = [gpu_peaks(r) for r in results]
     biggest = max(float(r.tables["ranks"]["peak_rss_bytes"].max()) for r in results)
     unit, scale = ("GiB", GIB) if biggest >= 4 * GIB else ("MiB", 2**20)
+    gpu_biggest = max(
+        [largest(v) for g in gpus if g is not None for v in g.values()], default=float("nan")
+    )
+    gunit, gscale = ("MiB", 2**20) if gpu_biggest < 4 * GIB else ("GiB", GIB)
+    gheads = [f"{label} {gunit}" for label in GPU_FIELDS.values()]
+    gwidths = [max(len(h), 9) for h in gheads]
     lines = [
         f"{'run':<28} {'scheme':<12} {'rank':>4} {'baseline ' + unit:>12} {'peak ' + unit:>9} "
         f"{'increase ' + unit:>12} {'train state ' + unit:>15}"
     ]
+    if any(g is not None for g in gpus):
+        lines[0] += "".join(f" {h:>{w}}" for h, w in zip(gheads, gwidths, strict=True))
     lines.append("-" * len(lines[0]))
     worst: dict[str, float] = {}
-    for res in results:
+    gpu_worst: dict[str, dict[str, float]] = {}
+    for res, gpu in zip(results, gpus, strict=True):
         ranks = res.tables["ranks"]
         base = ranks["rss_before_model_bytes"]
         peak = np.maximum(ranks["peak_rss_bytes"], ranks["ru_maxrss_bytes"])
@@ -180,14 +260,25 @@ def measured_table(paths: Sequence[str]) -> str:
         scheme = res.attrs["scheme"]
         label = scheme + ("" if scheme != "snake" else f"-{res.attrs.get('mode', '')}")
         for k in range(res.world_size):
-            lines.append(
+            line = (
                 f"{res.path.name[:28]:<28} {label:<12} {k:>4} {base[k] / scale:>12.2f} "
                 f"{peak[k] / scale:>9.2f} {(peak[k] - base[k]) / scale:>12.2f} "
                 f"{state[k] / scale:>15.2f}"
             )
+            if gpu is not None:
+                line += "".join(
+                    f" {_cell(gpu[key][k], gscale, w)}"
+                    for key, w in zip(GPU_FIELDS, gwidths, strict=True)
+                )
+            elif any(g is not None for g in gpus):
+                line += "".join(f" {'-':>{w}}" for w in gwidths)
+            lines.append(line)
         trained = state > 0
         inc = float((peak - base)[trained].max()) if trained.any() else float("nan")
-        worst[f"{res.path.name} ({label}, {res.world_size} ranks)"] = inc
+        name = f"{res.path.name} ({label}, {res.world_size} ranks)"
+        worst[name] = inc
+        if gpu is not None:
+            gpu_worst[name] = {key: largest(v) for key, v in gpu.items()}
     full = {k: v for k, v in worst.items() if "snake" not in k}
     lines.append("")
     for name, inc in worst.items():
@@ -196,6 +287,24 @@ def measured_table(paths: Sequence[str]) -> str:
         for name, inc in worst.items():
             if "snake" in name:
                 lines.append(f"ratio {f_name.split()[0]} / {name.split()[0]}: {f_inc / inc:.2f}x")
+    if gpu_worst:
+        lines.append("")
+        lines.append(f"largest rank's GPU peak ({gunit}; NVML used is the whole device):")
+        for name, peaks in gpu_worst.items():
+            cells = ", ".join(
+                f"{label} {_cell(peaks[key], gscale, 0).strip()}"
+                for key, label in GPU_FIELDS.items()
+            )
+            lines.append(f"  {cells}  {name}")
+        key = "gpu_max_allocated_bytes"
+        for f_name, f_peaks in gpu_worst.items():
+            for name, peaks in gpu_worst.items():
+                if "snake" in name and "snake" not in f_name:
+                    ratio = f_peaks[key] / peaks[key]
+                    lines.append(
+                        f"GPU ratio (torch alloc) {f_name.split()[0]} / {name.split()[0]}: "
+                        + (f"{ratio:.2f}x" if np.isfinite(ratio) else "n/a")
+                    )
     return "\n".join(lines)
 
 

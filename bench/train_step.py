@@ -1,0 +1,234 @@
+"""Throughput of snake_mpi's training step (``train.train_local``) against a bare PyTorch loop:
+the same model, the same data, the same trainable blocks (a Snake node's segment), the same
+optimiser and the same batch indices, on one device. Target: ratio >= 0.95.
+
+    python bench/train_step.py                        # CPU, both models, ~30 s on 2 cores
+    python bench/train_step.py --device cuda --out-table results/train_step.md
+
+Models: ``opt-tiny`` (the decoder LM of bench/configs/llm/tiny-snake.toml, fp32, byte vocabulary,
+sequence 64) and ``cnn`` (the CNN of bench/configs/demo.toml on CIFAR-shaped input), each with
+the config's optimiser, learning rate and batch size, on random data held in host memory (both
+loops move each batch to the device). A trial times one turn of ``--steps`` optimiser steps,
+optimiser creation included; trials alternate which loop goes first, from the same weights and
+generator seed, and the best of ``--trials`` is kept. CUDA is synchronised before each clock
+read. The bare loop mirrors what ``train_local`` computes (frozen blocks in eval mode without
+gradients, the blocks below the segment run without autograd, float32 cross-entropy) but reads
+the loss back only once per turn; after the warm-up the two loops' weights are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from snake_mpi.blocks import BlockModel
+from snake_mpi.config import TrainConfig, load_config
+from snake_mpi.models import build_model
+from snake_mpi.train import train_local
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "opt-tiny": REPO / "bench" / "configs" / "llm" / "tiny-snake.toml",
+    "cnn": REPO / "bench" / "configs" / "demo.toml",
+}
+N_SAMPLES = 1024
+VOCAB = 256
+"""The byte tokenizer's vocabulary (the tiny LM's input and output size)."""
+
+
+@dataclasses.dataclass
+class Workload:
+    name: str
+    model: BlockModel
+    x: torch.Tensor
+    y: torch.Tensor
+    train: TrainConfig
+    trainable: list[int]
+
+
+def workload(name: str, device: torch.device, steps: int) -> Workload:
+    """Model on ``device`` (seed 0), random data on the host, the config's training settings
+    with ``local_steps = steps``, and the segment of node 0 of two Snake nodes."""
+    cfg = load_config(CONFIGS[name])
+    gen = torch.Generator().manual_seed(0)
+    if cfg.model.family == "lm":
+        n_classes = VOCAB
+        x = torch.randint(0, VOCAB, (N_SAMPLES, cfg.data.seq_len), generator=gen)
+        y = torch.randint(0, VOCAB, (N_SAMPLES, cfg.data.seq_len), generator=gen)
+    else:
+        n_classes = cfg.data.n_classes
+        x = torch.randn((N_SAMPLES, *cfg.data.sample_shape), generator=gen)
+        y = torch.randint(0, n_classes, (N_SAMPLES,), generator=gen)
+    model = build_model(
+        cfg.model, sample_shape=tuple(cfg.data.sample_shape), n_classes=n_classes, seed=0
+    ).to(device)
+    middle = model.middle_ids
+    train = dataclasses.replace(cfg.train, local_steps=steps)
+    return Workload(name, model, x, y, train, middle[: max(1, len(middle) // 2)])
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def bare_turn(w: Workload, generator: torch.Generator) -> float:
+    """A hand-written turn: thaw the segment, one optimiser, ``local_steps`` steps over fresh
+    permutations; the mean loss read back once at the end."""
+    model, cfg = w.model, w.train
+    dev = next(model.parameters()).device
+    keep = set(w.trainable)
+    params = []
+    for b, mod in enumerate(model.blocks):
+        mod.train(b in keep)
+        for p in mod.parameters():
+            p.requires_grad_(b in keep)
+            if b in keep:
+                params.append(p)
+    opt = make_optimizer(params, cfg)
+    lowest = min(w.trainable)
+    total = torch.zeros((), device=dev)
+    done = 0
+    while done < cfg.local_steps:
+        perm = torch.randperm(len(w.x), generator=generator)
+        for start in range(0, len(w.x), cfg.batch_size):
+            idx = perm[start : start + cfg.batch_size]
+            xb = w.x[idx].to(dev, non_blocking=True)
+            yb = w.y[idx].to(dev, non_blocking=True)
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for blk in model.blocks[:lowest]:
+                    xb = blk(xb)
+            for blk in model.blocks[lowest:]:
+                xb = blk(xb)
+            loss = F.cross_entropy(xb.reshape(-1, xb.shape[-1]).float(), yb.reshape(-1))
+            loss.backward()
+            opt.step()
+            total += loss.detach() * len(idx)
+            done += 1
+            if done == cfg.local_steps:
+                break
+    opt.zero_grad(set_to_none=True)
+    for p in params:
+        p.requires_grad_(False)
+    return float(total) / max(1, done * cfg.batch_size)
+
+
+def snake_turn(w: Workload, generator: torch.Generator) -> float:
+    return train_local(w.model, w.trainable, w.x, w.y, cfg=w.train, generator=generator).loss
+
+
+def timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def compare(w: Workload, trials: int, sync: Callable[[], None]) -> dict[str, float | str]:
+    """Warm-up turn of each (weights compared after it), then interleaved timed trials from the
+    same starting weights and batch order; best time of each."""
+    start = {k: v.detach().clone() for k, v in w.model.state_dict().items()}
+    turns = {"bare": bare_turn, "snake_mpi": snake_turn}
+    after = {}
+    for name, turn in turns.items():
+        w.model.load_state_dict(start)
+        turn(w, torch.Generator().manual_seed(0))
+        after[name] = {k: v.detach().clone() for k, v in w.model.state_dict().items()}
+    diff = max(
+        float((after["bare"][k].float() - after["snake_mpi"][k].float()).abs().max()) for k in start
+    )
+    best = dict.fromkeys(turns, float("inf"))
+    for t in range(trials):
+        order = list(turns) if t % 2 == 0 else list(turns)[::-1]
+        for name in order:
+            w.model.load_state_dict(start)
+            gen = torch.Generator().manual_seed(0)
+            best[name] = min(best[name], timed(lambda n=name, g=gen: turns[n](w, g), sync))
+    samples = w.train.local_steps * w.train.batch_size
+    bare, snake = samples / best["bare"], samples / best["snake_mpi"]
+    return {
+        "model": w.name,
+        "blocks": f"{min(w.trainable)}-{max(w.trainable)} of {w.model.n_blocks}",
+        "batch": w.train.batch_size,
+        "steps": w.train.local_steps,
+        "optimizer": w.train.optimizer,
+        "bare": bare,
+        "snake_mpi": snake,
+        "ratio": snake / bare,
+        "weights": "identical" if diff == 0 else f"max |diff| {diff:.2e}",
+    }
+
+
+def format_table(rows: list[dict[str, float | str]], head: str) -> str:
+    lines = [
+        head,
+        "",
+        "| model | trainable blocks | batch | steps | optimiser | bare samples/s "
+        "| snake_mpi samples/s | ratio | weights after a turn |",
+        "|" + " --- |" * 9,
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['blocks']} | {r['batch']} | {r['steps']} | {r['optimizer']} "
+            f"| {r['bare']:.1f} | {r['snake_mpi']:.1f} | **{r['ratio']:.3f}** | {r['weights']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument(
+        "--steps", type=int, default=0, help="optimiser steps per turn (default 20; cuda: 100)"
+    )
+    ap.add_argument("--trials", type=int, default=3, help="interleaved trials, best kept")
+    ap.add_argument("--models", default="opt-tiny,cnn", help="comma-separated: opt-tiny, cnn")
+    ap.add_argument("--out-table", type=Path, help="also write the table (markdown) here")
+    args = ap.parse_args(argv)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not names or any(m not in CONFIGS for m in names):
+        ap.error(f"--models takes a comma-separated list of {', '.join(CONFIGS)}")
+    if args.trials < 1 or args.steps < 0:
+        ap.error("--trials must be >= 1 and --steps >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(
+            f"train_step: --device cuda but torch {torch.__version__} sees no CUDA device "
+            f"(CUDA build: {torch.version.cuda})",
+            file=sys.stderr,
+        )
+        return 2
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    steps = args.steps or (100 if args.device == "cuda" else 20)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    where = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"
+    head = (
+        f"train step, {args.device} ({where}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads): {steps} steps per turn, best of {args.trials} "
+        "interleaved trials"
+    )
+    rows = [compare(workload(name, device, steps), args.trials, sync) for name in names]
+    table = format_table(rows, head)
+    print(table)
+    print()
+    for r in rows:
+        print(f"ratio {r['model']}: {r['ratio']:.3f} (snake_mpi / bare samples/s; target >= 0.95)")
+    if args.out_table:
+        args.out_table.parent.mkdir(parents=True, exist_ok=True)
+        args.out_table.write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
