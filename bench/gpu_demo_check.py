@@ -36,14 +36,8 @@ from typing import Any
 
 import numpy as np
 
-GPU_ROUND_FIELDS = (
-    "gpu_max_allocated_bytes",
-    "gpu_max_reserved_bytes",
-    "gpu_nvml_used_bytes",
-    "gpu_nvml_process_bytes",
-    "gpu_energy_j",
-    "gpu_power_w",
-)
+from snake_mpi.probes.gpu import ROUND_KEYS as GPU_ROUND_FIELDS
+
 RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
 """Environment variables that give a process's MPI rank, in the order they are trusted."""
 

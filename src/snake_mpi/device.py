@@ -145,9 +145,12 @@ def cuda_state() -> tuple[bool, int]:
 
 def activate(placement: Placement):
     """Make ``placement`` the current device (before any other CUDA work) and return it as a
-    ``torch.device``."""
+    ``torch.device``. On a GPU the CUDA context is created here, on that device: at start-up,
+    so that it counts in the rank's baseline memory rather than in the model's."""
     import torch
 
+    device = torch.device(placement.name)
     if placement.kind == "cuda":
         torch.cuda.set_device(placement.index)
-    return torch.device(placement.name)
+        torch.empty(1, device=device)  # the context, now and here
+    return device

@@ -40,6 +40,8 @@ class ThreadWorld:
         self._barrier = threading.Barrier(size)
         self._slots: list[Any] = [None] * size
         self._shared: Any = None
+        self._failed = threading.Event()
+        """Set when a rank's body raised: the others stop waiting (MPI would abort them)."""
 
     def comm(
         self, rank: int, *, deadline_s: float = 600.0, link: LinkModel | None = None
@@ -63,6 +65,7 @@ class ThreadWorld:
                 results[rank] = body(self.comm(rank, deadline_s=deadline_s, link=link))
             except BaseException as e:  # noqa: BLE001 - reported to the caller below
                 errors.append(e)
+                self._failed.set()
                 self._barrier.abort()
 
         threads = [threading.Thread(target=target, args=(r,)) for r in range(self.size)]
@@ -146,13 +149,7 @@ class LocalComm:
     ) -> Transfer:
         what = describe(kind, round, hop, source)
         t0 = time.perf_counter()
-        try:
-            header, payload = self._world._boxes[(source, self.rank)].get(timeout=self.deadline_s)
-        except queue.Empty:
-            raise PeerTimeout(
-                f"rank {self.rank}: waited {self.deadline_s:g} s for the header of the {what}; "
-                f"deadline comm.deadline_s = {self.deadline_s:g} s"
-            ) from None
+        header, payload = self._take(source, what, t0)
         t1 = time.perf_counter()
         self.stats.wait_s += t1 - t0
         body, payload_bytes = parse_header(
@@ -168,6 +165,24 @@ class LocalComm:
         nbytes = header.nbytes + payload_bytes
         account_receive(self.stats, self.link, source, self.rank, nbytes, t1)
         return transfer_from(header, body, payload)
+
+    def _take(self, source: int, what: str, t0: float) -> tuple[Any, Any]:
+        """The next message from ``source``, waiting at most the deadline; gives up at once
+        when another rank has failed (as MPI_Abort would end this one)."""
+        box = self._world._boxes[(source, self.rank)]
+        while True:
+            try:
+                return box.get(timeout=0.05)
+            except queue.Empty:
+                if self._world._failed.is_set():
+                    raise RuntimeError(
+                        f"rank {self.rank}: another rank failed while waiting for the {what}"
+                    ) from None
+                if time.perf_counter() - t0 > self.deadline_s:
+                    raise PeerTimeout(
+                        f"rank {self.rank}: waited {self.deadline_s:g} s for the header of the "
+                        f"{what}; deadline comm.deadline_s = {self.deadline_s:g} s"
+                    ) from None
 
     # ------------------------------------------------------------ collectives to rank 0
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from snake_mpi.blocks import BlockModel, model_bytes_held
 from snake_mpi.config import DebugConfig
+from snake_mpi.probes.gpu import ROUND_KEYS as GPU_ROUND_KEYS
 
 ROUND_FIELDS: dict[str, str] = {
     "bytes_sent": "int64",
@@ -41,27 +42,14 @@ ROUND_FIELDS: dict[str, str] = {
     "kd_loss": "float64",
     "samples": "int64",
     "steps": "int64",
-    "gpu_max_allocated_bytes": "float64",
-    "gpu_max_reserved_bytes": "float64",
-    "gpu_nvml_used_bytes": "float64",
-    "gpu_nvml_process_bytes": "float64",
-    "gpu_energy_j": "float64",
-    "gpu_power_w": "float64",
+    **dict.fromkeys(GPU_ROUND_KEYS, "float64"),
     "host_cpu_energy_j": "float64",
 }
 """Datasets ``/rounds/<name>``, shape (n_rounds, world_size); see docs/results-schema.md.
 The GPU and energy figures are float64 so that NaN can say "unavailable" (a CPU rank, a
 driver that does not report it, a rank that is not its host's energy reader)."""
 
-_UNAVAILABLE_UNLESS_MEASURED = (
-    "gpu_max_allocated_bytes",
-    "gpu_max_reserved_bytes",
-    "gpu_nvml_used_bytes",
-    "gpu_nvml_process_bytes",
-    "gpu_energy_j",
-    "gpu_power_w",
-    "host_cpu_energy_j",
-)
+_UNAVAILABLE_UNLESS_MEASURED = (*GPU_ROUND_KEYS, "host_cpu_energy_j")
 
 EVAL_FIELDS: dict[str, str] = {
     "round": "int64",
