@@ -1,8 +1,11 @@
 """Two ranks: payloads larger than comm.MAX_MESSAGE_BYTES (lowered to 1000 bytes here) travel
-as several messages and arrive intact, however the receive is posted; prints one line per
-transfer: ``ok,<how>,<payload bytes>,<bytes counted>``."""
+as several messages and arrive intact, however the receive is posted (and into whatever buffer:
+a new array, ``out``, an ``alloc`` callback's numpy view or torch tensor, as the staged and
+direct GPU paths use them; torch tensors go through mpi4py's DLPack as device tensors do);
+prints one line per transfer: ``ok,<how>,<payload bytes>,<bytes counted>``."""
 
 import numpy as np
+import torch
 
 from snake_mpi import comm as comm_mod
 from snake_mpi.comm import Comm
@@ -12,9 +15,11 @@ comm_mod.MAX_MESSAGE_BYTES = 1000
 comm = Comm.world(deadline_s=30)
 ids = np.array([0], dtype=np.int64)
 hop = 0
-for how in ("plain", "expect", "out"):
+HOWS = ("plain", "expect", "out", "alloc", "expect-alloc", "tensor")
+for how in HOWS:
     for size in (0, 999, 1000, 1001, 4500):
         payload = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+        sent = torch.from_numpy(payload.copy()) if how == "tensor" else payload
         if comm.rank == 0:
             comm.send_blocks(
                 1,
@@ -24,16 +29,24 @@ for how in ("plain", "expect", "out"):
                 block_ids=ids,
                 versions=ids,
                 block_nbytes=np.array([size]),
-                payload=payload,
+                payload=sent,
             )
         else:
             kw = {}
-            if how == "expect":
-                comm.expect(0, kind=KIND_MODEL, round=0, hop=hop, payload_bytes=size)
+            reused = np.empty(5000, dtype=np.uint8)
+            if how in ("alloc", "expect-alloc"):
+                kw["alloc"] = lambda n, buf=reused: buf[:n]
+            elif how == "tensor":
+                kw["alloc"] = lambda n: torch.empty(n, dtype=torch.uint8)
+            if how.startswith("expect"):
+                comm.expect(0, kind=KIND_MODEL, round=0, hop=hop, payload_bytes=size, **kw)
+                kw = {}
             elif how == "out":
-                kw["out"] = np.empty(5000, dtype=np.uint8)
+                kw["out"] = reused
             t = comm.recv_blocks(0, kind=KIND_MODEL, round=0, hop=hop, **kw)
-            assert np.array_equal(t.payload, payload), (how, size)
+            got = t.payload.numpy() if torch.is_tensor(t.payload) else t.payload
+            assert np.array_equal(got, payload), (how, size)
+            assert how != "tensor" or torch.is_tensor(t.payload), how
             counted = comm.stats.take()["bytes_received"]
             print(f"ok,{how},{size},{counted}", flush=True)
         hop += 1

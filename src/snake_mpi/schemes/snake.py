@@ -180,7 +180,14 @@ def run_p2p(ctx: Context) -> None:
         if node == 0 and r < rounds - 1:  # before the round-end gather, see Comm.expect
             wrap = expected_wrap_blocks(model.versions, plan, r, cfg.snake.transfer)
             nbytes = sum(block_nbytes(model, b) for b in wrap)
-            comm.expect(comm.pred, kind=KIND_MODEL, round=r, hop=last, payload_bytes=nbytes)
+            comm.expect(
+                comm.pred,
+                kind=KIND_MODEL,
+                round=r,
+                hop=last,
+                payload_bytes=nbytes,
+                alloc=ctx.hop.alloc,  # its next receive: the staged or device buffer is free
+            )
         rec.end_round()
     if cfg.snake.final_sync:
         final_sync(ctx, rounds)
