@@ -4,7 +4,9 @@
 #   b. the demo on 4 ranks sharing the GPU, watched through NVML, then checked:
 #      status, bytes = analytic count, final accuracy, GPU fields finite, no stray contexts
 #   c. hop throughput from GPU memory     (bench/transfer.py --device cuda, 2 ranks)
-#   d. the OPT-1.3B memory benchmark      (bench/memory.py --device cuda --steps 2)
+#   d. the OPT-1.3B memory benchmark      (bench/memory.py --device cuda --steps 2, bf16 runs)
+# The step limits add up to 470 s (45+90+30+60+200+45; a step that ignores TERM gets 10 s
+# more), so no hung step can push the check much past 8 minutes.
 #   e. training-step throughput           (bench/train_step.py --device cuda)
 #
 #   bench/gpu_check.sh OUTDIR               # PYTHON=/path/to/python chooses the interpreter
@@ -155,7 +157,7 @@ NO_MPI="no mpirun"
 if ((N_GPU == 0)); then
   skip pytest-gpu "$NO_GPU"
 else
-  run_step pytest-gpu "${T_PYTEST:-60}" "$OUT/pytest-gpu.log" \
+  run_step pytest-gpu "${T_PYTEST:-45}" "$OUT/pytest-gpu.log" \
     "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
   if ((STEP_RC == 5)); then
     RESULTS[-1]="FAILED (no test marked gpu was collected)"
@@ -173,11 +175,11 @@ elif [[ -z $SNAKE ]]; then
   record demo "FAILED (no snake-mpi in $BIN or on PATH)" 0
   skip demo-check "the demo did not run"
 else
-  run_step demo "${T_DEMO:-120}" "$OUT/demo.log" \
+  run_step demo "${T_DEMO:-90}" "$OUT/demo.log" \
     "$PY" bench/gpu_demo_check.py --watch "$OUT/demo-nvml.json" -- \
     "$MPIRUN" -n 4 ${OVERSUB[@]+"${OVERSUB[@]}"} "$SNAKE" run bench/configs/demo.toml \
     --out "$OUT/demo-gpu.h5" --overwrite --set 'device="cuda"'
-  run_step demo-check "${T_DEMO_CHECK:-45}" "$OUT/demo-check.log" \
+  run_step demo-check "${T_DEMO_CHECK:-30}" "$OUT/demo-check.log" \
     "$PY" bench/gpu_demo_check.py "$OUT/demo-gpu.h5" --nvml-log "$OUT/demo-nvml.json"
 fi
 
@@ -187,17 +189,19 @@ if ((N_GPU == 0)); then
 elif [[ -z $MPIRUN ]]; then
   skip transfer "$NO_MPI"
 else
-  run_step transfer "${T_TRANSFER:-75}" "$OUT/transfer.txt" \
+  run_step transfer "${T_TRANSFER:-60}" "$OUT/transfer.txt" \
     "$MPIRUN" -n 2 ${OVERSUB[@]+"${OVERSUB[@]}"} "$PY" bench/transfer.py --device cuda --max-mib 256 \
     --trials 3 --skip-probes
 fi
 
-# d. OPT-1.3B memory on the GPU: full fine-tuning fp32 and bf16 against a Snake node
+# d. OPT-1.3B memory on the GPU, bf16 weights (fp32 master and AdamW state): full fine-tuning
+#    against a Snake node of the paper's share (the fp32 full run: bench/memory.py alone)
 if ((N_GPU == 0)); then
   skip memory "$NO_GPU"
 else
-  run_step memory "${T_MEMORY:-180}" "$OUT/memory.log" \
-    "$PY" bench/memory.py --device cuda --steps 2 --out "$OUT/memory" --table "$OUT/memory.md"
+  run_step memory "${T_MEMORY:-200}" "$OUT/memory.log" \
+    "$PY" bench/memory.py --device cuda --steps 2 --only opt-full-bf16,opt-snake-bf16-n6 \
+    --out "$OUT/memory" --table "$OUT/memory.md"
   if [[ -z $MPIRUN && ${RESULTS[-1]} == ok ]]; then
     RESULTS[-1]="ok (the 6-rank Snake run skipped: $NO_MPI)"
     SKIPPED=$((SKIPPED + 1))
@@ -208,7 +212,7 @@ fi
 if ((N_GPU == 0)); then
   skip train-step "$NO_GPU"
 else
-  run_step train-step "${T_TRAIN_STEP:-60}" "$OUT/train-step.log" \
+  run_step train-step "${T_TRAIN_STEP:-45}" "$OUT/train-step.log" \
     "$PY" bench/train_step.py --device cuda --out-table "$OUT/train_step.md"
 fi
 

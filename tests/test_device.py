@@ -109,6 +109,15 @@ def test_place_before_mpi_uses_the_launcher_variable_and_defers_only_when_it_mus
     assert (cpu.kind, cpu.local_rank) == ("cpu", 1)
 
 
+def test_a_gpu_that_cannot_be_used_is_a_config_error_naming_it(monkeypatch):
+    def refuse(index):
+        raise RuntimeError("CUDA error: all CUDA-capable devices are busy or unavailable")
+
+    monkeypatch.setattr(torch.cuda, "set_device", refuse)
+    with pytest.raises(dev.DeviceError, match="cannot use cuda:1: RuntimeError: CUDA error: all"):
+        dev.activate(dev.Placement("cuda", index=1))
+
+
 # ---------------------------------------------------------------- transfer path
 
 
@@ -152,11 +161,11 @@ def test_a_cpu_rank_takes_the_host_path_without_asking_mpi():
 def test_ranks_sharing_a_gpu_on_one_host_are_marked_shared():
     hosts = ["a", "a", "a", "b", "b"]
     where = [
-        "cuda:0|staged|H100|GPU-1|0",
-        "cuda:0|staged|H100|GPU-1|1",
-        "cuda:1|staged|H100|GPU-2|2",
-        "cuda:0|direct|H100|GPU-3|0",
-        "cpu|host|||1",
+        "cuda:0|staged|H100|GPU-1|0|SLURM_LOCALID",
+        "cuda:0|staged|H100|GPU-1|1|SLURM_LOCALID",
+        "cuda:1|staged|H100|GPU-2|2|SLURM_LOCALID",
+        "cuda:0|direct|H100|GPU-3|0|SLURM_LOCALID",
+        "cpu|host|||1|SLURM_LOCALID",
     ]
     places = run_module.rank_places(hosts, where)
     assert places["gpu_shared"].tolist() == [1, 1, 0, 0, 0]
@@ -234,6 +243,11 @@ def test_staged_path_moves_exactly_the_analytic_bytes_and_the_same_models(tmp_pa
     assert [model_hash(c.model) for c in staged_ctxs] == [model_hash(c.model) for c in host_ctxs]
     assert staged.attrs["gpu_transfer"] == "staged" and host.attrs["gpu_transfer"] == "host"
     assert all(c.hop.path == "staged" for c in staged_ctxs)
+    # the reusable buffers are recorded: within two payloads of the whole model, 0 on host
+    held = staged.tables["ranks"]["transfer_buffer_bytes"]
+    model_bytes = int(staged.tables["blocks"]["bytes"].sum())
+    assert (held > 0).any() and (held <= 2 * model_bytes).all(), held
+    assert host.tables["ranks"]["transfer_buffer_bytes"].tolist() == [0, 0, 0]
 
 
 def test_a_cpu_result_says_plainly_that_no_gpu_was_used(tmp_path):
@@ -242,6 +256,7 @@ def test_a_cpu_result_says_plainly_that_no_gpu_was_used(tmp_path):
     assert res.tables["ranks"]["device"].tolist() == ["cpu", "cpu"]
     assert res.tables["ranks"]["gpu_uuid"].tolist() == ["", ""]
     assert res.tables["ranks"]["gpu_shared"].tolist() == [0, 0]
+    assert res.tables["ranks"]["local_rank_source"].tolist() == ["", ""]
     for name in ("gpu_max_allocated_bytes", "gpu_nvml_used_bytes", "gpu_energy_j"):
         assert np.isnan(res.rounds[name]).all(), name  # unavailable, never 0
     assert res.provenance["cuda_version"] == "none"
@@ -276,3 +291,17 @@ def test_the_cuda_support_query_agrees_with_ompi_info(tmp_path):
     support, how = job.output.strip().splitlines()[-1].split("|")
     assert support == str(flags[0] == "true")
     assert "MPIX_Query_cuda_support" in how or "mpi_memory_alloc_kinds" in how
+
+
+@pytest.mark.mpi
+def test_without_a_launcher_variable_every_rank_learns_its_local_rank_from_a_split(tmp_path):
+    """No launcher variable (an unusual launcher): every rank takes part in the shared-memory
+    split, so each gets its own local rank (one host reader of RAPL, GPUs by local rank)."""
+    out = tmp_path / "r.h5"
+    unset = [arg for var in dev.LOCAL_RANK_VARS for arg in ("-u", var)]
+    argv = ["env", *unset, *snake_mpi("run", str(TINY), "--out", str(out))]
+    job = run_mpi(3, argv, timeout_s=120)
+    assert job.returncode == 0, job.output
+    ranks = read_result(out).tables["ranks"]
+    assert sorted(ranks["local_rank"].tolist()) == [0, 1, 2]
+    assert set(ranks["local_rank_source"]) == {"MPI_COMM_TYPE_SHARED split"}

@@ -369,15 +369,21 @@ def _new_payload(nbytes: int, alloc: Callable[[int], Any] | None) -> Any:
 def cuda_support() -> tuple[bool | None, str]:
     """Whether the MPI library can take CUDA device buffers, and how that was learnt.
 
-    MPI 4.1's ``mpi_memory_alloc_kinds`` info (``cuda:device``), else Open MPI's
-    ``MPIX_Query_cuda_support()`` or MPICH's ``MPIX_GPU_query_support`` found in the loaded
-    MPI library (mpi4py has no query of its own); ``(None, reason)`` when nothing answers.
+    MPI 4.1's ``mpi_memory_alloc_kinds`` in the world communicator's info (the kinds the
+    library supports; ``MPI_INFO_ENV`` holds the requested ones) when it names ``cuda`` or
+    ``cuda:device``; else Open MPI's ``MPIX_Query_cuda_support()`` or MPICH's
+    ``MPIX_GPU_query_support`` found in the loaded MPI library (mpi4py has no query of its
+    own); ``(None, reason)`` when nothing answers.
     """
-    kinds = None
+    kinds = ""
     with contextlib.suppress(Exception):
-        kinds = MPI.INFO_ENV.Get("mpi_memory_alloc_kinds")
-    if kinds:
-        return "cuda" in kinds, f"mpi_memory_alloc_kinds = {kinds}"
+        info = MPI.COMM_WORLD.Get_info()
+        try:
+            kinds = info.Get("mpi_memory_alloc_kinds") or ""
+        finally:
+            info.Free()
+    if {k.strip() for k in kinds.split(",")} & {"cuda", "cuda:device"}:
+        return True, f"mpi_memory_alloc_kinds = {kinds}"
     lib = _loaded_mpi_library()
     if lib is None:
         return None, "no CUDA query in the MPI library"
@@ -388,7 +394,7 @@ def cuda_support() -> tuple[bool | None, str]:
         import ctypes
 
         flag = ctypes.c_int(0)
-        if handle.MPIX_GPU_query_support(1, ctypes.byref(flag)) == 0:  # 1: MPIX_GPU_SUPPORT_CUDA
+        if handle.MPIX_GPU_query_support(0, ctypes.byref(flag)) == 0:  # 0: MPIX_GPU_SUPPORT_CUDA
             return bool(flag.value), f"MPIX_GPU_query_support in {name}"
     return None, f"no CUDA query in {name}"
 

@@ -29,6 +29,8 @@ DEVICE_SETTINGS = DEVICES
 TRANSFER_SETTINGS = GPU_TRANSFERS
 
 PATH_HOST, PATH_STAGED, PATH_DIRECT = "host", "staged", "direct"
+SPLIT_SOURCE = "MPI_COMM_TYPE_SHARED split"
+"""``Placement.local_rank_source`` when no launcher variable named the local rank."""
 
 
 class DeviceError(ConfigError):
@@ -151,6 +153,9 @@ def activate(placement: Placement):
 
     device = torch.device(placement.name)
     if placement.kind == "cuda":
-        torch.cuda.set_device(placement.index)
-        torch.empty(1, device=device)  # the context, now and here
+        try:
+            torch.cuda.set_device(placement.index)
+            torch.empty(1, device=device)  # the context, now and here
+        except Exception as e:  # exclusive-process mode, a GPU out of memory, a driver fault
+            raise DeviceError(f"cannot use {placement.name}: {type(e).__name__}: {e}") from None
     return device

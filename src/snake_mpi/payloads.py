@@ -78,8 +78,10 @@ class HopBuffers:
         ``alloc``); ``None`` on the host path (the communicator allocates)."""
         if self.path == PATH_HOST:
             return None
-        buf = self._buffer("recv", nbytes)
-        return buf if self.path == PATH_DIRECT else buf.numpy()
+        if self.path == PATH_DIRECT:  # kernels queued on the last payload (an average's adds)
+            torch.cuda.current_stream(self.device).synchronize()  # must read it before MPI
+            return self._buffer("recv", nbytes)  # writes the next one outside torch's stream
+        return self._buffer("recv", nbytes).numpy()
 
     @property
     def alloc(self):

@@ -8,6 +8,7 @@ once rank 0 has written everything.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -128,7 +129,7 @@ def main(cfg: RunConfig, out: str, *, overwrite: bool) -> int:
     and checked in full, and on rank 0 the output lock) run on every rank before any training
     message; the ranks then agree, so a problem on any one rank ends every rank with exit 2
     and one message."""
-    from snake_mpi.device import DeviceError
+    from snake_mpi.device import SPLIT_SOURCE, DeviceError, local_rank_from_env
 
     error, placement = "", None
     try:
@@ -139,10 +140,17 @@ def main(cfg: RunConfig, out: str, *, overwrite: bool) -> int:
     from snake_mpi.outlock import LockError, OutputLock
 
     rank, size = mpi.world_rank_size()
+    # a collective: every rank or none (a launcher sets its variable for all ranks or none)
+    split = mpi.local_rank_by_split() if local_rank_from_env()[0] is None else None
     dataset, lock, route = None, None, None
     try:
         if not error:
-            placement = placement or place_after_mpi(cfg, mpi.local_rank_by_split())
+            if placement is None:  # several GPUs and no launcher variable: chosen now
+                placement = place_after_mpi(cfg, split)
+            elif split is not None:  # the CPU, or the only GPU: the local rank is still news
+                placement = dataclasses.replace(
+                    placement, local_rank=split, local_rank_source=SPLIT_SOURCE
+                )
             route = transfer_route(cfg, placement, mpi.cuda_support)
         validate_for_world(cfg, size)
         out_path = check_output(out, overwrite=overwrite)
@@ -193,7 +201,13 @@ def place_before_mpi(cfg: RunConfig, environ: Any = None) -> Any:
 
     local, source = device.local_rank_from_env(environ)
     if cfg.device == "cpu":
-        return device.choose("cpu", cuda_available=False, n_devices=0, local_rank=local or 0)
+        return device.choose(
+            "cpu",
+            cuda_available=False,
+            n_devices=0,
+            local_rank=local or 0,
+            local_rank_source=source,
+        )
     available, n = device.cuda_state()
     if local is None and available and n > 1:
         return None
@@ -211,6 +225,7 @@ def place_before_mpi(cfg: RunConfig, environ: Any = None) -> Any:
 def place_after_mpi(cfg: RunConfig, local_rank: int) -> Any:
     """``place_before_mpi`` with the local rank from a split of the world communicator."""
     from snake_mpi import device
+    from snake_mpi.device import SPLIT_SOURCE
 
     available, n = device.cuda_state()
     placement = device.choose(
@@ -218,7 +233,7 @@ def place_after_mpi(cfg: RunConfig, local_rank: int) -> Any:
         cuda_available=available,
         n_devices=n,
         local_rank=local_rank,
-        local_rank_source="MPI_COMM_TYPE_SHARED split",
+        local_rank_source=SPLIT_SOURCE,
     )
     device.activate(placement)
     return placement
@@ -334,7 +349,7 @@ def execute(
     ident = gpu.identity()
     where = comm.gather_str(
         "|".join([placement.name, path, ident["gpu_name"], ident["gpu_uuid"]])
-        + f"|{placement.local_rank}"
+        + f"|{placement.local_rank}|{placement.local_rank_source}"
     )
     writer, places = None, None
     if rank == 0:
@@ -396,14 +411,15 @@ def execute(
 
 def rank_places(hosts: list[str], where: list[str]) -> dict[str, np.ndarray]:
     """The ``/ranks`` columns of where each rank ran, from the gathered ``device|path|GPU
-    name|GPU UUID|local rank`` strings; a GPU is shared when several ranks of one host have
-    the same UUID."""
+    name|GPU UUID|local rank|its source`` strings; a GPU is shared when several ranks of one
+    host have the same UUID."""
     rows = [w.split("|") for w in where]
     keys = [(h, r[3]) for h, r in zip(hosts, rows, strict=True)]
     shared = [int(bool(r[3]) and keys.count(k) > 1) for k, r in zip(keys, rows, strict=True)]
     return {
         "device": np.array([r[0] for r in rows], dtype=object),
         "local_rank": np.array([int(r[4]) for r in rows], dtype=np.int64),
+        "local_rank_source": np.array([r[5] for r in rows], dtype=object),
         "gpu_name": np.array([r[2] for r in rows], dtype=object),
         "gpu_uuid": np.array([r[3] for r in rows], dtype=object),
         "gpu_shared": np.array(shared, dtype=np.int64),
@@ -448,6 +464,7 @@ def _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss, places) -> N
             sync.get("bytes_received", 0),
             rss[0],
             rss[1],
+            ctx.hop.buffer_bytes(),
         ],
         dtype=np.float64,
     )
@@ -473,6 +490,7 @@ def _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss, places) -> N
             "data_samples": table[:, 3].astype(np.int64),
             "control_bytes_sent": table[:, 4].astype(np.int64),
             "model_sha256": np.array(hashes, dtype=object),
+            "transfer_buffer_bytes": table[:, 9].astype(np.int64),
             **places,
         },
     )

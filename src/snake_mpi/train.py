@@ -254,6 +254,7 @@ def train_local(
         total_loss += task_value * len(idx)
         samples += len(idx)
         steps += 1
+    synchronize(model)  # the last step's kernels belong to the turn's compute time
     state = training_state_bytes(model, opt.opt)["total"] + opt.master_bytes()
     state += teacher.nbytes() if teacher else 0
     opt.zero_grad()
@@ -269,6 +270,14 @@ def train_local(
         trainable_params=sum(p.numel() for p in params),
         train_state_bytes=state,
     )
+
+
+def synchronize(model: BlockModel) -> None:
+    """Wait for the model's GPU to finish its queued kernels (nothing on a CPU), so that a clock
+    read afterwards times the work rather than its launch."""
+    device = model_device(model)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()

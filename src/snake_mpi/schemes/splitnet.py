@@ -34,6 +34,7 @@ from snake_mpi.train import (
     NonFiniteLoss,
     checked_loss,
     make_optimizer,
+    synchronize,
     turn_batch_sizes,
     turn_batches,
 )
@@ -98,6 +99,7 @@ class ClientTurn:
             for b in range(cut):
                 x = model.blocks[b](x)
             act = x
+            synchronize(model)
             compute_s += time.perf_counter() - t0
             a_bytes, y_bytes = _bytes_of(act), _bytes_of(y)
             comm.send_blocks(
@@ -115,6 +117,7 @@ class ClientTurn:
             grad = torch.from_numpy(t.payload.copy()).view(act.dtype).view(act.shape).to(dev)
             act.backward(grad)
             opt.step()
+            synchronize(model)
             compute_s += time.perf_counter() - t0
             samples += len(idx)
             steps += 1
@@ -176,7 +179,7 @@ class ServerPart:
             abort_non_finite(self.ctx, e)
         loss.backward()
         self.opt.step()
-        grad = _bytes_of(act.grad)
+        grad = _bytes_of(act.grad)  # a copy to the host: waits for the step's kernels
         self.compute_s += time.perf_counter() - t0
         self.loss_sum += value * n
         self.samples += n
