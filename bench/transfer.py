@@ -29,15 +29,33 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from mpi4py import MPI
 
-from snake_mpi.comm import Comm
-from snake_mpi.wire import KIND_MODEL
+
+def _gpu_before_mpi() -> None:
+    """With ``--device cuda``, make the rank's GPU current before mpi4py initialises MPI (as
+    ``snake-mpi run`` does), so that no CUDA context lands on another GPU."""
+    if not any(a == "cuda" or a.endswith("=cuda") for a in sys.argv[1:]):
+        return
+    import torch
+
+    from snake_mpi.device import local_rank_from_env
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n:
+        torch.cuda.set_device((local_rank_from_env()[0] or 0) % n)
+
+
+_gpu_before_mpi()
+from mpi4py import MPI  # noqa: E402 - after the device is chosen
+
+from snake_mpi.comm import Comm  # noqa: E402
+from snake_mpi.wire import KIND_MODEL  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -170,7 +188,6 @@ def device_paths_table(max_mib: int, trials: int, csv_out: str | None) -> None:
 
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
-    torch.cuda.set_device(0 if torch.cuda.device_count() == 1 else rank)
     support, how = cuda_support()
     paths = ["staged"] + (["direct"] if support else [])
     comm = Comm.world(deadline_s=600)
