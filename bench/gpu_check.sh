@@ -3,11 +3,12 @@
 #   a. pytest -m gpu                      (the GPU tests)
 #   b. the demo on 4 ranks sharing the GPU, watched through NVML, then checked:
 #      status, bytes = analytic count, final accuracy, GPU fields finite, no stray contexts
-#   c. hop throughput from GPU memory     (bench/transfer.py --device cuda, 2 ranks)
+#   c. hop throughput from GPU memory per transfer path, and the probes' overhead on the GPU
+#      (bench/transfer.py --device cuda, 2 ranks: sampler + GPU probe on vs off)
 #   d. the OPT-1.3B memory benchmark      (bench/memory.py --device cuda --steps 2, bf16 runs)
-# The step limits add up to 470 s (45+90+30+60+200+45; a step that ignores TERM gets 10 s
-# more), so no hung step can push the check much past 8 minutes.
 #   e. training-step throughput           (bench/train_step.py --device cuda)
+# The step limits add up to 480 s (45+80+30+100+180+45; a step that ignores TERM gets 10 s
+# more), so no hung step can push the check much past 8 minutes.
 #
 #   bench/gpu_check.sh OUTDIR               # PYTHON=/path/to/python chooses the interpreter
 #
@@ -175,7 +176,7 @@ elif [[ -z $SNAKE ]]; then
   record demo "FAILED (no snake-mpi in $BIN or on PATH)" 0
   skip demo-check "the demo did not run"
 else
-  run_step demo "${T_DEMO:-90}" "$OUT/demo.log" \
+  run_step demo "${T_DEMO:-80}" "$OUT/demo.log" \
     "$PY" bench/gpu_demo_check.py --watch "$OUT/demo-nvml.json" -- \
     "$MPIRUN" -n 4 ${OVERSUB[@]+"${OVERSUB[@]}"} "$SNAKE" run bench/configs/demo.toml \
     --out "$OUT/demo-gpu.h5" --overwrite --set 'device="cuda"'
@@ -189,9 +190,9 @@ if ((N_GPU == 0)); then
 elif [[ -z $MPIRUN ]]; then
   skip transfer "$NO_MPI"
 else
-  run_step transfer "${T_TRANSFER:-60}" "$OUT/transfer.txt" \
+  run_step transfer "${T_TRANSFER:-100}" "$OUT/transfer.txt" \
     "$MPIRUN" -n 2 ${OVERSUB[@]+"${OVERSUB[@]}"} "$PY" bench/transfer.py --device cuda --max-mib 256 \
-    --trials 3 --skip-probes
+    --trials 3 --probe-pairs 2
 fi
 
 # d. OPT-1.3B memory on the GPU, bf16 weights (fp32 master and AdamW state): full fine-tuning
@@ -199,7 +200,7 @@ fi
 if ((N_GPU == 0)); then
   skip memory "$NO_GPU"
 else
-  run_step memory "${T_MEMORY:-200}" "$OUT/memory.log" \
+  run_step memory "${T_MEMORY:-180}" "$OUT/memory.log" \
     "$PY" bench/memory.py --device cuda --steps 2 --only opt-full-bf16,opt-snake-bf16-n6 \
     --out "$OUT/memory" --table "$OUT/memory.md"
   if [[ -z $MPIRUN && ${RESULTS[-1]} == ok ]]; then
