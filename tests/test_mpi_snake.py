@@ -206,3 +206,21 @@ def test_existing_output_needs_overwrite(tmp_path):
     job, _ = run_tiny(tmp_path, 2, timeout_s=60)
     assert job.returncode == 2 and "--overwrite" in job.stderr
     assert out.read_bytes() == b"keep"
+
+
+TIME_PARTS = ("compute_s", "eval_s", "send_s", "wait_s", "recv_s", "slowdown_s", "gather_s")
+
+
+def test_every_second_of_a_round_falls_in_one_recorded_column(tmp_path):
+    """The columns are disjoint parts of ``round_s``, and rank 0 of P2P, which waits for the
+    others at each round's end, has that wait recorded (``gather_s``) instead of a short round."""
+    job, out = run_tiny(tmp_path, 3, "train.rounds=4", "train.local_steps=12")
+    assert job.returncode == 0, job.output
+    r = read_result(out).rounds
+    parts = sum(r[k] for k in TIME_PARTS)
+    other = r["round_s"] - parts
+    assert (other > -0.01).all(), other  # no second counted twice
+    total = r["round_s"].sum(axis=0)  # the rounds tile each rank's time, start to last round
+    assert total.min() > 0.8 * total.max(), total  # so the ranks of one ring spend the same
+    assert (r["gather_s"][1:, 0] > 0).all()  # rank 0's wait for the others is recorded
+    assert (other.sum(axis=0) < 0.2 * total).all(), (other.sum(axis=0), total)

@@ -33,6 +33,7 @@ ROUND_FIELDS: dict[str, str] = {
     "link_emulated_s": "float64",
     "slowdown_s": "float64",
     "round_s": "float64",
+    "gather_s": "float64",
     "peak_rss_bytes": "int64",
     "train_state_bytes": "int64",
     "trainable_params": "int64",
@@ -107,6 +108,10 @@ class Recorder:
         self.cum_bytes_sent = 0
         self.t_start = time.perf_counter()
         self._t_round = self.t_start
+        self._t_closed: float | None = None
+        """When the previous round's figures were taken (its gather came after)."""
+        self._gather_s = 0.0
+        """Seconds in the previous round's gather: counted in the next round, not lost."""
         self._values: dict[str, float] = {}
 
     # ------------------------------------------------------------ during a round
@@ -114,8 +119,11 @@ class Recorder:
     def begin_round(self, r: int) -> None:
         """Start round ``r``: reset this rank's figures; fire the test fault hook if it is ours."""
         self.round = r
-        self._t_round = time.perf_counter()
+        # rounds tile the time: this one starts where the last one's figures were taken, so
+        # the wait in that round's gather (rank 0 waiting for the slowest rank) is counted
+        self._t_round = self._t_closed if self._t_closed is not None else time.perf_counter()
         self._values = dict.fromkeys(ROUND_FIELDS, 0.0)
+        self._values["gather_s"] = self._gather_s
         self._values["loss"] = math.nan
         self._values["kd_loss"] = math.nan
         for k in (*_EVAL_SLOTS, *_UNAVAILABLE_UNLESS_MEASURED):
@@ -184,10 +192,12 @@ class Recorder:
             v.update(self.gpu.end_round())
         if self.rapl is not None:
             v["host_cpu_energy_j"] = self.rapl.take_j()
-        v["round_s"] = time.perf_counter() - self._t_round
+        t_closed = time.perf_counter()
+        v["round_s"] = t_closed - self._t_round
         names = list(ROUND_FIELDS) + list(_EVAL_SLOTS)
         row = np.array([v[k] for k in names], dtype=np.float64)
         table = self.comm.gather_row(row)
+        self._t_closed, self._gather_s = t_closed, time.perf_counter() - t_closed
         if table is None:
             return
         per_rank = {k: table[:, i].astype(ROUND_FIELDS[k]) for i, k in enumerate(ROUND_FIELDS)}

@@ -179,18 +179,21 @@ def fig_memory(
 
 
 def fig_time_split(results: Sequence[Result], path: Path) -> None:
-    """Per run, per rank: mean seconds per round in compute, send, wait and the rest."""
+    """Per run, per rank: mean seconds per round in compute, send, wait, the round-end gather
+    (waiting for the slowest rank) and the rest."""
     plt = _pyplot()
     n = len(results)
     cols = min(3, n)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), dpi=110, squeeze=False)
-    parts = ["compute_s", "send_s", "wait_s"]
+    parts = ["compute_s", "send_s", "wait_s", "gather_s"]
     for ax, res in zip(axes.flat, results, strict=False):
         r = res.rounds
         ranks = np.arange(res.world_size)
         bottom = np.zeros(res.world_size)
         for key in parts:
+            if key not in r:  # files from before gather_s was recorded
+                continue
             v = r[key].mean(axis=0)
             ax.bar(ranks, v, bottom=bottom, label=key[:-2])
             bottom += v
