@@ -10,12 +10,13 @@
 # Needs root (it writes /etc/slurm/slurm.conf and starts daemons) and Debian/Ubuntu's
 # packages. The node offers SLOTS task slots (default: 4 x the cores, at least 8), more than
 # the cores so that the 4- to 16-rank benchmark cells can run oversubscribed, and the memory
-# that `free` reports. State and logs: $STATE (default /var/tmp/snake-slurm). Never run this
-# on a machine that already belongs to a Slurm cluster.
+# that `free` reports. State and logs: $STATE (default /var/tmp/snake-slurm). It refuses to
+# touch a machine whose slurm.conf it did not write (a machine of a real Slurm cluster).
 set -euo pipefail
 
 STATE=${STATE:-/var/tmp/snake-slurm}
-CONF=/etc/slurm/slurm.conf
+CONF=${SNAKE_SLURM_CONF:-/etc/slurm/slurm.conf}  # the variable only for this script's tests
+MARK="# Written by snake_mpi's slurm/local-cluster.sh"
 HOST=$(hostname -s)
 
 die() { echo "local-cluster: $*" >&2; exit 1; }
@@ -37,7 +38,7 @@ write_config() {
     mem_mb=$(free -m | awk '/^Mem:/ {print int($2 * 0.9)}')
     mkdir -p "$STATE/ctld" "$STATE/d" /etc/slurm
     cat > "$CONF" <<CONF
-# Written by snake_mpi's slurm/local-cluster.sh: one node, $slots task slots on $cores cores.
+$MARK: one node, $slots task slots on $cores cores.
 ClusterName=snake-local
 SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
@@ -88,7 +89,15 @@ start_munge() {
     fi
 }
 
+ours_or_none() { # never touch a Slurm this script did not set up
+    if [ -e "$CONF" ] && ! head -n 1 "$CONF" | grep -qF "$MARK"; then
+        die "$CONF was not written by this script: this machine has a Slurm of its own;" \
+            "not touching it (no packages installed, no daemons stopped, no config written)"
+    fi
+}
+
 up() {
+    ours_or_none
     [ "$(id -u)" = 0 ] || die "needs root"
     install_packages
     down quiet
@@ -109,6 +118,7 @@ up() {
 }
 
 down() {
+    ours_or_none
     scancel --quiet --full -u root 2>/dev/null || true
     pkill -x slurmd 2>/dev/null || true
     pkill -x slurmctld 2>/dev/null || true

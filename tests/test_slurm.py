@@ -139,3 +139,18 @@ def test_a_preempted_run_requeues_itself_and_starts_again_cleanly(slurm, tmp_pat
     assert res.provenance["slurm_job_id"] == job_id
     assert res.provenance["slurm_restart_count"] == "1"
     assert not out.with_name(out.name + ".partial").exists()
+
+
+@pytest.mark.parametrize("action", ["up", "down"])
+def test_the_local_cluster_never_touches_a_slurm_it_did_not_set_up(tmp_path, action):
+    """A machine with its own slurm.conf (a real cluster's node): the script refuses before it
+    installs, stops or writes anything, and the tests that need it are skipped with that reason."""
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=production\nSlurmctldHost=head01\n")
+    env = dict(os.environ, SNAKE_SLURM_CONF=str(conf))
+    done = subprocess.run(
+        [str(CLUSTER), action], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 1
+    assert "was not written by this script: this machine has a Slurm of its own" in done.stderr
+    assert conf.read_text() == "ClusterName=production\nSlurmctldHost=head01\n"
