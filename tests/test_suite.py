@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -45,6 +46,11 @@ def test_a_suite_runs_records_failures_and_resumes(tmp_path, capsys):
     assert main([str(suite), "--out", str(out)]) == 1  # some cells failed
     text = capsys.readouterr().out
     assert "[6/6]" in text and "s elapsed" in text
+    # a line when each cell starts, with its size and log, and the time on every line
+    assert f"[1/6] tiny-n2-s0: started, 2 rank(s) x 3 round(s), log {out}/tiny-n2-s0.log" in text
+    progress = [line for line in text.splitlines() if "/6] " in line]
+    assert len(progress) == 12  # 6 started, 6 ended
+    assert all(re.match(r"suite: \d\d:\d\d:\d\d \[", line) for line in progress)
     cells = json.loads((out / "manifest.json").read_text())["cells"]
     assert {k: v["status"] for k, v in cells.items()} == {
         "tiny-n2-s0": "complete",
@@ -65,8 +71,11 @@ def test_a_suite_runs_records_failures_and_resumes(tmp_path, capsys):
     (tmp_path / "hangs.toml").write_text(TINY.read_text())
     assert main([str(suite), "--out", str(out)]) == 0
     cells = json.loads((out / "manifest.json").read_text())["cells"]
-    assert cells["tiny-n2-s0"]["status"] == "skipped"
-    assert cells["fails-n2-s0"]["status"] == "complete"
+    # a skipped cell keeps the record of the run that made its result, and notes the skip
+    tiny = cells["tiny-n2-s0"]
+    assert tiny["status"] == "complete" and tiny["exit_code"] == 0 and tiny["command"]
+    assert tiny["elapsed_s"] > 0 and len(tiny["skipped_at"]) == 1
+    assert cells["fails-n2-s0"]["status"] == "complete" and "skipped_at" not in cells["fails-n2-s0"]
 
 
 def processes_of(out_dir) -> list[str]:

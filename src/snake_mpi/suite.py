@@ -17,6 +17,7 @@ A suite is a TOML file (``bench/suites/<name>.toml``)::
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import signal
@@ -46,6 +47,8 @@ class Cell:
     ranks: int
     seed: int
     overrides: tuple[str, ...] = ()
+    rounds: int = 1
+    """The config's ``train.rounds``: with ``ranks``, the cell's size for time estimates."""
 
 
 @dataclass(slots=True)
@@ -127,13 +130,17 @@ def load_suite(name: str) -> tuple[list[Cell], float]:
         for n in counts:
             for seed in seeds:
                 name_ = f"{Path(config).stem}-n{n}-s{seed}"
-                cells.append(Cell(name_, str(cfg_path), int(n), int(seed), overrides))
+                cells.append(
+                    Cell(name_, str(cfg_path), int(n), int(seed), overrides, cfg.train.rounds)
+                )
     return cells, float(limit)
 
 
 def update_manifest(out_dir: Path, suite: str, name: str, outcome: Outcome) -> None:
     """Merge one cell's outcome into ``manifest.json`` under an exclusive lock, so that the
-    tasks of a Slurm job array can update it at the same time; written atomically."""
+    tasks of a Slurm job array can update it at the same time; written atomically. A cell
+    skipped because its result is complete keeps the record of the run that made it (status,
+    exit code, time, command) and gains the time of the skip in ``skipped_at``."""
     import fcntl
 
     path = out_dir / MANIFEST
@@ -144,7 +151,15 @@ def update_manifest(out_dir: Path, suite: str, name: str, outcome: Outcome) -> N
         except (FileNotFoundError, json.JSONDecodeError):
             manifest = {"cells": {}}
         manifest["suite"] = suite
-        manifest.setdefault("cells", {})[name] = asdict(outcome)
+        cells = manifest.setdefault("cells", {})
+        old = cells.get(name)
+        kept = isinstance(old, dict) and old.get("status") == "complete"
+        if outcome.status == "skipped" and kept:
+            # the run that made the result keeps its record; the rerun only notes it looked
+            now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+            old["skipped_at"] = [*old.get("skipped_at", []), now]
+        else:
+            cells[name] = asdict(outcome)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, path)
@@ -242,7 +257,7 @@ def run_suite(
     out_dir.mkdir(parents=True, exist_ok=True)
     outcomes: dict[str, Outcome] = {}
     t_start = time.perf_counter()
-    ran_s: list[float] = []
+    ran_s, ran_work = 0.0, 0  # seconds and size (ranks x rounds) of the cells run so far
     for i, cell in enumerate(cells, 1):
         result = out_dir / f"{cell.name}.h5"
         if is_complete(result):
@@ -253,18 +268,25 @@ def run_suite(
             print(f"suite: would run {cell.name}: {' '.join(launcher(cell.ranks, ['...']))}")
             continue
         else:
+            print(
+                f"suite: {time.strftime('%H:%M:%S')} [{i}/{len(cells)}] {cell.name}: started, "
+                f"{cell.ranks} rank(s) x {cell.rounds} round(s), log {out_dir / cell.name}.log",
+                flush=True,
+            )
             try:
                 outcomes[cell.name] = run_cell(cell, out_dir, limit)
             except Interrupted as e:
                 update_manifest(out_dir, str(suite_path(name)), cell.name, e.outcome)
-                print(f"suite: [{i}/{len(cells)}] {cell.name}: interrupted ({e})", flush=True)
+                at = f"suite: {time.strftime('%H:%M:%S')} [{i}/{len(cells)}] {cell.name}"
+                print(f"{at}: interrupted ({e})", flush=True)
                 raise
-            ran_s.append(outcomes[cell.name].elapsed_s)
+            ran_s += outcomes[cell.name].elapsed_s
+            ran_work += cell.ranks * cell.rounds
         o = outcomes[cell.name]
-        left = len(cells) - i
-        eta = f", about {left * sum(ran_s) / len(ran_s):.0f} s left" if ran_s and left else ""
+        left = sum(c.ranks * c.rounds for c in cells[i:])  # weighted by size, not a plain mean
+        eta = f", about {left * ran_s / ran_work:.0f} s left" if ran_work and left else ""
         print(
-            f"suite: [{i}/{len(cells)}] {cell.name}: {o.status}"
+            f"suite: {time.strftime('%H:%M:%S')} [{i}/{len(cells)}] {cell.name}: {o.status}"
             + (f" (exit {o.exit_code})" if o.status == "failed" else "")
             + f", {time.perf_counter() - t_start:.0f} s elapsed{eta}",
             flush=True,
@@ -277,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     """``snake-mpi suite``: exit 0 if every cell is complete, 1 if any failed, 2 on a bad suite."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="suite", description="Run a benchmark suite (resumable).")
+    p = argparse.ArgumentParser(
+        prog="snake-mpi suite", description="Run a benchmark suite (resumable)."
+    )
     p.add_argument("suite", help="a name under bench/suites/ (smoke, scaling, ...) or a file")
     p.add_argument("--out", required=True, help="output directory (results, logs, manifest)")
     p.add_argument("--dry-run", action="store_true", help="list the cells to run, run nothing")
