@@ -2,11 +2,14 @@
 
 import math
 import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from conftest import REPO, snake_mpi
 from snake_mpi.config import (
     ConfigError,
     RunConfig,
@@ -121,3 +124,22 @@ def test_unwritable_output_dir(tmp_path):
     d.mkdir(mode=0o500)
     with pytest.raises(ConfigError, match="not writable"):
         check_output(d / "r.h5", overwrite=False)
+
+
+def test_cli_version_and_a_reader_that_stops_early(tmp_path):
+    """``--version`` names the installed package; ``show FILE | head -1`` ends with 141 (128 +
+    SIGPIPE) and no traceback, as other command-line tools do."""
+    done = subprocess.run([*snake_mpi(), "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("snake-mpi "), done
+    help_text = subprocess.run([*snake_mpi(), "suite", "--help"], capture_output=True, text=True)
+    assert help_text.stdout.startswith("usage: snake-mpi suite"), help_text.stdout
+    code = "import sys; from snake_mpi.cli import main\nsys.exit(main(['validate', sys.argv[1]]))\n"
+    tiny = str(REPO / "tests" / "configs" / "tiny.toml")
+    with subprocess.Popen(
+        [sys.executable, "-c", code, tiny], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as p:
+        p.stdout.close()  # the reader went away before the first line
+        err = p.stderr.read().decode()
+        rc = p.wait(timeout=60)
+    assert rc == 141, (rc, err)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

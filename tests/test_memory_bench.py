@@ -317,3 +317,15 @@ def test_gpu_check_script_parses_and_says_when_no_gpu_is_present(tmp_path):
     assert "the check is incomplete" in job.stdout
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30)
     assert usage.returncode == 64 and "usage:" in usage.stderr
+
+
+def test_memory_table_of_a_small_model_uses_a_readable_unit_and_says_which_nodes_it_drops(
+    capsys,
+):
+    from snake_mpi.memory import main
+
+    tiny = str(REPO / "tests" / "configs" / "tiny.toml")
+    assert main([tiny, "--nodes", "2,4,6,8"]) == 0
+    out = capsys.readouterr().out
+    assert "paper KiB" in out and "76.56" in out  # 4,900 parameters x 16 bytes, not "0.00 GiB"
+    assert "not shown: 6, 8 nodes; the model has 4 middle blocks" in out

@@ -15,6 +15,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="snake-mpi",
         description="Snake Learning and its baselines as MPI jobs, measured per rank per round.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a config under mpirun (every rank runs this)")
@@ -30,9 +31,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="result file (HDF5) to write")
     run.add_argument("--overwrite", action="store_true", help="replace an existing result file")
 
-    val = sub.add_parser("validate", help="check a config without running it")
-    val.add_argument("config")
-    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    val = sub.add_parser(
+        "validate",
+        help="check a config without running it",
+        description="Check a run configuration as `run` does before it starts (keys, values, "
+        "data), without MPI; exit 0 if valid, 2 with the reason if not.",
+    )
+    val.add_argument("config", help="TOML run configuration, e.g. bench/configs/demo.toml")
+    val.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, as for `run` (repeatable)",
+    )
     val.add_argument("--np", type=int, default=None, help="also check it for this many ranks")
     val.add_argument(
         "--no-data",
@@ -72,8 +85,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    """The installed snake-mpi version (package metadata), "unknown" when not installed."""
+    from snake_mpi.provenance import dist_version
+
+    return dist_version("snake-mpi")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments and dispatch; returns the process exit status."""
+    """Parse arguments and dispatch; returns the process exit status. Output cut short by its
+    reader (``snake-mpi compare DIR | head``) ends quietly, as other command-line tools do."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in an "Exception ignored" at exit
+        return code
+    except BrokenPipeError:
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)  # no second error when Python flushes stdout
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what the shell reports for a program killed by it
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["compare"]:
         from snake_mpi.compare import main as compare_main

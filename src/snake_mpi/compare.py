@@ -318,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sys
 
     p = argparse.ArgumentParser(
-        prog="compare", description="Compare result files side by side (one workload)."
+        prog="snake-mpi compare", description="Compare result files side by side (one workload)."
     )
     p.add_argument("results", nargs="+", help="result files, or directories of them")
     p.add_argument(

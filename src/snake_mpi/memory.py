@@ -131,8 +131,19 @@ def run_accounting(cfg: RunConfig, world_size: int) -> Row:
     return node_rows[0]
 
 
-def format_table(cfg: RunConfig, counts: BlockCounts, rows: list[Row]) -> str:
-    """The blocks and the accounting as text, with the paper's figures beside them."""
+def _unit(largest_bytes: float) -> tuple[str, float]:
+    """GiB, MiB or KiB, whichever shows ``largest_bytes`` with digits before the point."""
+    for name, scale in (("GiB", GIB), ("MiB", 2**20)):
+        if largest_bytes >= scale:
+            return name, scale
+    return "KiB", 2**10
+
+
+def format_table(
+    cfg: RunConfig, counts: BlockCounts, rows: list[Row], node_counts: Sequence[int] = ()
+) -> str:
+    """The blocks and the accounting as text, with the paper's figures beside them; node
+    counts of ``node_counts`` that the model cannot be shared among are named with why."""
     name = cfg.model.preset or cfg.model.checkpoint or cfg.model.family
     dtype = "bf16" if counts.bytes_per_value == 2 else "fp32"
     n_blocks = len(counts.params)
@@ -150,15 +161,23 @@ def format_table(cfg: RunConfig, counts: BlockCounts, rows: list[Row]) -> str:
         )
         lines.append(f"  {counts.names[-1]:<10} {counts.params[-1]:>15,}")
     lines.append("")
+    unit, scale = _unit(max(max(r.paper_bytes, r.held_bytes) for r in rows))
     head = (
         f"{'scheme':<46} {'nodes':>5}  {'node':<18} {'trainable':>15} "
-        f"{'paper GiB':>10} {'held GiB':>9}"
+        f"{'paper ' + unit:>10} {'held ' + unit:>9}"
     )
     lines += [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r.scheme:<46} {r.nodes:>5}  {r.role:<18} {r.trainable:>15,} "
-            f"{r.paper_bytes / GIB:>10.2f} {r.held_bytes / GIB:>9.2f}"
+            f"{r.paper_bytes / scale:>10.2f} {r.held_bytes / scale:>9.2f}"
+        )
+    middle = n_blocks - 2
+    dropped = [n for n in node_counts if n > middle]
+    if dropped:
+        lines.append(
+            f"(not shown: {', '.join(map(str, dropped))} nodes; the model has {middle} middle "
+            "blocks and every Snake node trains at least one)"
         )
     lines.append("")
     ratio = PAPER["full_gb"] / PAPER["snake_node_gb"]
@@ -317,11 +336,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--measured, the measured peak memory of result files.",
     )
     ap.add_argument("config", help="run config (TOML); its model, dtype and snake.ends are used")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, as for `run` (repeatable)",
+    )
     ap.add_argument(
         "--nodes", default="2,4,6,8", help="Snake node counts to tabulate (default 2,4,6,8)"
     )
-    ap.add_argument("--measured", nargs="*", default=[], metavar="RESULT.h5")
+    ap.add_argument(
+        "--measured",
+        nargs="*",
+        default=[],
+        metavar="RESULT.h5",
+        help="also print the measured memory of these result files: per rank the RSS before "
+        "the model, its peak and the training state (and the GPU peaks of GPU runs)",
+    )
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
@@ -332,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"snake-mpi memory: {e}", file=sys.stderr)
         return 2
     counts = block_counts(cfg)
-    print(format_table(cfg, counts, rows_for(cfg, counts, nodes)))
+    print(format_table(cfg, counts, rows_for(cfg, counts, nodes), nodes))
     if args.measured:
         print()
         print(measured_table(args.measured))
