@@ -88,7 +88,8 @@ class DataConfig:
     noise: float = 1.0
     """Synthetic data: noise scale; larger is harder."""
     partition: str = "iid"
-    """How training samples are shared over nodes: ``iid`` or ``dirichlet`` (label skew)."""
+    """How training samples are shared over nodes: ``iid``, ``dirichlet`` (label skew, by
+    ``alpha``) or ``shards`` (label-sorted shards, ``shards_per_node`` per node)."""
     alpha: float = 0.5
     """Dirichlet concentration (smaller: more skew); used when partition = dirichlet."""
     shards_per_node: int = 2
@@ -204,7 +205,8 @@ class DebugConfig:
     fail_round: int = 0
     """Test hook: round at whose start the fault happens."""
     fail_kind: str = "exception"
-    """Test hook: ``exception``, ``exit`` (sys.exit(3)) or ``hang`` (never sends again)."""
+    """Test hook: ``exception``, ``exit`` (sys.exit(3)), ``hang`` (never sends again) or
+    ``kill`` (SIGKILL, as the OOM killer would: no handler runs)."""
 
 
 @_cfg()

@@ -453,22 +453,24 @@ def _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss, places) -> N
     ``rss``: this rank's RSS just before and just after the model was built."""
     comm, model = ctx.comm, ctx.model
     sync = ctx.info.get("final_sync", {})
-    summary = np.array(
-        [
-            sampler.peak_rss_bytes(),
-            ru_maxrss_bytes(),
-            disk.total_bytes(),
-            len(parts[comm.rank]),
-            comm.stats.control_bytes_sent,
-            sync.get("bytes_sent", 0),
-            sync.get("bytes_received", 0),
-            rss[0],
-            rss[1],
-            ctx.hop.buffer_bytes(),
-        ],
-        dtype=np.float64,
+    mine_run = {  # this rank's whole-run figures, by name (all int64 counts of bytes or samples)
+        "peak_rss_bytes": sampler.peak_rss_bytes(),
+        "ru_maxrss_bytes": ru_maxrss_bytes(),
+        "rss_before_model_bytes": rss[0],
+        "rss_model_built_bytes": rss[1],
+        "disk_write_bytes": disk.total_bytes(),
+        "data_samples": len(parts[comm.rank]),
+        "control_bytes_sent": comm.stats.control_bytes_sent,
+        "transfer_buffer_bytes": ctx.hop.buffer_bytes(),
+        "final_sync_bytes_sent": sync.get("bytes_sent", 0),
+        "final_sync_bytes_received": sync.get("bytes_received", 0),
+    }
+    table = comm.gather_row(np.array(list(mine_run.values()), dtype=np.float64))
+    per_rank = (
+        {k: table[:, i].astype(np.int64) for i, k in enumerate(mine_run)}
+        if table is not None
+        else {}
     )
-    table = comm.gather_row(summary)
     hashes = comm.gather_str(model_hash(model))
     mine = sampler.series()
     names = ("t_s", "rss_bytes", "cpu_percent", *GPU_SERIES)  # the same on every rank
@@ -482,15 +484,8 @@ def _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss, places) -> N
         "ranks",
         {
             "host": np.array(hosts, dtype=object),
-            "peak_rss_bytes": table[:, 0].astype(np.int64),
-            "ru_maxrss_bytes": table[:, 1].astype(np.int64),
-            "rss_before_model_bytes": table[:, 7].astype(np.int64),
-            "rss_model_built_bytes": table[:, 8].astype(np.int64),
-            "disk_write_bytes": table[:, 2].astype(np.int64),
-            "data_samples": table[:, 3].astype(np.int64),
-            "control_bytes_sent": table[:, 4].astype(np.int64),
+            **{k: v for k, v in per_rank.items() if not k.startswith("final_sync_")},
             "model_sha256": np.array(hashes, dtype=object),
-            "transfer_buffer_bytes": table[:, 9].astype(np.int64),
             **places,
         },
     )
@@ -505,8 +500,8 @@ def _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss, places) -> N
         spread = np.asarray(ctx.info["block_time_spread"])
         writer.write_array("assignment/block_time_spread", spread)
     if "final_sync" in ctx.info:
-        writer.write_array("final_sync/bytes_sent", table[:, 5].astype(np.int64))
-        writer.write_array("final_sync/bytes_received", table[:, 6].astype(np.int64))
+        writer.write_array("final_sync/bytes_sent", per_rank["final_sync_bytes_sent"])
+        writer.write_array("final_sync/bytes_received", per_rank["final_sync_bytes_received"])
     for k in range(comm.size):
         extra = {name: series[name][k] for name in GPU_SERIES}
         writer.write_series(
