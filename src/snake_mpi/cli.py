@@ -19,15 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a config under mpirun (every rank runs this)")
-    run.add_argument("config", help="TOML run configuration, e.g. bench/configs/demo.toml")
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.rounds=3 (repeatable)",
-    )
+    _config_arguments(run)
     run.add_argument("--out", required=True, help="result file (HDF5) to write")
     run.add_argument("--overwrite", action="store_true", help="replace an existing result file")
 
@@ -37,15 +29,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Check a run configuration as `run` does before it starts (keys, values, "
         "data), without MPI; exit 0 if valid, 2 with the reason if not.",
     )
-    val.add_argument("config", help="TOML run configuration, e.g. bench/configs/demo.toml")
-    val.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, as for `run` (repeatable)",
-    )
+    _config_arguments(val)
     val.add_argument("--np", type=int, default=None, help="also check it for this many ranks")
     val.add_argument(
         "--no-data",
@@ -83,6 +67,19 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     return p
+
+
+def _config_arguments(p: argparse.ArgumentParser) -> None:
+    """The config file and its ``--set`` overrides (``run`` and ``validate`` take the same)."""
+    p.add_argument("config", help="TOML run configuration, e.g. bench/configs/demo.toml")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.rounds=3 (repeatable)",
+    )
 
 
 def _version() -> str:

@@ -56,7 +56,8 @@ class Outcome:
     """What became of a cell (the manifest holds one per cell)."""
 
     status: str
-    """``complete``, ``skipped`` (a complete result was already there), ``failed``, or
+    """``complete``, ``skipped`` (a complete result was already there; the manifest keeps the
+    record of the run that made it, see ``update_manifest``), ``failed``, or
     ``interrupted`` (the suite got TERM/INT while the cell ran; it runs again on resume)."""
     result: str
     ranks: int
