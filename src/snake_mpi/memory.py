@@ -221,6 +221,8 @@ def is_gpu_result(res: Result) -> bool:
 def gpu_peaks(res: Result) -> dict[str, np.ndarray] | None:
     """Per rank, the largest value over rounds of each GPU memory field (NaN where a rank
     never recorded one, or the file lacks the field); None for a CPU run."""
+    from snake_mpi.summary import max_over_rounds
+
     if not is_gpu_result(res):
         return None
     out = {}
@@ -229,9 +231,7 @@ def gpu_peaks(res: Result) -> dict[str, np.ndarray] | None:
         if arr is None or arr.size == 0:
             out[key] = np.full(res.world_size, np.nan)
             continue
-        arr = np.asarray(arr, dtype=np.float64)
-        best = np.where(np.isfinite(arr), arr, -np.inf).max(axis=0)
-        out[key] = np.where(np.isfinite(best), best, np.nan)
+        out[key] = max_over_rounds(np.asarray(arr, dtype=np.float64))
     return out
 
 

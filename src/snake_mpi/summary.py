@@ -185,7 +185,7 @@ def _rank_table(r: Result) -> str:
     for name, label, how in memory + tuple(g for g in gpu if _measured(rounds.get(g[0]))):
         if name in rounds and len(rounds[name]):
             values = rounds[name]
-            per_rank = _max_over_rounds(values) if how == "max" else values[-1]
+            per_rank = max_over_rounds(values) if how == "max" else values[-1]
             head.append(label)
             rows.append([_float(v / MIB, "{:.1f}") for v in per_rank])
             total.append(_float(np.nanmax(per_rank) / MIB, "{:.1f}"))
@@ -221,7 +221,7 @@ def _measured(values: np.ndarray | None) -> bool:
     return values is not None and values.dtype.kind == "f" and bool(np.isfinite(values).any())
 
 
-def _max_over_rounds(values: np.ndarray) -> np.ndarray:
+def max_over_rounds(values: np.ndarray) -> np.ndarray:
     """Per rank, the largest value over rounds; NaN where a rank has none (no warning)."""
     if values.dtype.kind != "f":
         return values.max(axis=0)
