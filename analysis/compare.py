@@ -5,7 +5,7 @@ Same as ``snake-mpi compare``; the figures are documented in docs/compare.md.
 
 import sys
 
-from snake_mpi.compare import main
+from snake_mpi.analysis.compare import main
 
 if __name__ == "__main__":
     sys.exit(main())

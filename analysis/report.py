@@ -7,7 +7,7 @@ claims). See docs/report.md.
 
 import sys
 
-from snake_mpi.report import main
+from snake_mpi.analysis.report import main
 
 if __name__ == "__main__":
     sys.exit(main())

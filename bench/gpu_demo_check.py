@@ -13,7 +13,7 @@ Check mode prints one line per check and exits 1 if any fails:
 
 - the run completed (status "complete") on CUDA (root attribute ``device``);
 - bytes per round per rank, and of the final sync, equal the analytic count (as
-  ``snake-mpi compare`` and the MPI tests compute it: ``snake_mpi.expected``);
+  ``snake-mpi compare`` and the MPI tests compute it: ``snake_mpi.analysis.expected``);
 - the final accuracy (at least ``--min-accuracy``; the demo test's bar is 0.6, chance 0.1);
 - every GPU field of ``/rounds`` is finite on every rank (the NaN ones are listed);
 - from the NVML log, no stray CUDA contexts: every process of the job that NVML shows on a GPU
@@ -157,10 +157,10 @@ class Checks:
 
 
 def final_sync_expected(res: Any) -> np.ndarray | None:
-    """Bytes each rank sends in a Snake run's final sync by ``snake_mpi.analytic`` (the plan
-    rebuilt as ``snake_mpi.expected`` rebuilds it); None for other runs."""
-    from snake_mpi import analytic
-    from snake_mpi.expected import run_config
+    """Bytes each rank sends in a Snake run's final sync by ``snake_mpi.analysis.analytic``
+    (the plan rebuilt as ``snake_mpi.analysis.expected`` rebuilds it); None for other runs."""
+    from snake_mpi.analysis import analytic
+    from snake_mpi.analysis.expected import run_config
     from snake_mpi.schemes.snake import plan_from_params
 
     cfg = run_config(res)
@@ -181,7 +181,7 @@ def final_sync_expected(res: Any) -> np.ndarray | None:
 
 
 def check_bytes(res: Any, c: Checks) -> None:
-    from snake_mpi.expected import expected_bytes
+    from snake_mpi.analysis.expected import expected_bytes
 
     sent, received = expected_bytes(res)
     for name, want in (("bytes_sent", sent), ("bytes_received", received)):

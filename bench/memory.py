@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from snake_mpi import memory
+from snake_mpi.analysis import memory
 from snake_mpi.config import load_config
 from snake_mpi.launch import launcher
 from snake_mpi.store import is_complete, read_result

@@ -54,8 +54,8 @@ def _gpu_before_mpi() -> None:
 _gpu_before_mpi()
 from mpi4py import MPI  # noqa: E402 - after the device is chosen
 
-from snake_mpi.comm import Comm  # noqa: E402
-from snake_mpi.wire import KIND_MODEL  # noqa: E402
+from snake_mpi.transport.comm import Comm  # noqa: E402
+from snake_mpi.transport.wire import KIND_MODEL  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -184,7 +184,7 @@ def device_paths_table(max_mib: int, trials: int, csv_out: str | None) -> None:
     """Part 3: hop throughput of each transfer path from GPU memory vs bare host mpi4py."""
     import torch
 
-    from snake_mpi.comm import cuda_support
+    from snake_mpi.transport.comm import cuda_support
 
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
@@ -289,8 +289,8 @@ def transfer_table(max_mib: int, trials: int, ring_csv: str | None, csv_out: str
 def probe_overhead(pairs: int, device: str = "cpu") -> None:
     """Wall time of the same Snake run with the sampler on and off (alternating, ``pairs`` each)."""
     from snake_mpi import run
-    from snake_mpi.comm import cuda_support, local_rank_by_split
     from snake_mpi.config import load_config
+    from snake_mpi.transport.comm import cuda_support, local_rank_by_split
 
     world = MPI.COMM_WORLD
     rank = world.Get_rank()

@@ -281,8 +281,8 @@ def test_a_non_finite_loss_stops_local_training_at_its_step():
 def test_a_diverging_run_aborts_naming_rank_round_and_step(tmp_path, scheme):
     """In-process ranks: the abort message (``LocalComm.abort`` raises it) names them."""
     from snake_mpi.config import load_config
-    from snake_mpi.localcomm import ThreadWorld
     from snake_mpi.run import execute
+    from snake_mpi.transport.localcomm import ThreadWorld
 
     cfg = load_config(TINY, ["probes.enabled=false", f'scheme="{scheme}"', "train.lr=1e30"])
     with pytest.raises(RuntimeError, match=r"rank \d of 3: non-finite training loss .* at step "
@@ -296,7 +296,7 @@ def test_an_emulated_hop_longer_than_the_deadline_is_an_error_not_a_sleep():
     the payload) made a hop sleep for 280 years; the hop now fails at once."""
     import time
 
-    from snake_mpi.wire import CommStats, LinkModel, PeerTimeout, stretch
+    from snake_mpi.transport.wire import CommStats, LinkModel, PeerTimeout, stretch
 
     link = LinkModel(bandwidth_bps=1.0, limit_s=600.0)
     t0 = time.perf_counter()

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from snake_mpi.config import ConfigError, RunConfig, from_dict, load_config, to_toml
 from snake_mpi.config import validate_for_world as validate_world
-from snake_mpi.localcomm import ThreadWorld
 from snake_mpi.run import execute
+from snake_mpi.transport.localcomm import ThreadWorld
 
 JUNK = st.one_of(
     st.text(max_size=6),

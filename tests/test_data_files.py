@@ -175,9 +175,9 @@ def test_crop_flip_is_seeded_and_only_moves_pixels():
 
 def test_a_snake_run_trains_a_narrow_vgg_on_cifar_files_with_augmentation(tmp_path):
     from snake_mpi.config import from_dict
-    from snake_mpi.localcomm import ThreadWorld
     from snake_mpi.run import execute
     from snake_mpi.store import read_result
+    from snake_mpi.transport.localcomm import ThreadWorld
 
     write_cifar(tmp_path / "data")
     cfg = from_dict(

@@ -18,14 +18,14 @@ import torch
 from conftest import REPO, run_mpi, snake_mpi
 from snake_mpi import device as dev
 from snake_mpi import run as run_module
+from snake_mpi.analysis.expected import expected_bytes
 from snake_mpi.blocks import block_nbytes, model_bytes_held, model_hash
 from snake_mpi.config import load_config
-from snake_mpi.expected import expected_bytes
-from snake_mpi.localcomm import ThreadWorld
 from snake_mpi.models import build_model
-from snake_mpi.payloads import HopBuffers
 from snake_mpi.run import execute
 from snake_mpi.store import read_result
+from snake_mpi.transport.localcomm import ThreadWorld
+from snake_mpi.transport.payloads import HopBuffers
 
 SMALL = REPO / "tests" / "configs" / "small.toml"
 TINY = REPO / "tests" / "configs" / "tiny.toml"
@@ -285,7 +285,10 @@ def test_the_cuda_support_query_agrees_with_ompi_info(tmp_path):
     ).stdout
     flags = re.findall(r"(?:mpi|opal)_built_with_cuda_support:value:(\w+)", info)
     assert flags, "ompi_info does not report the CUDA build flag"
-    code = "from snake_mpi.comm import cuda_support; s, how = cuda_support(); print(f'{s}|{how}')"
+    code = (
+        "from snake_mpi.transport.comm import cuda_support; "
+        "s, how = cuda_support(); print(f'{s}|{how}')"
+    )
     job = run_mpi(1, [sys.executable, "-c", code], timeout_s=60)
     assert job.returncode == 0, job.output
     support, how = job.output.strip().splitlines()[-1].split("|")

@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from conftest import REPO, run_mpi, snake_mpi
+from snake_mpi.analysis.expected import expected_bytes
 from snake_mpi.blocks import model_hash
 from snake_mpi.config import load_config
 from snake_mpi.device import Placement
-from snake_mpi.expected import expected_bytes
-from snake_mpi.localcomm import ThreadWorld
 from snake_mpi.models import build_model
-from snake_mpi.payloads import HopBuffers
 from snake_mpi.run import execute
 from snake_mpi.store import read_result
+from snake_mpi.transport.localcomm import ThreadWorld
+from snake_mpi.transport.payloads import HopBuffers
 
 pytestmark = [
     pytest.mark.gpu,

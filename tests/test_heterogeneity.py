@@ -12,17 +12,17 @@ import pytest
 import torch
 
 from conftest import REPO, run_mpi, snake_mpi
+from snake_mpi.analysis.expected import expected_bytes
 from snake_mpi.blocks import model_hash
 from snake_mpi.config import ConfigError, ModelConfig, from_dict, load_config
-from snake_mpi.expected import expected_bytes
-from snake_mpi.localcomm import ThreadWorld
 from snake_mpi.models import build_model
 from snake_mpi.run import execute
 from snake_mpi.schemes import Context, NodeData
 from snake_mpi.schemes.capability import BlockMeter, summarise
 from snake_mpi.store import read_result
 from snake_mpi.train import KDSpec, train_local
-from snake_mpi.wire import KIND_MODEL, LinkModel
+from snake_mpi.transport.localcomm import ThreadWorld
+from snake_mpi.transport.wire import KIND_MODEL, LinkModel
 
 SMALL = REPO / "tests" / "configs" / "small.toml"
 TINY = REPO / "tests" / "configs" / "tiny.toml"

@@ -8,17 +8,17 @@ import pytest
 import torch
 
 from conftest import REPO
-from snake_mpi import analytic
 from snake_mpi import run as run_module
+from snake_mpi.analysis import analytic
 from snake_mpi.blocks import block_nbytes, model_hash
 from snake_mpi.config import load_config
-from snake_mpi.localcomm import ThreadWorld
 from snake_mpi.models import build_model
 from snake_mpi.run import execute, seeds_for
 from snake_mpi.schemes.fedavg import sampled_clients
 from snake_mpi.schemes.splitnet import activation_bytes_per_sample, cut_shape
 from snake_mpi.store import read_result
 from snake_mpi.train import train_local, turn_batch_sizes
+from snake_mpi.transport.localcomm import ThreadWorld
 
 SMALL = REPO / "tests" / "configs" / "small.toml"
 

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_mpi, snake_mpi
-from snake_mpi import analytic
+from snake_mpi.analysis import analytic
 from snake_mpi.blocks import block_nbytes, model_hash
 from snake_mpi.config import load_config
-from snake_mpi.localcomm import ThreadWorld
 from snake_mpi.run import execute
 from snake_mpi.store import read_result
+from snake_mpi.transport.localcomm import ThreadWorld
 
 TINY = REPO / "tests" / "configs" / "tiny.toml"
 

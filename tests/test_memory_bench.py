@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_mpi, snake_mpi
-from snake_mpi.memory import GIB, measured_table
+from snake_mpi.analysis.memory import GIB, measured_table
 
 TINY = REPO / "tests" / "configs" / "tiny.toml"
 CPU_HEADER = (
@@ -173,8 +173,8 @@ def test_memory_bench_summary_table_has_gpu_and_accounting_columns(cpu_result, t
 
 
 def test_memory_bench_paper_figures_and_run_lists():
+    from snake_mpi.analysis.memory import run_accounting
     from snake_mpi.config import load_config
-    from snake_mpi.memory import run_accounting
 
     mem = bench_module("memory")
     assert [r.name for r in mem.OPT_GPU] == ["opt-full", "opt-full-bf16", "opt-snake-bf16-n6"]
@@ -322,7 +322,7 @@ def test_gpu_check_script_parses_and_says_when_no_gpu_is_present(tmp_path):
 def test_memory_table_of_a_small_model_uses_a_readable_unit_and_says_which_nodes_it_drops(
     capsys,
 ):
-    from snake_mpi.memory import main
+    from snake_mpi.analysis.memory import main
 
     tiny = str(REPO / "tests" / "configs" / "tiny.toml")
     assert main([tiny, "--nodes", "2,4,6,8"]) == 0

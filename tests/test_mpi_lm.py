@@ -12,7 +12,7 @@ from conftest import REPO, run_mpi, snake_mpi
 
 pytest.importorskip("transformers")
 
-from snake_mpi.expected import expected_bytes  # noqa: E402
+from snake_mpi.analysis.expected import expected_bytes  # noqa: E402
 from snake_mpi.store import read_result  # noqa: E402
 
 CONFIG = REPO / "tests" / "configs" / "lm-tiny.toml"

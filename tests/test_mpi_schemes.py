@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_mpi, snake_mpi
-from snake_mpi.expected import expected_bytes
+from snake_mpi.analysis.expected import expected_bytes
 from snake_mpi.store import read_result
 
 pytestmark = pytest.mark.mpi

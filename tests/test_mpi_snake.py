@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_mpi, snake_mpi
-from snake_mpi import analytic
+from snake_mpi.analysis import analytic
 from snake_mpi.config import from_dict
 from snake_mpi.models import build_model
 from snake_mpi.run import seeds_for

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from snake_mpi import cli
+from snake_mpi.analysis.summary import format_summary
 from snake_mpi.data.arrays import read_arrays
 from snake_mpi.data.cifar10 import DataError
 from snake_mpi.data.text import TEST_EVERY, Tokenizer, load_text
@@ -24,7 +25,6 @@ from snake_mpi.store import (
     partial_path,
     read_result,
 )
-from snake_mpi.summary import format_summary
 from test_store import ROUND_FIELDS, _round, _write, _writer
 
 

@@ -10,11 +10,11 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from conftest import REPO  # noqa: E402
-from snake_mpi import report  # noqa: E402
+from snake_mpi.analysis import figures, report  # noqa: E402
 from snake_mpi.config import load_config  # noqa: E402
-from snake_mpi.localcomm import ThreadWorld  # noqa: E402
 from snake_mpi.run import execute  # noqa: E402
 from snake_mpi.store import read_result  # noqa: E402
+from snake_mpi.transport.localcomm import ThreadWorld  # noqa: E402
 
 TINY = REPO / "tests" / "configs" / "tiny.toml"
 RUNS = {  # file -> (ranks, overrides)
@@ -80,7 +80,7 @@ def test_no_results_is_exit_1(tmp_path, capsys):
 def test_csv_reader_ignores_comments(tmp_path):
     p = tmp_path / "x.csv"
     p.write_text("# c\na,b\n1,2\n3,4\n")
-    got = report.read_csv(p)
+    got = figures.read_csv(p)
     assert np.array_equal(got["a"], [1, 3]) and np.array_equal(got["b"], [2, 4])
 
 

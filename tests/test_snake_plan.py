@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from snake_mpi import analytic
+from snake_mpi.analysis import analytic
 from snake_mpi.config import ModelConfig, SnakeConfig
 from snake_mpi.models import build_model
 from snake_mpi.schemes.snake import (

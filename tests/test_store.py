@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
+from snake_mpi.analysis.summary import format_summary
 from snake_mpi.store import (
     SCHEMA_VERSION,
     IncompleteResultError,
@@ -16,7 +17,6 @@ from snake_mpi.store import (
     read_result,
     scan_results,
 )
-from snake_mpi.summary import format_summary
 
 WS = 3
 ROUND_FIELDS = {

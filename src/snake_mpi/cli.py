@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["compare"]:
-        from snake_mpi.compare import main as compare_main
+        from snake_mpi.analysis.compare import main as compare_main
 
         return compare_main(argv[1:])
     if argv[:1] == ["launch"]:
@@ -115,11 +115,11 @@ def _main(argv: list[str] | None) -> int:
 
         return launch_main(argv[1:])
     if argv[:1] == ["report"]:
-        from snake_mpi.report import main as report_main
+        from snake_mpi.analysis.report import main as report_main
 
         return report_main(argv[1:])
     if argv[:1] == ["memory"]:
-        from snake_mpi.memory import main as memory_main
+        from snake_mpi.analysis.memory import main as memory_main
 
         return memory_main(argv[1:])
     if argv[:1] == ["suite"]:
@@ -128,8 +128,8 @@ def _main(argv: list[str] | None) -> int:
         return suite_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "show":
+        from snake_mpi.analysis.summary import format_summary
         from snake_mpi.store import ResultError, read_result, result_paths
-        from snake_mpi.summary import format_summary
 
         try:
             print(format_summary(read_result(args.result, allow_incomplete=True)))
@@ -161,7 +161,7 @@ def _main(argv: list[str] | None) -> int:
         if args.command == "validate" or _is_rank0():
             print(f"snake-mpi: config error: {e}", file=sys.stderr, flush=True)
         if args.command == "run" and _launched_size() > 1:
-            from snake_mpi import comm  # every rank exits 2 only once rank 0 has said why
+            from snake_mpi.transport import comm  # every rank exits 2 only once rank 0 has said why
 
             comm.settle()
         return EXIT_CONFIG

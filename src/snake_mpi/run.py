@@ -42,7 +42,7 @@ from snake_mpi.probes.memory import MemorySampler, ru_maxrss_bytes
 from snake_mpi.probes.storage import DiskWriteCounter
 from snake_mpi.record import EVAL_FIELDS, ROUND_FIELDS, Recorder
 from snake_mpi.schemes import Context, NodeData, get_scheme
-from snake_mpi.wire import LinkModel
+from snake_mpi.transport.wire import LinkModel
 
 EXIT_CONFIG = 2
 
@@ -136,8 +136,8 @@ def main(cfg: RunConfig, out: str, *, overwrite: bool) -> int:
         placement = place_before_mpi(cfg)
     except DeviceError as e:
         error = str(e)
-    from snake_mpi import comm as mpi  # initialises MPI; execute() itself needs no MPI
     from snake_mpi.outlock import LockError, OutputLock
+    from snake_mpi.transport import comm as mpi  # initialises MPI; execute() itself needs no MPI
 
     rank, size = mpi.world_rank_size()
     # a collective: every rank or none (a launcher sets its variable for all ranks or none)
@@ -291,9 +291,9 @@ def execute(
     and ``route``: this rank's device and transfer path (default: the CPU, host path).
     """
     from snake_mpi.device import PATH_HOST, Placement, activate
-    from snake_mpi.payloads import HopBuffers
     from snake_mpi.probes.gpu import GpuProbe
     from snake_mpi.probes.rapl import RaplCounter
+    from snake_mpi.transport.payloads import HopBuffers
 
     rank, n = comm.rank, comm.size
     placement = placement or Placement("cpu", local_rank=rank)

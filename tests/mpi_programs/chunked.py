@@ -7,9 +7,9 @@ prints one line per transfer: ``ok,<how>,<payload bytes>,<bytes counted>``."""
 import numpy as np
 import torch
 
-from snake_mpi import comm as comm_mod
-from snake_mpi.comm import Comm
-from snake_mpi.wire import KIND_MODEL
+from snake_mpi.transport import comm as comm_mod
+from snake_mpi.transport.comm import Comm
+from snake_mpi.transport.wire import KIND_MODEL
 
 comm_mod.MAX_MESSAGE_BYTES = 1000
 comm = Comm.world(deadline_s=30)

@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 
-from snake_mpi.comm import Comm
-from snake_mpi.wire import KIND_MODEL, LinkModel
+from snake_mpi.transport.comm import Comm
+from snake_mpi.transport.wire import KIND_MODEL, LinkModel
 
 link = LinkModel(bandwidth_bps=float(sys.argv[1]), latency_s=float(sys.argv[2]))
 comm = Comm.world(deadline_s=60, link=link)

@@ -11,7 +11,7 @@ import torch
 
 from snake_mpi.blocks import BlockModel
 from snake_mpi.config import RunConfig
-from snake_mpi.payloads import HopBuffers
+from snake_mpi.transport.payloads import HopBuffers
 
 
 @dataclass(slots=True)
@@ -32,7 +32,7 @@ class Context:
 
     cfg: RunConfig
     comm: Any
-    """A ``snake_mpi.comm.Comm`` (or an object with the same interface)."""
+    """A ``snake_mpi.transport.comm.Comm`` (or an object with the same interface)."""
     model: BlockModel
     data: NodeData
     record: Any

@@ -11,7 +11,7 @@ import numpy as np
 from snake_mpi.blocks import BlockModel
 from snake_mpi.schemes import Context
 from snake_mpi.train import KDSpec, NonFiniteLoss, evaluate, train_local
-from snake_mpi.wire import Transfer
+from snake_mpi.transport.wire import Transfer
 
 
 def send_blocks(ctx: Context, dest: int, kind: int, round_: int, hop: int, ids: Sequence[int]):

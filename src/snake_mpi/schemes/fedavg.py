@@ -23,7 +23,7 @@ from snake_mpi.schemes.common import (
     send_blocks,
     train_and_record,
 )
-from snake_mpi.wire import KIND_MODEL, KIND_UPDATE
+from snake_mpi.transport.wire import KIND_MODEL, KIND_UPDATE
 
 
 def sampled_clients(seed: int, n_clients: int, per_round: int, rounds: int) -> list[list[int]]:

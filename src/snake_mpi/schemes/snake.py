@@ -26,7 +26,7 @@ from snake_mpi.schemes.common import (
     train_and_record,
 )
 from snake_mpi.train import KDSpec
-from snake_mpi.wire import KIND_MODEL, KIND_SYNC, KIND_UPDATE
+from snake_mpi.transport.wire import KIND_MODEL, KIND_SYNC, KIND_UPDATE
 
 OWNER_ALL = -1
 OWNER_NONE = -2

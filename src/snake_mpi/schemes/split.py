@@ -11,7 +11,7 @@ from snake_mpi.blocks import drop_blocks
 from snake_mpi.schemes import Context
 from snake_mpi.schemes.common import evaluate_and_record, receive_blocks, send_blocks
 from snake_mpi.schemes.splitnet import ClientTurn, ServerPart, record_server, steps_of
-from snake_mpi.wire import KIND_MODEL, KIND_UPDATE
+from snake_mpi.transport.wire import KIND_MODEL, KIND_UPDATE
 
 
 def run(ctx: Context) -> None:

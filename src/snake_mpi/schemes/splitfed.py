@@ -19,7 +19,7 @@ from snake_mpi.schemes.common import (
 )
 from snake_mpi.schemes.fedavg import RunningAverage, weights_by_samples
 from snake_mpi.schemes.splitnet import ClientTurn, ServerPart, record_server, steps_of
-from snake_mpi.wire import KIND_MODEL, KIND_UPDATE
+from snake_mpi.transport.wire import KIND_MODEL, KIND_UPDATE
 
 
 def run(ctx: Context) -> None:

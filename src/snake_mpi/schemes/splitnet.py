@@ -38,7 +38,7 @@ from snake_mpi.train import (
     turn_batch_sizes,
     turn_batches,
 )
-from snake_mpi.wire import KIND_ACTIVATION, KIND_GRADIENT
+from snake_mpi.transport.wire import KIND_ACTIVATION, KIND_GRADIENT
 
 PART_ACTIVATION, PART_LABELS = 0, 1
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from snake_mpi.analysis.expected import expected_bytes, run_config
 from snake_mpi.config import RunConfig, to_toml
-from snake_mpi.expected import expected_bytes, run_config
 from snake_mpi.store import Result, ResultFormatError, result_paths, scan_results
 
 
@@ -260,57 +260,6 @@ def format_text(rows: Sequence[Row]) -> str:
     )
 
 
-BYTES_CLAIM = 0.5
-"""The paper: Snake's communication is roughly half of federated learning's."""
-ACCURACY_CLAIM = 0.95
-"""The paper: Snake keeps at least about 95 % of federated learning's accuracy."""
-BYTES_TOLERANCE = 0.6
-"""A bytes ratio up to this counts as "about half"."""
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """One of the paper's claims, measured: Snake (``label``) against FedAvg."""
-
-    label: str
-    what: str
-    measured: float
-    claimed: str
-    holds: bool
-
-
-def claims(rows: Sequence[Row]) -> list[Claim]:
-    """The paper's two relative claims for every Snake run against the (first) FedAvg run:
-    bytes per round (about half) and final accuracy (at least ~95 % of FedAvg's)."""
-    fed = next((r for r in rows if r.label == "fedavg"), None)
-    if fed is None:
-        return []
-    out = []
-    for r in rows:
-        if not r.label.startswith("snake"):
-            continue
-        ratio = r.bytes_per_round / fed.bytes_per_round
-        acc = r.final_accuracy / fed.final_accuracy
-        out.append(
-            Claim(
-                r.label, "bytes per round / FedAvg's", ratio, "about 0.5", ratio <= BYTES_TOLERANCE
-            )
-        )
-        out.append(
-            Claim(r.label, "final accuracy / FedAvg's", acc, ">= 0.95", acc >= ACCURACY_CLAIM)
-        )
-    return out
-
-
-def format_claims(items: Sequence[Claim]) -> str:
-    """The claim table in Markdown."""
-    lines = ["| run | claim | measured | paper | verdict |", "|---|---|---|---|---|"]
-    for c in items:
-        verdict = "holds" if c.holds else "does not hold"
-        lines.append(f"| {c.label} | {c.what} | {c.measured:.3f} | {c.claimed} | {verdict} |")
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``analysis/compare.py`` and ``snake-mpi compare``: print the table; exit status 0, or 1
     (no complete result), or 2 (different workloads without ``--allow-mixed``)."""
@@ -339,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="write accuracy against rounds, bytes and time as PNG into DIR",
     )
     args = p.parse_args(argv)
+    from snake_mpi.analysis.claims import claims, format_claims
+
     results, skipped = scan(args.results)
     for path, why in skipped:
         print(f"compare: skipped {path}: {why}", file=sys.stderr)
@@ -367,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             text += f"\nThe paper's claims (Snake against FedAvg):\n\n{claim_md}\n"
         Path(args.out).write_text(text)
     if args.plots:
-        from snake_mpi.plots import accuracy_plots
+        from snake_mpi.analysis.figures import accuracy_plots
 
         for path in accuracy_plots(results, [r.label for r in rows], Path(args.plots)):
             print(f"wrote {path}")

@@ -221,7 +221,7 @@ def is_gpu_result(res: Result) -> bool:
 def gpu_peaks(res: Result) -> dict[str, np.ndarray] | None:
     """Per rank, the largest value over rounds of each GPU memory field (NaN where a rank
     never recorded one, or the file lacks the field); None for a CPU run."""
-    from snake_mpi.summary import max_over_rounds
+    from snake_mpi.analysis.summary import max_over_rounds
 
     if not is_gpu_result(res):
         return None

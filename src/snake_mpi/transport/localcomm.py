@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from snake_mpi.wire import (
+from snake_mpi.transport.wire import (
     CommStats,
     LinkModel,
     PeerTimeout,

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from snake_mpi.wire import header_nbytes
+from snake_mpi.transport.wire import header_nbytes
 
 
 def _hop_bytes(block_bytes: Sequence[int], ids: set[int]) -> int:

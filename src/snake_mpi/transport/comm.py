@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import numpy as np
 from mpi4py import MPI
 
-from snake_mpi.wire import (
+from snake_mpi.transport.wire import (
     HEADER_FIXED,
     HEADER_MAX_BLOCKS,
     CommStats,

@@ -8,7 +8,7 @@ import tomllib
 
 import numpy as np
 
-from snake_mpi import analytic
+from snake_mpi.analysis import analytic
 from snake_mpi.config import RunConfig, from_dict
 from snake_mpi.store import Result
 from snake_mpi.train import turn_batch_sizes
@@ -21,7 +21,7 @@ def run_config(res: Result) -> RunConfig:
 
 def expected_bytes(res: Result) -> tuple[np.ndarray, np.ndarray]:
     """(sent, received) model-transfer bytes per round per rank, shape (n_rounds, world_size),
-    that the run's scheme must have moved, by the formulas of ``snake_mpi.analytic``."""
+    that the run's scheme must have moved, by the formulas of ``snake_mpi.analysis.analytic``."""
     cfg = run_config(res)
     n, rounds = res.world_size, res.n_rounds
     blocks = res.tables["blocks"]

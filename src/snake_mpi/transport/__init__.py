@@ -1,0 +1,3 @@
+"""Moving bytes between ranks: ``comm`` (MPI; the only module that imports mpi4py),
+``localcomm`` (ranks as threads, for tests without MPI), ``wire`` (message headers and
+byte accounting) and ``payloads`` (the host/device buffers a hop travels in)."""
