@@ -30,6 +30,16 @@ def test_demo_config_loads_and_round_trips_through_toml():
     validate_for_world(cfg, 4)
 
 
+@pytest.mark.parametrize(
+    "odd", ["two\nlines", "tab\tand\rcr", "nul\x00 bell\x07 del\x7f", 'quote" back\\slash', "π ☃ 𝄞"]
+)
+def test_a_config_with_odd_strings_writes_valid_toml_that_loads_back_identical(odd):
+    cfg = from_dict({"data": {"path": odd}, "model": {"checkpoint": odd}})
+    text = to_toml(cfg)
+    assert from_dict(tomllib.loads(text)) == cfg
+    assert cfg.data.path == odd
+
+
 def test_overrides_parse_toml_values_and_bare_strings():
     cfg = load_config(
         DEMO,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import tomllib
 
+import tomli_w
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
@@ -125,12 +126,10 @@ def config_tables(draw) -> tuple[dict, list[str]]:
         _set(raw, key, draw(good if kind < 8 else bad if kind == 8 else JUNK))
     if draw(st.integers(0, 9)) == 0:
         _set(raw, draw(st.sampled_from(["bogus", "train.roundz", "snake.kd.x"])), 1)
-    from snake_mpi.config import _toml_value
-
     overrides = []
     for key in draw(st.lists(st.sampled_from(sorted(KEYS)), max_size=2, unique=True)):
         if draw(st.integers(0, 3)):
-            text = _toml_value(draw(KEYS[key][0]))
+            text = tomli_w.dumps({"v": draw(KEYS[key][0])}).removeprefix("v = ").strip()
         else:
             text = draw(st.one_of(st.text(max_size=8), st.integers(-3, 50).map(str)))
         overrides.append(f"{key}={text}")
@@ -138,21 +137,9 @@ def config_tables(draw) -> tuple[dict, list[str]]:
 
 
 def _toml_file(tmp_path, raw: dict):
-    """``raw`` as a TOML file, written with the project's own writer of TOML values."""
-    from snake_mpi.config import _toml_value
-
-    lines = [f"{k} = {_toml_value(v)}" for k, v in raw.items() if not isinstance(v, dict)]
-    for name, body in raw.items():
-        if isinstance(body, dict):
-            lines.append(f"[{name}]")
-            for k, v in body.items():
-                if isinstance(v, dict):
-                    inner = ", ".join(f"{ik} = {_toml_value(iv)}" for ik, iv in v.items())
-                    lines.append(f"{k} = {{ {inner} }}")
-                else:
-                    lines.append(f"{k} = {_toml_value(v)}")
+    """``raw`` as a TOML file, written by ``tomli_w`` as the project's own ``to_toml`` is."""
     path = tmp_path / "generated.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(tomli_w.dumps(raw))
     return path
 
 

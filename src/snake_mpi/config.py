@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 SCHEMES = ("snake", "fedavg", "split", "splitfed", "centralised")
 """Schemes this build can run; each is a module under ``snake_mpi.schemes``."""
 DISTRIBUTED_SCHEMES = ("snake", "fedavg", "split", "splitfed")
@@ -635,44 +637,17 @@ def check_output(out: str | os.PathLike[str], *, overwrite: bool) -> Path:
 
 
 def to_toml(c: Any) -> str:
-    """The resolved config as TOML text (stored in every result file; loads back identically)."""
-    top, tables = [], []
-    for f in fields(c):
-        v = getattr(c, f.name)
-        if dataclasses.is_dataclass(v):
-            body = "\n".join(f"{g.name} = {_toml_value(getattr(v, g.name))}" for g in fields(v))
-            tables.append(f"[{f.name}]\n{body}\n")
-        else:
-            top.append(f"{f.name} = {_toml_value(v)}")
-    return "\n".join(top) + "\n\n" + "\n".join(tables)
+    """The resolved config as TOML text (stored in every result file; loads back identically).
+
+    Written by ``tomli-w`` (a well-kept writer that escapes every string TOML can hold) from
+    the dataclasses as plain dicts; tuples become arrays."""
+    return tomli_w.dumps(_plain(c))
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + "".join(_toml_char(ch) for ch in v) + '"'
+def _plain(v: Any) -> Any:
+    """Dataclasses as dicts and tuples as lists, recursively: what ``tomli_w`` writes."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _plain(getattr(v, f.name)) for f in fields(v)}
     if isinstance(v, tuple | list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if dataclasses.is_dataclass(v):  # a table inside a table: inline
-        inner = ", ".join(f"{g.name} = {_toml_value(getattr(v, g.name))}" for g in fields(v))
-        return "{ " + inner + " }"
-    raise TypeError(f"cannot write {v!r} as TOML")  # pragma: no cover
-
-
-def _toml_char(ch: str) -> str:
-    """One character inside a TOML basic string: quotes, backslashes and control characters
-    escaped (TOML allows none of them raw)."""
-    if ch in ('"', "\\"):
-        return "\\" + ch
-    if ch < " " or ch == "\x7f":
-        return f"\\u{ord(ch):04x}"
-    return ch
+        return [_plain(x) for x in v]
+    return v
