@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sub.add_parser(
+        "export",
+        help="every figure of result files as one long CSV/Parquet table, one row per "
+        "(file, source, round, rank, metric) (`snake-mpi export --help`)",
+        add_help=False,
+    )
+    sub.add_parser(
         "suite",
         help="run a benchmark suite, resumable (see `snake-mpi suite --help`)",
         add_help=False,
@@ -122,6 +128,10 @@ def _main(argv: list[str] | None) -> int:
         from snake_mpi.analysis.memory import main as memory_main
 
         return memory_main(argv[1:])
+    if argv[:1] == ["export"]:
+        from snake_mpi.analysis.export import main as export_main
+
+        return export_main(argv[1:])
     if argv[:1] == ["suite"]:
         from snake_mpi.suite import main as suite_main
 

@@ -21,10 +21,13 @@ import pathlib
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SCHEMA_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
@@ -362,6 +365,13 @@ class Result:
     def status(self) -> str:
         """ "complete" or "running" (a run that did not finish)."""
         return str(self.attrs.get("status", ""))
+
+    def to_frame(self) -> pd.DataFrame:
+        """This result as the long-format table of ``snake-mpi export`` (a pandas DataFrame;
+        docs/results-schema.md, "Long-format export"). Needs pandas (the ``analysis`` extra)."""
+        from snake_mpi.analysis.export import to_frame
+
+        return to_frame([self])
 
 
 _READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError)
