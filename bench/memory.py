@@ -103,6 +103,32 @@ def result_name(run: Run, device: str, steps: int) -> str:
     return run.name + ("-cuda" if device == "cuda" else "") + (f"-s{steps}" if steps else "")
 
 
+def echo_progress(job: subprocess.Popen, log_path: Path, poll_s: float = 5.0) -> None:
+    """Wait for ``job``, echoing the progress lines it writes to its log (rounds done, and
+    steps within a long turn) as they come, so that a run of many minutes shows it is alive.
+    The job is ended with its launcher if this process is interrupted."""
+    seen = 0
+    try:
+        while True:
+            try:
+                job.wait(timeout=poll_s)
+                done = True
+            except subprocess.TimeoutExpired:
+                done = False
+            lines = log_path.read_text(errors="replace").splitlines()
+            for line in lines[seen:]:
+                if line.startswith("snake-mpi: ") and ("round" in line or "step" in line):
+                    print(f"   {line}", flush=True)
+            seen = len(lines)
+            if done:
+                return
+    except BaseException:
+        from snake_mpi.proctree import end_job
+
+        end_job(job, grace_s=2.0)  # the launcher and every rank it started
+        raise
+
+
 def measure(run: Run, sets: list[str], path: Path, env: dict[str, str]) -> Outcome:
     """One run under its launcher, its output beside the result (``<name>.log``)."""
     if is_complete(path):
@@ -119,7 +145,8 @@ def measure(run: Run, sets: list[str], path: Path, env: dict[str, str]) -> Outco
     log_path = path.with_suffix(".log")
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        job = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        job = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        echo_progress(job, log_path)
     elapsed = time.perf_counter() - t0
     if job.returncode != 0:
         tail = log_path.read_text().splitlines()[-8:]

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,9 @@ import numpy as np
 from snake_mpi.blocks import BlockModel, model_bytes_held
 from snake_mpi.config import DebugConfig
 from snake_mpi.probes.gpu import ROUND_KEYS as GPU_ROUND_KEYS
+
+STEP_PROGRESS_S = 30.0
+"""A turn longer than this prints a progress line (steps done, elapsed) this often."""
 
 ROUND_FIELDS: dict[str, str] = {
     "bytes_sent": "int64",
@@ -86,6 +90,7 @@ class Recorder:
         n_rounds: int,
         progress: bool = True,
         perplexity: bool = False,
+        step_progress_s: float = STEP_PROGRESS_S,
         gpu: Any = None,
         rapl: Any = None,
     ) -> None:
@@ -97,6 +102,8 @@ class Recorder:
         self.debug = debug
         self.n_rounds = n_rounds
         self.progress = progress
+        self.step_progress_s = step_progress_s
+        """Seconds into a turn before the first step-progress line, and between lines."""
         self.show_perplexity = perplexity
         self.gpu = gpu
         """A ``probes.gpu.GpuProbe`` (its round figures), or None."""
@@ -222,6 +229,36 @@ class Recorder:
         self.last_evaluation = evaluation
         if self.progress:
             self._print_progress(per_rank, evaluation)
+
+    def step_reporter(self, total_steps: int | None = None) -> Callable[[int], None]:
+        """A callback a turn calls after each step with the steps done so far: it prints
+        ``rank R, round k of K: step s of S, T s into the turn`` once the turn has run
+        ``step_progress_s`` seconds, then at most once every ``step_progress_s``, so a long
+        turn (a language model, a large memory run) shows it is alive. Short turns print none."""
+        t0 = time.perf_counter()
+        next_s = self.step_progress_s
+        of = f" of {total_steps}" if total_steps else ""
+
+        def on_step(steps_done: int) -> None:
+            nonlocal next_s
+            if not self.progress_enabled:
+                return
+            elapsed_s = time.perf_counter() - t0
+            if elapsed_s < next_s:
+                return
+            next_s = elapsed_s + self.step_progress_s
+            print(
+                f"snake-mpi: rank {self.comm.rank}, round {self.round + 1} of {self.n_rounds}: "
+                f"step {steps_done}{of}, {elapsed_s:.0f} s into the turn",
+                flush=True,
+            )
+
+        return on_step
+
+    @property
+    def progress_enabled(self) -> bool:
+        """Step progress is on unless ``step_progress_s`` is 0 (or negative)."""
+        return self.step_progress_s > 0
 
     def _print_progress(self, per_rank: dict[str, np.ndarray], ev: dict[str, float] | None) -> None:
         losses = per_rank["loss"][~np.isnan(per_rank["loss"])]

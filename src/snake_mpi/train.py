@@ -223,11 +223,13 @@ def train_local(
     generator: torch.Generator,
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     kd: KDSpec | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> LocalResult:
     """Train blocks ``trainable`` on ``(x, y)``; everything else stays frozen and bit-identical.
 
     With ``kd`` the loss is ``task + weight * kd_term(student, teacher)``, the teacher being the
-    model as it was when the turn began.
+    model as it was when the turn began. ``on_step`` is called after each step with the steps
+    done so far (progress of a long turn: ``Recorder.step_reporter``).
     """
     if not trainable:
         raise ValueError("a turn needs at least one trainable block")
@@ -254,6 +256,8 @@ def train_local(
         total_loss += task_value * len(idx)
         samples += len(idx)
         steps += 1
+        if on_step is not None:
+            on_step(steps)
     synchronize(model)  # the last step's kernels belong to the turn's compute time
     state = training_state_bytes(model, opt.opt)["total"] + opt.master_bytes()
     state += teacher.nbytes() if teacher else 0

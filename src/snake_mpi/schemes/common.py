@@ -10,7 +10,7 @@ import numpy as np
 
 from snake_mpi.blocks import BlockModel
 from snake_mpi.schemes import Context
-from snake_mpi.train import KDSpec, NonFiniteLoss, evaluate, train_local
+from snake_mpi.train import KDSpec, NonFiniteLoss, evaluate, train_local, turn_batch_sizes
 from snake_mpi.transport.wire import Transfer
 
 
@@ -104,6 +104,9 @@ def train_and_record(ctx: Context, trainable: Sequence[int], kd: KDSpec | None =
             generator=ctx.generator,
             augment=ctx.data.augment,
             kd=kd,
+            on_step=ctx.record.step_reporter(
+                len(turn_batch_sizes(len(ctx.data.x_train), ctx.cfg.train))
+            ),
         )
     except NonFiniteLoss as e:
         abort_non_finite(ctx, e)

@@ -89,6 +89,7 @@ class ClientTurn:
         compute_s, samples, steps = 0.0, 0, 0
         x_all, y_all = ctx.data.x_train, ctx.data.y_train
         dev = model_device(model)
+        on_step = ctx.record.step_reporter(len(turn_batch_sizes(len(x_all), ctx.cfg.train)))
         for step, idx in enumerate(turn_batches(len(x_all), ctx.cfg.train, ctx.generator)):
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
@@ -121,6 +122,7 @@ class ClientTurn:
             compute_s += time.perf_counter() - t0
             samples += len(idx)
             steps += 1
+            on_step(steps)
         state = training_state_bytes(model, opt)["total"]
         opt.zero_grad(set_to_none=True)
         set_trainable(model, [])
