@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from conftest import REPO  # noqa: E402
-from snake_mpi.analysis import figures, report  # noqa: E402
+from snake_mpi.analysis import claims, compare, figures, report  # noqa: E402
 from snake_mpi.config import load_config  # noqa: E402
 from snake_mpi.run import execute  # noqa: E402
 from snake_mpi.store import read_result  # noqa: E402
@@ -61,13 +61,18 @@ def test_the_report_has_every_figure_table_and_claim(results_dir, tmp_path, caps
         res = read_result(results_dir / f"{name}.h5")
         measured = res.rounds["bytes_sent"].sum(axis=1).mean() / 2**20
         assert r[2].strip() == r[3].strip() == f"{measured:.3f}"
-    # the claims: Snake at N=3 against FedAvg, with the measured bytes ratio
+    # the claims: Snake with 2 data holders against FedAvg with 2 clients (3 ranks), the same
+    # table compare prints; Snake with 3 data holders has no partner
+    runs = [read_result(results_dir / f"{name}.h5") for name in RUNS]
+    table = claims.format_claims(claims.paper_claims(runs, compare.default_target(runs)))
+    for line in table.splitlines()[2:]:
+        assert line in md, line
     fed = read_result(results_dir / "fedavg-n3.h5").rounds["bytes_sent"].sum(axis=1).mean()
-    for name, n in (("snake-n2", 2), ("snake-n3", 3)):
-        sent = read_result(results_dir / f"{name}.h5").rounds["bytes_sent"].sum(axis=1).mean()
-        # paired with FedAvg at the same N, else with equal data holders (one rank more)
-        row = f"| snake-p2p N={n} vs fedavg N=3 | bytes per round / FedAvg's | {sent / fed:.3f} |"
-        assert row in md, md
+    sent = read_result(results_dir / "snake-n2.h5").rounds["bytes_sent"].sum(axis=1).mean()
+    row = "| snake-p2p N=2 (2 data holders, 2 rounds) vs fedavg N=3 (2 data holders, 2 rounds)"
+    row += " | bytes per round"
+    assert f"{row} / FedAvg's | " in md and f"| {sent / fed:.3f} [1 seed] |" in md
+    assert "| snake-p2p N=3 (3 data holders, 2 rounds) | against FedAvg |" in md
     assert "| 262,144 | 13.11 | 12.00 | 9.00 | 6.55 | 0.500 |" in md  # hop table: token/ring
     assert "<table>" in html and "<img src='figures/w1_bytes.png'" in html
 
