@@ -229,9 +229,6 @@ def test_the_storage_rows_are_model_at_rest_bytes_of_the_data_holders(seeds_dir,
 
 def test_language_model_claims_follow_the_same_pairing(tmp_path):
     pytest.importorskip("transformers")
-    from snake_mpi.models.lm import preload
-
-    preload()  # transformers' lazy import is not thread-safe: import once, before the threads
     sets = ["train.rounds=2", "data.n_train=64", "data.n_test=16"]
     run(LM, 2, tmp_path / "snake.h5", ['scheme="snake"', *sets])
     run(LM, 3, tmp_path / "fedavg.h5", ['scheme="fedavg"', *sets])

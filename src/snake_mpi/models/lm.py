@@ -18,6 +18,7 @@ determined by its seeds (dropout would draw from torch's process-wide generator)
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import torch
@@ -43,12 +44,17 @@ def _transformers():
     return transformers
 
 
+_PRELOAD_LOCK = threading.Lock()
+
+
 def preload() -> None:
     """Import transformers and the model classes now (so that a memory baseline taken next
-    includes the libraries, not just the interpreter)."""
-    tf = _transformers()
-    _ = (tf.OPTForCausalLM, tf.LlamaForCausalLM)
-    from transformers.masking_utils import create_causal_mask  # noqa: F401
+    includes the libraries, not just the interpreter). Under a lock: transformers' lazy
+    imports are not thread-safe, and in-process ranks (``ThreadWorld``) call this at once."""
+    with _PRELOAD_LOCK:
+        tf = _transformers()
+        _ = (tf.OPTForCausalLM, tf.LlamaForCausalLM)
+        from transformers.masking_utils import create_causal_mask  # noqa: F401
 
 
 def hf_config(cfg: ModelConfig) -> Any:
