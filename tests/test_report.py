@@ -3,6 +3,8 @@ report.html with the figures the issue names, the scaling table and the claims t
 
 from __future__ import annotations
 
+import re
+
 import h5py
 import numpy as np
 import pytest
@@ -116,3 +118,49 @@ def test_only_bad_files_is_exit_1_with_every_reason(results_dir, tmp_path, capsy
     assert report.main([str(d), "--out", str(tmp_path / "r")]) == 0
     md = (tmp_path / "r" / "report.md").read_text()
     assert "from 1 complete result file(s)" in md and "| bad-toml.h5 | config_toml" in md
+
+
+def test_the_page_shows_what_differs_where_it_ran_and_only_the_keys_that_apply(
+    results_dir, tmp_path
+):
+    from snake_mpi.analysis.compare import COLUMNS
+
+    out = tmp_path / "report"
+    assert report.main([str(results_dir), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    # only the keys of an MLP on synthetic vectors: no language-model or image keys
+    line = next(ln for ln in md.splitlines() if ln.startswith("Model: "))
+    assert line.startswith('Model: family = "mlp"; width = 32; middle_blocks = 4. Data: ')
+    for key in ("preset", "checkpoint", "dtype", "seq_len", "tokenizer", "augment", "alpha"):
+        assert key not in line, line
+    # provenance: what every run shares on one line, what differs in a table
+    assert "Provenance (every run): " in md and "MPI: in-process (threads)" in md
+    assert "git commit: " in md and "torch threads/rank: 1" in md
+    # the comparison as three narrow tables that hold every column between them
+    for what in ("bytes", "memory and time", "accuracy"):
+        assert f"Comparison: {what}." in md
+    heads = [ln for ln in md.splitlines() if ln.startswith("| run |")]
+    for name, _ in COLUMNS:
+        assert name in {"scheme", "N"} or any(f"| {name} |" in h for h in heads), name
+    for table in re.findall(r"<table>(.*?)</table>", html, re.S):
+        assert table.split("</tr>")[0].count("<th") <= 10
+    # the memory figure's caption names the process baseline it leaves out
+    assert "Not drawn: the process baseline, RSS before the model was built, " in md
+
+
+def test_workload_keys_follow_the_model_family_and_the_data():
+    lm = load_config(REPO / "bench" / "configs" / "llm" / "tiny-snake.toml")
+    model, data = report.workload_keys(lm)
+    assert model == ["family", "preset", "dtype"]
+    assert "seq_len" in data and "n_classes" not in data and "noise" not in data
+    cnn = load_config(TINY, ['data.partition="dirichlet"', "data.sample_shape=[3, 32, 32]"])
+    model, data = report.workload_keys(cnn)
+    assert model == ["family", "width", "middle_blocks"]
+    assert {"alpha", "augment", "noise"} <= set(data) and "seq_len" not in data
+
+
+def test_byte_units_show_small_states():
+    assert figures.byte_unit(1688 * 2**10) == (2**20, "MiB")
+    assert figures.byte_unit(500 * 2**10) == (2**10, "KiB")
+    assert figures.byte_unit(3 * 2**30) == (2**30, "GiB")

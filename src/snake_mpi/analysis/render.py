@@ -4,8 +4,28 @@ and to HTML alike, so the two never disagree."""
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+NUMBER = re.compile(r"^[-+]?[\d,]*\.?\d+(e[-+]?\d+)?( ?%)?$|^—$|^-$")
+"""A cell that reads as a number (or the dash of a missing one): right-aligned in HTML."""
+
+STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
+    "line-height:1.4}"
+    "table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0 1em;max-width:100%}"
+    "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right;overflow-wrap:anywhere}"
+    "td.t,th.t{text-align:left}th{background:#f3f3f3}.wide{overflow-x:auto}"
+    "img{max-width:100%}figure{margin:1em 0}figcaption{color:#555;font-size:0.9em}"
+)
+"""The page's CSS: tables wrap their cells (no sideways scrolling at a normal width); text
+cells left, numbers right."""
+
+
+def is_number(cell: str) -> bool:
+    """Whether a table cell is a number (right-aligned) rather than text (left-aligned)."""
+    return bool(NUMBER.match(cell.strip()))
 
 
 @dataclass
@@ -40,7 +60,8 @@ class Doc:
                 out += ["| " + " | ".join(r) + " |" for r in rows]
             else:
                 path, caption = body
-                out.append(f"![{caption}]({path})\n\n*{caption}*")
+                alt = caption.split(":")[0].split(".")[0]
+                out.append(f"![{alt}]({path})\n\n*{caption}*")
             out.append("")
         return "\n".join(out)
 
@@ -48,10 +69,7 @@ class Doc:
         e = html.escape
         out = [
             "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-            f"<title>{e(title)}</title><style>body{{font-family:sans-serif;max-width:1100px;"
-            "margin:2em auto;line-height:1.4}table{border-collapse:collapse;font-size:0.85em;"
-            "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
-            "th{background:#f3f3f3}img{max-width:100%}figcaption{color:#555}</style></head><body>",
+            f"<title>{e(title)}</title><style>{STYLE}</style></head><body>",
         ]
         for kind, body in self.blocks:
             if kind.startswith("h"):
@@ -60,9 +78,21 @@ class Doc:
                 out.append(f"<p>{e(str(body))}</p>")
             elif kind == "table":
                 head, rows = body
-                out.append("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in head) + "</tr>")
-                out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]
-                out.append("</table>")
+                text = [not all(is_number(r[i]) for r in rows) for i in range(len(head))]
+
+                def cls(i: int, text: list[bool] = text) -> str:
+                    return " class='t'" if text[i] else ""
+
+                out.append(
+                    "<div class='wide'><table><tr>"
+                    + "".join(f"<th{cls(i)}>{e(c)}</th>" for i, c in enumerate(head))
+                    + "</tr>"
+                )
+                out += [
+                    "<tr>" + "".join(f"<td{cls(i)}>{e(c)}</td>" for i, c in enumerate(r)) + "</tr>"
+                    for r in rows
+                ]
+                out.append("</table></div>")
             else:
                 path, caption = body
                 out.append(

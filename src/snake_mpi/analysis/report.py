@@ -2,14 +2,17 @@
 of result files becomes a report a person reads: ``report.md`` and ``report.html`` with PNG
 figures in ``figures/``.
 
-Runs are grouped by workload (model and data configuration). For each group: the comparison
-table of ``snake-mpi compare``; bytes per round by run (measured beside the analytic count);
-memory per node by run; time per round split into compute / send / wait / other per rank;
-accuracy (perplexity for language models) against rounds, time and bytes; scaling against the
-number of ranks with the analytic bytes as lines, where a scheme ran at several N; and the
-paper-claims table (measured ratio beside the claimed one, with the verdict). Where the results
-directory holds ``ring_bw.csv`` and ``transfer.csv`` (``bench/hop_vs_ring.sh``), the hop
-throughput against the ring_bw limit. Matplotlib is the ``analysis`` extra.
+Runs are grouped by workload (model and data configuration). For each group: the model and
+data keys that apply to it; the provenance of its runs (hosts, MPI library, git commit,
+threads); the comparison table of ``snake-mpi compare`` as three narrower tables; bytes per
+round by run (measured beside the analytic count); training state per node (and, for real
+models, the peak RSS increase over the pre-model baseline); time per round split into
+compute / send / wait / other per rank; accuracy (perplexity for language models) against
+rounds, time and bytes; scaling against the number of ranks with the analytic bytes as lines,
+where a scheme ran at several N; and the paper-claims table (measured ratio beside the claimed
+one, with the verdict). Where the results directory holds ``ring_bw.csv`` and
+``transfer.csv`` (``bench/hop_vs_ring.sh``), the hop throughput against the ring_bw limit.
+Matplotlib is the ``analysis`` extra.
 """
 
 from __future__ import annotations
@@ -37,7 +40,137 @@ from snake_mpi.analysis.figures import (
     scaling_groups,
 )
 from snake_mpi.analysis.render import Doc
+from snake_mpi.analysis.summary import _device, _hosts
+from snake_mpi.config import RunConfig, to_toml
 from snake_mpi.store import Result
+
+TABLE_GROUPS = (
+    ("bytes", ("rounds", "MiB/round", "MiB/round max rank", "analytic MiB/round", "= analytic")),
+    (
+        "memory and time",
+        (
+            "peak RSS MiB max",
+            "peak RSS MiB mean",
+            "train state KiB max",
+            "train state KiB mean",
+            "round s",
+            "compute s",
+            "send s",
+            "wait s",
+        ),
+    ),
+    ("accuracy", ("final acc", "best acc", "rounds to target", "MiB to target")),
+)
+"""The comparison table (``compare.cells``) as three narrower tables of related columns, each
+led by the run's name; a column of no group (a new one) joins the last table."""
+
+
+def comparison_tables(
+    names: Sequence[str], head: Sequence[str], body: Sequence[Sequence[str]]
+) -> list[tuple[str, list[str], list[list[str]]]]:
+    """``(what, header, rows)`` per group of ``TABLE_GROUPS``; "scheme" and "N" are in the
+    run's name and not repeated."""
+    placed = {c for _, cols in TABLE_GROUPS for c in cols} | {"scheme", "N"}
+    extra = tuple(c for c in head if c not in placed)
+    out = []
+    for k, (what, cols) in enumerate(TABLE_GROUPS):
+        cols = cols + extra if k == len(TABLE_GROUPS) - 1 else cols
+        idx = [head.index(c) for c in cols if c in head]
+        out.append(
+            (
+                what,
+                ["run"] + [head[i] for i in idx],
+                [[name] + [row[i] for i in idx] for name, row in zip(names, body, strict=True)],
+            )
+        )
+    return out
+
+
+def workload_keys(cfg: RunConfig) -> tuple[list[str], list[str]]:
+    """The ``[model]`` and ``[data]`` keys that apply to this model family and dataset (no
+    language-model keys for a CNN, no image keys for text, ``alpha`` only for Dirichlet)."""
+    m, d = cfg.model, cfg.data
+    if m.family == "lm":
+        model = ["family", "preset" if m.preset else "checkpoint", "dtype"]
+    elif m.family == "vgg11":
+        model = ["family"]
+    else:
+        model = ["family", "width", "middle_blocks"]
+    data = ["name"] + (["path"] if d.name != "synthetic" else []) + ["n_train", "n_test"]
+    if d.name == "text":
+        data += ["seq_len", "tokenizer"]
+    else:
+        data += ["n_classes", "sample_shape"]
+        data += ["noise"] if d.name == "synthetic" else []
+        data += ["augment"] if len(d.sample_shape) == 3 else []
+    data.append("partition")
+    data += {"dirichlet": ["alpha"], "shards": ["shards_per_node"]}.get(d.partition, [])
+    return model, data
+
+
+def workload_text(cfg: RunConfig) -> str:
+    """ "Model: family = "cnn"; width = 16 ... Data: name = "synthetic"; ..." with only the
+    keys of ``workload_keys``."""
+    model_keys, data_keys = workload_keys(cfg)
+
+    def pick(section: object, keys: list[str]) -> str:
+        lines = dict(ln.split(" = ", 1) for ln in to_toml(section).splitlines() if " = " in ln)
+        return "; ".join(f"{k} = {lines[k]}" for k in keys if k in lines)
+
+    text = f"Model: {pick(cfg.model, model_keys)}. Data: {pick(cfg.data, data_keys)}."
+    if cfg.data.name == "text" and not cfg.data.path:
+        text += " (Empty path: the Python standard library's sources.)"
+    return text
+
+
+def _mpi(prov: dict) -> str:
+    """The MPI library's name and version, e.g. "Open MPI v5.0.11" (first line, up to the
+    first comma)."""
+    lines = str(prov.get("mpi_library_version", "")).strip().splitlines()
+    return lines[0].split(",")[0].strip() if lines else "-"
+
+
+def provenance_of(res: Result) -> dict[str, str]:
+    """Where and how a run ran, from its file: hosts, launcher, MPI library, git commit,
+    torch threads per rank, ranks and threads per host, device, when."""
+    prov = res.provenance
+    commit = str(prov.get("git_commit", "")) or "-"
+    if commit not in ("-", "unknown"):
+        commit = commit[:12] + (" (dirty)" if prov.get("git_dirty") == "true" else "")
+    threads = str(prov.get("torch_num_threads", "")) or "-"
+    hosts = _hosts(res) or "-"
+    per_host = [int(h.rsplit(" x", 1)[1]) for h in hosts.split(", ") if " x" in h]
+    load = "-"
+    if per_host and threads.isdigit():
+        most = max(per_host)
+        load = f"{most} x {threads} = {most * int(threads)}"
+    return {
+        "hosts (ranks)": hosts,
+        "launcher": str(prov.get("launcher", "")) or "-",
+        "MPI": _mpi(prov),
+        "git commit": commit,
+        "torch threads/rank": threads,
+        "busiest host: ranks x threads": load,
+        "device": _device(res) or "-",
+        "created (UTC)": str(prov.get("created_utc", "")).replace("+00:00", "") or "-",
+    }
+
+
+def provenance_section(doc: Doc, names: Sequence[str], runs: Sequence[Result]) -> None:
+    """What every run of a workload shares as one line; what differs as a table by run."""
+    provs = [provenance_of(r) for r in runs]
+    keys = list(provs[0])
+    same = [k for k in keys if len({p[k] for p in provs}) == 1 and k != "created (UTC)"]
+    differ = [k for k in keys if k not in same]
+    doc.p(
+        "Provenance"
+        + (" (every run): " if len(runs) > 1 else ": ")
+        + "; ".join(f"{k}: {provs[0][k]}" for k in same)
+        + ". Oversubscription: the cores per host are not recorded; compare the threads on "
+        "the busiest host with the machine's cores."
+    )
+    if differ and len(runs) > 1:
+        doc.table(["run", *differ], [[n, *(p[k] for k in differ)] for n, p in zip(names, provs)])
 
 
 def build(
@@ -66,25 +199,32 @@ def build(
     for r in results:
         groups[workload(r)].append(r)
     all_claims: list[list[str]] = []
-    for gi, (wl, runs) in enumerate(groups.items(), 1):
+    for gi, runs in enumerate(groups.values(), 1):
         runs.sort(key=lambda r: (label(r), r.world_size, run_config(r).seed))
         cfg = run_config(runs[0])
         model = cfg.model.preset or cfg.model.family
         doc.h(2, f"Workload {gi}: {model} on {cfg.data.name} ({len(runs)} runs)")
-        doc.p("Model and data: " + "; ".join(ln for ln in wl.splitlines() if "=" in ln) + ".")
+        doc.p(workload_text(cfg))
         target = default_target(runs)
         rows = [row_of(r, target) for r in runs]
-        doc.p(f"Comparison (target accuracy {target:.4f}: 90 % of the best run's):")
-        doc.table(*cells(rows))
         names = [run_name(r) for r in runs]
+        provenance_section(doc, names, runs)
+        doc.p(
+            f"Comparison (target accuracy {target:.4f}: 90 % of the best run's), in three "
+            "tables: bytes, memory and time, accuracy. Runs are named scheme, N ranks, seed."
+        )
+        for what, head, body in comparison_tables(names, *cells(rows)):
+            doc.p(f"Comparison: {what}.")
+            doc.table(head, body)
         prefix = f"w{gi}"
         fig_bytes(rows, names, figs / f"{prefix}_bytes.png")
         doc.img(
             f"figures/{prefix}_bytes.png",
-            "Bytes per round by run: measured (bars), analytic (black).",
+            "Bytes per round by run: measured (bars), analytic (black dashes). A run that "
+            "sends no model bytes (centralised) is a red marker labelled 0 B at the bottom.",
         )
-        fig_memory(runs, rows, names, figs / f"{prefix}_memory.png")
-        doc.img(f"figures/{prefix}_memory.png", "Memory per node by run.")
+        caption = fig_memory(runs, rows, names, figs / f"{prefix}_memory.png")
+        doc.img(f"figures/{prefix}_memory.png", caption)
         fig_time_split(runs, figs / f"{prefix}_time.png")
         doc.img(
             f"figures/{prefix}_time.png",
@@ -93,7 +233,8 @@ def build(
         metric = fig_metric(runs, figs / f"{prefix}_{'ppl' if is_lm(runs[0]) else 'acc'}.png")
         doc.img(
             f"figures/{prefix}_{'ppl' if is_lm(runs[0]) else 'acc'}.png",
-            f"Test {metric} against rounds, wall time and bytes.",
+            f"Test {metric} against rounds, wall time and bytes (log). A run that sends no "
+            "model bytes (centralised) has its points on the dotted line marked 0 bytes.",
         )
         scal = scaling_groups(runs, rows)
         if scal:
