@@ -329,7 +329,7 @@ def test_rapl_sums_packages_ignores_subzones_and_handles_wrap(tmp_path):
     psys = _zone(tmp_path, "intel-rapl:2", "psys", 0)
     mmio = _zone(tmp_path, "intel-rapl-mmio:0", "package-0", 0)
     r = RaplCounter(tmp_path)
-    assert r.available and r.package_count == 2
+    assert r.available() and r.package_count == 2
     r.begin()
     _set(p0, 300_100)  # +0.3 J
     _set(p1, 200_000)  # wrapped at 1 J: +0.3 J
@@ -348,13 +348,13 @@ def test_rapl_sums_packages_ignores_subzones_and_handles_wrap(tmp_path):
 def test_rapl_accepts_amd_names(tmp_path):
     z = _zone(tmp_path, "amd-rapl:0", "package-0", 0)
     r = RaplCounter(tmp_path)
-    assert r.available
+    assert r.available()
     _set(z, 2_000_000)
     assert r.take_j() == pytest.approx(2.0)
 
 
 def test_rapl_unreadable_or_missing_is_unavailable(tmp_path, monkeypatch):
-    assert not RaplCounter(tmp_path / "nowhere").available
+    assert not RaplCounter(tmp_path / "nowhere").available()
     assert math.isnan(RaplCounter(tmp_path / "nowhere").take_j())
     _zone(tmp_path, "intel-rapl:0", "package-0", 5)
     real_read_text = Path.read_text
@@ -366,7 +366,7 @@ def test_rapl_unreadable_or_missing_is_unavailable(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "read_text", deny)
     r = RaplCounter(tmp_path)
-    assert not r.available
+    assert not r.available()
     r.begin()
     assert math.isnan(r.take_j())
 

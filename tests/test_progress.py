@@ -19,8 +19,7 @@ def recorder(step_progress_s: float) -> Recorder:
     rec = Recorder(
         comm=SimpleNamespace(rank=2, size=4),
         model=None,
-        sampler=None,
-        disk=None,
+        probes=[],
         writer=None,
         debug=DebugConfig(),
         n_rounds=5,

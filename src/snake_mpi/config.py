@@ -18,16 +18,14 @@ from typing import Any
 
 import tomli_w
 
-SCHEMES = ("snake", "fedavg", "split", "splitfed", "centralised")
-"""Schemes this build can run; each is a module under ``snake_mpi.schemes``."""
-DISTRIBUTED_SCHEMES = ("snake", "fedavg", "split", "splitfed")
+from snake_mpi.schemes.registry import resolve, scheme_names, scheme_spec
+
 MODEL_FAMILIES = ("cnn", "mlp", "vgg11", "lm")
 DATASETS = ("synthetic", "cifar10", "arrays", "text")
 PARTITIONS = ("iid", "dirichlet", "shards")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 MODEL_DTYPES = ("float32", "bfloat16")
 TOKENIZERS = ("auto", "bytes", "checkpoint")
-LM_SCHEMES = ("snake", "fedavg", "centralised")
 SNAKE_MODES = ("p2p", "cs")
 ENDS_POLICIES = ("all", "owner", "frozen")
 TRANSFERS = ("delta", "full")
@@ -364,7 +362,7 @@ def _validate(c: RunConfig) -> None:
     """Checks that need only the config itself (world-size checks: ``validate_for_world``)."""
     if not 0 <= c.seed < SEED_LIMIT:
         raise ConfigError(f"seed must be an integer in [0, 2**63), got {c.seed}")
-    _choice("scheme", c.scheme, SCHEMES)
+    _choice("scheme", c.scheme, scheme_names())
     _choice("device", c.device, DEVICES)
     _choice("comm.gpu_transfer", c.comm.gpu_transfer, GPU_TRANSFERS)
     _choice("model.family", c.model.family, MODEL_FAMILIES)
@@ -507,10 +505,11 @@ def _validate_lm(c: RunConfig) -> None:
             raise ConfigError(
                 f"unknown model.preset {m.preset!r}; known presets: {', '.join(sorted(PRESETS))}"
             )
-    if c.scheme not in LM_SCHEMES:
+    if not scheme_spec(c.scheme).supports_lm:
+        lm_schemes = [name for name in scheme_names() if scheme_spec(name).supports_lm]
         raise ConfigError(
             f"scheme {c.scheme!r} does not support language models; use one of: "
-            f"{', '.join(LM_SCHEMES)}"
+            f"{', '.join(lm_schemes)}"
         )
     if d.partition != "iid":
         raise ConfigError("data.name 'text' supports data.partition = 'iid' only")
@@ -553,10 +552,9 @@ def parse_edge(text: str) -> tuple[int, int, float, float]:
 
 
 def is_client_server(c: RunConfig) -> bool:
-    """True where rank 0 is a server/controller that holds no training data."""
-    return c.scheme in ("fedavg", "split", "splitfed") or (
-        c.scheme == "snake" and c.snake.mode == "cs"
-    )
+    """True where rank 0 is a server/controller that holds no training data (the scheme's
+    ``SchemeSpec.client_server``)."""
+    return scheme_spec(c.scheme).is_client_server(c)
 
 
 def data_ranks(c: RunConfig, world_size: int) -> list[int]:
@@ -568,36 +566,12 @@ def validate_for_world(c: RunConfig, world_size: int) -> None:
     """Checks that depend on the number of ranks; identical on every rank."""
     if c.model.family == "lm":
         n_middle_blocks(c)  # a missing or unreadable checkpoint is a config error
-    if c.scheme == "centralised" and world_size != 1:
-        raise ConfigError(
-            f"scheme 'centralised' trains on one rank with all the data; got {world_size} ranks "
-            f"(launch with `mpirun -n 1 snake-mpi run ...` or without mpirun)"
-        )
-    if c.scheme in DISTRIBUTED_SCHEMES and world_size < 2:
-        raise ConfigError(
-            f"scheme {c.scheme!r} is distributed and needs at least 2 MPI ranks, got {world_size} "
-            f"(launch with e.g. `mpirun -n 4 snake-mpi run ...`)"
-        )
+    spec = scheme_spec(c.scheme)
+    _check_rank_count(spec.name, spec.min_ranks, spec.max_ranks, world_size)
     holders = len(data_ranks(c, world_size))
-    role = "nodes" if c.scheme == "snake" else "clients"
-    if c.scheme == "snake":
-        mids = n_middle_blocks(c)
-        if mids < holders:
-            what = "decoder layers" if c.model.family == "lm" else "model.middle_blocks"
-            raise ConfigError(
-                f"{what} = {mids} is fewer than the {holders} "
-                f"nodes: every node needs at least one middle block to train"
-            )
-        if c.snake.capabilities and len(c.snake.capabilities) != holders:
-            raise ConfigError(
-                f"snake.capabilities has {len(c.snake.capabilities)} entries but there are "
-                f"{holders} nodes"
-            )
-    if c.scheme == "fedavg" and c.fedavg.clients_per_round > holders:
-        raise ConfigError(
-            f"fedavg.clients_per_round = {c.fedavg.clients_per_round} but there are only "
-            f"{holders} clients (ranks 1..{world_size - 1})"
-        )
+    role = spec.data_role
+    if spec.check_world is not None:
+        resolve(spec.check_world)(c, world_size, holders)
     if c.data.partition == "shards" and c.data.n_train < holders * c.data.shards_per_node:
         raise ConfigError(
             f"data.n_train = {c.data.n_train} is fewer than the {holders} {role} x "
@@ -616,6 +590,47 @@ def validate_for_world(c: RunConfig, world_size: int) -> None:
             raise ConfigError(f"emulate.edges entry {e!r} names a rank >= {world_size}")
     if c.debug.fail_rank >= world_size:
         raise ConfigError(f"debug.fail_rank = {c.debug.fail_rank} but there are {world_size} ranks")
+
+
+def _check_rank_count(scheme: str, least: int, most: int | None, world_size: int) -> None:
+    """The world size against the ranks a scheme runs on (``SchemeSpec.min_ranks/max_ranks``)."""
+    if most == 1 and world_size != 1:
+        raise ConfigError(
+            f"scheme {scheme!r} trains on one rank with all the data; got {world_size} ranks "
+            f"(launch with `mpirun -n 1 snake-mpi run ...` or without mpirun)"
+        )
+    if world_size < least:
+        raise ConfigError(
+            f"scheme {scheme!r} is distributed and needs at least {least} MPI ranks, got "
+            f"{world_size} (launch with e.g. `mpirun -n {max(least, 4)} snake-mpi run ...`)"
+        )
+    if most is not None and world_size > most:
+        raise ConfigError(f"scheme {scheme!r} runs on at most {most} MPI ranks, got {world_size}")
+
+
+def check_snake_world(c: RunConfig, world_size: int, holders: int) -> None:
+    """Snake's world-size checks: a middle block per node, a capability per node."""
+    mids = n_middle_blocks(c)
+    if mids < holders:
+        what = "decoder layers" if c.model.family == "lm" else "model.middle_blocks"
+        raise ConfigError(
+            f"{what} = {mids} is fewer than the {holders} "
+            f"nodes: every node needs at least one middle block to train"
+        )
+    if c.snake.capabilities and len(c.snake.capabilities) != holders:
+        raise ConfigError(
+            f"snake.capabilities has {len(c.snake.capabilities)} entries but there are "
+            f"{holders} nodes"
+        )
+
+
+def check_fedavg_world(c: RunConfig, world_size: int, holders: int) -> None:
+    """FedAvg's world-size check: no more clients per round than clients."""
+    if c.fedavg.clients_per_round > holders:
+        raise ConfigError(
+            f"fedavg.clients_per_round = {c.fedavg.clients_per_round} but there are only "
+            f"{holders} clients (ranks 1..{world_size - 1})"
+        )
 
 
 def check_output(out: str | os.PathLike[str], *, overwrite: bool) -> Path:

@@ -12,13 +12,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from snake_mpi.blocks import BlockModel, model_bytes_held
 from snake_mpi.config import DebugConfig
+from snake_mpi.probes import RoundProbe
 from snake_mpi.probes.gpu import ROUND_KEYS as GPU_ROUND_KEYS
 
 STEP_PROGRESS_S = 30.0
@@ -83,21 +84,20 @@ class Recorder:
         *,
         comm: Any,
         model: BlockModel,
-        sampler: Any,
-        disk: Any,
+        probes: Sequence[RoundProbe],
         writer: Any | None,
         debug: DebugConfig,
         n_rounds: int,
         progress: bool = True,
         perplexity: bool = False,
         step_progress_s: float = STEP_PROGRESS_S,
-        gpu: Any = None,
-        rapl: Any = None,
     ) -> None:
         self.comm = comm
         self.model = model
-        self.sampler = sampler
-        self.disk = disk
+        self.probes = tuple(probes)
+        """Probes whose round figures (``ROUND_FIELDS`` names) each round takes, in this order
+        (e.g. memory, storage, and where measured the GPU and the host's energy); a figure no
+        probe gives keeps its default (NaN for the GPU and energy figures)."""
         self.writer = writer
         self.debug = debug
         self.n_rounds = n_rounds
@@ -105,10 +105,6 @@ class Recorder:
         self.step_progress_s = step_progress_s
         """Seconds into a turn before the first step-progress line, and between lines."""
         self.show_perplexity = perplexity
-        self.gpu = gpu
-        """A ``probes.gpu.GpuProbe`` (its round figures), or None."""
-        self.rapl = rapl
-        """A ``probes.rapl.RaplCounter`` on the host's energy-reading rank, or None."""
         self.last_evaluation: dict[str, float] | None = None
         self.round = -1
         self.n_rounds_written = 0
@@ -135,10 +131,8 @@ class Recorder:
         self._values["kd_loss"] = math.nan
         for k in (*_EVAL_SLOTS, *_UNAVAILABLE_UNLESS_MEASURED):
             self._values[k] = math.nan
-        if self.gpu is not None:
-            self.gpu.begin_round()
-        if self.rapl is not None:
-            self.rapl.begin()
+        for probe in self.probes:
+            probe.begin_round()
         d = self.debug
         if d.fail_rank == self.comm.rank and d.fail_round == r:
             self._inject(d.fail_kind)
@@ -192,13 +186,13 @@ class Recorder:
         """Close the round: fold in comm and probe figures, gather to rank 0, append there."""
         v = self._values
         v.update(self.comm.stats.take())
-        v["peak_rss_bytes"] = self.sampler.take_round_peak()
-        v["disk_write_bytes"] = self.disk.take_round()
+        for probe in self.probes:
+            figures = probe.end_round()
+            unknown = set(figures) - ROUND_FIELDS.keys()
+            if unknown:
+                raise KeyError(f"{type(probe).__name__}: figures not in ROUND_FIELDS: {unknown}")
+            v.update(figures)
         v["model_at_rest_bytes"] = model_bytes_held(self.model)
-        if self.gpu is not None:
-            v.update(self.gpu.end_round())
-        if self.rapl is not None:
-            v["host_cpu_energy_j"] = self.rapl.take_j()
         t_closed = time.perf_counter()
         v["round_s"] = t_closed - self._t_round
         names = list(ROUND_FIELDS) + list(_EVAL_SLOTS)

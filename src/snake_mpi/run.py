@@ -37,11 +37,12 @@ from snake_mpi.data.partition import (
     partition_shards,
 )
 from snake_mpi.models import build_model
+from snake_mpi.probes import RoundProbe
 from snake_mpi.probes.gpu import SERIES_KEYS as GPU_SERIES
 from snake_mpi.probes.memory import MemorySampler, ru_maxrss_bytes
 from snake_mpi.probes.storage import DiskWriteCounter
 from snake_mpi.record import EVAL_FIELDS, ROUND_FIELDS, Recorder
-from snake_mpi.schemes import Context, NodeData, get_scheme
+from snake_mpi.schemes import Context, NodeData, scheme_spec
 from snake_mpi.transport.wire import LinkModel
 
 EXIT_CONFIG = 2
@@ -308,19 +309,19 @@ def execute(
     probing = cfg.probes.enabled  # off: no GPU or energy figures either (NaN), only identity
     gpu = GpuProbe(placement.index if placement.kind == "cuda" else None)
     rapl = RaplCounter() if placement.local_rank == 0 and probing else None  # one per host
+    ticking = [p for p in (rapl, gpu) if p is not None and p.available()]
 
-    def tick() -> dict[str, float]:  # each sampler tick: GPU samples; RAPL read (no wrap lost)
-        if rapl is not None:
-            rapl.poll()
-        return gpu.sample() if gpu.enabled else {}
+    def tick() -> dict[str, float]:  # each sampler tick: RAPL read (no wrap lost); GPU samples
+        figures: dict[str, float] = {}
+        for probe in ticking:
+            figures |= probe.sample()
+        return figures
 
-    sampler = MemorySampler(
-        cfg.probes.interval_s,
-        enabled=probing,
-        extra=tick if gpu.enabled or (rapl is not None and rapl.available) else None,
-    )
-    sampler.start()
+    sampler = MemorySampler(cfg.probes.interval_s, enabled=probing, extra=tick if ticking else None)
     disk = DiskWriteCounter()
+    every: list[RoundProbe] = [p for p in (sampler, disk, gpu, rapl) if p is not None]
+    for probe in every:
+        probe.start()
 
     dataset, parts = build_shards(cfg, seeds, n, dataset)
     idx = torch.from_numpy(parts[rank])
@@ -379,15 +380,13 @@ def execute(
     rec = Recorder(
         comm=comm,
         model=model,
-        sampler=sampler,
-        disk=disk,
+        # a rank that measures no GPU or energy figure records NaN there
+        probes=[p for p in every if probing or p is not gpu],
         writer=writer,
         debug=cfg.debug,
         n_rounds=cfg.train.rounds,
         progress=rank == 0,
         perplexity=cfg.model.family == "lm",
-        gpu=gpu if probing else None,
-        rapl=rapl,
     )
     ctx = Context(
         cfg=cfg,
@@ -401,9 +400,9 @@ def execute(
         seeds=seeds,
         hop=HopBuffers(path, device),
     )
-    get_scheme(cfg.scheme)(ctx)
-    sampler.stop()
-    gpu.close()
+    scheme_spec(cfg.scheme).run_function()(ctx)
+    for probe in every:  # the sampler first: no tick reads a stopped probe
+        probe.stop()
     rss = (rss_before_model, rss_model_built)
     _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss, places)
     return ctx

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from snake_mpi.config import ConfigError, load_config
 from snake_mpi.launch import launcher
+from snake_mpi.schemes.registry import scheme_spec
 from snake_mpi.store import is_complete
 
 REPO = Path(__file__).resolve().parents[2]
@@ -126,8 +127,9 @@ def load_suite(name: str) -> tuple[list[Cell], float]:
         cfg_path = REPO / config if not Path(config).is_absolute() else Path(config)
         cfg = load_config(cfg_path, list(overrides))
         counts = [int(at)] if at else ranks
-        if cfg.scheme == "centralised":
-            counts = [1]
+        spec = scheme_spec(cfg.scheme)
+        if spec.min_ranks == spec.max_ranks:  # e.g. centralised: one rank whatever the suite says
+            counts = [spec.min_ranks]
         for n in counts:
             for seed in seeds:
                 name_ = f"{Path(config).stem}-n{n}-s{seed}"

@@ -5,11 +5,13 @@ of the model the config describes). What analysis compares the measured counters
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 
 import numpy as np
 
 from snake_mpi.analysis import analytic
 from snake_mpi.config import RunConfig, from_dict
+from snake_mpi.schemes.registry import scheme_spec
 from snake_mpi.store import Result
 from snake_mpi.train import turn_batch_sizes
 
@@ -21,48 +23,80 @@ def run_config(res: Result) -> RunConfig:
 
 def expected_bytes(res: Result) -> tuple[np.ndarray, np.ndarray]:
     """(sent, received) model-transfer bytes per round per rank, shape (n_rounds, world_size),
-    that the run's scheme must have moved, by the formulas of ``snake_mpi.analysis.analytic``."""
+    that the run's scheme must have moved: its ``SchemeSpec.expected_bytes`` (built in: the
+    functions below, by the formulas of ``snake_mpi.analysis.analytic``)."""
     cfg = run_config(res)
+    formula = scheme_spec(cfg.scheme).expected_bytes_function()
+    if formula is None:
+        raise ValueError(f"no analytic model for scheme {cfg.scheme!r}")
+    return formula(cfg, res)
+
+
+def _block_bytes(res: Result) -> list[int]:
+    return [int(b) for b in res.tables["blocks"]["bytes"]]
+
+
+def no_bytes(cfg: RunConfig, res: Result) -> tuple[np.ndarray, np.ndarray]:
+    """A scheme that sends no model: zeros."""
+    zero = np.zeros((res.n_rounds, res.world_size), dtype=np.int64)
+    return zero, zero.copy()
+
+
+def snake_bytes(cfg: RunConfig, res: Result) -> tuple[np.ndarray, np.ndarray]:
+    """Snake (P2P or CS): the plan rebuilt from the block table and the recorded capabilities
+    and block times."""
+    from snake_mpi.schemes.snake import plan_from_params
+
     n, rounds = res.world_size, res.n_rounds
     blocks = res.tables["blocks"]
-    block_bytes = [int(b) for b in blocks["bytes"]]
-    samples = [int(s) for s in res.tables["ranks"]["data_samples"]]
-    if cfg.scheme == "centralised":
-        zero = np.zeros((rounds, n), dtype=np.int64)
-        return zero, zero.copy()
-    if cfg.scheme == "snake":
-        from snake_mpi.schemes.snake import plan_from_params
-
-        params = [int(p) for p in blocks["params"]]
-        transfer = cfg.snake.transfer
-        nodes = list(range(1, n)) if cfg.snake.mode == "cs" else list(range(n))
-        caps = res.arrays.get("assignment/capability")
-        times = res.arrays.get("assignment/block_time_s")
-        costs = None if times is None else times[nodes][:, 1:-1].mean(axis=0)
-        plan = plan_from_params(params, cfg.snake, len(nodes), costs=costs, capabilities=caps)
-        if cfg.snake.mode == "cs":
-            return (
-                analytic.snake_cs_bytes_sent(plan, block_bytes, rounds, transfer),
-                analytic.snake_cs_bytes_received(plan, block_bytes, rounds, transfer),
-            )
+    block_bytes = _block_bytes(res)
+    params = [int(p) for p in blocks["params"]]
+    transfer = cfg.snake.transfer
+    nodes = list(range(1, n)) if cfg.snake.mode == "cs" else list(range(n))
+    caps = res.arrays.get("assignment/capability")
+    times = res.arrays.get("assignment/block_time_s")
+    costs = None if times is None else times[nodes][:, 1:-1].mean(axis=0)
+    plan = plan_from_params(params, cfg.snake, len(nodes), costs=costs, capabilities=caps)
+    if cfg.snake.mode == "cs":
         return (
-            analytic.snake_p2p_bytes_sent(plan, block_bytes, rounds, transfer),
-            analytic.snake_p2p_bytes_received(plan, block_bytes, rounds, transfer),
+            analytic.snake_cs_bytes_sent(plan, block_bytes, rounds, transfer),
+            analytic.snake_cs_bytes_received(plan, block_bytes, rounds, transfer),
         )
-    if cfg.scheme == "fedavg":
-        from snake_mpi.schemes.fedavg import sampled_clients
+    return (
+        analytic.snake_p2p_bytes_sent(plan, block_bytes, rounds, transfer),
+        analytic.snake_p2p_bytes_received(plan, block_bytes, rounds, transfer),
+    )
 
-        seed = int(res.provenance.get("seed_sampling", cfg.seed))
-        schedule = sampled_clients(seed, n - 1, cfg.fedavg.clients_per_round, rounds)
-        sent = analytic.fedavg_bytes_sent(block_bytes, schedule, n)
-        return sent, sent.copy()
-    if cfg.scheme in ("split", "splitfed"):
-        cut = cfg.split.cut
-        batches = [turn_batch_sizes(s, cfg.train) for s in samples]
-        act = activation_bytes_per_sample_of(cfg)
-        formula = analytic.split_bytes if cfg.scheme == "split" else analytic.splitfed_bytes
-        return formula(block_bytes[:cut], batches, act, rounds)
-    raise ValueError(f"no analytic model for scheme {cfg.scheme!r}")
+
+def fedavg_bytes(cfg: RunConfig, res: Result) -> tuple[np.ndarray, np.ndarray]:
+    """FedAvg: the whole model to each sampled client and back (the seeded schedule)."""
+    from snake_mpi.schemes.fedavg import sampled_clients
+
+    n = res.world_size
+    seed = int(res.provenance.get("seed_sampling", cfg.seed))
+    schedule = sampled_clients(seed, n - 1, cfg.fedavg.clients_per_round, res.n_rounds)
+    sent = analytic.fedavg_bytes_sent(_block_bytes(res), schedule, n)
+    return sent, sent.copy()
+
+
+def split_bytes(cfg: RunConfig, res: Result) -> tuple[np.ndarray, np.ndarray]:
+    """Split learning: cut activations and gradients per batch, client blocks relayed."""
+    return _split_formula(analytic.split_bytes, cfg, res)
+
+
+def splitfed_bytes(cfg: RunConfig, res: Result) -> tuple[np.ndarray, np.ndarray]:
+    """SplitFed: as split learning, every client at once, client blocks averaged."""
+    return _split_formula(analytic.splitfed_bytes, cfg, res)
+
+
+def _split_formula(
+    formula: Callable[..., tuple[np.ndarray, np.ndarray]], cfg: RunConfig, res: Result
+) -> tuple[np.ndarray, np.ndarray]:
+    cut = cfg.split.cut
+    samples = [int(s) for s in res.tables["ranks"]["data_samples"]]
+    batches = [turn_batch_sizes(s, cfg.train) for s in samples]
+    act = activation_bytes_per_sample_of(cfg)
+    return formula(_block_bytes(res)[:cut], batches, act, res.n_rounds)
 
 
 def activation_bytes_per_sample_of(cfg: RunConfig) -> int:

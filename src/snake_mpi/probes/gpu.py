@@ -84,7 +84,9 @@ class GpuProbe:
     ``torch_cuda`` replace the ``pynvml`` module and ``torch.cuda`` (for tests).
 
     Use: ``begin_round()`` at the start of a round, ``sample()`` from the sampler thread,
-    ``end_round()`` at its end, ``close()`` when done.
+    ``end_round()`` at its end, ``close()`` (or ``stop()``) when done. A ``probes.RoundProbe``:
+    ``available()`` is False on a CPU rank or where torch cannot read the device, and
+    ``reason`` says why (or why NVML's figures are missing).
     """
 
     def __init__(
@@ -104,6 +106,9 @@ class GpuProbe:
         self._energy0_mj = NAN
         self._peak_used_bytes = NAN
         self._peak_process_bytes = NAN
+        self._device_ok = False
+        self.reason = "CPU rank: no GPU device"
+        """Why the probe measures nothing (or only torch's figures) here; "" when all work."""
         if not self.enabled:
             return
         if torch_cuda is None:
@@ -113,27 +118,51 @@ class GpuProbe:
         self._cuda = torch_cuda
         try:
             props = torch_cuda.get_device_properties(device_index)
+            self._device_ok = True
             self._name = str(props.name)
             self._uuid = _nvml_uuid(props)
-        except Exception:  # no such device or an old torch without .uuid: NVML stays off
-            pass
+        except Exception as e:  # no such device or an old torch without .uuid: NVML stays off
+            self.reason = f"torch cannot read CUDA device {device_index}: {type(e).__name__}: {e}"
+        if self._device_ok:
+            self.reason = ""
         self._open_nvml(nvml)
 
     def _open_nvml(self, nvml: Any) -> None:
         try:
             self._nvml = nvml if nvml is not None else importlib.import_module("pynvml")
             self._nvml.nvmlInit()
-        except Exception:  # binding not installed, no driver, no permission
+        except Exception as e:  # binding not installed, no driver, no permission
             self._nvml = None
+            self._partly(f"NVML unavailable ({type(e).__name__}: {e}): torch figures only")
             return
         self._inited = True
         if not self._uuid:
+            self._partly("no device UUID from torch: NVML figures unavailable")
             return
         try:
             self._handle = self._nvml.nvmlDeviceGetHandleByUUID(self._uuid)
-        except Exception:
+        except Exception as e:
+            self._partly(f"NVML has no device {self._uuid} ({type(e).__name__}): torch only")
             return
         self.nvml_ok = True
+
+    def _partly(self, why: str) -> None:
+        """Note why NVML's figures are missing (unless the device itself is the reason)."""
+        if self._device_ok and not self.reason:
+            self.reason = why
+
+    # ------------------------------------------------------------ Probe interface
+
+    def available(self) -> bool:
+        """True on a GPU rank whose device torch can read (NVML may still be missing)."""
+        return self.enabled and self._device_ok
+
+    def start(self) -> None:
+        """Nothing: the device and NVML are opened at construction."""
+
+    def stop(self) -> None:
+        """``close()``."""
+        self.close()
 
     # ------------------------------------------------------------ identity
 

@@ -43,6 +43,8 @@ class MemorySampler:
     sensors share its clock; its values become further series, aligned with ``t_s``. A key
     missing from a tick, or a tick whose ``extra()`` raised, records NaN; keys that clash with
     the built-in series are ignored.
+
+    A ``probes.RoundProbe``: ``end_round`` gives the round's ``peak_rss_bytes``.
     """
 
     def __init__(
@@ -58,7 +60,8 @@ class MemorySampler:
         if max_samples < 2:
             raise ValueError(f"max_samples must be at least 2, got {max_samples}")
         self.interval_s = float(interval_s)
-        self.enabled = enabled and self.available()
+        self.reason = _why_unavailable()
+        self.enabled = enabled and not self.reason
         self.max_samples = max_samples
         self._proc = psutil.Process() if psutil is not None else None
         self._lock = threading.Lock()
@@ -78,13 +81,7 @@ class MemorySampler:
     @staticmethod
     def available() -> bool:
         """True if psutil can read this process's memory."""
-        if psutil is None:
-            return False
-        try:
-            psutil.Process().memory_info()
-        except (psutil.Error, OSError):
-            return False
-        return True
+        return not _why_unavailable()
 
     # ------------------------------------------------------------ thread
 
@@ -163,6 +160,17 @@ class MemorySampler:
 
     # ------------------------------------------------------------ queries
 
+    def sample(self) -> dict[str, float]:
+        """``{"rss_bytes": ...}``: one synchronous sample (``sample_now``)."""
+        return {"rss_bytes": self.sample_now()}
+
+    def begin_round(self) -> None:
+        """Nothing: round windows tile the run (each starts where the last ``end_round`` was)."""
+
+    def end_round(self) -> dict[str, float]:
+        """``{"peak_rss_bytes": ...}``: the round's peak (``take_round_peak``)."""
+        return {"peak_rss_bytes": self.take_round_peak()}
+
     def sample_now(self) -> int:
         """Take one RSS sample synchronously (also when disabled); returns it in bytes.
 
@@ -204,6 +212,17 @@ class MemorySampler:
             for key, column in self._extra_series.items():
                 out[key] = np.array(column, dtype=np.float64)
             return out
+
+
+def _why_unavailable() -> str:
+    """Why psutil cannot read this process's memory; "" if it can."""
+    if psutil is None:
+        return "psutil is not installed"
+    try:
+        psutil.Process().memory_info()
+    except (psutil.Error, OSError) as e:
+        return f"psutil cannot read this process's memory: {e}"
+    return ""
 
 
 def ru_maxrss_bytes() -> int:

@@ -39,6 +39,9 @@ class RaplCounter:
     ``take_j`` handles one wrap of each counter per interval (``max_energy_range_uj``, often
     about 262 kJ: some 20 minutes at 200 W); for longer rounds call ``poll()`` now and then
     (e.g. from a sampler thread) so that no wrap is missed.
+
+    A ``probes.RoundProbe``: ``sample`` polls (it has no per-tick series), ``begin_round`` /
+    ``end_round`` give the round's ``host_cpu_energy_j``.
     """
 
     def __init__(self, root: str | Path = "/sys/class/powercap") -> None:
@@ -52,6 +55,7 @@ class RaplCounter:
             zones = sorted(p for p in self.root.iterdir() if _ZONE.match(p.name))
         except OSError:
             zones = []
+        unreadable = 0
         for zone in zones:
             try:
                 name = (zone / "name").read_text().strip()
@@ -63,8 +67,40 @@ class RaplCounter:
             if package.last_uj is not None:
                 seen.add(name)
                 self._packages.append(package)
-        self.available = bool(self._packages)
+            else:
+                unreadable += 1
         self.package_count = len(self._packages)
+        self.reason = ""
+        if not self._packages:
+            self.reason = (
+                f"RAPL package energy_uj under {self.root} is not readable (often root only)"
+                if unreadable
+                else f"no RAPL package zones under {self.root}"
+            )
+
+    def available(self) -> bool:
+        """True if at least one CPU package's energy counter can be read."""
+        return bool(self._packages)
+
+    def start(self) -> None:
+        """Start an interval (``begin``)."""
+        self.begin()
+
+    def sample(self) -> dict[str, float]:
+        """Fold the counters (``poll``, catches wraps); no per-tick figure, so ``{}``."""
+        self.poll()
+        return {}
+
+    def stop(self) -> None:
+        """Nothing to release."""
+
+    def begin_round(self) -> None:
+        """Start the round's interval (``begin``)."""
+        self.begin()
+
+    def end_round(self) -> dict[str, float]:
+        """``{"host_cpu_energy_j": ...}``: joules in the round (``take_j``; NaN if unknown)."""
+        return {"host_cpu_energy_j": self.take_j()}
 
     def _fold(self) -> bool:
         """Add each package's energy since its last reading to the interval (lock held); False
@@ -95,7 +131,7 @@ class RaplCounter:
 
     def poll(self) -> None:
         """Fold the energy since the last reading into the current interval (catches wraps)."""
-        if not self.available:
+        if not self._packages:
             return
         with self._lock:
             self._valid = self._fold() and self._valid
@@ -103,7 +139,7 @@ class RaplCounter:
     def take_j(self) -> float:
         """Joules since the last ``begin``/``take_j`` (construction if neither), summed over
         packages; starts the next interval. NaN when unavailable or a counter failed."""
-        if not self.available:
+        if not self._packages:
             return math.nan
         with self._lock:
             valid = self._fold() and self._valid

@@ -34,11 +34,15 @@ class DiskWriteCounter:
     (page-cache writes are charged when dirtied), for all its threads. It misses file systems
     that do no block accounting (tmpfs, some network file systems). ``write_chars`` counts
     every ``write()`` call, including pipes and sockets, so it is an upper bound.
+
+    A ``probes.RoundProbe``: counting starts at construction (``start`` restarts it);
+    ``end_round`` gives the round's ``disk_write_bytes``.
     """
 
     def __init__(self) -> None:
         reading = _read_counter()
         self.field = reading[0] if reading else ""
+        self.reason = "" if reading else "no per-process write counter here (psutil io_counters)"
         self._start_bytes = reading[1] if reading else 0
         self._last_bytes = self._start_bytes
 
@@ -46,6 +50,24 @@ class DiskWriteCounter:
     def available() -> bool:
         """True if this platform reports a per-process write counter."""
         return _read_counter() is not None
+
+    def start(self) -> None:
+        """Count from now: ``total_bytes`` and the round window start again."""
+        self._start_bytes = self._last_bytes = self._now()
+
+    def sample(self) -> dict[str, float]:
+        """``{"disk_write_bytes": ...}``: bytes written since start (``total_bytes``)."""
+        return {"disk_write_bytes": self.total_bytes()}
+
+    def stop(self) -> None:
+        """Nothing to release."""
+
+    def begin_round(self) -> None:
+        """Nothing: round windows tile the run (each starts where the last ``end_round`` was)."""
+
+    def end_round(self) -> dict[str, float]:
+        """``{"disk_write_bytes": ...}``: bytes written in the round (``take_round``)."""
+        return {"disk_write_bytes": self.take_round()}
 
     def _now(self) -> int:
         reading = _read_counter()

@@ -1,17 +1,48 @@
-"""Distributed learning schemes; each module has ``run(ctx) -> None`` and talks only to ctx."""
+"""Distributed learning schemes; each module has ``run(ctx) -> None`` and talks only to ctx.
+
+Which schemes exist, and what each declares, is the registry's (``schemes.registry``). This
+package imports no torch itself, so the config can read the registry cheaply.
+"""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from snake_mpi.schemes.registry import (
+    REGISTRY,
+    SchemeSpec,
+    register,
+    scheme_names,
+    scheme_spec,
+    unregister,
+)
 
-from snake_mpi.blocks import BlockModel
-from snake_mpi.config import RunConfig
-from snake_mpi.transport.payloads import HopBuffers
+if TYPE_CHECKING:
+    import torch
+
+    from snake_mpi.blocks import BlockModel
+    from snake_mpi.config import RunConfig
+    from snake_mpi.transport.payloads import HopBuffers
+
+__all__ = [
+    "REGISTRY",
+    "Context",
+    "NodeData",
+    "SchemeSpec",
+    "get_scheme",
+    "register",
+    "scheme_names",
+    "scheme_spec",
+    "unregister",
+]
+
+
+def _hop_buffers() -> HopBuffers:
+    from snake_mpi.transport.payloads import HopBuffers
+
+    return HopBuffers()
 
 
 @dataclass(slots=True)
@@ -45,10 +76,10 @@ class Context:
     """Training samples of every rank (0 for a server or controller), for weighted averages."""
     seeds: dict[str, int] = field(default_factory=dict)
     """The run's shared seeds (``run.seeds_for``): identical on every rank."""
-    hop: HopBuffers = field(default_factory=HopBuffers)
+    hop: HopBuffers = field(default_factory=_hop_buffers)
     """The buffers model blocks travel in on this rank's transfer path (host, staged, direct)."""
 
 
 def get_scheme(name: str) -> Callable[[Context], None]:
-    """The ``run`` function of scheme ``name``."""
-    return importlib.import_module(f"snake_mpi.schemes.{name}").run
+    """The ``run`` function of scheme ``name`` (from its registered spec)."""
+    return scheme_spec(name).run_function()
