@@ -158,26 +158,12 @@ class Checks:
 
 def final_sync_expected(res: Any) -> np.ndarray | None:
     """Bytes each rank sends in a Snake run's final sync by ``snake_mpi.analysis.analytic``
-    (the plan rebuilt as ``snake_mpi.analysis.expected`` rebuilds it); None for other runs."""
-    from snake_mpi.analysis import analytic
-    from snake_mpi.analysis.expected import run_config
-    from snake_mpi.schemes.snake import plan_from_params
+    (``expected.expected_final_sync_bytes``); None for other runs."""
+    from snake_mpi.analysis.expected import expected_final_sync_bytes, run_config
 
-    cfg = run_config(res)
-    if cfg.scheme != "snake" or "final_sync/bytes_sent" not in res.arrays:
+    if run_config(res).scheme != "snake" or "final_sync/bytes_sent" not in res.arrays:
         return None
-    n = res.world_size
-    nodes = list(range(1, n)) if cfg.snake.mode == "cs" else list(range(n))
-    blocks = res.tables["blocks"]
-    caps = res.arrays.get("assignment/capability")
-    times = res.arrays.get("assignment/block_time_s")
-    costs = None if times is None else times[nodes][:, 1:-1].mean(axis=0)
-    params = [int(p) for p in blocks["params"]]
-    plan = plan_from_params(params, cfg.snake, len(nodes), costs=costs, capabilities=caps)
-    block_bytes = [int(b) for b in blocks["bytes"]]
-    if cfg.snake.mode == "cs":
-        return analytic.snake_cs_final_sync_bytes_sent(plan, block_bytes, cfg.snake.transfer)
-    return analytic.snake_final_sync_bytes_sent(plan, block_bytes, cfg.snake.transfer)
+    return expected_final_sync_bytes(res)
 
 
 def check_bytes(res: Any, c: Checks) -> None:

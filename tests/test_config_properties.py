@@ -76,6 +76,7 @@ KEYS = {
     "snake.capability": (st.just("declared"), st.just("guess")),
     "snake.block_cost": (st.sampled_from(["params", "equal"]), st.just("flops")),
     "snake.final_sync": (st.booleans(), st.just(1)),
+    "snake.keep": (st.sampled_from(["all", "own"]), st.just("some")),
     "snake.kd.weight": (st.floats(0, 2), st.floats(-1, -0.1)),
     "snake.kd.temperature": (st.floats(0.1, 4), st.floats(-1, 0)),
     "fedavg.clients_per_round": (ints(0, 3), st.just(-1)),

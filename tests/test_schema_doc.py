@@ -58,7 +58,7 @@ def test_the_schema_document_has_the_sections_the_writer_uses():
         assert doc.get(section), f"no table for {section} in {SCHEMA.name}"
 
 
-SNAKE_ONLY_ATTRS = {"mode", "transfer", "ends"}  # documented as "Snake runs only"
+SNAKE_ONLY_ATTRS = {"mode", "transfer", "ends", "keep"}  # documented as "Snake runs only"
 
 
 @pytest.mark.mpi

@@ -107,6 +107,43 @@ def drop_blocks(model: BlockModel, ids: Iterable[int]) -> None:
     model._owners = None
 
 
+def release_blocks(model: BlockModel, ids: Iterable[int]) -> None:
+    """Free the state bytes of blocks ``ids`` between turns (``snake.keep = "own"``), keeping
+    each tensor's shape, dtype and device: the block still has its size (``block_nbytes``) and
+    takes a payload again (``unflatten`` re-allocates it); until then ``model_bytes_held`` counts
+    it 0 and it must not be run. Unlike ``drop_blocks`` the block can come back."""
+    for b in ids:
+        for t in block_tensors(model, b):
+            if not is_held(t):
+                continue
+            whole = t.untyped_storage().nbytes() == _nbytes(t) and t.storage_offset() == 0
+            if not (whole and t.untyped_storage().resizable()):
+                t.data = torch.empty_like(t)  # its own storage, so no other tensor loses bytes
+            t.untyped_storage().resize_(0)
+
+
+def is_held(t: torch.Tensor) -> bool:
+    """Whether tensor ``t``'s bytes are in memory (not freed by ``release_blocks``)."""
+    return t.numel() == 0 or t.untyped_storage().nbytes() > 0
+
+
+def released_blocks(model: BlockModel) -> list[int]:
+    """Blocks with state freed by ``release_blocks`` and not received since."""
+    return [
+        b for b in range(model.n_blocks) if not all(is_held(t) for t in block_tensors(model, b))
+    ]
+
+
+def _reallocate(t: torch.Tensor) -> None:
+    """Give a released tensor its bytes back (uninitialised; the caller fills them)."""
+    if not is_held(t):
+        t.untyped_storage().resize_(_nbytes(t))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def block_nbytes(model: BlockModel, b: int) -> int:
     """Bytes of block ``b``'s state as it travels (parameters and buffers)."""
     return sum(t.numel() * t.element_size() for t in block_tensors(model, b))
@@ -207,6 +244,7 @@ def unflatten(
                 )
             for t in block_tensors(model, b):
                 n = t.numel() * t.element_size()
+                _reallocate(t)  # a block released between turns comes back
                 _byte_view(t).copy_(src[offset : offset + n])
                 offset += n
     if offset != src.numel():
@@ -223,8 +261,11 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def model_bytes_held(model: BlockModel) -> int:
-    """Bytes of model state this process holds now (what sits in memory between turns)."""
-    return sum(block_nbytes(model, b) for b in range(model.n_blocks))
+    """Bytes of model state this process holds now (what sits in memory between turns): every
+    block's tensors but those freed by ``release_blocks``."""
+    return sum(
+        _nbytes(t) for b in range(model.n_blocks) for t in block_tensors(model, b) if is_held(t)
+    )
 
 
 def training_state_bytes(
@@ -257,9 +298,10 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 def model_hash(model: BlockModel) -> str:
     """SHA-256 over every block's state bytes (the bytes ``flatten`` would produce, hashed
     tensor by tensor, so that no copy of the model is made): equal hashes mean bit-identical
-    models."""
+    models. Tensors freed by ``release_blocks`` are left out: the hash is of what is held."""
     h = hashlib.sha256()
     for b in range(model.n_blocks):
         for t in block_tensors(model, b):
-            h.update(_byte_view(t).cpu().numpy())
+            if is_held(t):
+                h.update(_byte_view(t).cpu().numpy())
     return h.hexdigest()

@@ -29,6 +29,7 @@ TOKENIZERS = ("auto", "bytes", "checkpoint")
 SNAKE_MODES = ("p2p", "cs")
 ENDS_POLICIES = ("all", "owner", "frozen")
 TRANSFERS = ("delta", "full")
+KEEP_POLICIES = ("all", "own")
 BLOCK_COSTS = ("params", "equal")
 CAPABILITY_SOURCES = ("declared", "measure")
 FAULT_KINDS = ("exception", "exit", "hang", "kill")
@@ -150,6 +151,9 @@ class SnakeConfig:
     """Cost of a middle block for the assignment: ``params`` (parameter count) or ``equal``."""
     final_sync: bool = True
     """After the last round, pass the final model around the ring so every rank holds it."""
+    keep: str = "all"
+    """What a node stores between turns: ``all`` (the whole model) or ``own`` (only the blocks it
+    trains; the others are freed once it has handed the model on, and travel to it again)."""
     kd: KDConfig = field(default_factory=KDConfig)
     """Knowledge distillation at every turn (``[snake.kd]``)."""
 
@@ -372,6 +376,7 @@ def _validate(c: RunConfig) -> None:
     _choice("snake.mode", c.snake.mode, SNAKE_MODES)
     _choice("snake.ends", c.snake.ends, ENDS_POLICIES)
     _choice("snake.transfer", c.snake.transfer, TRANSFERS)
+    _choice("snake.keep", c.snake.keep, KEEP_POLICIES)
     _choice("snake.block_cost", c.snake.block_cost, BLOCK_COSTS)
     _choice("debug.fail_kind", c.debug.fail_kind, FAULT_KINDS)
     _choice("model.dtype", c.model.dtype, MODEL_DTYPES)

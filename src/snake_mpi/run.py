@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from snake_mpi import provenance
-from snake_mpi.blocks import block_table, model_hash
+from snake_mpi.blocks import block_table, model_bytes_held, model_hash
 from snake_mpi.config import (
     ConfigError,
     RunConfig,
@@ -118,7 +118,8 @@ def result_attrs(cfg: RunConfig) -> dict[str, str]:
         model = cfg.model.preset or f"checkpoint:{Path(cfg.model.checkpoint).name}"
     attrs = {"scheme": cfg.scheme, "model": model, "dataset": cfg.data.name}
     if cfg.scheme == "snake":
-        attrs |= {"mode": cfg.snake.mode, "transfer": cfg.snake.transfer, "ends": cfg.snake.ends}
+        s = cfg.snake
+        attrs |= {"mode": s.mode, "transfer": s.transfer, "ends": s.ends, "keep": s.keep}
     return attrs
 
 
@@ -461,6 +462,7 @@ def _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss, places) -> N
         "data_samples": len(parts[comm.rank]),
         "control_bytes_sent": comm.stats.control_bytes_sent,
         "transfer_buffer_bytes": ctx.hop.buffer_bytes(),
+        "model_end_held_bytes": model_bytes_held(model),
         "final_sync_bytes_sent": sync.get("bytes_sent", 0),
         "final_sync_bytes_received": sync.get("bytes_received", 0),
     }

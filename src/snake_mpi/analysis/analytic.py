@@ -17,29 +17,46 @@ def _hop_bytes(block_bytes: Sequence[int], ids: set[int]) -> int:
     return header_nbytes(len(ids)) + sum(block_bytes[b] for b in ids)
 
 
+def _not_own(plan: Sequence[Sequence[int]], node: int, n_blocks: int) -> set[int]:
+    """Blocks ``node`` does not train: what it frees between turns with ``keep = "own"``."""
+    return set(range(n_blocks)) - set(plan[node])
+
+
 def snake_p2p_hop_blocks(
-    plan: Sequence[Sequence[int]], n_blocks: int, sender: int, round_: int, transfer: str
+    plan: Sequence[Sequence[int]],
+    n_blocks: int,
+    sender: int,
+    round_: int,
+    transfer: str,
+    *,
+    keep: str = "all",
 ) -> set[int]:
     """Blocks on the hop from ``sender`` to its successor in ``round_``.
 
     ``delta``: the blocks trained by anyone since the receiver last held the model: in round 0
     (before the model first returns to node 0) that is nodes 0..sender; afterwards every node but
-    the receiver. ``full``: every block.
+    the receiver. With ``keep = "own"`` a receiver that has had a turn also gets every block it
+    does not train (it freed them). ``full``: every block.
     """
     if transfer == "full":
         return set(range(n_blocks))
     n = len(plan)
     receiver = (sender + 1) % n
-    trainers = (
-        range(sender + 1)
-        if round_ == 0 and sender < n - 1
-        else (m for m in range(n) if m != receiver)
-    )
-    return {b for m in trainers for b in plan[m]}
+    first_visit = round_ == 0 and sender < n - 1
+    trainers = range(sender + 1) if first_visit else (m for m in range(n) if m != receiver)
+    ids = {b for m in trainers for b in plan[m]}
+    if keep == "own" and not first_visit:
+        ids |= _not_own(plan, receiver, n_blocks)
+    return ids
 
 
 def snake_p2p_bytes_sent(
-    plan: Sequence[Sequence[int]], block_bytes: Sequence[int], rounds: int, transfer: str
+    plan: Sequence[Sequence[int]],
+    block_bytes: Sequence[int],
+    rounds: int,
+    transfer: str,
+    *,
+    keep: str = "all",
 ) -> np.ndarray:
     """Bytes each node sends per round, shape (rounds, N); the run's last hop is not sent."""
     n = len(plan)
@@ -48,16 +65,21 @@ def snake_p2p_bytes_sent(
         for j in range(n):
             if r == rounds - 1 and j == n - 1:
                 continue
-            ids = snake_p2p_hop_blocks(plan, len(block_bytes), j, r, transfer)
+            ids = snake_p2p_hop_blocks(plan, len(block_bytes), j, r, transfer, keep=keep)
             out[r, j] = _hop_bytes(block_bytes, ids)
     return out
 
 
 def snake_p2p_bytes_received(
-    plan: Sequence[Sequence[int]], block_bytes: Sequence[int], rounds: int, transfer: str
+    plan: Sequence[Sequence[int]],
+    block_bytes: Sequence[int],
+    rounds: int,
+    transfer: str,
+    *,
+    keep: str = "all",
 ) -> np.ndarray:
     """Bytes each node receives per round (node 0 gets round r-1's last hop in its round r)."""
-    sent = snake_p2p_bytes_sent(plan, block_bytes, rounds, transfer)
+    sent = snake_p2p_bytes_sent(plan, block_bytes, rounds, transfer, keep=keep)
     n = len(plan)
     out = np.zeros_like(sent)
     out[:, 1:] = sent[:, : n - 1]
@@ -66,85 +88,162 @@ def snake_p2p_bytes_received(
 
 
 def snake_final_sync_bytes_sent(
-    plan: Sequence[Sequence[int]], block_bytes: Sequence[int], transfer: str
+    plan: Sequence[Sequence[int]],
+    block_bytes: Sequence[int],
+    transfer: str,
+    *,
+    keep: str = "all",
 ) -> np.ndarray:
     """Bytes each node sends in the final sync (last node -> 0 -> 1 -> ... -> N-2), shape (N,).
 
     The receiver ``k`` last held the model after its own turn in the last round, so it lacks
-    what nodes after it trained (for node 0: every other node).
+    what nodes after it trained (for node 0: every other node), and with ``keep = "own"`` every
+    block it does not train.
     """
     n = len(plan)
     out = np.zeros(n, dtype=np.int64)
     for k in range(n - 1):  # receivers 0 .. N-2
         sender = (k - 1) % n
-        if transfer == "full":
-            ids = set(range(len(block_bytes)))
-        else:
-            ids = {b for m in range(k + 1, n) for b in plan[m]}
+        ids = _sync_blocks(plan, len(block_bytes), k, transfer, keep)
         out[sender] = _hop_bytes(block_bytes, ids)
     return out
 
 
+def _sync_blocks(
+    plan: Sequence[Sequence[int]], n_blocks: int, k: int, transfer: str, keep: str
+) -> set[int]:
+    """Blocks the final sync gives node ``k``: what later nodes trained in the last round, plus
+    (``keep = "own"``) every block ``k`` does not train; ``full``: every block."""
+    if transfer == "full":
+        return set(range(n_blocks))
+    ids = {b for m in range(k + 1, len(plan)) for b in plan[m]}
+    if keep == "own":
+        ids |= _not_own(plan, k, n_blocks)
+    return ids
+
+
 def snake_cs_bytes_sent(
-    plan: Sequence[Sequence[int]], block_bytes: Sequence[int], rounds: int, transfer: str
+    plan: Sequence[Sequence[int]],
+    block_bytes: Sequence[int],
+    rounds: int,
+    transfer: str,
+    *,
+    keep: str = "all",
 ) -> np.ndarray:
     """Snake CS: bytes each rank sends per round, shape (rounds, 1 + nodes); rank 0 controls.
 
     The controller sends node ``k`` what changed since node ``k``'s last turn (``delta``: in
-    round 0 what nodes ``0..k-1`` trained, later what every other node trained; ``full``: every
-    block); node ``k`` returns exactly the blocks it trained.
+    round 0 what nodes ``0..k-1`` trained, later what every other node trained, and with
+    ``keep = "own"`` every block ``k`` does not train; ``full``: every block); node ``k``
+    returns exactly the blocks it trained.
     """
     n = len(plan)
     out = np.zeros((rounds, n + 1), dtype=np.int64)
     for r in range(rounds):
         for k in range(n):
-            out[r, 0] += _hop_bytes(block_bytes, _cs_down(plan, len(block_bytes), r, k, transfer))
+            down = _cs_down(plan, len(block_bytes), r, k, transfer, keep)
+            out[r, 0] += _hop_bytes(block_bytes, down)
             out[r, k + 1] = _hop_bytes(block_bytes, set(plan[k]))
     return out
 
 
 def _cs_down(
-    plan: Sequence[Sequence[int]], n_blocks: int, round_: int, k: int, transfer: str
+    plan: Sequence[Sequence[int]],
+    n_blocks: int,
+    round_: int,
+    k: int,
+    transfer: str,
+    keep: str = "all",
 ) -> set[int]:
     """Blocks the CS controller sends node ``k`` in ``round_``: what changed since its last
-    turn (round 0: what nodes before it trained; later: what every other node trained)."""
+    turn (round 0: what nodes before it trained; later: what every other node trained, and with
+    ``keep = "own"`` every block ``k`` does not train, as it freed them)."""
     if transfer == "full":
         return set(range(n_blocks))
     n = len(plan)
     others = range(k) if round_ == 0 else (m for m in range(n) if m != k)
-    return {b for m in others for b in plan[m]}
+    ids = {b for m in others for b in plan[m]}
+    if keep == "own" and round_ > 0:
+        ids |= _not_own(plan, k, n_blocks)
+    return ids
 
 
 def snake_cs_bytes_received(
-    plan: Sequence[Sequence[int]], block_bytes: Sequence[int], rounds: int, transfer: str
+    plan: Sequence[Sequence[int]],
+    block_bytes: Sequence[int],
+    rounds: int,
+    transfer: str,
+    *,
+    keep: str = "all",
 ) -> np.ndarray:
     """Snake CS: bytes each rank receives per round (the mirror of ``snake_cs_bytes_sent``)."""
     n = len(plan)
-    sent = snake_cs_bytes_sent(plan, block_bytes, rounds, transfer)
+    sent = snake_cs_bytes_sent(plan, block_bytes, rounds, transfer, keep=keep)
     out = np.zeros_like(sent)
     out[:, 0] = sent[:, 1:].sum(axis=1)
     for r in range(rounds):
         for k in range(n):
-            out[r, k + 1] = _hop_bytes(
-                block_bytes, _cs_down(plan, len(block_bytes), r, k, transfer)
-            )
+            down = _cs_down(plan, len(block_bytes), r, k, transfer, keep)
+            out[r, k + 1] = _hop_bytes(block_bytes, down)
     return out
 
 
 def snake_cs_final_sync_bytes_sent(
-    plan: Sequence[Sequence[int]], block_bytes: Sequence[int], transfer: str
+    plan: Sequence[Sequence[int]],
+    block_bytes: Sequence[int],
+    transfer: str,
+    *,
+    keep: str = "all",
 ) -> np.ndarray:
     """Snake CS final sync: the controller sends nodes ``0..n-2`` what later nodes trained in
-    the last round (``full``: the whole model), shape (1 + nodes,)."""
+    the last round (``full``: the whole model), shape (1 + nodes,). With ``keep = "own"`` every
+    node, the last one too, also gets every block it does not train (it freed them)."""
     n = len(plan)
     out = np.zeros(n + 1, dtype=np.int64)
-    for k in range(n - 1):
-        if transfer == "full":
-            ids = set(range(len(block_bytes)))
-        else:
-            ids = {b for m in range(k + 1, n) for b in plan[m]}
-        out[0] += _hop_bytes(block_bytes, ids)
+    for k in range(n if keep == "own" else n - 1):
+        out[0] += _hop_bytes(block_bytes, _sync_blocks(plan, len(block_bytes), k, transfer, keep))
     return out
+
+
+def snake_at_rest_bytes(
+    plan: Sequence[Sequence[int]],
+    block_bytes: Sequence[int],
+    rounds: int,
+    *,
+    mode: str,
+    keep: str = "all",
+) -> np.ndarray:
+    """Model bytes each rank holds at the end of every round, after its turn (the
+    ``model_at_rest_bytes`` a run records), shape (rounds, world): ``keep = "all"``: the whole
+    model ``P·b`` everywhere; ``own``: node ``k`` its trained blocks ``p_k·b``, except the P2P
+    last node in the last round (it hands nothing on and keeps the final model) and the CS
+    controller (rank 0, always the whole model)."""
+    total = int(sum(block_bytes))
+    n = len(plan)
+    first = 1 if mode == "cs" else 0
+    out = np.full((rounds, first + n), total, dtype=np.int64)
+    if keep == "own":
+        for k, ids in enumerate(plan):
+            out[:, first + k] = sum(block_bytes[b] for b in set(ids))
+        if mode != "cs":
+            out[rounds - 1, n - 1] = total
+    return out
+
+
+def snake_end_held_bytes(
+    plan: Sequence[Sequence[int]],
+    block_bytes: Sequence[int],
+    rounds: int,
+    *,
+    mode: str,
+    keep: str = "all",
+    final_sync: bool = True,
+) -> np.ndarray:
+    """Model bytes each rank holds at the end of the run, shape (world,): the whole model
+    everywhere after a final sync (it gives every rank the final model, under either ``keep``);
+    without one, what it held at the end of the last round."""
+    at_rest = snake_at_rest_bytes(plan, block_bytes, rounds, mode=mode, keep=keep)[-1]
+    return np.full_like(at_rest, sum(block_bytes)) if final_sync else at_rest
 
 
 def fedavg_bytes_per_round(n_clients: int, model_bytes: int, n_blocks: int) -> int:

@@ -44,27 +44,17 @@ def no_bytes(cfg: RunConfig, res: Result) -> tuple[np.ndarray, np.ndarray]:
 
 def snake_bytes(cfg: RunConfig, res: Result) -> tuple[np.ndarray, np.ndarray]:
     """Snake (P2P or CS): the plan rebuilt from the block table and the recorded capabilities
-    and block times."""
-    from snake_mpi.schemes.snake import plan_from_params
-
-    n, rounds = res.world_size, res.n_rounds
-    blocks = res.tables["blocks"]
-    block_bytes = _block_bytes(res)
-    params = [int(p) for p in blocks["params"]]
-    transfer = cfg.snake.transfer
-    nodes = list(range(1, n)) if cfg.snake.mode == "cs" else list(range(n))
-    caps = res.arrays.get("assignment/capability")
-    times = res.arrays.get("assignment/block_time_s")
-    costs = None if times is None else times[nodes][:, 1:-1].mean(axis=0)
-    plan = plan_from_params(params, cfg.snake, len(nodes), costs=costs, capabilities=caps)
+    and block times; with ``snake.keep = "own"`` hops also carry what the receiver freed."""
+    plan, block_bytes = snake_plan(res), _block_bytes(res)
+    rounds, transfer, keep = res.n_rounds, cfg.snake.transfer, cfg.snake.keep
     if cfg.snake.mode == "cs":
         return (
-            analytic.snake_cs_bytes_sent(plan, block_bytes, rounds, transfer),
-            analytic.snake_cs_bytes_received(plan, block_bytes, rounds, transfer),
+            analytic.snake_cs_bytes_sent(plan, block_bytes, rounds, transfer, keep=keep),
+            analytic.snake_cs_bytes_received(plan, block_bytes, rounds, transfer, keep=keep),
         )
     return (
-        analytic.snake_p2p_bytes_sent(plan, block_bytes, rounds, transfer),
-        analytic.snake_p2p_bytes_received(plan, block_bytes, rounds, transfer),
+        analytic.snake_p2p_bytes_sent(plan, block_bytes, rounds, transfer, keep=keep),
+        analytic.snake_p2p_bytes_received(plan, block_bytes, rounds, transfer, keep=keep),
     )
 
 
@@ -108,3 +98,55 @@ def activation_bytes_per_sample_of(cfg: RunConfig) -> int:
         cfg.model, sample_shape=cfg.data.sample_shape, n_classes=cfg.data.n_classes, seed=0
     )
     return activation_bytes_per_sample(cut_shape(model, cfg.split.cut, cfg.data.sample_shape))
+
+
+def snake_plan(res: Result) -> list[list[int]]:
+    """The trained blocks of every node of a Snake run, rebuilt as the run made them."""
+    from snake_mpi.schemes.snake import plan_from_params
+
+    cfg = run_config(res)
+    n = res.world_size
+    blocks = res.tables["blocks"]
+    params = [int(p) for p in blocks["params"]]
+    nodes = list(range(1, n)) if cfg.snake.mode == "cs" else list(range(n))
+    caps = res.arrays.get("assignment/capability")
+    times = res.arrays.get("assignment/block_time_s")
+    costs = None if times is None else times[nodes][:, 1:-1].mean(axis=0)
+    return plan_from_params(params, cfg.snake, len(nodes), costs=costs, capabilities=caps)
+
+
+def _snake_storage(res: Result) -> tuple[RunConfig, list[list[int]], list[int]]:
+    cfg = run_config(res)
+    if cfg.scheme != "snake":
+        raise ValueError(f"no analytic storage model for scheme {cfg.scheme!r} (Snake only)")
+    return cfg, snake_plan(res), _block_bytes(res)
+
+
+def expected_at_rest_bytes(res: Result) -> np.ndarray:
+    """Snake: model bytes each rank holds at the end of each round (``/rounds/
+    model_at_rest_bytes``), shape (n_rounds, world_size), by ``snake.keep``."""
+    cfg, plan, block_bytes = _snake_storage(res)
+    s = cfg.snake
+    return analytic.snake_at_rest_bytes(plan, block_bytes, res.n_rounds, mode=s.mode, keep=s.keep)
+
+
+def expected_end_held_bytes(res: Result) -> np.ndarray:
+    """Snake: model bytes each rank holds at the end of the run (``/ranks/
+    model_end_held_bytes``), shape (world_size,)."""
+    cfg, plan, block_bytes = _snake_storage(res)
+    s = cfg.snake
+    return analytic.snake_end_held_bytes(
+        plan, block_bytes, res.n_rounds, mode=s.mode, keep=s.keep, final_sync=s.final_sync
+    )
+
+
+def expected_final_sync_bytes(res: Result) -> np.ndarray:
+    """Snake: bytes each rank sends in the final sync (``/final_sync/bytes_sent``)."""
+    cfg, plan, block_bytes = _snake_storage(res)
+    s = cfg.snake
+    formula = (
+        analytic.snake_cs_final_sync_bytes_sent
+        if s.mode == "cs"
+        else analytic.snake_final_sync_bytes_sent
+    )
+    return formula(plan, block_bytes, s.transfer, keep=s.keep)

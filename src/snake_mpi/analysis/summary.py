@@ -53,7 +53,7 @@ def _header(r: Result) -> str:
         ("world size", str(r.world_size)),
         ("rounds", str(r.n_rounds)),
     ]
-    for key in ("model", "dataset", "mode", "transfer"):
+    for key in ("model", "dataset", "mode", "transfer", "keep"):
         if r.attrs.get(key, "") != "":
             items.append((key, str(r.attrs[key])))
     hosts = _hosts(r)

@@ -6,6 +6,12 @@ back only the blocks the node trained.
 
 Versions: when node ``i`` trains in round ``r`` it stamps its blocks with ``r * N + i + 1``.
 A node that last held the model at stamp ``s`` lacks exactly the blocks with version > ``s``.
+
+Storage (``snake.keep``): ``all`` — a node keeps the whole model between turns; ``own`` — once
+it has handed the model (P2P) or its update (CS) on, a node frees every block it does not train,
+so at rest it holds its own blocks only, and each later hop to it also carries every block it
+freed. The P2P run's last turn hands nothing on, so that node keeps the final model; the CS
+controller always holds the whole model. The training math is the same under both.
 """
 
 from __future__ import annotations
@@ -15,8 +21,15 @@ from collections.abc import Sequence
 import numpy as np
 
 from snake_mpi import assign
-from snake_mpi.blocks import BlockModel, block_nbytes, block_params
+from snake_mpi.blocks import (
+    BlockModel,
+    block_nbytes,
+    block_params,
+    release_blocks,
+    released_blocks,
+)
 from snake_mpi.config import RunConfig, SnakeConfig
+from snake_mpi.probes.memory import release_free_memory
 from snake_mpi.schemes import Context
 from snake_mpi.schemes.capability import measure_in_turn
 from snake_mpi.schemes.common import (
@@ -127,22 +140,56 @@ def last_stamp(receiver: int, sender: int, round_: int, n_nodes: int) -> int:
     return stamp(r, receiver, n_nodes) if r >= 0 else 0
 
 
-def blocks_to_send(versions: np.ndarray, receiver_stamp: int, transfer: str) -> list[int]:
-    """Blocks a hop carries: all (``full``) or those newer than the receiver's copy (``delta``)."""
+def blocks_to_send(
+    versions: np.ndarray, receiver_stamp: int, transfer: str, freed: Sequence[int] = ()
+) -> list[int]:
+    """Blocks a hop carries: all (``full``), or those newer than the receiver's copy plus those
+    the receiver freed after its last turn (``delta``; ``freed``: see ``freed_blocks``)."""
     if transfer == "full":
         return list(range(len(versions)))
-    return [int(b) for b in np.flatnonzero(versions > receiver_stamp)]
+    lacks = versions > receiver_stamp
+    lacks[list(freed)] = True
+    return [int(b) for b in np.flatnonzero(lacks)]
+
+
+def freed_blocks(own: Sequence[int], n_blocks: int, keep: str, has_trained: bool) -> list[int]:
+    """Blocks a node does not hold between turns: with ``keep = "own"``, once it has had a turn,
+    every block it does not train; none with ``keep = "all"`` or before its first turn."""
+    if keep != "own" or not has_trained:
+        return []
+    mine = set(own)
+    return [b for b in range(n_blocks) if b not in mine]
 
 
 def expected_wrap_blocks(
-    versions: np.ndarray, plan: Sequence[Sequence[int]], round_: int, transfer: str
+    versions: np.ndarray, plan: Sequence[Sequence[int]], round_: int, transfer: str, keep: str
 ) -> list[int]:
     """Blocks node 0 will get from node N-1 at the end of ``round_`` (node 0 has trained)."""
     n = len(plan)
     predicted = versions.copy()
     for node in range(1, n):
         predicted[list(plan[node])] = stamp(round_, node, n)
-    return blocks_to_send(predicted, stamp(round_, 0, n), transfer)
+    freed = freed_blocks(plan[0], len(versions), keep, True)
+    return blocks_to_send(predicted, stamp(round_, 0, n), transfer, freed)
+
+
+def keep_own(ctx: Context, own: Sequence[int]) -> None:
+    """With ``snake.keep = "own"``: free every block this node does not train (it has handed the
+    model or its update on) and hand the freed pages back to the OS, so its RSS shows it too."""
+    freed = freed_blocks(own, ctx.model.n_blocks, ctx.cfg.snake.keep, True)
+    if freed:
+        release_blocks(ctx.model, freed)
+        release_free_memory()
+
+
+def check_whole(ctx: Context) -> None:
+    """Refuse to train on a model with blocks freed and not received again (a protocol bug)."""
+    missing = released_blocks(ctx.model)
+    if missing:
+        raise ValueError(
+            f"rank {ctx.comm.rank}: blocks {missing} were freed after its last turn and not "
+            f"received again before this one (round {ctx.record.round})"
+        )
 
 
 def run(ctx: Context) -> None:
@@ -162,23 +209,28 @@ def run_p2p(ctx: Context) -> None:
     ctx.info["owners"] = block_owners(plan, model.n_blocks)
     ctx.info["plan"] = plan
     mine = plan[node]
-    rounds = cfg.train.rounds
+    rounds, transfer, keep = cfg.train.rounds, cfg.snake.transfer, cfg.snake.keep
+    nb = model.n_blocks
     for r in range(rounds):
         rec.begin_round(r)
         if node > 0:
             receive_blocks(ctx, comm.pred, KIND_MODEL, r, node - 1)
         elif r > 0:
             receive_blocks(ctx, comm.pred, KIND_MODEL, r - 1, last)
+        check_whole(ctx)
         train_and_record(ctx, mine, kd_spec(cfg))
         model.versions[mine] = stamp(r, node, n)
         if node == last:
             evaluate_and_record(ctx)
         if not (r == rounds - 1 and node == last):
             dest = comm.succ
-            ids = blocks_to_send(model.versions, last_stamp(dest, node, r, n), cfg.snake.transfer)
+            held = last_stamp(dest, node, r, n)
+            freed = freed_blocks(plan[dest], nb, keep, held > 0)
+            ids = blocks_to_send(model.versions, held, transfer, freed)
             send_blocks(ctx, dest, KIND_MODEL, r, node, ids)
+            keep_own(ctx, mine)  # handed on
         if node == 0 and r < rounds - 1:  # before the round-end gather, see Comm.expect
-            wrap = expected_wrap_blocks(model.versions, plan, r, cfg.snake.transfer)
+            wrap = expected_wrap_blocks(model.versions, plan, r, transfer, keep)
             nbytes = sum(block_nbytes(model, b) for b in wrap)
             comm.expect(
                 comm.pred,
@@ -203,15 +255,16 @@ def run_cs(ctx: Context) -> None:
     owners = block_owners(plan, model.n_blocks)
     ctx.info["owners"] = np.where(owners >= 0, owners + 1, owners)  # as ranks
     ctx.info["plan"] = plan
-    rounds, transfer = cfg.train.rounds, cfg.snake.transfer
+    rounds, transfer, keep = cfg.train.rounds, cfg.snake.transfer, cfg.snake.keep
+    nb = model.n_blocks
     for r in range(rounds):
         rec.begin_round(r)
         if comm.rank == 0:
             for k in range(n_nodes):
                 held = stamp(r - 1, k, n_nodes) if r > 0 else 0  # the node's copy: its last turn
-                send_blocks(
-                    ctx, k + 1, KIND_MODEL, r, k, blocks_to_send(model.versions, held, transfer)
-                )
+                freed = freed_blocks(plan[k], nb, keep, r > 0)
+                ids = blocks_to_send(model.versions, held, transfer, freed)
+                send_blocks(ctx, k + 1, KIND_MODEL, r, k, ids)
                 got = receive_blocks(ctx, k + 1, KIND_UPDATE, r, k)
                 if sorted(got) != sorted(plan[k]):
                     raise ValueError(f"rank 0: node {k} returned blocks {got}, not {plan[k]}")
@@ -219,9 +272,11 @@ def run_cs(ctx: Context) -> None:
         else:
             k = comm.rank - 1
             receive_blocks(ctx, 0, KIND_MODEL, r, k)
+            check_whole(ctx)
             train_and_record(ctx, plan[k], kd_spec(cfg))
             model.versions[plan[k]] = stamp(r, k, n_nodes)
             send_blocks(ctx, 0, KIND_UPDATE, r, k, plan[k])
+            keep_own(ctx, plan[k])  # handed on
         rec.end_round()
     if cfg.snake.final_sync:
         final_sync_cs(ctx, rounds, n_nodes)
@@ -229,13 +284,16 @@ def run_cs(ctx: Context) -> None:
 
 def final_sync_cs(ctx: Context, rounds: int, n_nodes: int) -> None:
     """The controller sends nodes 0..n-2 what they lack of the final model (the last node holds
-    it already), so every rank ends with the same model; reported under ``final_sync``."""
-    comm, model = ctx.comm, ctx.model
+    it already; with ``keep = "own"`` it freed the rest, so it is sent that too), so every rank
+    ends with the whole final model; reported under ``final_sync``."""
+    comm, model, cfg = ctx.comm, ctx.model, ctx.cfg.snake
     comm.stats.take()
     r = rounds - 1
-    for k in range(n_nodes - 1):
+    plan = ctx.info["plan"]
+    for k in range(n_nodes if cfg.keep == "own" else n_nodes - 1):
         if comm.rank == 0:
-            ids = blocks_to_send(model.versions, stamp(r, k, n_nodes), ctx.cfg.snake.transfer)
+            freed = freed_blocks(plan[k], model.n_blocks, cfg.keep, True)
+            ids = blocks_to_send(model.versions, stamp(r, k, n_nodes), cfg.transfer, freed)
             send_blocks(ctx, k + 1, KIND_SYNC, r, k, ids)
         elif comm.rank == k + 1:
             receive_blocks(ctx, 0, KIND_SYNC, r, k)
@@ -245,8 +303,10 @@ def final_sync_cs(ctx: Context, rounds: int, n_nodes: int) -> None:
 def final_sync(ctx: Context, rounds: int) -> None:
     """Pass the final model on from the last node round the ring, so every rank holds it.
 
-    Hop k goes from node ``(last + k) % N`` to the next; each carries what the receiver lacks.
-    Bytes are counted by comm as usual and reported under ``final_sync`` (not in a round).
+    Hop k goes from node ``(last + k) % N`` to the next; each carries what the receiver lacks
+    (with ``keep = "own"`` also every block it freed: the last node kept the whole final model,
+    and every rank ends holding it). Bytes are counted by comm as usual and reported under
+    ``final_sync`` (not in a round).
     """
     comm, model = ctx.comm, ctx.model
     n, node = comm.size, comm.rank
@@ -259,6 +319,7 @@ def final_sync(ctx: Context, rounds: int) -> None:
     if comm.succ != last:
         dest = comm.succ
         receiver_stamp = stamp(r, dest, n)  # every receiver's last turn was in the last round
-        ids = blocks_to_send(model.versions, receiver_stamp, ctx.cfg.snake.transfer)
+        freed = freed_blocks(ctx.info["plan"][dest], model.n_blocks, ctx.cfg.snake.keep, True)
+        ids = blocks_to_send(model.versions, receiver_stamp, ctx.cfg.snake.transfer, freed)
         send_blocks(ctx, dest, KIND_SYNC, r, node, ids)
     ctx.info["final_sync"] = comm.stats.take()
