@@ -15,7 +15,7 @@ STYLE = (
     "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
     "line-height:1.4}"
     "table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0 1em;max-width:100%}"
-    "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right;overflow-wrap:anywhere}"
+    "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right;overflow-wrap:break-word}"
     "td.t,th.t{text-align:left}th{background:#f3f3f3}.wide{overflow-x:auto}"
     "img{max-width:100%}figure{margin:1em 0}figcaption{color:#555;font-size:0.9em}"
 )

@@ -41,7 +41,7 @@ from snake_mpi.analysis.figures import (
 )
 from snake_mpi.analysis.render import Doc
 from snake_mpi.analysis.summary import _device, _hosts
-from snake_mpi.config import RunConfig, to_toml
+from snake_mpi.config import RunConfig
 from snake_mpi.store import Result
 
 TABLE_GROUPS = (
@@ -114,13 +114,25 @@ def workload_text(cfg: RunConfig) -> str:
     model_keys, data_keys = workload_keys(cfg)
 
     def pick(section: object, keys: list[str]) -> str:
-        lines = dict(ln.split(" = ", 1) for ln in to_toml(section).splitlines() if " = " in ln)
-        return "; ".join(f"{k} = {lines[k]}" for k in keys if k in lines)
+        return "; ".join(
+            f"{k} = {_shown(getattr(section, k))}" for k in keys if hasattr(section, k)
+        )
 
     text = f"Model: {pick(cfg.model, model_keys)}. Data: {pick(cfg.data, data_keys)}."
     if cfg.data.name == "text" and not cfg.data.path:
         text += " (Empty path: the Python standard library's sources.)"
     return text
+
+
+def _shown(value: object) -> str:
+    """A config value on one line as TOML writes it: strings quoted, arrays inline."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return str(value)
 
 
 def _mpi(prov: dict) -> str:
