@@ -74,6 +74,7 @@ _RUN: dict[str, tuple[str, Callable[[RunConfig, Result], Any]]] = {
     "train_optimizer": ("str", lambda c, r: c.train.optimizer),
     "snake_transfer": ("str", lambda c, r: _snake(c, "transfer")),
     "snake_ends": ("str", lambda c, r: _snake(c, "ends")),
+    "snake_keep": ("str", lambda c, r: _snake(c, "keep")),
     "kd_weight": ("float", lambda c, r: c.snake.kd.weight if c.scheme == "snake" else None),
     "fedavg_clients_per_round": (
         "int?",
