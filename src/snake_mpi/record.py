@@ -2,7 +2,8 @@
 and appended there to the result file (``store.py`` does the writing).
 
 A scheme marks round boundaries (``begin_round``/``end_round``), adds compute and evaluation
-figures; communication counters come from ``comm.py`` and memory/disk from the probes.
+figures; communication counters come from the communicator (``transport.protocol``) and
+memory/disk from the probes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from snake_mpi.blocks import BlockModel, model_bytes_held
 from snake_mpi.config import DebugConfig
 from snake_mpi.probes.gpu import ROUND_KEYS as GPU_ROUND_KEYS
+from snake_mpi.transport.protocol import Communicator
 
 ROUND_FIELDS: dict[str, str] = {
     "bytes_sent": "int64",
@@ -77,7 +79,7 @@ class Recorder:
     def __init__(
         self,
         *,
-        comm: Any,
+        comm: Communicator,
         model: BlockModel,
         sampler: Any,
         disk: Any,

@@ -89,7 +89,7 @@ def snake_claims(rows: Sequence[Row]) -> list[list[str]]:
 
 def perplexity_claim(results: Sequence[Result]) -> list[list[str]]:
     """For language-model runs: Snake's final perplexity against FedAvg's (the paper: lower)."""
-    final = {}
+    final: dict[str, tuple[Result, float]] = {}
     for res in results:
         ev = res.evaluation
         if "perplexity" in ev and len(ev["perplexity"]):
