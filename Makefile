@@ -61,13 +61,15 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Lint, format check and type check (mypy's settings: [tool.mypy] in pyproject.toml); CI runs it.
 lint: install
 	$(BIN)/ruff check src tests bench analysis
 	$(BIN)/ruff format --check src tests bench analysis
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff format src tests bench analysis
 	$(BIN)/ruff check --fix src tests bench analysis
 
 clean:
-	rm -rf $(VENV) build results .pytest_cache .ruff_cache
+	rm -rf $(VENV) build results .pytest_cache .ruff_cache .mypy_cache

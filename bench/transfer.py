@@ -55,7 +55,7 @@ _gpu_before_mpi()
 from mpi4py import MPI  # noqa: E402 - after the device is chosen
 
 from snake_mpi.transport.comm import Comm  # noqa: E402
-from snake_mpi.transport.wire import KIND_MODEL  # noqa: E402
+from snake_mpi.transport.wire import KIND_MODEL, Transfer, TransferSpec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,18 +91,9 @@ def comm_once(comm: Comm, world: MPI.Comm, buf: np.ndarray, reps: int) -> float:
     t0 = MPI.Wtime()
     for i in range(reps):
         if comm.rank == 0:
-            comm.send_blocks(
-                1,
-                kind=KIND_MODEL,
-                round=i,
-                hop=0,
-                block_ids=ids,
-                versions=ids,
-                block_nbytes=sizes,
-                payload=buf,
-            )
+            comm.send_blocks(1, Transfer(KIND_MODEL, i, 0, ids, ids, sizes, buf))
         elif comm.rank == 1:
-            comm.recv_blocks(0, kind=KIND_MODEL, round=i, hop=0, out=buf)
+            comm.recv_blocks(0, TransferSpec(KIND_MODEL, i, 0, out=buf))
     if comm.rank == 1:
         world.Send([ack, MPI.BYTE], 0, 8)
     elif comm.rank == 0:
@@ -119,25 +110,16 @@ def token_once(comm: Comm, world: MPI.Comm, buf: np.ndarray, reps: int) -> float
     peer = 1 - comm.rank
 
     def send(i: int) -> None:
-        comm.send_blocks(
-            peer,
-            kind=KIND_MODEL,
-            round=i,
-            hop=comm.rank,
-            block_ids=ids,
-            versions=ids,
-            block_nbytes=sizes,
-            payload=buf,
-        )
+        comm.send_blocks(peer, Transfer(KIND_MODEL, i, comm.rank, ids, ids, sizes, buf))
 
     world.Barrier()
     t0 = MPI.Wtime()
     for i in range(reps):
         if comm.rank == 0:
             send(i)
-            comm.recv_blocks(1, kind=KIND_MODEL, round=i, hop=1, out=buf)
+            comm.recv_blocks(1, TransferSpec(KIND_MODEL, i, 1, out=buf))
         elif comm.rank == 1:
-            comm.recv_blocks(0, kind=KIND_MODEL, round=i, hop=0, out=buf)
+            comm.recv_blocks(0, TransferSpec(KIND_MODEL, i, 0, out=buf))
             send(i)
     return (MPI.Wtime() - t0) / (2 * reps)
 
@@ -163,13 +145,10 @@ def path_once(comm: Comm, world: MPI.Comm, path: str, dev_buf, pinned, reps: int
             else:
                 torch.cuda.current_stream().synchronize()
                 payload = dev_buf
-            comm.send_blocks(
-                1, kind=KIND_MODEL, round=i, hop=0, block_ids=ids, versions=ids,
-                block_nbytes=sizes, payload=payload,
-            )  # fmt: skip
+            comm.send_blocks(1, Transfer(KIND_MODEL, i, 0, ids, ids, sizes, payload))
         elif comm.rank == 1:
             into = host if path == "staged" else dev_buf
-            comm.recv_blocks(0, kind=KIND_MODEL, round=i, hop=0, alloc=lambda k, b=into: b[:k])
+            comm.recv_blocks(0, TransferSpec(KIND_MODEL, i, 0, alloc=lambda k, b=into: b[:k]))
             if path == "staged":
                 dev_buf.copy_(pinned)
             torch.cuda.current_stream().synchronize()

@@ -22,7 +22,7 @@ from snake_mpi.schemes.capability import BlockMeter, summarise
 from snake_mpi.store import read_result
 from snake_mpi.train import KDSpec, train_local
 from snake_mpi.transport.localcomm import ThreadWorld
-from snake_mpi.transport.wire import KIND_MODEL, LinkModel
+from snake_mpi.transport.wire import KIND_MODEL, LinkModel, Transfer, TransferSpec
 
 SMALL = REPO / "tests" / "configs" / "small.toml"
 TINY = REPO / "tests" / "configs" / "tiny.toml"
@@ -168,32 +168,18 @@ def test_link_emulation_stretches_a_transfer_to_the_formula():
     payload = np.zeros(200_000, dtype=np.uint8)
     ids = np.array([0], dtype=np.int64)
 
+    def hop_of(hop: int) -> Transfer:
+        sizes = np.array([payload.nbytes])
+        return Transfer(KIND_MODEL, 0, hop, ids, ids, sizes, payload)
+
     def body(comm):
         t0 = time.perf_counter()
         if comm.rank == 0:
-            comm.send_blocks(
-                1,
-                kind=KIND_MODEL,
-                round=0,
-                hop=0,
-                block_ids=ids,
-                versions=ids,
-                block_nbytes=np.array([payload.nbytes]),
-                payload=payload,
-            )
-            comm.recv_blocks(1, kind=KIND_MODEL, round=0, hop=1)
+            comm.send_blocks(1, hop_of(0))
+            comm.recv_blocks(1, TransferSpec(KIND_MODEL, 0, 1))
         else:
-            comm.recv_blocks(0, kind=KIND_MODEL, round=0, hop=0)
-            comm.send_blocks(
-                0,
-                kind=KIND_MODEL,
-                round=0,
-                hop=1,
-                block_ids=ids,
-                versions=ids,
-                block_nbytes=np.array([payload.nbytes]),
-                payload=payload,
-            )
+            comm.recv_blocks(0, TransferSpec(KIND_MODEL, 0, 0))
+            comm.send_blocks(0, hop_of(1))
         return time.perf_counter() - t0, comm.stats.take()
 
     (t0, s0), (t1, s1) = ThreadWorld(2).run(body, link=link)

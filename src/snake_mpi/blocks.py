@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ ROLE_STEM, ROLE_MIDDLE, ROLE_HEAD = "stem", "middle", "head"
 
 class BlockModel(nn.Module):
     """An ``nn.Sequential``-like model whose children are the blocks, with a version per block."""
+
+    lm_config: Any
+    """A language model's Hugging Face config (set by ``models.lm.to_blocks``; else unset)."""
 
     def __init__(self, blocks: Sequence[tuple[str, nn.Module]]) -> None:
         super().__init__()
@@ -253,10 +257,10 @@ def unflatten(
 
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's first tensor (CPU for a model with none)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 
@@ -303,5 +307,5 @@ def model_hash(model: BlockModel) -> str:
     for b in range(model.n_blocks):
         for t in block_tensors(model, b):
             if is_held(t):
-                h.update(_byte_view(t).cpu().numpy())
+                h.update(_byte_view(t).cpu().numpy().data)
     return h.hexdigest()

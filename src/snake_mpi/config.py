@@ -12,6 +12,7 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -242,7 +243,7 @@ class RunConfig:
 # ---------------------------------------------------------------- loading
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a TOML file (defaults if ``path`` is None), apply ``key=value`` overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
@@ -320,7 +321,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, key + ".")
     origin = typing.get_origin(tp)
     if origin is tuple:

@@ -2,7 +2,8 @@
 and appended there to the result file (``store.py`` does the writing).
 
 A scheme marks round boundaries (``begin_round``/``end_round``), adds compute and evaluation
-figures; communication counters come from ``comm.py`` and memory/disk from the probes.
+figures; communication counters come from the communicator (``transport.protocol``) and
+memory/disk from the probes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from snake_mpi.blocks import BlockModel, model_bytes_held
 from snake_mpi.config import DebugConfig
 from snake_mpi.probes import RoundProbe
 from snake_mpi.probes.gpu import ROUND_KEYS as GPU_ROUND_KEYS
+from snake_mpi.transport.protocol import Communicator
 
 STEP_PROGRESS_S = 30.0
 """A turn longer than this prints a progress line (steps done, elapsed) this often."""
@@ -82,7 +84,7 @@ class Recorder:
     def __init__(
         self,
         *,
-        comm: Any,
+        comm: Communicator,
         model: BlockModel,
         probes: Sequence[RoundProbe],
         writer: Any | None,

@@ -43,6 +43,7 @@ from snake_mpi.probes.memory import MemorySampler, ru_maxrss_bytes
 from snake_mpi.probes.storage import DiskWriteCounter
 from snake_mpi.record import EVAL_FIELDS, ROUND_FIELDS, Recorder
 from snake_mpi.schemes import Context, NodeData, scheme_spec
+from snake_mpi.transport.protocol import Communicator
 from snake_mpi.transport.wire import LinkModel
 
 EXIT_CONFIG = 2
@@ -68,7 +69,7 @@ def seeds_for(root_seed: int, world_size: int) -> tuple[dict[str, int], list[int
     return named, rank_seeds
 
 
-def torch_threads(cfg: RunConfig, comm: Any) -> int:
+def torch_threads(cfg: RunConfig, comm: Communicator) -> int:
     """Threads per rank: as configured, else Slurm's ``--cpus-per-task``, else the host's cores
     shared among the ranks on it."""
     if cfg.torch_threads > 0:
@@ -148,6 +149,7 @@ def main(cfg: RunConfig, out: str, *, overwrite: bool) -> int:
     try:
         if not error:
             if placement is None:  # several GPUs and no launcher variable: chosen now
+                assert split is not None  # no launcher variable: the split was made
                 placement = place_after_mpi(cfg, split)
             elif split is not None:  # the CPU, or the only GPU: the local rank is still news
                 placement = dataclasses.replace(
@@ -279,7 +281,7 @@ def load_checked(cfg: RunConfig, world_size: int):
 
 def execute(
     cfg: RunConfig,
-    comm: Any,
+    comm: Communicator,
     out_path: Path,
     *,
     dataset: Any = None,
@@ -355,6 +357,7 @@ def execute(
     )
     writer, places = None, None
     if rank == 0:
+        assert hosts is not None and where is not None  # rank 0 has gathered them
         places = rank_places(hosts, where)
         from snake_mpi.store import ResultWriter
 

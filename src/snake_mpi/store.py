@@ -19,7 +19,7 @@ import errno
 import os
 import pathlib
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +67,7 @@ class ResultWriter:
         world_size: int,
         round_fields: dict[str, str],
         eval_fields: dict[str, str],
-        attrs: dict[str, str | int | float],
+        attrs: Mapping[str, str | int | float],
         config_toml: str,
     ) -> None:
         if world_size < 1:

@@ -84,7 +84,7 @@ def suite_path(name: str) -> Path:
 
 def _int_list(path: Path, raw: dict, key: str, default: list[int], low: int, high: int) -> list:
     values = raw.get(key, default)
-    ok = isinstance(values, list) and values
+    ok = isinstance(values, list) and bool(values)
     ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
     if not ok or not all(low <= v < high for v in values):
         bound = f"integers >= {low}" if high == 2**63 else f"integers in [{low}, {high})"
@@ -179,6 +179,8 @@ class Interrupted(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.outcome: Outcome | None = None
+        """The interrupted cell's outcome, once ``run_cell`` has recorded it."""
 
 
 def _raise_interrupted(signum: int, _frame: object) -> None:
@@ -279,7 +281,8 @@ def run_suite(
             try:
                 outcomes[cell.name] = run_cell(cell, out_dir, limit)
             except Interrupted as e:
-                update_manifest(out_dir, str(suite_path(name)), cell.name, e.outcome)
+                if e.outcome is not None:
+                    update_manifest(out_dir, str(suite_path(name)), cell.name, e.outcome)
                 at = f"suite: {time.strftime('%H:%M:%S')} [{i}/{len(cells)}] {cell.name}"
                 print(f"{at}: interrupted ({e})", flush=True)
                 raise
@@ -327,8 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.count:
             print(len(cells))
         else:
-            for k, c in enumerate(cells):
-                print(f"{k} {c.name} ranks={c.ranks} seed={c.seed} {c.config}")
+            for i, c in enumerate(cells):
+                print(f"{i} {c.name} ranks={c.ranks} seed={c.seed} {c.config}")
         return 0
     handlers = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -247,7 +247,7 @@ def train_local(
         task = task_loss(logits, yb)
         task_value = checked_loss(task, steps)
         loss = task
-        if teacher is not None:
+        if teacher is not None and kd is not None:
             distil = kd_term(logits, teacher(xb), kd.temperature)
             loss = task + kd.weight * distil
             total_kd += checked_loss(distil, steps) * len(idx)

@@ -9,7 +9,7 @@ import torch
 
 from snake_mpi.transport import comm as comm_mod
 from snake_mpi.transport.comm import Comm
-from snake_mpi.transport.wire import KIND_MODEL
+from snake_mpi.transport.wire import KIND_MODEL, Transfer, TransferSpec
 
 comm_mod.MAX_MESSAGE_BYTES = 1000
 comm = Comm.world(deadline_s=30)
@@ -21,16 +21,7 @@ for how in HOWS:
         payload = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
         sent = torch.from_numpy(payload.copy()) if how == "tensor" else payload
         if comm.rank == 0:
-            comm.send_blocks(
-                1,
-                kind=KIND_MODEL,
-                round=0,
-                hop=hop,
-                block_ids=ids,
-                versions=ids,
-                block_nbytes=np.array([size]),
-                payload=sent,
-            )
+            comm.send_blocks(1, Transfer(KIND_MODEL, 0, hop, ids, ids, np.array([size]), sent))
         else:
             kw = {}
             reused = np.empty(5000, dtype=np.uint8)
@@ -39,11 +30,11 @@ for how in HOWS:
             elif how == "tensor":
                 kw["alloc"] = lambda n: torch.empty(n, dtype=torch.uint8)
             if how.startswith("expect"):
-                comm.expect(0, kind=KIND_MODEL, round=0, hop=hop, payload_bytes=size, **kw)
+                comm.expect(0, TransferSpec(KIND_MODEL, 0, hop, payload_bytes=size, **kw))
                 kw = {}
             elif how == "out":
                 kw["out"] = reused
-            t = comm.recv_blocks(0, kind=KIND_MODEL, round=0, hop=hop, **kw)
+            t = comm.recv_blocks(0, TransferSpec(KIND_MODEL, 0, hop, **kw))
             got = t.payload.numpy() if torch.is_tensor(t.payload) else t.payload
             assert np.array_equal(got, payload), (how, size)
             assert how != "tensor" or torch.is_tensor(t.payload), how

@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from snake_mpi.transport.comm import Comm
-from snake_mpi.transport.wire import KIND_MODEL, LinkModel
+from snake_mpi.transport.wire import KIND_MODEL, LinkModel, Transfer, TransferSpec
 
 link = LinkModel(bandwidth_bps=float(sys.argv[1]), latency_s=float(sys.argv[2]))
 comm = Comm.world(deadline_s=60, link=link)
@@ -21,18 +21,9 @@ for hop, size in enumerate([1_000, 50_000, 200_000]):
     if comm.rank == 0:
         time.sleep(0.1)
         t0 = time.perf_counter()
-        comm.send_blocks(
-            1,
-            kind=KIND_MODEL,
-            round=0,
-            hop=hop,
-            block_ids=ids,
-            versions=ids,
-            block_nbytes=np.array([size]),
-            payload=payload,
-        )
+        comm.send_blocks(1, Transfer(KIND_MODEL, 0, hop, ids, ids, np.array([size]), payload))
     else:
-        t = comm.recv_blocks(0, kind=KIND_MODEL, round=0, hop=hop)
+        t = comm.recv_blocks(0, TransferSpec(KIND_MODEL, 0, hop))
         t0 = time.perf_counter() - comm.stats.recv_s - comm.stats.link_emulated_s
     done = time.perf_counter()
     nbytes = size + 48 + 24

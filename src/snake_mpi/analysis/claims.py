@@ -23,6 +23,7 @@ import math
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -419,14 +420,18 @@ class _Pair:
         ]
         ratio = None
         if not missing:
-            num, den = (b, a) if inverse else (a, b)
+            fa, fb = [float(v or 0.0) for v in a], [float(v or 0.0) for v in b]
+            num, den = (fb, fa) if inverse else (fa, fb)
             ratio = Spread(tuple(x / y if y else math.nan for x, y in zip(num, den, strict=True)))
         why = self.incomplete or problem
         if not why and missing:
             why = f"{absent} {', '.join(missing)}"
         if not why and ratio is not None and not math.isfinite(ratio.mean):
             why = "a figure it divides by is 0"
-        v = f"not judged: {why}" if why else verdict(holds(ratio.mean), self.n)
+        if why or ratio is None:
+            v = f"not judged: {why or 'no figures'}"
+        else:
+            v = verdict(holds(ratio.mean), self.n)
         return Claim(self.run, what, claimed, v, self.files, snake, other, ratio, unit)
 
     def converged(self, metric: str, *, tol: float, relative: bool) -> str:
@@ -500,12 +505,16 @@ def _fedavg_claims(p: _Pair, target: float, lm: bool) -> list[Claim]:
         )
     no_rest = [r.path.name for r in p.snake + p.other if not has_at_rest(r)]
     problem = f"no model_at_rest_bytes in {', '.join(no_rest)}" if no_rest else ""
+
+    def rest_figure(reduce: Callable[[np.ndarray], Any]) -> Callable[[Result], float | None]:
+        return lambda r: float(reduce(at_rest_per_node(r))) if has_at_rest(r) else None
+
     for what, f in (("mean", np.mean), ("largest", np.max)):
         out.append(
             p.claim(
                 f"model at rest per node, {what} / FedAvg client's",
                 "< 1 (less storage)",
-                lambda r, f=f: float(f(at_rest_per_node(r))) if has_at_rest(r) else None,
+                rest_figure(f),
                 lambda x: x < 1,
                 problem=problem,
             )

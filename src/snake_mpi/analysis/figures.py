@@ -136,7 +136,7 @@ def fig_bytes(rows: Sequence[Row], names: Sequence[str], path: Path) -> None:
     x = np.arange(len(names))
     positive = [m for m in measured if m > 0]
     log = bool(positive) and max(positive) / min(positive) > 50
-    floor = _log_floor(measured + analytic) if log else 0.0
+    floor = (_log_floor(measured + analytic) or 0.0) if log else 0.0
     ax.bar(x, measured, color="tab:blue", label="measured")
     drawn = [i for i, a in enumerate(analytic) if a > 0 or measured[i] > 0]
     ax.scatter(
@@ -404,7 +404,7 @@ def fig_scaling(groups: dict[str, list[Row]], path: Path) -> None:
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_locator(NullLocator())
         ax.grid(alpha=0.3)
-    _legend_below(fig, handles, [h.get_label() for h in handles])
+    _legend_below(fig, handles, [str(h.get_label()) for h in handles])
     _save(fig, path)
 
 

@@ -20,7 +20,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
@@ -30,7 +30,17 @@ if TYPE_CHECKING:
     from snake_mpi.store import Result
 
 GIB = 2**30
-PAPER = {"full_gb": 19.37, "snake_node_gb": 3.13, "model": "OPT-1.3B"}
+
+
+class PaperMemory(TypedDict):
+    """The paper's memory figures (GB as printed) and the model they are for."""
+
+    full_gb: float
+    snake_node_gb: float
+    model: str
+
+
+PAPER: PaperMemory = {"full_gb": 19.37, "snake_node_gb": 3.13, "model": "OPT-1.3B"}
 """The paper's memory figures for fine-tuning OPT-1.3B (GB as printed; they equal GiB of
 1.3e9 x 16 bytes and about 210 M x 16 bytes)."""
 

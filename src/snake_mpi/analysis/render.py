@@ -28,11 +28,28 @@ def is_number(cell: str) -> bool:
     return bool(NUMBER.match(cell.strip()))
 
 
+@dataclass(frozen=True, slots=True)
+class Table:
+    """A table block: the header row and the rows, as text."""
+
+    head: list[str]
+    rows: list[list[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """An image block: the file's path (relative to the report) and its caption."""
+
+    path: str
+    caption: str
+
+
 @dataclass
 class Doc:
-    """The report as blocks, rendered to Markdown and HTML alike."""
+    """The report as blocks (a heading ``h1``.. or paragraph ``p`` with its text, a table, an
+    image), rendered to Markdown and HTML alike."""
 
-    blocks: list[tuple[str, object]] = field(default_factory=list)
+    blocks: list[tuple[str, str | Table | Image]] = field(default_factory=list)
 
     def h(self, level: int, text: str) -> None:
         self.blocks.append((f"h{level}", text))
@@ -41,27 +58,25 @@ class Doc:
         self.blocks.append(("p", text))
 
     def table(self, head: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-        self.blocks.append(("table", (list(head), [list(r) for r in rows])))
+        self.blocks.append(("table", Table(list(head), [list(r) for r in rows])))
 
     def img(self, path: str, caption: str) -> None:
-        self.blocks.append(("img", (path, caption)))
+        self.blocks.append(("img", Image(path, caption)))
 
     def markdown(self) -> str:
         out = []
         for kind, body in self.blocks:
-            if kind.startswith("h"):
-                out.append("#" * int(kind[1]) + " " + str(body))
-            elif kind == "p":
-                out.append(str(body))
-            elif kind == "table":
-                head, rows = body
-                out.append("| " + " | ".join(head) + " |")
-                out.append("|" + "---|" * len(head))
-                out += ["| " + " | ".join(r) + " |" for r in rows]
+            if isinstance(body, Table):
+                out.append("| " + " | ".join(body.head) + " |")
+                out.append("|" + "---|" * len(body.head))
+                out += ["| " + " | ".join(r) + " |" for r in body.rows]
+            elif isinstance(body, Image):
+                alt = body.caption.split(":")[0].split(".")[0]
+                out.append(f"![{alt}]({body.path})\n\n*{body.caption}*")
+            elif kind.startswith("h"):
+                out.append("#" * int(kind[1]) + " " + body)
             else:
-                path, caption = body
-                alt = caption.split(":")[0].split(".")[0]
-                out.append(f"![{alt}]({path})\n\n*{caption}*")
+                out.append(body)
             out.append("")
         return "\n".join(out)
 
@@ -72,32 +87,32 @@ class Doc:
             f"<title>{e(title)}</title><style>{STYLE}</style></head><body>",
         ]
         for kind, body in self.blocks:
-            if kind.startswith("h"):
-                out.append(f"<{kind}>{e(str(body))}</{kind}>")
-            elif kind == "p":
-                out.append(f"<p>{e(str(body))}</p>")
-            elif kind == "table":
-                head, rows = body
-                text = [not all(is_number(r[i]) for r in rows) for i in range(len(head))]
-
-                def cls(i: int, text: list[bool] = text) -> str:
-                    return " class='t'" if text[i] else ""
-
+            if isinstance(body, Table):
+                out += _html_table(body)
+            elif isinstance(body, Image):
                 out.append(
-                    "<div class='wide'><table><tr>"
-                    + "".join(f"<th{cls(i)}>{e(c)}</th>" for i, c in enumerate(head))
-                    + "</tr>"
+                    f"<figure><img src='{e(body.path)}' alt='{e(body.caption)}'>"
+                    f"<figcaption>{e(body.caption)}</figcaption></figure>"
                 )
-                out += [
-                    "<tr>" + "".join(f"<td{cls(i)}>{e(c)}</td>" for i, c in enumerate(r)) + "</tr>"
-                    for r in rows
-                ]
-                out.append("</table></div>")
+            elif kind.startswith("h"):
+                out.append(f"<{kind}>{e(body)}</{kind}>")
             else:
-                path, caption = body
-                out.append(
-                    f"<figure><img src='{e(path)}' alt='{e(caption)}'>"
-                    f"<figcaption>{e(caption)}</figcaption></figure>"
-                )
+                out.append(f"<p>{e(body)}</p>")
         out.append("</body></html>")
         return "\n".join(out)
+
+
+def _html_table(t: Table) -> list[str]:
+    """A table as HTML lines: text columns left-aligned, number columns right-aligned."""
+    e = html.escape
+    text = [not all(is_number(r[i]) for r in t.rows) for i in range(len(t.head))]
+
+    def cls(i: int) -> str:
+        return " class='t'" if text[i] else ""
+
+    head = "".join(f"<th{cls(i)}>{e(c)}</th>" for i, c in enumerate(t.head))
+    rows = [
+        "<tr>" + "".join(f"<td{cls(i)}>{e(c)}</td>" for i, c in enumerate(r)) + "</tr>"
+        for r in t.rows
+    ]
+    return [f"<div class='wide'><table><tr>{head}</tr>", *rows, "</table></div>"]

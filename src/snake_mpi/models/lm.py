@@ -116,7 +116,7 @@ def count_params(cfg: ModelConfig) -> dict[str, Any]:
 class OPTStem(nn.Module):
     """Token embeddings (+ projection) + learned positions: token ids -> hidden states."""
 
-    def __init__(self, decoder: nn.Module) -> None:
+    def __init__(self, decoder: Any) -> None:
         super().__init__()
         self.embed_tokens = decoder.embed_tokens
         self.embed_positions = decoder.embed_positions
@@ -134,7 +134,7 @@ class OPTStem(nn.Module):
 class LlamaStem(nn.Module):
     """Token embeddings: token ids -> hidden states (positions are rotary, inside each layer)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         super().__init__()
         self.embed_tokens = model.embed_tokens
 
@@ -144,6 +144,9 @@ class LlamaStem(nn.Module):
 
 class DecoderBlock(nn.Module):
     """One decoder layer, with the causal mask (and rotary embedding) made from its input."""
+
+    _conf: Any
+    _rotary: nn.Module | None
 
     def __init__(self, layer: nn.Module, conf: Any, rotary: nn.Module | None) -> None:
         super().__init__()
@@ -183,7 +186,7 @@ class LMHead(nn.Module):
         return self.lm_head(h)
 
 
-def to_blocks(lm: nn.Module) -> BlockModel:
+def to_blocks(lm: Any) -> BlockModel:
     """Re-house the modules of a ``*ForCausalLM`` as stem, decoder layers, head (shared, not
     copied: tied weights stay tied)."""
     conf = lm.config

@@ -108,9 +108,12 @@ class MemorySampler:
             self._tick()
 
     def _tick(self) -> None:
+        proc = self._proc
+        if proc is None:  # psutil absent: the thread is never started
+            return
         try:
-            rss = self._proc.memory_info().rss
-            cpu = self._proc.cpu_percent(None)
+            rss = proc.memory_info().rss
+            cpu = proc.cpu_percent(None)
         except (psutil.Error, OSError):
             return
         t = time.perf_counter() - self._t0

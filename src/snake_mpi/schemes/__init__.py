@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 
     from snake_mpi.blocks import BlockModel
     from snake_mpi.config import RunConfig
+    from snake_mpi.record import Recorder
     from snake_mpi.transport.payloads import HopBuffers
+    from snake_mpi.transport.protocol import Communicator
 
 __all__ = [
     "REGISTRY",
@@ -62,12 +64,11 @@ class Context:
     """Everything a scheme may touch: config, communicator, model, data, recorder, RNG."""
 
     cfg: RunConfig
-    comm: Any
-    """A ``snake_mpi.transport.comm.Comm`` (or an object with the same interface)."""
+    comm: Communicator
+    """A ``snake_mpi.transport.comm.Comm``, or an in-process ``localcomm.LocalComm``."""
     model: BlockModel
     data: NodeData
-    record: Any
-    """A ``snake_mpi.record.Recorder``."""
+    record: Recorder
     generator: torch.Generator
     """This rank's own random stream (batch order)."""
     info: dict[str, Any]

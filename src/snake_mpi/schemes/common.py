@@ -11,29 +11,33 @@ import numpy as np
 from snake_mpi.blocks import BlockModel
 from snake_mpi.schemes import Context
 from snake_mpi.train import KDSpec, NonFiniteLoss, evaluate, train_local, turn_batch_sizes
-from snake_mpi.transport.wire import Transfer
+from snake_mpi.transport.wire import Transfer, TransferSpec
 
 
-def send_blocks(ctx: Context, dest: int, kind: int, round_: int, hop: int, ids: Sequence[int]):
+def send_blocks(
+    ctx: Context, dest: int, kind: int, round_: int, hop: int, ids: Sequence[int]
+) -> None:
     """Send blocks ``ids`` of ``ctx.model`` (state and versions) to ``dest`` as one transfer."""
     model = ctx.model
     ids = list(ids)
     payload, sizes = ctx.hop.pack(model, ids)
     ctx.comm.send_blocks(
         dest,
-        kind=kind,
-        round=round_,
-        hop=hop,
-        block_ids=np.asarray(ids, dtype=np.int64),
-        versions=model.versions[ids],
-        block_nbytes=sizes,
-        payload=payload,
+        Transfer(
+            kind=kind,
+            round=round_,
+            hop=hop,
+            block_ids=np.asarray(ids, dtype=np.int64),
+            versions=model.versions[ids],
+            block_nbytes=sizes,
+            payload=payload,
+        ),
     )
 
 
 def receive_transfer(ctx: Context, source: int, kind: int, round_: int, hop: int) -> Transfer:
     """Receive one transfer of model blocks and check its block ids against the model."""
-    t = ctx.comm.recv_blocks(source, kind=kind, round=round_, hop=hop, alloc=ctx.hop.alloc)
+    t = ctx.comm.recv_blocks(source, TransferSpec(kind, round_, hop, alloc=ctx.hop.alloc))
     n = ctx.model.n_blocks
     if any(b < 0 or b >= n for b in t.block_ids):
         raise ValueError(

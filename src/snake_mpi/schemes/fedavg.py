@@ -74,8 +74,8 @@ class RunningAverage:
             self._add(i, value.detach(), weight)
 
     def _add(self, i: int, value: torch.Tensor, weight: float) -> None:
-        if self.sums[i] is not None:
-            s = self.sums[i]
+        s = self.sums[i]
+        if s is not None:
             s.add_(value.to(device=s.device, dtype=torch.float64), alpha=weight)
         elif self.first_ints[i] is None:
             self.first_ints[i] = value.clone()

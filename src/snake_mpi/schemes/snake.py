@@ -39,7 +39,7 @@ from snake_mpi.schemes.common import (
     train_and_record,
 )
 from snake_mpi.train import KDSpec
-from snake_mpi.transport.wire import KIND_MODEL, KIND_SYNC, KIND_UPDATE
+from snake_mpi.transport.wire import KIND_MODEL, KIND_SYNC, KIND_UPDATE, TransferSpec
 
 OWNER_ALL = -1
 OWNER_NONE = -2
@@ -87,7 +87,7 @@ def plan_from_params(
     n_nodes: int,
     *,
     costs: Sequence[float] | None = None,
-    capabilities: Sequence[float] | None = None,
+    capabilities: Sequence[float] | np.ndarray | None = None,
 ) -> list[list[int]]:
     """``plan_segments`` from the blocks' parameter counts alone (e.g. a result's block table);
     ``costs`` (per middle block) and ``capabilities`` (per node) replace the configured ones
@@ -232,14 +232,9 @@ def run_p2p(ctx: Context) -> None:
         if node == 0 and r < rounds - 1:  # before the round-end gather, see Comm.expect
             wrap = expected_wrap_blocks(model.versions, plan, r, transfer, keep)
             nbytes = sum(block_nbytes(model, b) for b in wrap)
-            comm.expect(
-                comm.pred,
-                kind=KIND_MODEL,
-                round=r,
-                hop=last,
-                payload_bytes=nbytes,
-                alloc=ctx.hop.alloc,  # its next receive: the staged or device buffer is free
-            )
+            # its next receive: the staged or device buffer is free
+            spec = TransferSpec(KIND_MODEL, r, last, payload_bytes=nbytes, alloc=ctx.hop.alloc)
+            comm.expect(comm.pred, spec)
         rec.end_round()
     if cfg.snake.final_sync:
         final_sync(ctx, rounds)

@@ -38,7 +38,7 @@ from snake_mpi.train import (
     turn_batch_sizes,
     turn_batches,
 )
-from snake_mpi.transport.wire import KIND_ACTIVATION, KIND_GRADIENT
+from snake_mpi.transport.wire import KIND_ACTIVATION, KIND_GRADIENT, Transfer, TransferSpec
 
 PART_ACTIVATION, PART_LABELS = 0, 1
 
@@ -105,15 +105,17 @@ class ClientTurn:
             a_bytes, y_bytes = _bytes_of(act), _bytes_of(y)
             comm.send_blocks(
                 0,
-                kind=KIND_ACTIVATION,
-                round=r,
-                hop=step,
-                block_ids=np.array([PART_ACTIVATION, PART_LABELS], dtype=np.int64),
-                versions=np.array([step, step], dtype=np.int64),
-                block_nbytes=np.array([a_bytes.nbytes, y_bytes.nbytes], dtype=np.int64),
-                payload=np.concatenate([a_bytes, y_bytes]),
+                Transfer(
+                    kind=KIND_ACTIVATION,
+                    round=r,
+                    hop=step,
+                    block_ids=np.array([PART_ACTIVATION, PART_LABELS], dtype=np.int64),
+                    versions=np.array([step, step], dtype=np.int64),
+                    block_nbytes=np.array([a_bytes.nbytes, y_bytes.nbytes], dtype=np.int64),
+                    payload=np.concatenate([a_bytes, y_bytes]),
+                ),
             )
-            t = comm.recv_blocks(0, kind=KIND_GRADIENT, round=r, hop=step)
+            t = comm.recv_blocks(0, TransferSpec(KIND_GRADIENT, r, step))
             t0 = time.perf_counter()
             grad = torch.from_numpy(t.payload.copy()).view(act.dtype).view(act.shape).to(dev)
             act.backward(grad)
@@ -161,7 +163,7 @@ class ServerPart:
     def serve_step(self, client: int, r: int, step: int) -> None:
         """Receive one batch's activations from ``client``, update, return the cut gradient."""
         comm = self.ctx.comm
-        t = comm.recv_blocks(client, kind=KIND_ACTIVATION, round=r, hop=step)
+        t = comm.recv_blocks(client, TransferSpec(KIND_ACTIVATION, r, step))
         a_nbytes, y_nbytes = (int(v) for v in t.block_nbytes)
         t0 = time.perf_counter()
         n = y_nbytes // 8
@@ -181,6 +183,7 @@ class ServerPart:
             abort_non_finite(self.ctx, e)
         loss.backward()
         self.opt.step()
+        assert act.grad is not None  # a leaf that requires grad, after backward
         grad = _bytes_of(act.grad)  # a copy to the host: waits for the step's kernels
         self.compute_s += time.perf_counter() - t0
         self.loss_sum += value * n
@@ -188,13 +191,15 @@ class ServerPart:
         self.steps += 1
         comm.send_blocks(
             client,
-            kind=KIND_GRADIENT,
-            round=r,
-            hop=step,
-            block_ids=np.array([PART_ACTIVATION], dtype=np.int64),
-            versions=np.array([step], dtype=np.int64),
-            block_nbytes=np.array([grad.nbytes], dtype=np.int64),
-            payload=grad,
+            Transfer(
+                kind=KIND_GRADIENT,
+                round=r,
+                hop=step,
+                block_ids=np.array([PART_ACTIVATION], dtype=np.int64),
+                versions=np.array([step], dtype=np.int64),
+                block_nbytes=np.array([grad.nbytes], dtype=np.int64),
+                payload=grad,
+            ),
         )
 
     def extra_state_bytes(self) -> int:

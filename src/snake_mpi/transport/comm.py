@@ -18,7 +18,8 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 from mpi4py import MPI
@@ -28,17 +29,21 @@ from snake_mpi.transport.wire import (
     HEADER_MAX_BLOCKS,
     CommStats,
     LinkModel,
+    Payload,
     PeerTimeout,
     ProtocolError,
     Transfer,
+    TransferSpec,
     account_receive,
     account_send,
-    describe,
     is_byte_buffer,
     pack_header,
     parse_header,
     transfer_from,
 )
+
+if TYPE_CHECKING:
+    from snake_mpi.transport.protocol import Communicator
 
 TAG_HEADER = 11
 TAG_PAYLOAD = 12
@@ -106,122 +111,90 @@ class Comm:
 
     # ---------------------------------------------------------------- transfers
 
-    def send_blocks(
-        self,
-        dest: int,
-        *,
-        kind: int,
-        round: int,
-        hop: int,
-        block_ids: np.ndarray,
-        versions: np.ndarray,
-        block_nbytes: np.ndarray,
-        payload: Any,
-    ) -> None:
-        """Send a header and one contiguous uint8 payload to ``dest``; counts bytes and time.
-
-        ``payload``: a numpy array, or a device tensor whose stream has been synchronised."""
-        header = pack_header(
-            kind=kind,
-            round=round,
-            hop=hop,
-            block_ids=block_ids,
-            versions=versions,
-            block_nbytes=block_nbytes,
-            payload=payload,
-        )
+    def send_blocks(self, dest: int, transfer: Transfer) -> None:
+        """Send ``transfer``'s header and its one contiguous uint8 payload to ``dest``; counts
+        bytes and time. The payload: a numpy array, or a device tensor whose stream has been
+        synchronised."""
+        header = pack_header(transfer)
+        payload = transfer.payload
         t0 = time.perf_counter()
         reqs = [self._comm.Isend([header, MPI.INT64_T], dest, TAG_HEADER)]
         reqs += [  # sent even when empty
             self._comm.Isend([part, MPI.BYTE], dest, TAG_PAYLOAD) for part in chunks(payload)
         ]
-        what = describe(kind, round, hop, self.rank)
+        what = transfer.spec.describe(self.rank)
         self._wait_all(
             reqs, f"rank {dest} to take the {what} ({payload.nbytes} bytes)", spin_s=_SPIN_FLOW_S
         )
         account_send(self.stats, self.link, self.rank, dest, header.nbytes + payload.nbytes, t0)
 
-    def expect(
-        self,
-        source: int,
-        *,
-        kind: int,
-        round: int,
-        hop: int,
-        payload_bytes: int,
-        alloc: Callable[[int], Any] | None = None,
-    ) -> None:
-        """Post the receives of a transfer now, to be completed by a later ``recv_blocks``.
+    def expect(self, source: int, spec: TransferSpec) -> None:
+        """Post the receives of transfer ``spec`` now, to be completed by a later
+        ``recv_blocks(source, spec)``; ``spec.payload_bytes`` says the payload's size.
 
         A rank that enters a collective before its next receive must post that receive
         first: a large send is taken only once the receive is posted, so a sender waiting
         on it would never join the collective (node N-1's hop to node 0 across a round end).
-        ``alloc(nbytes)``: the buffer to receive into (a staged or device buffer), else new.
+        ``spec.alloc(nbytes)``: the buffer to receive into (a staged or device buffer), else new.
         """
-        key = (source, kind, round, hop)
+        payload_bytes = spec.posted_bytes()
         header = np.empty(HEADER_FIXED + 3 * HEADER_MAX_BLOCKS, dtype=np.int64)
-        payload = _new_payload(payload_bytes, alloc)
-        self._expected[key] = _Posted(
+        payload = _new_payload(payload_bytes, spec.alloc)
+        self._expected[_key(source, spec)] = _Posted(
             header=header,
             payload=payload,
             hreq=self._comm.Irecv([header, MPI.INT64_T], source, TAG_HEADER),
             preqs=self._irecv_payload(payload, source),
         )
 
-    def _irecv_payload(self, buf: Any, source: int) -> list[MPI.Request]:
+    def _irecv_payload(self, buf: Payload, source: int) -> list[MPI.Request]:
         return [self._comm.Irecv([part, MPI.BYTE], source, TAG_PAYLOAD) for part in chunks(buf)]
 
-    def recv_blocks(
-        self,
-        source: int,
-        *,
-        kind: int,
-        round: int,
-        hop: int,
-        out: np.ndarray | None = None,
-        alloc: Callable[[int], Any] | None = None,
-    ) -> Transfer:
-        """Receive the transfer ``(kind, round, hop)`` from ``source``; checks it is that one.
+    def recv_blocks(self, source: int, spec: TransferSpec) -> Transfer:
+        """Receive the transfer ``spec`` names from ``source``; checks it is that one.
 
-        With ``out`` (a contiguous uint8 buffer, reused across hops) the payload receive is
-        posted together with the header's and lands in ``out[:payload_bytes]``; with
-        ``alloc(nbytes)`` the payload lands in the buffer it returns once the header has said
-        how large it is (a pinned or device buffer, ``payloads.HopBuffers``); with neither,
-        in a new array. A transfer announced with ``expect`` completes the receives posted then.
+        With ``spec.out`` (a contiguous uint8 buffer, reused across hops) the payload receive
+        is posted together with the header's and lands in ``out[:payload_bytes]``; with
+        ``spec.alloc(nbytes)`` the payload lands in the buffer it returns once the header has
+        said how large it is (a pinned or device buffer, ``payloads.HopBuffers``); with
+        neither, in a new array. A transfer announced with ``expect`` completes the receives
+        posted then.
         """
-        what = describe(kind, round, hop, source)
+        what = spec.describe(source)
         status = MPI.Status()
         t0 = time.perf_counter()
-        posted = self._expected.pop((source, kind, round, hop), None)
+        posted = self._expected.pop(_key(source, spec), None)
+        out: Payload | None = None
+        preqs: list[MPI.Request] = []
         if posted is not None:
             header_buf, req = posted.header, posted.hreq
             out, preqs = posted.payload, posted.preqs
-            prepost = True
         else:
             header_buf = self._header_buf
             req = self._comm.Irecv([header_buf, MPI.INT64_T], source, TAG_HEADER)
-            prepost = out is not None and is_byte_buffer(out)
-            if prepost:  # the payload can flow at once, before we have read the header
-                if out.nbytes > MAX_MESSAGE_BYTES:
-                    prepost = False  # the chunking must follow the actual payload size
-                else:
-                    preqs = [self._comm.Irecv([out, MPI.BYTE], source, TAG_PAYLOAD)]
+            # the payload can flow at once, before we have read the header; not when the
+            # chunking must follow the actual payload size
+            if (
+                spec.out is not None
+                and is_byte_buffer(spec.out)
+                and spec.out.nbytes <= MAX_MESSAGE_BYTES
+            ):
+                out = spec.out
+                preqs = [self._comm.Irecv([out, MPI.BYTE], source, TAG_PAYLOAD)]
         self._wait_all([req], f"the header of the {what}", statuses=[status])
         t1 = time.perf_counter()
         self.stats.wait_s += t1 - t0
         header = header_buf[: status.Get_count(MPI.INT64_T)].copy()
-        body, payload_bytes = parse_header(
-            header, kind=kind, round=round, hop=hop, rank=self.rank, what=what
-        )
+        body, payload_bytes = parse_header(header, spec, rank=self.rank, what=what)
         payload_what = f"the payload ({payload_bytes} bytes) of the {what}"
-        if prepost:
+        if out is not None:  # posted before the header came
             if payload_bytes > out.nbytes:
                 raise ProtocolError(
                     f"rank {self.rank}: {payload_what} exceeds the {out.nbytes}-byte buffer"
                 )
             payload = out[:payload_bytes]
         else:
-            payload = _new_payload(payload_bytes, alloc)
+            payload = _new_payload(payload_bytes, spec.alloc)
             preqs = self._irecv_payload(payload, source)
         statuses = [MPI.Status() for _ in preqs]
         self._wait_all(preqs, payload_what, statuses=statuses, spin_s=_SPIN_FLOW_S)
@@ -296,7 +269,7 @@ class Comm:
         """Every rank's float64 row, as (size, len), on every rank (gather, then rank 0 sends
         the table to each rank; point-to-point, deadline-bound)."""
         table = self.gather_row(row, what)
-        if self.rank == 0:
+        if table is not None:  # rank 0
             reqs = [
                 self._comm.Isend([table, MPI.DOUBLE], k, TAG_SHARE) for k in range(1, self.size)
             ]
@@ -356,7 +329,16 @@ class Comm:
         abort_job(message, code)
 
 
-def _new_payload(nbytes: int, alloc: Callable[[int], Any] | None) -> Any:
+if TYPE_CHECKING:  # mypy checks that Comm meets the Communicator protocol
+    _conforms: type[Communicator] = Comm
+
+
+def _key(source: int, spec: TransferSpec) -> tuple[int, int, int, int]:
+    """The key of a receive posted by ``expect``: the source and the transfer's name."""
+    return (source, spec.kind, spec.round, spec.hop)
+
+
+def _new_payload(nbytes: int, alloc: Callable[[int], Payload | None] | None) -> Payload:
     """The buffer a payload of ``nbytes`` lands in: ``alloc``'s, else a new host array."""
     buf = alloc(nbytes) if alloc is not None else None
     if buf is None:
@@ -499,7 +481,7 @@ def install_abort_on_error() -> None:
     would hang the job forever. ``python -m mpi4py`` does this; a console script must too.
     """
 
-    def _hook(exc_type: type[BaseException], exc: BaseException, tb: object) -> None:
+    def _hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
         text = "".join(traceback.format_exception(exc_type, exc, tb))
         abort_job(f"unhandled {exc_type.__name__}: {exc}\n{text}", 1)
 

@@ -12,23 +12,27 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
 from snake_mpi.transport.wire import (
     CommStats,
     LinkModel,
+    Payload,
     PeerTimeout,
     ProtocolError,
     Transfer,
+    TransferSpec,
     account_receive,
     account_send,
-    describe,
     pack_header,
     parse_header,
     transfer_from,
 )
+
+if TYPE_CHECKING:
+    from snake_mpi.transport.protocol import Communicator
 
 
 class ThreadWorld:
@@ -36,7 +40,9 @@ class ThreadWorld:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._boxes = {(s, d): queue.Queue() for s in range(size) for d in range(size)}
+        self._boxes: dict[tuple[int, int], queue.Queue[tuple[np.ndarray, Payload]]] = {
+            (s, d): queue.Queue() for s in range(size) for d in range(size)
+        }
         self._barrier = threading.Barrier(size)
         self._slots: list[Any] = [None] * size
         self._shared: Any = None
@@ -99,66 +105,34 @@ class LocalComm:
     def pred(self) -> int:
         return (self.rank - 1) % self.size
 
-    def send_blocks(
-        self,
-        dest: int,
-        *,
-        kind: int,
-        round: int,
-        hop: int,
-        block_ids: np.ndarray,
-        versions: np.ndarray,
-        block_nbytes: np.ndarray,
-        payload: np.ndarray,
-    ) -> None:
-        header = pack_header(
-            kind=kind,
-            round=round,
-            hop=hop,
-            block_ids=block_ids,
-            versions=versions,
-            block_nbytes=block_nbytes,
-            payload=payload,
-        )
+    def send_blocks(self, dest: int, transfer: Transfer) -> None:
+        """Put a copy of ``transfer``'s header and payload in ``dest``'s mailbox; counted."""
+        header = pack_header(transfer)
+        payload = transfer.payload
         t0 = time.perf_counter()
         sent = payload.copy() if isinstance(payload, np.ndarray) else payload.clone()
         self._world._boxes[(self.rank, dest)].put((header, sent))
         account_send(self.stats, self.link, self.rank, dest, header.nbytes + payload.nbytes, t0)
 
-    def expect(
-        self,
-        source: int,
-        *,
-        kind: int,
-        round: int,
-        hop: int,
-        payload_bytes: int,
-        alloc: Any = None,
-    ) -> None:
-        """Nothing to post ahead: sends here never wait for the receiver."""
+    def expect(self, source: int, spec: TransferSpec) -> None:
+        """Nothing to post ahead: sends here never wait for the receiver. Checks the spec as
+        ``comm.Comm.expect`` does."""
+        spec.posted_bytes()
 
-    def recv_blocks(
-        self,
-        source: int,
-        *,
-        kind: int,
-        round: int,
-        hop: int,
-        out: np.ndarray | None = None,
-        alloc: Any = None,
-    ) -> Transfer:
-        what = describe(kind, round, hop, source)
+    def recv_blocks(self, source: int, spec: TransferSpec) -> Transfer:
+        """Take the next message from ``source``; it must be the transfer ``spec`` names. Lands
+        in ``spec.out`` or ``spec.alloc``'s buffer where given (copied, as MPI would)."""
+        what = spec.describe(source)
         t0 = time.perf_counter()
         header, payload = self._take(source, what, t0)
         t1 = time.perf_counter()
         self.stats.wait_s += t1 - t0
-        body, payload_bytes = parse_header(
-            header, kind=kind, round=round, hop=hop, rank=self.rank, what=what
-        )
+        body, payload_bytes = parse_header(header, spec, rank=self.rank, what=what)
         if payload.nbytes != payload_bytes:
             raise ProtocolError(f"rank {self.rank}: payload size mismatch in the {what}")
-        if out is None and alloc is not None:
-            out = alloc(payload_bytes)
+        out = spec.out
+        if out is None and spec.alloc is not None:
+            out = spec.alloc(payload_bytes)
         if out is not None:
             _copy_bytes(out[:payload_bytes], payload)
             payload = out[:payload_bytes]
@@ -204,7 +178,7 @@ class LocalComm:
     def allgather_row(self, row: np.ndarray, what: str = "") -> np.ndarray:
         table = self.gather_row(row, what)
         w = self._world
-        if self.rank == 0:  # as comm.Comm: rank 0 sends the table to every other rank
+        if table is not None:  # rank 0, as comm.Comm: sends the table to every other rank
             self.stats.control_bytes_sent += table.nbytes * (self.size - 1)
             w._shared = table
         w._barrier.wait(timeout=self.deadline_s)
@@ -235,8 +209,12 @@ class LocalComm:
     def library_version(self) -> str:
         return "in-process (threads)"
 
-    def abort(self, message: str, code: int = 1) -> None:
+    def abort(self, message: str, code: int = 1) -> NoReturn:
         raise RuntimeError(f"rank {self.rank} of {self.size}: {message}")
+
+
+if TYPE_CHECKING:  # mypy checks that LocalComm meets the Communicator protocol
+    _conforms: type[Communicator] = LocalComm
 
 
 def _copy_bytes(dst: Any, src: Any) -> None:

@@ -15,7 +15,7 @@ same on every path: one header and the blocks' state bytes (``wire.py``). No MPI
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -74,8 +74,8 @@ class HopBuffers:
         return buf.numpy(), sizes
 
     def receive_into(self, nbytes: int) -> Any:
-        """The buffer a receive of ``nbytes`` payload bytes lands in (``Comm.recv_blocks``'s
-        ``alloc``); ``None`` on the host path (the communicator allocates)."""
+        """The buffer a receive of ``nbytes`` payload bytes lands in (``TransferSpec.alloc``);
+        ``None`` on the host path (the communicator allocates)."""
         if self.path == PATH_HOST:
             return None
         if self.path == PATH_DIRECT:  # kernels queued on the last payload (an average's adds)
@@ -84,8 +84,8 @@ class HopBuffers:
         return self._buffer("recv", nbytes).numpy()
 
     @property
-    def alloc(self):
-        """``receive_into`` for ``Comm.recv_blocks(alloc=...)``, or None on the host path."""
+    def alloc(self) -> Callable[[int], Any] | None:
+        """``receive_into`` for ``TransferSpec(alloc=...)``, or None on the host path."""
         return None if self.path == PATH_HOST else self.receive_into
 
     def unpack(self, model: BlockModel, ids: Sequence[int], payload: Any, sizes: Any) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -76,9 +78,49 @@ class ProtocolError(RuntimeError):
     """A message arrived that is not the one expected (wrong kind, round, hop or sizes)."""
 
 
-@dataclass(slots=True)
+Payload: TypeAlias = Any
+"""A payload buffer: a contiguous uint8 numpy array, or a contiguous 1-D uint8 torch tensor
+(a pinned or device buffer, ``payloads.py``); ``is_byte_buffer`` tells. No torch import here."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransferSpec:
+    """Which transfer a receive awaits, and where its payload lands: the one argument of
+    ``expect`` and ``recv_blocks`` (the same spec may serve both).
+
+    ``(kind, round, hop)`` name the transfer; the header that arrives must carry them.
+    """
+
+    kind: int
+    round: int
+    hop: int
+    payload_bytes: int | None = None
+    """The payload's size, known ahead: required by ``expect`` (the receive it posts)."""
+    out: np.ndarray | None = None
+    """A reusable contiguous uint8 buffer: the payload lands in ``out[:payload_bytes]``."""
+    alloc: Callable[[int], Payload | None] | None = None
+    """``alloc(nbytes)``: the buffer the payload lands in (pinned or device,
+    ``payloads.HopBuffers.alloc``); ``None`` from it, or no ``alloc``: a new host array."""
+
+    def posted_bytes(self) -> int:
+        """``payload_bytes``, which a receive posted ahead (``expect``) must know."""
+        if self.payload_bytes is None:
+            raise ValueError(f"expect needs the payload size: {self} has no payload_bytes")
+        return self.payload_bytes
+
+    def describe(self, source: int) -> str:
+        """Human words for this transfer from ``source``, used in every error and timeout."""
+        name = KIND_NAMES.get(self.kind, self.kind)
+        return f"{name} transfer of round {self.round} hop {self.hop} from rank {source}"
+
+
+@dataclass(frozen=True, slots=True)
 class Transfer:
-    """A received set of blocks: ids, versions, byte sizes, and the payload that holds them."""
+    """A set of blocks on the wire: what ``send_blocks`` takes and ``recv_blocks`` returns.
+
+    ``(kind, round, hop)`` name it; then the ids, versions and byte sizes of its blocks, and
+    the payload that holds their bytes back to back.
+    """
 
     kind: int
     round: int
@@ -86,7 +128,12 @@ class Transfer:
     block_ids: np.ndarray
     versions: np.ndarray
     block_nbytes: np.ndarray
-    payload: np.ndarray
+    payload: Payload
+
+    @property
+    def spec(self) -> TransferSpec:
+        """The spec that receives this transfer (into a new buffer)."""
+        return TransferSpec(self.kind, self.round, self.hop)
 
 
 @dataclass(slots=True)
@@ -125,43 +172,36 @@ class CommStats:
         return out
 
 
-def pack_header(
-    *,
-    kind: int,
-    round: int,
-    hop: int,
-    block_ids: np.ndarray,
-    versions: np.ndarray,
-    block_nbytes: np.ndarray,
-    payload: np.ndarray,
-) -> np.ndarray:
+def pack_header(transfer: Transfer) -> np.ndarray:
     """The int64 header of a transfer; checks the payload is contiguous bytes of those sizes."""
-    n = len(block_ids)
+    t = transfer
+    n = len(t.block_ids)
     if n > HEADER_MAX_BLOCKS:
         raise ValueError(f"{n} blocks exceed the header limit of {HEADER_MAX_BLOCKS}")
-    if not is_byte_buffer(payload):
+    if not is_byte_buffer(t.payload):
         raise TypeError("payload must be a contiguous uint8 array (or uint8 tensor)")
-    if int(np.sum(block_nbytes)) != payload.nbytes:
+    if int(np.sum(t.block_nbytes)) != t.payload.nbytes:
         raise ValueError(
-            f"payload has {payload.nbytes} bytes; the blocks add up to {np.sum(block_nbytes)}"
+            f"payload has {t.payload.nbytes} bytes; the blocks add up to {np.sum(t.block_nbytes)}"
         )
     header = np.empty(HEADER_FIXED + 3 * n, dtype=np.int64)
-    header[:HEADER_FIXED] = (MAGIC, kind, round, hop, n, payload.nbytes)
+    header[:HEADER_FIXED] = (MAGIC, t.kind, t.round, t.hop, n, t.payload.nbytes)
     body = header[HEADER_FIXED:].reshape(n, 3)
-    body[:, 0], body[:, 1], body[:, 2] = block_ids, versions, block_nbytes
+    body[:, 0], body[:, 1], body[:, 2] = t.block_ids, t.versions, t.block_nbytes
     return header
 
 
 def parse_header(
-    header: np.ndarray, *, kind: int, round: int, hop: int, rank: int, what: str
+    header: np.ndarray, spec: TransferSpec, *, rank: int, what: str
 ) -> tuple[np.ndarray, int]:
-    """Check a received header is the transfer expected; returns (rows of id/version/nbytes,
-    payload bytes). Raises ProtocolError naming the rank and the transfer otherwise."""
+    """Check a received header is the transfer ``spec`` names; returns (rows of
+    id/version/nbytes, payload bytes). Raises ProtocolError naming the rank and ``what``."""
     count = len(header)
     if count < HEADER_FIXED or header[0] != MAGIC:
         raise ProtocolError(f"rank {rank}: malformed header ({count} words) in the {what}")
     _magic, h_kind, h_round, h_hop, n, payload_bytes = (int(v) for v in header[:HEADER_FIXED])
-    if (h_kind, h_round, h_hop) != (kind, round, hop) or count != HEADER_FIXED + 3 * n:
+    named = (h_kind, h_round, h_hop) == (spec.kind, spec.round, spec.hop)
+    if not named or count != HEADER_FIXED + 3 * n:
         raise ProtocolError(
             f"rank {rank}: expected the {what}, got kind {h_kind} round {h_round} "
             f"hop {h_hop} with {n} blocks"
@@ -180,11 +220,11 @@ def is_byte_buffer(buf: object) -> bool:
     return (
         str(getattr(buf, "dtype", "")) == "torch.uint8"
         and getattr(buf, "dim", lambda: 0)() == 1
-        and bool(buf.is_contiguous())
+        and bool(getattr(buf, "is_contiguous", lambda: False)())
     )
 
 
-def transfer_from(header: np.ndarray, body: np.ndarray, payload: np.ndarray) -> Transfer:
+def transfer_from(header: np.ndarray, body: np.ndarray, payload: Payload) -> Transfer:
     """A Transfer from a checked header and its payload."""
     return Transfer(
         kind=int(header[1]),
@@ -195,11 +235,6 @@ def transfer_from(header: np.ndarray, body: np.ndarray, payload: np.ndarray) -> 
         block_nbytes=body[:, 2].copy(),
         payload=payload,
     )
-
-
-def describe(kind: int, round: int, hop: int, source: int) -> str:
-    """Human words for a transfer, used in every error and timeout message."""
-    return f"{KIND_NAMES.get(kind, kind)} transfer of round {round} hop {hop} from rank {source}"
 
 
 def stretch(

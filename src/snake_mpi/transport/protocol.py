@@ -1,0 +1,106 @@
+"""The interface every communicator meets: ``comm.Comm`` (MPI ranks) and ``localcomm.LocalComm``
+(ranks as threads of one process). Schemes, ``run`` and ``record`` type their communicator as
+``Communicator`` and never learn which one they hold; mypy checks that both classes conform.
+
+A model transfer names itself in one argument: a ``wire.Transfer`` to send (its kind, round,
+hop, blocks and payload), a ``wire.TransferSpec`` to receive (the transfer awaited and the
+buffer it lands in). No MPI here.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn, Protocol, runtime_checkable
+
+import numpy as np
+
+from snake_mpi.transport.wire import CommStats, LinkModel, Transfer, TransferSpec
+
+
+@runtime_checkable
+class Communicator(Protocol):
+    """A ring of ``size`` ranks seen from rank ``rank``: block transfers between two ranks,
+    counted in ``stats``, and the few collectives a run needs to gather its figures to rank 0.
+    Every wait is bounded by ``deadline_s``."""
+
+    @property
+    def rank(self) -> int:
+        """This rank, 0 .. size-1."""
+        ...
+
+    @property
+    def size(self) -> int:
+        """How many ranks the job has."""
+        ...
+
+    @property
+    def deadline_s(self) -> float:
+        """The longest wait for a peer before the job is aborted."""
+        ...
+
+    @property
+    def stats(self) -> CommStats:
+        """This rank's counters of bytes, messages and seconds (``take`` resets them)."""
+        ...
+
+    link: LinkModel | None
+    """The emulated links, or None where transfers run at the machine's speed (``run.execute``
+    sets it from ``[emulate]``)."""
+
+    @property
+    def succ(self) -> int:
+        """Next rank on the ring."""
+        ...
+
+    @property
+    def pred(self) -> int:
+        """Previous rank on the ring."""
+        ...
+
+    def send_blocks(self, dest: int, transfer: Transfer) -> None:
+        """Send ``transfer`` (header, then its payload) to ``dest``; counts bytes and time."""
+        ...
+
+    def expect(self, source: int, spec: TransferSpec) -> None:
+        """Post the receive of ``spec`` (``spec.payload_bytes`` required) ahead of the
+        ``recv_blocks`` that completes it, e.g. before a collective (see ``Comm.expect``)."""
+        ...
+
+    def recv_blocks(self, source: int, spec: TransferSpec) -> Transfer:
+        """Receive the transfer ``spec`` names from ``source``; a different one is an error."""
+        ...
+
+    def gather_row(self, row: np.ndarray, what: str = ...) -> np.ndarray | None:
+        """One float64 row per rank to rank 0 -> (size, len) there, None elsewhere."""
+        ...
+
+    def allgather_row(self, row: np.ndarray, what: str = ...) -> np.ndarray:
+        """Every rank's float64 row, as (size, len), on every rank."""
+        ...
+
+    def gatherv(self, arr: np.ndarray, what: str = ...) -> list[np.ndarray] | None:
+        """A 1-D float64 array of any length per rank to rank 0 (a list by rank there)."""
+        ...
+
+    def gather_str(self, text: str, max_bytes: int = ...) -> list[str] | None:
+        """A short string per rank to rank 0 (a list by rank there)."""
+        ...
+
+    def barrier(self) -> None:
+        """Synchronise all ranks (outside the round loop only)."""
+        ...
+
+    def ranks_on_host(self) -> int:
+        """How many ranks of this job share this rank's host."""
+        ...
+
+    def hostname(self) -> str:
+        """This rank's host name."""
+        ...
+
+    def library_version(self) -> str:
+        """The transport's version string (the MPI library's, for ``Comm``)."""
+        ...
+
+    def abort(self, message: str, code: int = ...) -> NoReturn:
+        """End the whole job with ``message`` naming this rank; never returns."""
+        ...
