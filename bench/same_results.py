@@ -66,12 +66,38 @@ def compare(before: str, after: str, *, allow_new: bool = False) -> list[str]:
     for key in sorted(a.keys() & b.keys()):
         va, vb = a[key], b[key]
         if key == "@config_toml":
-            va, vb = (tomllib.loads(v.decode() if isinstance(v, bytes) else v) for v in (va, vb))
-            same = va == vb
-        else:
-            same = equal(va, vb)
-        if not same:
+            out += config_differences(va, vb, before, after, allow_new=allow_new)
+        elif not equal(va, vb):
             out.append(f"differs: {key}: {_short(va)} != {_short(vb)}")
+    return out
+
+
+def config_differences(
+    text_a: str | bytes, text_b: str | bytes, before: str, after: str, *, allow_new: bool
+) -> list[str]:
+    """The stored configs key by key (``section.key``): a key only the second has is a new
+    setting (accepted with ``allow_new``), any other difference is named."""
+    a, b = (
+        _flat(tomllib.loads(t.decode() if isinstance(t, bytes) else t)) for t in (text_a, text_b)
+    )
+    out = [f"only in {before}: config {k}" for k in sorted(a.keys() - b.keys())]
+    if not allow_new:
+        out += [f"only in {after}: config {k} = {b[k]!r}" for k in sorted(b.keys() - a.keys())]
+    out += [
+        f"differs: config {k}: {a[k]!r} != {b[k]!r}"
+        for k in sorted(a.keys() & b.keys())
+        if a[k] != b[k]
+    ]
+    return out
+
+
+def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
     return out
 
 
