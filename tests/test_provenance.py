@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 from snake_mpi import provenance
@@ -82,3 +83,10 @@ def test_detect_launcher():
     assert provenance.detect_launcher({"PMIX_RANK": "0"}) == "mpirun"
     assert provenance.detect_launcher({"SLURM_JOB_ID": "1"}) == "unknown"
     assert provenance.detect_launcher({"SLURM_JOB_ID": "1", "SLURM_STEP_ID": "0"}) == "slurm"
+
+
+def test_cpu_ranges_are_compact_and_read_back():
+    for cpus, text in (([0, 1, 2, 5], "0-2,5"), ([3], "3"), ([0, 2, 4], "0,2,4"), ([], "")):
+        assert provenance.cpu_ranges(cpus) == text
+        assert provenance.parse_cpu_ranges(text) == set(cpus)
+    assert set(provenance.cpu_affinity()) <= set(range(os.cpu_count() or 1))

@@ -137,6 +137,7 @@ def test_the_page_shows_what_differs_where_it_ran_and_only_the_keys_that_apply(
     # provenance: what every run shares on one line, what differs in a table
     assert "Provenance (every run): " in md and "MPI: in-process (threads)" in md
     assert "git commit: " in md and "torch threads/rank: 1" in md
+    assert "oversubscribed" in md  # on the line (all runs alike) or a column (they differ)
     # the comparison as three narrow tables that hold every column between them
     for what in ("bytes", "memory and time", "accuracy"):
         assert f"Comparison: {what}." in md
@@ -147,6 +148,25 @@ def test_the_page_shows_what_differs_where_it_ran_and_only_the_keys_that_apply(
         assert table.split("</tr>")[0].count("<th") <= 10
     # the memory figure's caption names the process baseline it leaves out
     assert "Not drawn: the process baseline, RSS before the model was built, " in md
+
+
+def test_oversubscription_compares_threads_per_host_with_the_cpus_its_ranks_may_use():
+    from types import SimpleNamespace
+
+    def res(hosts, masks):
+        return SimpleNamespace(tables={"ranks": {"host": hosts, "cpu_affinity": masks}})
+
+    over = report.oversubscription
+    # 4 unbound ranks on a 2-CPU host, 1 thread each: oversubscribed
+    assert over(res(["vm"] * 4, ["0-1"] * 4), 1) == "yes (vm: 4 x 1 threads on 2 CPUs)"
+    # 4 ranks bound to a core each on a 4-CPU host: not
+    assert over(res(["n1"] * 4, ["0", "1", "2", "3"]), 1) == "no"
+    # ... but 2 threads each are
+    assert over(res(["n1"] * 4, ["0", "1", "2", "3"]), 2).startswith("yes (n1: 4 x 2")
+    # two hosts, only one over
+    got = over(res(["a", "a", "b"], ["0-3", "0-3", "0"]), 2)
+    assert got == "yes (b: 1 x 2 threads on 1 CPUs)"
+    assert over(SimpleNamespace(tables={"ranks": {"host": ["a"]}}), 1) == "not recorded"
 
 
 def test_workload_keys_follow_the_model_family_and_the_data():

@@ -71,6 +71,37 @@ def collect(
     return prov
 
 
+def cpu_affinity() -> list[int]:
+    """The CPUs this process may run on (its affinity mask: what the launcher or Slurm bound
+    it to), else every CPU of the host."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def cpu_ranges(cpus: list[int]) -> str:
+    """CPU ids as compact ranges, e.g. ``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    out: list[str] = []
+    for c in sorted(set(cpus)):
+        if out and "-" in out[-1] and int(out[-1].split("-")[1]) == c - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{c}"
+        elif out and "-" not in out[-1] and int(out[-1]) == c - 1:
+            out[-1] = f"{out[-1]}-{c}"
+        else:
+            out.append(str(c))
+    return ",".join(out)
+
+
+def parse_cpu_ranges(text: str) -> set[int]:
+    """The inverse of ``cpu_ranges``: ``"0-2,5"`` -> ``{0, 1, 2, 5}``."""
+    cpus: set[int] = set()
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
 def dist_version(dist: str) -> str:
     """Installed version of a distribution from its metadata (no import), or "unknown"."""
     try:

@@ -354,6 +354,7 @@ def execute(
     where = comm.gather_str(
         "|".join([placement.name, path, ident["gpu_name"], ident["gpu_uuid"]])
         + f"|{placement.local_rank}|{placement.local_rank_source}"
+        + f"|{provenance.cpu_ranges(provenance.cpu_affinity())}|{os.cpu_count() or 0}"
     )
     writer, places = None, None
     if rank == 0:
@@ -414,8 +415,8 @@ def execute(
 
 def rank_places(hosts: list[str], where: list[str]) -> dict[str, np.ndarray]:
     """The ``/ranks`` columns of where each rank ran, from the gathered ``device|path|GPU
-    name|GPU UUID|local rank|its source`` strings; a GPU is shared when several ranks of one
-    host have the same UUID."""
+    name|GPU UUID|local rank|its source|CPU affinity|host CPUs`` strings; a GPU is shared when
+    several ranks of one host have the same UUID."""
     rows = [w.split("|") for w in where]
     keys = [(h, r[3]) for h, r in zip(hosts, rows, strict=True)]
     shared = [int(bool(r[3]) and keys.count(k) > 1) for k, r in zip(keys, rows, strict=True)]
@@ -427,6 +428,8 @@ def rank_places(hosts: list[str], where: list[str]) -> dict[str, np.ndarray]:
         "gpu_uuid": np.array([r[3] for r in rows], dtype=object),
         "gpu_shared": np.array(shared, dtype=np.int64),
         "gpu_transfer": np.array([r[1] for r in rows], dtype=object),
+        "cpu_affinity": np.array([r[6] for r in rows], dtype=object),
+        "host_cpu_count": np.array([int(r[7]) for r in rows], dtype=np.int64),
     }
 
 

@@ -42,6 +42,7 @@ from snake_mpi.analysis.figures import (
 from snake_mpi.analysis.render import Doc
 from snake_mpi.analysis.summary import _device, _hosts
 from snake_mpi.config import RunConfig
+from snake_mpi.provenance import parse_cpu_ranges
 from snake_mpi.store import Result
 
 TABLE_GROUPS = (
@@ -163,9 +164,28 @@ def provenance_of(res: Result) -> dict[str, str]:
         "git commit": commit,
         "torch threads/rank": threads,
         "busiest host: ranks x threads": load,
+        "oversubscribed": oversubscription(res, int(threads) if threads.isdigit() else 1),
         "device": _device(res) or "-",
         "created (UTC)": str(prov.get("created_utc", "")).replace("+00:00", "") or "-",
     }
+
+
+def oversubscription(res: Result, threads: int) -> str:
+    """Whether any host ran more threads than the CPUs its ranks could use: ``"yes (vm: 4
+    x 1 threads on 2 CPUs)"``, ``"no"``, or ``"not recorded"`` (files before
+    ``/ranks/cpu_affinity``)."""
+    ranks = res.tables.get("ranks", {})
+    if "cpu_affinity" not in ranks or "host" not in ranks:
+        return "not recorded"
+    by_host: dict[str, list[str]] = {}
+    for host, cpus in zip(ranks["host"], ranks["cpu_affinity"], strict=True):
+        by_host.setdefault(str(host), []).append(str(cpus))
+    over = []
+    for host, masks in by_host.items():
+        cpus = set().union(*(parse_cpu_ranges(m) for m in masks))
+        if len(masks) * threads > len(cpus):
+            over.append(f"{host}: {len(masks)} x {threads} threads on {len(cpus)} CPUs")
+    return f"yes ({'; '.join(over)})" if over else "no"
 
 
 def provenance_section(doc: Doc, names: Sequence[str], runs: Sequence[Result]) -> None:
@@ -178,8 +198,8 @@ def provenance_section(doc: Doc, names: Sequence[str], runs: Sequence[Result]) -
         "Provenance"
         + (" (every run): " if len(runs) > 1 else ": ")
         + "; ".join(f"{k}: {provs[0][k]}" for k in same)
-        + ". Oversubscription: the cores per host are not recorded; compare the threads on "
-        "the busiest host with the machine's cores."
+        + ". Oversubscribed: a host ran more torch threads (ranks x threads) than the CPUs its "
+        "ranks were allowed (the union of their affinity masks, /ranks/cpu_affinity)."
     )
     if differ and len(runs) > 1:
         doc.table(["run", *differ], [[n, *(p[k] for k in differ)] for n, p in zip(names, provs)])
