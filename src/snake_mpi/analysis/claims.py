@@ -187,13 +187,10 @@ class RunGroup:
 
     @property
     def name(self) -> str:
-        """E.g. ``snake-p2p N=4 (4 data holders, 8 rounds)``; ``, keep own`` where a Snake
-        node keeps only its own blocks between turns (the storage trade-off)."""
-        cfg = run_config(next(iter(self.runs.values())))
-        keep = ", keep own" if cfg.scheme == "snake" and cfg.snake.keep == "own" else ""
+        """E.g. ``snake-p2p N=4 (4 data holders, 8 rounds)`` (``snake-p2p-own``: a node
+        keeps only its own blocks between turns)."""
         return (
-            f"{self.label} N={self.world_size} "
-            f"({self.holders} data holders, {self.rounds} rounds{keep})"
+            f"{self.label} N={self.world_size} ({self.holders} data holders, {self.rounds} rounds)"
         )
 
     @property

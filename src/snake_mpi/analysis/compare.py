@@ -25,9 +25,12 @@ class WorkloadMismatch(ValueError):
 
 
 def label(res: Result) -> str:
-    """What ran: the scheme, with Snake's mode (``snake-p2p``, ``snake-cs``, ``fedavg``...)."""
+    """What ran: the scheme, with Snake's mode (``snake-p2p``, ``snake-cs``, ``fedavg``...) and
+    ``-own`` where a Snake node keeps only its own blocks between turns (``snake.keep``)."""
     cfg = run_config(res)
-    return f"snake-{cfg.snake.mode}" if cfg.scheme == "snake" else cfg.scheme
+    if cfg.scheme != "snake":
+        return cfg.scheme
+    return f"snake-{cfg.snake.mode}" + ("-own" if cfg.snake.keep == "own" else "")
 
 
 def workload(res: Result) -> str:
