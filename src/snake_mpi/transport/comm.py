@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 from mpi4py import MPI
 
+from snake_mpi.transport.protocol import RingPositions
 from snake_mpi.transport.wire import (
     HEADER_FIXED,
     HEADER_MAX_BLOCKS,
@@ -77,7 +78,7 @@ def chunks(payload: Any) -> list[Any]:
     return [payload[i : i + MAX_MESSAGE_BYTES] for i in range(0, max(n, 1), MAX_MESSAGE_BYTES)]
 
 
-class Comm:
+class Comm(RingPositions):
     """A ring of ranks over an MPI communicator (passed in, never reached for)."""
 
     def __init__(
@@ -96,18 +97,6 @@ class Comm:
     def world(cls, *, deadline_s: float = 600.0, link: LinkModel | None = None) -> Comm:
         """The job's ranks (a duplicate of COMM_WORLD, so our tags never meet a library's)."""
         return cls(MPI.COMM_WORLD.Dup(), deadline_s=deadline_s, link=link)
-
-    # ---------------------------------------------------------------- ring
-
-    @property
-    def succ(self) -> int:
-        """Next rank on the ring."""
-        return (self.rank + 1) % self.size
-
-    @property
-    def pred(self) -> int:
-        """Previous rank on the ring."""
-        return (self.rank - 1) % self.size
 
     # ---------------------------------------------------------------- transfers
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
+from snake_mpi.transport.protocol import RingPositions
 from snake_mpi.transport.wire import (
     CommStats,
     LinkModel,
@@ -84,7 +85,7 @@ class ThreadWorld:
         return results
 
 
-class LocalComm:
+class LocalComm(RingPositions):
     """One thread-rank of a ThreadWorld; same methods and counters as ``comm.Comm``."""
 
     def __init__(
@@ -96,14 +97,6 @@ class LocalComm:
         self.size = world.size
         self.deadline_s = float(deadline_s)
         self.stats = CommStats()
-
-    @property
-    def succ(self) -> int:
-        return (self.rank + 1) % self.size
-
-    @property
-    def pred(self) -> int:
-        return (self.rank - 1) % self.size
 
     def send_blocks(self, dest: int, transfer: Transfer) -> None:
         """Put a copy of ``transfer``'s header and payload in ``dest``'s mailbox; counted."""

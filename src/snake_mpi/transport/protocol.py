@@ -104,3 +104,21 @@ class Communicator(Protocol):
     def abort(self, message: str, code: int = ...) -> NoReturn:
         """End the whole job with ``message`` naming this rank; never returns."""
         ...
+
+
+class RingPositions:
+    """``succ`` and ``pred`` from ``rank`` and ``size``: the ring positions ``Comm`` and
+    ``LocalComm`` share (both set ``rank`` and ``size`` in their constructors)."""
+
+    rank: int
+    size: int
+
+    @property
+    def succ(self) -> int:
+        """Next rank on the ring."""
+        return (self.rank + 1) % self.size
+
+    @property
+    def pred(self) -> int:
+        """Previous rank on the ring."""
+        return (self.rank - 1) % self.size
