@@ -208,7 +208,16 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert out.read_bytes() == b"keep"
 
 
-TIME_PARTS = ("compute_s", "eval_s", "send_s", "wait_s", "recv_s", "slowdown_s", "gather_s")
+TIME_PARTS = (
+    "compute_s",
+    "eval_s",
+    "send_s",
+    "wait_s",
+    "recv_s",
+    "slowdown_s",
+    "gather_s",
+    "checkpoint_s",
+)
 
 
 def test_every_second_of_a_round_falls_in_one_recorded_column(tmp_path):

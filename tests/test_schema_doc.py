@@ -86,6 +86,7 @@ def test_a_result_file_has_exactly_the_documented_datasets_and_attributes(tmp_pa
             ("/eval/<field>", "eval"),
             ("/blocks/<column>", "blocks"),
             ("/ranks/<column>", "ranks"),
+            ("/attempts/<column>", "attempts"),
         ]
         if snake:  # the final sync is Snake's (final_sync = true in the default config)
             groups.append(("/final_sync/<dataset>", "final_sync"))
@@ -98,5 +99,5 @@ def test_a_result_file_has_exactly_the_documented_datasets_and_attributes(tmp_pa
             series = f[f"series/rank_{k}"]
             check(f"/series/rank_{k}", doc["/series/rank_<k>/<dataset>"], list(series))
             assert len(series["t_s"]) > 0  # probes on: the sampler took samples
-        expected_groups = {"provenance", "rounds", "eval", "blocks", "ranks", "series"}
+        expected_groups = {"provenance", "rounds", "eval", "blocks", "ranks", "series", "attempts"}
         assert set(f) == expected_groups | ({"final_sync", "assignment"} if snake else set())

@@ -22,6 +22,13 @@ def _parser() -> argparse.ArgumentParser:
     _config_arguments(run)
     run.add_argument("--out", required=True, help="result file (HDF5) to write")
     run.add_argument("--overwrite", action="store_true", help="replace an existing result file")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue after the newest checkpoint of this run (OUT.partial and its "
+        "[checkpoint] dir); start from round 1 if there is none; exit 0 at once if OUT is "
+        "complete. A run stopped by SIGUSR1 exits 75 after its checkpoint",
+    )
 
     val = sub.add_parser(
         "validate",
@@ -180,7 +187,7 @@ def _main(argv: list[str] | None) -> int:
         return 0
     from snake_mpi import run  # initialises MPI
 
-    return run.main(cfg, args.out, overwrite=args.overwrite)
+    return run.main(cfg, args.out, overwrite=args.overwrite, resume=args.resume)
 
 
 def _launched_size() -> int:

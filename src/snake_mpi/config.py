@@ -33,7 +33,7 @@ TRANSFERS = ("delta", "full")
 KEEP_POLICIES = ("all", "own")
 BLOCK_COSTS = ("params", "equal")
 CAPABILITY_SOURCES = ("declared", "measure")
-FAULT_KINDS = ("exception", "exit", "hang", "kill")
+FAULT_KINDS = ("exception", "exit", "hang", "kill", "kill_in_checkpoint")
 DEVICES = ("auto", "cpu", "cuda")
 GPU_TRANSFERS = ("auto", "direct", "staged")
 SEED_LIMIT = 2**63
@@ -210,8 +210,22 @@ class DebugConfig:
     fail_round: int = 0
     """Test hook: round at whose start the fault happens."""
     fail_kind: str = "exception"
-    """Test hook: ``exception``, ``exit`` (sys.exit(3)), ``hang`` (never sends again) or
-    ``kill`` (SIGKILL, as the OOM killer would: no handler runs)."""
+    """Test hook: ``exception``, ``exit`` (sys.exit(3)), ``hang`` (never sends again),
+    ``kill`` (SIGKILL, as the OOM killer would: no handler runs), or ``kill_in_checkpoint``
+    (SIGKILL inside the checkpoint taken after round ``fail_round``, once this rank's file is
+    written under its temporary name and before it is renamed and the manifest is written)."""
+
+
+@_cfg()
+class CheckpointConfig:
+    every: int = 5
+    """Rounds between checkpoints (after round ``every``, ``2 * every``, ...; never after the
+    last round); 0: no periodic checkpoints, and no SIGUSR1 handling either."""
+    keep: int = 2
+    """Committed checkpoints kept (older ones are deleted once a newer one is committed)."""
+    dir: str = ""
+    """Directory of the checkpoints; empty: ``OUT.ckpt`` beside the result file ``OUT``.
+    Every rank writes its own file there, so on a cluster it must be a shared file system."""
 
 
 @_cfg()
@@ -235,6 +249,7 @@ class RunConfig:
     comm: CommConfig = field(default_factory=CommConfig)
     probes: ProbeConfig = field(default_factory=ProbeConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -383,6 +398,10 @@ def _validate(c: RunConfig) -> None:
     _choice("model.dtype", c.model.dtype, MODEL_DTYPES)
     _choice("data.tokenizer", c.data.tokenizer, TOKENIZERS)
     _validate_lm(c)
+    if c.checkpoint.every < 0:
+        raise ConfigError(f"checkpoint.every must be 0 (off) or positive, got {c.checkpoint.every}")
+    if c.checkpoint.keep < 1:
+        raise ConfigError(f"checkpoint.keep must be at least 1, got {c.checkpoint.keep}")
     for key, value in [
         ("model.width", c.model.width),
         ("model.middle_blocks", c.model.middle_blocks),

@@ -41,6 +41,8 @@ ROUND_FIELDS: dict[str, str] = {
     "slowdown_s": "float64",
     "round_s": "float64",
     "gather_s": "float64",
+    "checkpoint_s": "float64",
+    "checkpoint_bytes": "int64",
     "peak_rss_bytes": "int64",
     "train_state_bytes": "int64",
     "trainable_params": "int64",
@@ -118,6 +120,9 @@ class Recorder:
         self._gather_s = 0.0
         """Seconds in the previous round's gather: counted in the next round, not lost."""
         self._values: dict[str, float] = {}
+        self._checkpoint = (0.0, 0)
+        """Seconds and file bytes of the checkpoint taken after the previous round (it falls
+        in the next round's time, as the gather does)."""
 
     # ------------------------------------------------------------ during a round
 
@@ -129,6 +134,8 @@ class Recorder:
         self._t_round = self._t_closed if self._t_closed is not None else time.perf_counter()
         self._values = dict.fromkeys(ROUND_FIELDS, 0.0)
         self._values["gather_s"] = self._gather_s
+        self._values["checkpoint_s"], self._values["checkpoint_bytes"] = self._checkpoint
+        self._checkpoint = (0.0, 0)
         self._values["loss"] = math.nan
         self._values["kd_loss"] = math.nan
         for k in (*_EVAL_SLOTS, *_UNAVAILABLE_UNLESS_MEASURED):
@@ -181,6 +188,22 @@ class Recorder:
         self._values["eval_accuracy"] = accuracy
         self._values["eval_loss"] = loss
         self._values["eval_wall_s"] = time.perf_counter() - self.t_start
+
+    def checkpointed(self, seconds: float, nbytes: int) -> None:
+        """A checkpoint was taken after the round just closed: ``seconds`` on this rank (its
+        file, and on rank 0 the manifest), ``nbytes`` its file; recorded in the next round."""
+        self._checkpoint = (seconds, nbytes)
+
+    def elapsed_s(self) -> float:
+        """Seconds since the run started (across attempts once resumed)."""
+        return time.perf_counter() - self.t_start
+
+    def resume(self, *, cum_bytes_sent: int, n_rounds_written: int, elapsed_s: float) -> None:
+        """Continue the running totals of an earlier attempt (from its checkpoint)."""
+        self.cum_bytes_sent = cum_bytes_sent
+        self.n_rounds_written = n_rounds_written
+        self.t_start = time.perf_counter() - elapsed_s
+        self.round = n_rounds_written - 1
 
     # ------------------------------------------------------------ round end
 

@@ -124,15 +124,22 @@ def result_attrs(cfg: RunConfig) -> dict[str, str]:
     return attrs
 
 
-def main(cfg: RunConfig, out: str, *, overwrite: bool) -> int:
+def main(cfg: RunConfig, out: str, *, overwrite: bool, resume: bool = False) -> int:
     """Entry point of ``snake-mpi run`` on every rank; returns the exit status.
 
     The device is chosen (from the launcher's local rank) and made current before mpi4py
     initialises MPI. Start-up checks (device and transfer path, world size, output, data read
     and checked in full, and on rank 0 the output lock) run on every rank before any training
     message; the ranks then agree, so a problem on any one rank ends every rank with exit 2
-    and one message."""
+    and one message.
+
+    ``resume``: continue after the newest usable checkpoint (``checkpoint.find_resume``), or
+    start from round 0 when there is none; a result that is complete already ends every rank
+    with 0 at once. A checkpoint taken on SIGUSR1 ends every rank with ``EXIT_CHECKPOINTED``.
+    """
+    from snake_mpi.checkpoint import EXIT_CHECKPOINTED, CheckpointStop
     from snake_mpi.device import SPLIT_SOURCE, DeviceError, local_rank_from_env
+    from snake_mpi.store import is_complete
 
     error, placement = "", None
     try:
@@ -146,6 +153,11 @@ def main(cfg: RunConfig, out: str, *, overwrite: bool) -> int:
     # a collective: every rank or none (a launcher sets its variable for all ranks or none)
     split = mpi.local_rank_by_split() if local_rank_from_env()[0] is None else None
     dataset, lock, route = None, None, None
+    if resume and is_complete(out):  # every rank can see it (one shared file system)
+        if rank == 0:
+            print(f"snake-mpi: {out} is complete already: nothing to resume", flush=True)
+        mpi.settle()
+        return 0
     try:
         if not error:
             if placement is None:  # several GPUs and no launcher variable: chosen now
@@ -157,7 +169,7 @@ def main(cfg: RunConfig, out: str, *, overwrite: bool) -> int:
                 )
             route = transfer_route(cfg, placement, mpi.cuda_support)
         validate_for_world(cfg, size)
-        out_path = check_output(out, overwrite=overwrite)
+        out_path = check_output(out, overwrite=overwrite or resume)
         dataset = load_checked(cfg, size)
         if rank == 0:
             lock = OutputLock(out_path).acquire()
@@ -166,6 +178,19 @@ def main(cfg: RunConfig, out: str, *, overwrite: bool) -> int:
     codes = mpi.agree(EXIT_CONFIG if error else 0)
     if any(codes):
         if error and rank == codes.index(EXIT_CONFIG):  # the first rank that failed says why
+            who = "" if rank == 0 else f"rank {rank}: "
+            print(f"snake-mpi: config error: {who}{error}", file=sys.stderr, flush=True)
+        if lock is not None:
+            lock.release()
+        mpi.settle()
+        return EXIT_CONFIG
+    try:
+        checkpoints = prepare_checkpoints(cfg, out_path, size, rank, mpi.agree, resume=resume)
+    except (ConfigError, OSError) as e:
+        error = str(e)
+    codes = mpi.agree(EXIT_CONFIG if error else 0)
+    if any(codes):
+        if error and rank == codes.index(EXIT_CONFIG):
             who = "" if rank == 0 else f"rank {rank}: "
             print(f"snake-mpi: config error: {who}{error}", file=sys.stderr, flush=True)
         if lock is not None:
@@ -186,7 +211,18 @@ def main(cfg: RunConfig, out: str, *, overwrite: bool) -> int:
             dataset=dataset,
             placement=placement,
             route=route,
+            checkpoints=checkpoints,
         )
+    except CheckpointStop as e:
+        if rank == 0:
+            print(
+                f"snake-mpi: stopped on request after round {e.rounds_done} of "
+                f"{cfg.train.rounds}: checkpoint {e.folder} committed; run again with "
+                f"--resume to continue (exit {EXIT_CHECKPOINTED})",
+                flush=True,
+            )
+        mpi.settle()
+        return EXIT_CHECKPOINTED
     except SystemExit as e:
         if e.code not in (0, None):
             mpi.abort_job(f"exited with status {e.code}", e.code if isinstance(e.code, int) else 1)
@@ -195,6 +231,55 @@ def main(cfg: RunConfig, out: str, *, overwrite: bool) -> int:
         if lock is not None:
             lock.release()
     return 0
+
+
+def prepare_checkpoints(
+    cfg: RunConfig,
+    out_path: Path,
+    size: int,
+    rank: int,
+    agree: Any,
+    *,
+    resume: bool,
+) -> Any:
+    """This run's ``Checkpointer`` (collective): with ``resume``, the newest checkpoint every
+    rank can use (``ConfigError`` if it is of another run); rank 0 clears the checkpoints of an
+    earlier run that is not resumed, and removes what a killed write left half done. With
+    ``checkpoint.every > 0`` SIGUSR1 asks for a checkpoint at the next round end."""
+    from snake_mpi.checkpoint import Checkpointer, attempt_record, find_resume, install_stop_handler
+    from snake_mpi.checkpoint import manifest as mf
+    from snake_mpi.store import partial_path
+
+    directory = mf.checkpoint_dir(cfg, out_path)
+    point = None
+    if resume:
+
+        def say(text: str) -> None:
+            print(f"snake-mpi: {text}", file=sys.stderr, flush=True)
+
+        point = find_resume(
+            directory, cfg, size, rank, agree, partial=partial_path(out_path), say=say
+        )
+    if rank == 0:
+        if point is None:
+            mf.clear(directory)
+            if resume:
+                print(f"snake-mpi: no usable checkpoint in {directory}: starting at round 1")
+        else:
+            mf.remove_stale_temporaries(directory)
+            print(
+                f"snake-mpi: resuming from {point.folder} "
+                f"({point.rounds_done} of {cfg.train.rounds} rounds done)",
+                flush=True,
+            )
+    if cfg.checkpoint.every > 0:
+        install_stop_handler()
+    attempts = list(point.manifest.get("attempts", [])) if point is not None else []
+    if attempts and point is not None and point.rows is not None:
+        attempts[-1]["end_round"] = max(int(attempts[-1].get("end_round", 0)), point.rows.n_rounds)
+    first = point.rounds_done if point is not None else 0
+    attempts.append(attempt_record(first, first) | {"attempt": len(attempts)})
+    return Checkpointer(cfg=cfg, directory=directory, resume=point, attempts=attempts)
 
 
 def place_before_mpi(cfg: RunConfig, environ: Any = None) -> Any:
@@ -287,13 +372,16 @@ def execute(
     dataset: Any = None,
     placement: Any = None,
     route: tuple[str, str] | None = None,
+    checkpoints: Any = None,
 ) -> Context:
     """The run on this rank over ``comm`` (``comm.Comm``, or an in-process ``LocalComm``).
 
     Rank 0 writes ``out_path``; returns the scheme's context (model, recorder, info).
     ``dataset``: the configured dataset if already loaded (``load_checked``); ``placement``
-    and ``route``: this rank's device and transfer path (default: the CPU, host path).
+    and ``route``: this rank's device and transfer path (default: the CPU, host path);
+    ``checkpoints``: this run's ``checkpoint.Checkpointer`` (default: none taken).
     """
+    from snake_mpi.checkpoint import Checkpointer
     from snake_mpi.device import PATH_HOST, Placement, activate
     from snake_mpi.probes.gpu import GpuProbe
     from snake_mpi.probes.rapl import RaplCounter
@@ -356,6 +444,8 @@ def execute(
         + f"|{placement.local_rank}|{placement.local_rank_source}"
         + f"|{provenance.cpu_ranges(provenance.cpu_affinity())}|{os.cpu_count() or 0}"
     )
+    checkpoints = checkpoints or Checkpointer()
+    resume = checkpoints.resume
     writer, places = None, None
     if rank == 0:
         assert hosts is not None and where is not None  # rank 0 has gathered them
@@ -369,6 +459,7 @@ def execute(
             eval_fields=EVAL_FIELDS,
             attrs=result_attrs(cfg) | run_device_attrs(places),
             config_toml=to_toml(cfg),
+            carried_over=(resume.rows, resume.rounds_done) if resume is not None else None,
         )
         prov = provenance.collect(
             mpi_library_version=comm.library_version(), hosts=hosts, world_size=n, seeds=seeds
@@ -404,13 +495,47 @@ def execute(
         shard_sizes=[len(p) for p in parts],
         seeds=seeds,
         hop=HopBuffers(path, device),
+        checkpoint=checkpoints,
     )
-    scheme_spec(cfg.scheme).run_function()(ctx)
-    for probe in every:  # the sampler first: no tick reads a stopped probe
-        probe.stop()
+    checkpoints.restore(ctx)
+    if writer is not None and resume is not None:
+        rec.last_evaluation = _last_evaluation(writer)
+    try:
+        scheme_spec(cfg.scheme).run_function()(ctx)
+    except BaseException:
+        if writer is not None:
+            writer.close_incomplete()
+        raise
+    finally:
+        for probe in every:  # the sampler first: no tick reads a stopped probe
+            probe.stop()
     rss = (rss_before_model, rss_model_built)
     _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss, places)
+    if writer is not None and checkpoints.directory is not None:
+        from snake_mpi.checkpoint import manifest as mf
+
+        mf.clear(checkpoints.directory)  # the result is complete: they are of no more use
     return ctx
+
+
+def _last_evaluation(writer: Any) -> dict[str, float] | None:
+    """The newest evaluation row a resumed result carries (for the closing line)."""
+    if writer.n_evals == 0:
+        return None
+    ev = writer._f["eval"]
+    return {name: ev[name][writer.n_evals - 1].item() for name in writer.eval_fields}
+
+
+def attempt_columns(attempts: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """The ``/attempts`` table: one row per attempt of the run (a resumed run has several)."""
+    ints = ("attempt", "slurm_restart_count", "start_round", "end_round", "resumed_from_round")
+    cols: dict[str, np.ndarray] = {
+        k: np.array([int(a.get(k, 0)) for a in attempts], dtype=np.int64) for k in ints
+    }
+    jobs = [str(a.get("slurm_job_id", "")) for a in attempts]
+    cols["slurm_job_id"] = np.array(jobs, dtype=object)
+    cols["started_unix_s"] = np.array([float(a.get("started_unix_s", 0)) for a in attempts])
+    return cols
 
 
 def rank_places(hosts: list[str], where: list[str]) -> dict[str, np.ndarray]:
@@ -484,6 +609,10 @@ def _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss, places) -> N
     series = {k: comm.gatherv(mine.get(k, np.zeros(0)), k) for k in names}
     if writer is None:
         return
+    attempts = ctx.checkpoint.attempts
+    if attempts:
+        attempts[-1]["end_round"] = ctx.cfg.train.rounds
+        writer.write_table("attempts", attempt_columns(attempts))
     blocks = block_table(model)
     blocks["owner"] = np.asarray(ctx.info.get("owners", np.full(model.n_blocks, -2)), np.int64)
     writer.write_table("blocks", blocks)

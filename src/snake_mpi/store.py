@@ -69,7 +69,11 @@ class ResultWriter:
         eval_fields: dict[str, str],
         attrs: Mapping[str, str | int | float],
         config_toml: str,
+        carried_over: tuple[Result, int] | None = None,
     ) -> None:
+        """``carried_over = (result, k)``: a resumed run's file starts with the first ``k``
+        rounds (and their evaluations) of ``result`` (its ``.partial``); it is built under a
+        temporary name and then replaces that ``.partial``, so a kill leaves the old one."""
         if world_size < 1:
             raise ValueError(f"world_size must be at least 1, got {world_size}")
         self.path = pathlib.Path(path)
@@ -80,9 +84,13 @@ class ResultWriter:
         self.n_rounds = 0
         self.n_evals = 0
         self._done = False
-        self.partial.unlink(missing_ok=True)
-        self._file: h5py.File | None = h5py.File(self.partial, "w")
-        self._identity = _identity(self.partial)
+        target = self.partial
+        if carried_over is not None:
+            target = pathlib.Path(f"{self.partial}.new")
+            target.unlink(missing_ok=True)
+        else:
+            self.partial.unlink(missing_ok=True)
+        self._file: h5py.File | None = h5py.File(target, "w")
         f = self._file
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["status"] = "running"
@@ -106,7 +114,35 @@ class ResultWriter:
             ev.create_dataset(
                 name, shape=(0,), maxshape=(None,), dtype=np.dtype(dtype), chunks=(256,)
             )
+        if carried_over is not None:
+            self._carry_over(*carried_over)
+            f.flush()
+            _fsync_path(target)
+            os.replace(target, self.partial)
+            _fsync_dir(self.partial.parent)
         f.flush()
+        self._identity = _identity(self.partial)
+
+    def _carry_over(self, res: Result, n_rounds: int) -> None:
+        """Copy the first ``n_rounds`` rounds and their evaluations of ``res``."""
+        f = self._f
+        for name, dtype in self.round_fields.items():
+            if name not in res.rounds:
+                raise ValueError(f"{res.path}: round field {name!r} missing; cannot resume")
+            data = np.asarray(res.rounds[name][:n_rounds], dtype=dtype)
+            ds = f["rounds"][name]
+            ds.resize(n_rounds, axis=0)
+            ds[:] = data
+        self.n_rounds = n_rounds
+        rounds = res.evaluation.get("round", np.zeros(0, dtype=np.int64))
+        keep = int(np.count_nonzero(rounds < n_rounds))
+        for name, dtype in self.eval_fields.items():
+            ds = f["eval"][name]
+            ds.resize(keep, axis=0)
+            if keep:
+                ds[:] = np.asarray(res.evaluation[name][:keep], dtype=dtype)
+        self.n_evals = keep
+        f.attrs["n_rounds"] = self.n_rounds
 
     def __enter__(self) -> ResultWriter:
         return self

@@ -263,18 +263,18 @@ def _span(values: Sequence[float]) -> str:
 
 def fig_time_split(results: Sequence[Result], path: Path) -> None:
     """Per run, per rank: mean seconds per round in compute, send, wait, the round-end gather
-    (waiting for the slowest rank) and the rest."""
+    (waiting for the slowest rank), checkpoints and the rest."""
     n = len(results)
     cols = min(3, n)
     rows = math.ceil(n / cols)
     fig, axes = _figure(cols, rows, width=4.2 * cols, height=3.0 * rows + 0.6)
-    parts = ["compute_s", "send_s", "wait_s", "gather_s"]
+    parts = ["compute_s", "send_s", "wait_s", "gather_s", "checkpoint_s"]
     for ax, res in zip(axes.flat, results, strict=False):
         r = res.rounds
         ranks = np.arange(res.world_size)
         bottom = np.zeros(res.world_size)
         for i, key in enumerate(parts):
-            if key not in r:  # files from before gather_s was recorded
+            if key not in r:  # files from before gather_s (checkpoint_s) was recorded
                 continue
             v = r[key].mean(axis=0)
             ax.bar(ranks, v, bottom=bottom, label=key[:-2], color=f"C{i}")

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from snake_mpi.blocks import BlockModel
+    from snake_mpi.checkpoint import Checkpointer
     from snake_mpi.config import RunConfig
     from snake_mpi.record import Recorder
     from snake_mpi.transport.payloads import HopBuffers
@@ -45,6 +46,12 @@ def _hop_buffers() -> HopBuffers:
     from snake_mpi.transport.payloads import HopBuffers
 
     return HopBuffers()
+
+
+def _no_checkpoints() -> Checkpointer:
+    from snake_mpi.checkpoint import Checkpointer
+
+    return Checkpointer()
 
 
 @dataclass(slots=True)
@@ -79,6 +86,9 @@ class Context:
     """The run's shared seeds (``run.seeds_for``): identical on every rank."""
     hop: HopBuffers = field(default_factory=_hop_buffers)
     """The buffers model blocks travel in on this rank's transfer path (host, staged, direct)."""
+    checkpoint: Checkpointer = field(default_factory=_no_checkpoints)
+    """This run's checkpoints: ``restore`` after the scheme's set-up gives the first round;
+    ``boundary`` after every round takes one when due (none by default)."""
 
 
 def get_scheme(name: str) -> Callable[[Context], None]:

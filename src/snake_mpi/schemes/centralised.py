@@ -12,9 +12,10 @@ def run(ctx: Context) -> None:
     """Train the whole model on this (only) rank for ``train.rounds`` rounds."""
     everything = list(range(ctx.model.n_blocks))
     ctx.info["owners"] = [0] * ctx.model.n_blocks
-    for r in range(ctx.cfg.train.rounds):
+    for r in range(ctx.checkpoint.first_round, ctx.cfg.train.rounds):
         ctx.record.begin_round(r)
         train_and_record(ctx, everything)
         ctx.model.versions[:] = r + 1
         evaluate_and_record(ctx)
         ctx.record.end_round()
+        ctx.checkpoint.boundary(ctx, r)

@@ -114,7 +114,10 @@ def run(ctx: Context) -> None:
         cfg.fedavg.clients_per_round,
         cfg.train.rounds,
     )
+    start = ctx.checkpoint.first_round
     for r, chosen in enumerate(schedule):
+        if r < start:
+            continue
         rec.begin_round(r)
         if comm.rank == 0:
             serve_round(ctx, r, chosen)
@@ -124,6 +127,7 @@ def run(ctx: Context) -> None:
             model.versions[:] = r + 1
             send_blocks(ctx, 0, KIND_UPDATE, r, comm.rank, everything)
         rec.end_round()
+        ctx.checkpoint.boundary(ctx, r)
 
 
 def serve_round(ctx: Context, r: int, chosen: Sequence[int]) -> None:

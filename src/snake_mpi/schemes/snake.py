@@ -63,6 +63,12 @@ def plan_for_run(ctx: Context, nodes: Sequence[int]) -> list[list[int]]:
     measuring every rank's block times now (``snake.capability = "measure"``); the figures
     used (and the measurement's spread) are put in ``ctx.info`` for the result file."""
     cfg = ctx.cfg.snake
+    if cfg.capability == "measure" and "block_time_s" in ctx.info:  # resumed: as measured then
+        times = np.asarray(ctx.info["block_time_s"])
+        node_times = times[list(nodes)][:, ctx.model.middle_ids]
+        caps = [float(c) for c in ctx.info["capabilities"]]
+        costs = list(node_times.mean(axis=0))
+        return plan_segments(ctx.model, cfg, len(nodes), costs=costs, capabilities=caps)
     if cfg.capability != "measure":
         caps = list(cfg.capabilities) or [1.0] * len(nodes)
         ctx.info["capabilities"] = caps
@@ -211,11 +217,11 @@ def run_p2p(ctx: Context) -> None:
     mine = plan[node]
     rounds, transfer, keep = cfg.train.rounds, cfg.snake.transfer, cfg.snake.keep
     nb = model.n_blocks
-    for r in range(rounds):
+    for r in range(ctx.checkpoint.first_round, rounds):
         rec.begin_round(r)
         if node > 0:
             receive_blocks(ctx, comm.pred, KIND_MODEL, r, node - 1)
-        elif r > 0:
+        elif r > 0 and not ctx.checkpoint.carried_in(r - 1):
             receive_blocks(ctx, comm.pred, KIND_MODEL, r - 1, last)
         check_whole(ctx)
         train_and_record(ctx, mine, kd_spec(cfg))
@@ -236,6 +242,13 @@ def run_p2p(ctx: Context) -> None:
             spec = TransferSpec(KIND_MODEL, r, last, payload_bytes=nbytes, alloc=ctx.hop.alloc)
             comm.expect(comm.pred, spec)
         rec.end_round()
+        wrap_in = None
+        if node == 0 and r < rounds - 1:
+
+            def wrap_in(r: int = r) -> None:
+                receive_blocks(ctx, comm.pred, KIND_MODEL, r, last)
+
+        ctx.checkpoint.boundary(ctx, r, carry_in=wrap_in)
     if cfg.snake.final_sync:
         final_sync(ctx, rounds)
 
@@ -252,7 +265,7 @@ def run_cs(ctx: Context) -> None:
     ctx.info["plan"] = plan
     rounds, transfer, keep = cfg.train.rounds, cfg.snake.transfer, cfg.snake.keep
     nb = model.n_blocks
-    for r in range(rounds):
+    for r in range(ctx.checkpoint.first_round, rounds):
         rec.begin_round(r)
         if comm.rank == 0:
             for k in range(n_nodes):
@@ -273,6 +286,7 @@ def run_cs(ctx: Context) -> None:
             send_blocks(ctx, 0, KIND_UPDATE, r, k, plan[k])
             keep_own(ctx, plan[k])  # handed on
         rec.end_round()
+        ctx.checkpoint.boundary(ctx, r)
     if cfg.snake.final_sync:
         final_sync_cs(ctx, rounds, n_nodes)
 

@@ -7,11 +7,11 @@ server after each round, so that the server can evaluate the whole model.
 
 from __future__ import annotations
 
-from snake_mpi.blocks import drop_blocks
+from snake_mpi.blocks import block_nbytes, drop_blocks
 from snake_mpi.schemes import Context
 from snake_mpi.schemes.common import evaluate_and_record, receive_blocks, send_blocks
 from snake_mpi.schemes.splitnet import ClientTurn, ServerPart, record_server, steps_of
-from snake_mpi.transport.wire import KIND_MODEL, KIND_UPDATE
+from snake_mpi.transport.wire import KIND_MODEL, KIND_UPDATE, TransferSpec
 
 
 def run(ctx: Context) -> None:
@@ -22,7 +22,7 @@ def run(ctx: Context) -> None:
     ctx.info["owners"] = [-1] * cut + [0] * (model.n_blocks - cut)
     if comm.rank > 0:
         drop_blocks(model, range(cut, model.n_blocks))
-    for r in range(rounds):
+    for r in range(ctx.checkpoint.first_round, rounds):
         rec.begin_round(r)
         if comm.rank == 0:
             part = ServerPart(ctx, cut, [model.blocks[b] for b in range(cut, model.n_blocks)])
@@ -39,12 +39,23 @@ def run(ctx: Context) -> None:
             k = comm.rank
             if k > 1:
                 receive_blocks(ctx, k - 1, KIND_MODEL, r, k - 1)
-            elif r > 0:
+            elif r > 0 and not ctx.checkpoint.carried_in(r - 1):
                 receive_blocks(ctx, last, KIND_MODEL, r - 1, last)
             ClientTurn(ctx, cut, r).run()
             model.versions[client_ids] = r * last + k
+            if k == 1 and r < rounds - 1:  # the relay across the round end, see Comm.expect
+                nbytes = sum(block_nbytes(model, b) for b in client_ids)
+                spec = TransferSpec(KIND_MODEL, r, last, payload_bytes=nbytes, alloc=ctx.hop.alloc)
+                comm.expect(last, spec)
             if k == last:
                 send_blocks(ctx, 0, KIND_UPDATE, r, k, client_ids)
             if k < last or r < rounds - 1:
                 send_blocks(ctx, k % last + 1, KIND_MODEL, r, k, client_ids)
         rec.end_round()
+        relay_in = None
+        if comm.rank == 1 and r < rounds - 1:
+
+            def relay_in(r: int = r) -> None:
+                receive_blocks(ctx, last, KIND_MODEL, r, last)
+
+        ctx.checkpoint.boundary(ctx, r, carry_in=relay_in)

@@ -32,7 +32,7 @@ def run(ctx: Context) -> None:
     ctx.info["owners"] = [-1] * cut + [0] * len(server_ids)
     if comm.rank > 0:
         drop_blocks(model, server_ids)
-    for r in range(cfg.train.rounds):
+    for r in range(ctx.checkpoint.first_round, cfg.train.rounds):
         rec.begin_round(r)
         if comm.rank == 0:
             for c in clients:
@@ -71,3 +71,4 @@ def run(ctx: Context) -> None:
             model.versions[client_ids] = r + 1
             send_blocks(ctx, 0, KIND_UPDATE, r, comm.rank, client_ids)
         rec.end_round()
+        ctx.checkpoint.boundary(ctx, r)
