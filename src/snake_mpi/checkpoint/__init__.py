@@ -193,6 +193,14 @@ class Checkpointer:
             ]
             mf.write_manifest(folder, self._manifest(ctx, rounds_done, files))
             mf.prune(self.directory, self.cfg.checkpoint.keep)
+            total = sum(f["bytes"] for f in files)
+            if ctx.record.progress:
+                print(
+                    f"snake-mpi: checkpoint after round {rounds_done} of {ctx.cfg.train.rounds}: "
+                    f"{folder} ({total / 2**20:.2f} MiB in {len(files)} files, "
+                    f"{time.perf_counter() - t0:.2f} s)",
+                    flush=True,
+                )
         return folder, nbytes
 
     def _manifest(self, ctx: Context, rounds_done: int, files: list[dict]) -> dict[str, Any]:
