@@ -6,11 +6,13 @@ compares the two checks the implementation against an independent reading of the
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
 
 import numpy as np
 
-from snake_mpi.transport.wire import header_nbytes
+from snake_mpi.transport.wire import CommStats, header_nbytes
 
 
 def _hop_bytes(block_bytes: Sequence[int], ids: set[int]) -> int:
@@ -344,3 +346,179 @@ def train_state_bytes_snake(
     """A Snake node: all weights held, gradients and optimiser moments for its trainable part."""
     moments = {"adam": 2, "sgd": 1, "sgd-plain": 0}[optimizer]
     return params_total * bytes_per_value + params_trainable * bytes_per_value * (1 + moments)
+
+
+# ------------------------------------------------------------------ checkpoint files
+
+
+def checkpoint_blocks(
+    n_blocks: int,
+    rounds_done: int,
+    *,
+    scheme: str,
+    world_size: int,
+    plan: Sequence[Sequence[int]] | None = None,
+    mode: str = "p2p",
+    keep: str = "all",
+    schedule: Sequence[Sequence[int]] | None = None,
+) -> list[set[int]]:
+    """The blocks each rank's checkpoint file holds after ``rounds_done`` rounds (``>= 1``; a
+    checkpoint is never taken before the first round ends), one set per rank.
+
+    The rule: a rank writes every block it holds whose version is above 0, i.e. a block that
+    somebody trained and this rank then received, or that it trained itself. So a block nobody
+    trains (Snake ``ends = "frozen"``: stem and head) is never written, and neither is a block a
+    rank freed (``snake.keep = "own"``). Whether hops carry ``delta`` or ``full`` makes no
+    difference: a ``full`` hop also carries the untrained blocks, but at version 0.
+
+    Snake P2P (``plan``: node ``j`` is rank ``j``): after round 1 node ``j > 0`` has what nodes
+    ``0..j`` trained (its first visit brought what its predecessors trained); from round 2 on
+    every node has every trained block (``keep = "all"``). With ``keep = "own"`` node ``j > 0``
+    holds its own blocks only (it freed the rest once it handed the model on). Node 0 has, at
+    every checkpoint, already taken in the last node's end-of-round hop, which brings it every
+    block trained since its turn and (``own``) every block it freed: it holds every trained
+    block under either ``keep``. Snake CS (``plan``: node ``k`` is rank ``k + 1``): the
+    controller holds every trained block; node ``k`` as P2P node ``k > 0``, the round-1 rule
+    included. FedAvg: the server (rank 0) every block (it stamps the average each round);
+    a client every block once it has been chosen in one of the first ``rounds_done`` rounds of
+    ``schedule`` (``fedavg.sampled_clients``; None: every client every round), else none.
+    Centralised: every block.
+    """
+    if rounds_done < 1:
+        return [set() for _ in range(world_size)]
+    everything = set(range(n_blocks))
+    if scheme == "centralised":
+        return [everything]
+    if scheme == "fedavg":
+        rounds = (
+            schedule[:rounds_done]
+            if schedule is not None
+            else [list(range(1, world_size))] * rounds_done
+        )
+        chosen = {int(c) for ids in rounds for c in ids}
+        return [everything] + [everything if c in chosen else set() for c in range(1, world_size)]
+    if scheme != "snake":
+        raise ValueError(f"no analytic checkpoint contents for scheme {scheme!r}")
+    if plan is None:
+        raise ValueError("Snake's checkpoint contents need the plan")
+    n = len(plan)
+    trained = {int(b) for ids in plan for b in ids}
+
+    def node(k: int) -> set[int]:
+        if keep == "own":
+            return {int(b) for b in plan[k]}
+        if rounds_done == 1:
+            return {int(b) for m in range(k + 1) for b in plan[m]}
+        return set(trained)
+
+    if mode == "cs":
+        out = [set(trained)] + [node(k) for k in range(n)]
+    else:
+        out = [set(trained)] + [node(j) for j in range(1, n)]
+    if len(out) != world_size:
+        raise ValueError(f"a Snake {mode} plan of {n} nodes is not a world of {world_size}")
+    return out
+
+
+def checkpoint_block_bytes(
+    block_bytes: Sequence[int],
+    rounds_done: int,
+    *,
+    scheme: str,
+    world_size: int,
+    plan: Sequence[Sequence[int]] | None = None,
+    mode: str = "p2p",
+    keep: str = "all",
+    schedule: Sequence[Sequence[int]] | None = None,
+) -> np.ndarray:
+    """Block bytes of each rank's checkpoint file after ``rounds_done`` rounds, shape
+    ``(world,)``: the tensors of ``checkpoint_blocks``, exactly (the file stores each block
+    tensor's raw bytes; ``block_bytes`` as ``blocks.block_nbytes``). The file holds these plus
+    at most ``checkpoint_overhead_max_bytes``."""
+    held = checkpoint_blocks(
+        len(block_bytes),
+        rounds_done,
+        scheme=scheme,
+        world_size=world_size,
+        plan=plan,
+        mode=mode,
+        keep=keep,
+        schedule=schedule,
+    )
+    return np.array([sum(int(block_bytes[b]) for b in ids) for ids in held], dtype=np.int64)
+
+
+CHECKPOINT_RNG_BYTES = 5056 + 5056 + 624 * 4 + 625 * 8
+"""Random states in a checkpoint file: the rank's torch generator and torch's global CPU
+generator (5056 bytes each), numpy's MT19937 keys (624 x uint32) and Python's Mersenne Twister
+state (625 words, stored as uint64)."""
+CHECKPOINT_CUDA_RNG_BYTES = 16
+"""torch's CUDA generator state (Philox seed and offset, two 8-byte words since torch 2.1), on a
+rank whose model is on a GPU."""
+CHECKPOINT_STATS_BYTES = 8 * len(dataclasses.fields(CommStats))
+_MAX_FLOAT = "-1.2345678901234567e-308"
+"""The longest ``repr`` of a Python float (24 characters)."""
+
+
+def _json_len(obj: object) -> int:
+    return len(json.dumps(obj, separators=(",", ":")))
+
+
+def _entry_max(name: str, ndim: int, dim: int, offset: int) -> int:
+    """The most characters one tensor's header entry takes (and its comma)."""
+    entry = {"dtype": "BOOL", "shape": [dim] * ndim, "data_offsets": [offset, offset]}
+    return _json_len({name: entry}) - 2 + 1
+
+
+def checkpoint_overhead_max_bytes(
+    block_bytes: int,
+    n_block_tensors: int,
+    n_blocks: int,
+    world_size: int,
+    *,
+    measured: bool = False,
+    cuda: bool = False,
+    max_dims: int = 4,
+) -> int:
+    """The most bytes a rank's checkpoint file holds beyond its block tensors (a file of
+    ``block_bytes`` in ``n_block_tensors`` block tensors of at most ``max_dims`` dimensions).
+
+    The data: block versions and the freed block list (int64, at most ``n_blocks`` each), the
+    random states (``CHECKPOINT_RNG_BYTES``, ``cuda``: ``CHECKPOINT_CUDA_RNG_BYTES``), the
+    communication counters, the plan inputs (Snake's capabilities, one float64 per node;
+    ``measured``: also the block times and their spread, ``world x n_blocks`` float64 each).
+    The header: the 8-byte length, the JSON header padded to 8 bytes, with one entry per
+    array, each bounded by its longest form (every offset and dimension as long as the data
+    size in digits, the longest dtype name), and the metadata with every number at its longest
+    (ranks, rounds and byte counts as 20-digit integers, floats as 24-character reprs)."""
+    arrays = {  # name -> (most data bytes, dimensions)
+        "versions": (8 * n_blocks, 1),
+        "released": (8 * n_blocks, 1),
+        "rng.generator": (5056, 1),
+        "rng.torch": (5056, 1),
+        "rng.numpy": (624 * 4, 1),
+        "rng.python": (625 * 8, 1),
+        "stats": (CHECKPOINT_STATS_BYTES, 1),
+        "info.capabilities": (8 * world_size, 1),
+    }
+    if cuda:
+        arrays["rng.cuda"] = (CHECKPOINT_CUDA_RNG_BYTES, 1)
+    if measured:
+        arrays["info.block_time_s"] = (8 * world_size * n_blocks, 2)
+        arrays["info.block_time_spread"] = (8 * world_size * n_blocks, 2)
+    data = block_bytes + sum(nbytes for nbytes, _ in arrays.values())
+    big = 10 ** len(str(max(data, 1))) - 1  # no offset and no dimension has more digits
+    widest = f"block.{max(n_blocks - 1, 0)}.{max(n_block_tensors - 1, 0)}"
+    entries = n_block_tensors * _entry_max(widest, max_dims, big, big)
+    entries += sum(_entry_max(name, ndim, big, big) for name, (_, ndim) in arrays.items())
+    word = 10**20 - 1
+    meta = {
+        "rank": str(word),
+        "round": str(word),
+        "carried": "1",
+        "rng.numpy": f"MT19937|624|1|{_MAX_FLOAT}",
+        "rng.python": f"3|{_MAX_FLOAT}",
+        "recorder": f"{word}|{word}|{_MAX_FLOAT}",
+    }
+    header = 2 + entries + _json_len({"__metadata__": meta}) - 2 + 1
+    return 8 + header + 7 + data - block_bytes

@@ -66,7 +66,7 @@ def encode(
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset, views = 0, []
     for name, arr in arrays.items():
-        a = np.ascontiguousarray(arr)
+        a = np.ascontiguousarray(arr).reshape(np.shape(arr))  # a 0-d array stays 0-d
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
         header[name] = {
@@ -132,6 +132,8 @@ def read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str], frozenset[s
         raise TensorFileError(f"{path}: header is not a JSON object")
     body = memoryview(raw)[8 + n :]
     meta = header.pop("__metadata__", {}) or {}
+    if not isinstance(meta, dict):
+        raise TensorFileError(f"{path}: __metadata__ is not a JSON object")
     arrays: dict[str, np.ndarray] = {}
     bf16: set[str] = set()
     for name, entry in header.items():
