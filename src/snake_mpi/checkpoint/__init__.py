@@ -193,7 +193,7 @@ class Checkpointer:
             ]
             mf.write_manifest(folder, self._manifest(ctx, rounds_done, files))
             mf.prune(self.directory, self.cfg.checkpoint.keep)
-            total = sum(f["bytes"] for f in files)
+            total = float(table[:, 0].sum())
             if ctx.record.progress:
                 print(
                     f"snake-mpi: checkpoint after round {rounds_done} of {ctx.cfg.train.rounds}: "
