@@ -194,6 +194,11 @@ class Recorder:
         file, and on rank 0 the manifest), ``nbytes`` its file; recorded in the next round."""
         self._checkpoint = (seconds, nbytes)
 
+    def waited_at_round_end(self, seconds: float) -> None:
+        """Seconds spent after the round's gather waiting for every rank again (the checkpoint
+        stop-flag agreement): counted with the gather, in the next round's ``gather_s``."""
+        self._gather_s += seconds
+
     def elapsed_s(self) -> float:
         """Seconds since the run started (across attempts once resumed)."""
         return time.perf_counter() - self.t_start

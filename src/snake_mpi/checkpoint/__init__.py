@@ -137,9 +137,11 @@ class Checkpointer:
             return
         t0 = time.perf_counter()
         stop = self._agree_stop(ctx.comm)
+        # the agreement extends the round-end gather: its wait is for the slowest rank
+        ctx.record.waited_at_round_end(time.perf_counter() - t0)
         if not stop and (r + 1) % self.every:
-            ctx.record.checkpointed(time.perf_counter() - t0, 0)
             return
+        t0 = time.perf_counter()
         carry_s = 0.0
         if carry_in is not None:  # its seconds are the receive's (wait_s, recv_s)
             t1 = time.perf_counter()
