@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
+import time
+from pathlib import Path
 
+import numpy as np
+import psutil
 import pytest
 
 from conftest import REPO
@@ -90,58 +96,183 @@ def test_suite_sbatch_runs_one_cell_per_array_task_and_resumes(slurm, tmp_path):
         assert cell == first[name], (cell, first[name])
 
 
-def test_a_preempted_run_requeues_itself_and_starts_again_cleanly(slurm, tmp_path):
-    """The preemption convention: USR1 to the batch shell (what --signal=B:USR1@T sends)
-    requeues the job; the requeued job runs again from the start and completes, and the
-    result records the restart."""
-    import time
+def job_fields(job_id: str) -> dict[str, str]:
+    """``scontrol show job``'s ``Key=Value`` fields (JobState, Restarts, Reason, ExitCode, ...)."""
+    shown = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60
+    )
+    return dict(f.split("=", 1) for f in shown.stdout.split() if "=" in f)
 
-    out = tmp_path / "pre.h5"
-    log = tmp_path / "job.log"
-    env = dict(os.environ, CONFIG="bench/configs/demo.toml", OUT=str(out), SET="train.rounds=3")
+
+def launch_uninterrupted(out: Path, config: str, sets: list[str]) -> None:
+    """The same run without Slurm, never stopped (``snake-mpi launch``: mpirun here)."""
+    exe = str(Path(sys.executable).parent / "snake-mpi")
+    argv = [exe, "launch", "-n", "2", "--", exe, "run", config, "--out", str(out)]
+    for s in sets:
+        argv += ["--set", s]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env |= {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def submit(*args: str, env: dict[str, str]) -> str:
+    """Submit without waiting; returns the job id."""
     sub = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            "--requeue",
-            "--ntasks=2",
-            f"--output={log}",
-            "--open-mode=append",
-            "slurm/run.sbatch",
-        ],
+        ["sbatch", "--parsable", *args],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=REPO,
-        env=env,
+        env=dict(os.environ, **env),
     )
     assert sub.returncode == 0, sub.stderr
-    job_id = sub.stdout.strip()
-    deadline = time.time() + 240
-    while time.time() < deadline and "round 1 of 3" not in (
-        log.read_text() if log.exists() else ""
-    ):
-        time.sleep(0.5)
-    assert "round 1 of 3" in log.read_text(), log.read_text()
-    sig = subprocess.run(
-        ["scancel", "--batch", "--signal=USR1", job_id], capture_output=True, text=True, timeout=60
-    )
-    assert sig.returncode == 0, sig.stderr
-    while time.time() < deadline:
-        state = subprocess.run(
-            ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60
-        ).stdout.strip()
-        if state in ("", "COMPLETED") and "snake-mpi: wrote" in log.read_text():
-            break
-        time.sleep(1)
+    return sub.stdout.strip().split(";")[0]
+
+
+def preempt_once(job_id: str, *, watch: Path, marker: str, log: Path) -> dict[str, str]:
+    """Once ``marker`` shows in ``watch`` (the run is mid-way), send USR1 to the job's batch
+    shell only (``scancel --batch``: what ``--signal=B:USR1@T`` sends at T); then wait until
+    the job has been requeued once and has completed. Returns its ``scontrol`` fields; fails
+    at once if it ends otherwise or is held. Nothing of the job is left on failure."""
+    fields: dict[str, str] = {}
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and marker not in (
+            watch.read_text() if watch.exists() else ""
+        ):
+            assert job_fields(job_id).get("JobState") in ("PENDING", "RUNNING"), log.read_text()
+            time.sleep(0.5)
+        assert marker in watch.read_text(), watch.read_text()
+        sig = subprocess.run(
+            ["scancel", "--batch", "--signal=USR1", job_id],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert sig.returncode == 0, sig.stderr
+        deadline, done_unrequeued = time.monotonic() + 300, None
+        while time.monotonic() < deadline:
+            fields = job_fields(job_id)
+            state, restarts = fields.get("JobState", ""), int(fields.get("Restarts", "0"))
+            assert "Held" not in fields.get("Reason", ""), fields  # requeued, not held
+            if state == "COMPLETED" and restarts >= 1:
+                break
+            if state == "COMPLETED":  # not requeued (yet?): give the requeue a few seconds
+                done_unrequeued = done_unrequeued or time.monotonic()
+                if time.monotonic() - done_unrequeued > 20:
+                    break
+            assert state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"), (
+                fields,
+                log.read_text(),
+            )
+            time.sleep(1)
+        assert fields.get("JobState") == "COMPLETED", (fields, log.read_text())
+        assert fields.get("Restarts") == "1", (fields, log.read_text())  # requeued once
+        assert fields.get("ExitCode") == "0:0", fields
+    finally:
+        if fields.get("JobState") != "COMPLETED":
+            subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
+    return fields
+
+
+def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes_to_the_same_result(slurm, tmp_path):
+    """Preemption as run.sbatch submits itself (--requeue --signal=B:USR1@T): USR1 to the batch
+    shell only (``scancel --batch``, what Slurm sends at T) is passed on to the ranks, which
+    checkpoint at the end of their round and exit 75; the script requeues the job (not held),
+    the requeued job (restart 1, same job id) resumes from that checkpoint and completes. The
+    result equals a run never interrupted (model hashes, per-round bytes and messages, losses,
+    evaluations) and records both attempts with their restart counts and rounds."""
+    rounds = 12
+    sets = [
+        f"train.rounds={rounds}",
+        "checkpoint.every=100",  # no periodic checkpoint: the resume point is the USR1 one
+        "emulate.latency_s=0.2",  # rounds long enough to signal one mid-run
+        "probes.enabled=false",
+    ]
+    config = "tests/configs/tiny.toml"
+    want_path = tmp_path / "uninterrupted.h5"
+    launch_uninterrupted(want_path, config, sets)
+    want = read_result(want_path)
+
+    out = tmp_path / "pre.h5"
+    log = tmp_path / "job.log"
+    env = {"CONFIG": config, "OUT": str(out), "SET": ";".join(sets)}
+    job_id = submit("--ntasks=2", f"--output={log}", "slurm/run.sbatch", env=env)
+    t0 = time.monotonic()
+    fields = preempt_once(job_id, watch=log, marker=f"round 3 of {rounds}", log=log)
+    elapsed = time.monotonic() - t0
     text = log.read_text()
-    assert "got the preemption signal: requeueing" in text, text
-    assert "(restart 1)" in text, text
-    res = read_result(out)
-    assert res.attrs["status"] == "complete" and res.n_rounds == 3
-    assert res.provenance["slurm_job_id"] == job_id
-    assert res.provenance["slurm_restart_count"] == "1"
-    assert not out.with_name(out.name + ".partial").exists()
+    assert fields["JobId"] == job_id
+    assert "got SIGUSR1" in text, text
+    stop = re.search(rf"stopped on request after round (\d+) of {rounds}", text)
+    assert stop, text
+    k = int(stop.group(1))
+    assert 3 <= k < rounds, text
+    assert "the run stopped after a checkpoint: requeueing the job" in text, text
+    assert "(restart 1)" in text and "resuming from" in text, text
+    assert text.count("snake-mpi: wrote") == 1, text
+
+    got = read_result(out)
+    assert got.attrs["status"] == "complete" and got.n_rounds == rounds
+    assert got.provenance["slurm_job_id"] == job_id
+    assert got.provenance["slurm_restart_count"] == "1"
+    a = got.tables["attempts"]
+    assert list(a["slurm_job_id"]) == [job_id, job_id], a
+    assert a["slurm_restart_count"].tolist() == [0, 1], a
+    assert a["start_round"].tolist() == [0, k] and a["end_round"].tolist() == [k, rounds], a
+    assert a["resumed_from_round"].tolist() == [0, k], a
+    # the same run as the one never interrupted
+    assert list(got.tables["ranks"]["model_sha256"]) == list(want.tables["ranks"]["model_sha256"])
+    for name in ("bytes_sent", "bytes_received", "messages_sent", "messages_received", "loss"):
+        np.testing.assert_array_equal(got.rounds[name], want.rounds[name], err_msg=name)
+    for name in ("round", "accuracy", "loss", "cum_bytes_sent"):
+        np.testing.assert_array_equal(got.evaluation[name], want.evaluation[name], err_msg=name)
+    # nothing left behind: no partial result, checkpoint, lock or process
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.log", "pre.h5", "uninterrupted.h5"]
+    assert not [
+        p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])
+    ]
+    print(f"USR1 -> checkpoint after round {k} -> requeue -> resume -> complete: {elapsed:.0f} s")
+
+
+def test_usr1_to_a_suite_task_requeues_it_and_the_requeued_task_resumes_its_cell(slurm, tmp_path):
+    """suite.sbatch: USR1 to an array task's batch shell reaches the running cell's ranks
+    through ``snake-mpi suite``; the cell checkpoints (exit 75), the suite exits 75, the task
+    requeues itself and the requeued task resumes the cell from its checkpoint."""
+    rounds = 12
+    sets = [f"train.rounds={rounds}", "checkpoint.every=100", "emulate.latency_s=0.2"]
+    suite = tmp_path / "one.toml"
+    suite.write_text(
+        'configs = ["tests/configs/tiny.toml"]\nranks = [2]\nseeds = [0]\n'
+        f"set = {json.dumps(sets)}\ntime_limit_s = 300\n"
+    )
+    out = tmp_path / "suite"
+    log = tmp_path / "task-0.log"
+    env = {"SUITE": str(suite), "OUT": str(out)}
+    array = submit(
+        "--array=0", "--ntasks=2", f"--output={tmp_path}/task-%a.log", "slurm/suite.sbatch", env=env
+    )
+    cell_log = out / "tiny-n2-s0.log"
+    fields = preempt_once(f"{array}_0", watch=cell_log, marker=f"round 3 of {rounds}", log=log)
+    text, cell_text = log.read_text(), cell_log.read_text()
+    assert "got SIGUSR1" in text, text
+    assert "the cell stopped after a checkpoint: requeueing the task," in text, text
+    assert f"(job {fields['JobId']}, restart 1)" in text, text
+    assert "runs again with --resume" in cell_text and "resuming from" in cell_text, cell_text
+    cell = json.loads((out / "manifest.json").read_text())["cells"]["tiny-n2-s0"]
+    assert cell["status"] == "complete" and "--resume" in cell["command"], cell
+    res = read_result(out / "tiny-n2-s0.h5")
+    assert res.n_rounds == rounds
+    a = res.tables["attempts"]
+    assert list(a["slurm_job_id"]) == [fields["JobId"]] * 2, a
+    assert a["slurm_restart_count"].tolist() == [0, 1], a
+    k = int(a["end_round"][0])
+    assert 3 <= k < rounds and a["start_round"].tolist() == [0, k], a
+    assert not (out / "tiny-n2-s0.h5.ckpt").exists()
+    assert not [
+        p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])
+    ]
 
 
 @pytest.mark.parametrize("action", ["up", "down"])

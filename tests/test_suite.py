@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -162,3 +163,86 @@ def test_array_tasks_run_one_cell_each_and_share_the_manifest(tmp_path, capsys):
     }
     assert main([str(suite), "--out", str(out), "--cell", "2"]) == 2
     assert "cell 2 does not exist: suite" in capsys.readouterr().err
+
+
+def test_sigusr1_stops_the_cell_at_a_checkpoint_and_the_rerun_resumes_it(tmp_path):
+    """SIGUSR1 to ``snake-mpi suite`` (what slurm/suite.sbatch passes on from Slurm's
+    ``--signal=B:USR1``) reaches the running cell's ranks: they checkpoint at the end of their
+    round and exit 75; the suite records the cell as interrupted, starts no other cell and exits
+    75. Run again, the suite resumes the cell from that checkpoint (--resume): the result has
+    two attempts."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from snake_mpi.store import is_complete, partial_path, read_result
+    from snake_mpi.suite import load_suite, resume_flag
+
+    rounds = 8
+    suite = tmp_path / "slow.toml"
+    sets = [
+        "probes.enabled=false",
+        f"train.rounds={rounds}",
+        "checkpoint.every=100",  # no periodic checkpoint: only the one SIGUSR1 asks for
+        "emulate.latency_s=0.2",  # rounds long enough to signal one mid-run
+    ]
+    suite.write_text(
+        f'configs = ["{TINY}"]\nranks = [2]\nseeds = [0, 1]\nset = {json.dumps(sets)}\n'
+        "time_limit_s = 300\n"
+    )
+    out = tmp_path / "out"
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = [sys.executable, "-m", "snake_mpi.cli", "suite", str(suite), "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "tiny-n2-s0.log"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            if log.exists() and "round 1 of" in log.read_text():
+                break
+            time.sleep(0.2)
+        assert log.exists() and "round 1 of" in log.read_text(), proc.poll()
+        proc.send_signal(signal.SIGUSR1)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, stdout + stderr
+    assert "stopped by SIGUSR1 at tiny-n2-s0" in stderr
+    assert "tiny-n2-s1: not started" not in stdout  # the second cell was never reached...
+    assert "tiny-n2-s1" not in stdout  # ...nor announced
+    assert processes_of(out) == []
+    cells = json.loads((out / "manifest.json").read_text())["cells"]
+    assert list(cells) == ["tiny-n2-s0"]
+    cell = cells["tiny-n2-s0"]
+    assert cell["status"] == "interrupted" and cell["exit_code"] == 75, cell
+    assert "stopped after a checkpoint" in cell["stderr_tail"]
+    result = out / "tiny-n2-s0.h5"
+    assert not is_complete(result)
+    done = read_result(partial_path(result), allow_incomplete=True).n_rounds
+    assert 1 <= done < rounds
+
+    cells_, _ = load_suite(str(suite))
+    assert resume_flag(cells_[0], result) == ("--resume", "")
+    changed = dataclasses.replace(cells_[0], overrides=(*cells_[0].overrides, "train.lr=0.5"))
+    flag, note = resume_flag(changed, result)  # a checkpoint of another config: start again
+    assert flag == "--overwrite" and "is of another run" in note, note
+
+    assert main([str(suite), "--out", str(out)]) == 0  # run again: resumes, then the next cell
+    cells = json.loads((out / "manifest.json").read_text())["cells"]
+    assert {k: v["status"] for k, v in cells.items()} == {
+        "tiny-n2-s0": "complete",
+        "tiny-n2-s1": "complete",
+    }
+    assert "--resume" in cells["tiny-n2-s0"]["command"]
+    text = log.read_text()
+    assert "runs again with --resume" in text and "resuming from" in text, text
+    res = read_result(result)
+    assert res.n_rounds == rounds
+    a = res.tables["attempts"]
+    assert a["start_round"].tolist() == [0, done] and a["end_round"].tolist() == [done, rounds]
+    assert a["resumed_from_round"].tolist() == [0, done]
+    assert read_result(out / "tiny-n2-s1.h5").tables["attempts"]["start_round"].tolist() == [0]
+    assert processes_of(out) == []

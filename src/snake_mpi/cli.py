@@ -185,7 +185,23 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "validate":
         print(f"snake-mpi: {args.config}: valid")
         return 0
+    early: list[int] | None = None
+    if cfg.checkpoint.every > 0:
+        # SIGUSR1 (Slurm's --signal, passed on by the launcher) asks for a checkpoint at the
+        # next round end; one that comes while torch is imported, MPI starts or the data load
+        # is kept for the first round end instead of killing the rank (its default action)
+        import signal
+
+        early = []
+        signal.signal(signal.SIGUSR1, lambda _s, _f: early.append(1))
     from snake_mpi import run  # initialises MPI
+
+    if early is not None:
+        from snake_mpi.checkpoint import install_stop_handler, request_stop
+
+        install_stop_handler()
+        if early:
+            request_stop()
 
     return run.main(cfg, args.out, overwrite=args.overwrite, resume=args.resume)
 

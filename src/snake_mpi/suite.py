@@ -12,6 +12,12 @@ A suite is a TOML file (``bench/suites/<name>.toml``)::
     time_limit_s = 900           # per cell
 
 ``snake-mpi suite NAME|FILE --out DIR`` (or ``python bench/suite.py``) runs it.
+
+Each cell runs with ``--resume``: a cell that was stopped after a checkpoint (SIGUSR1, or a
+crash after one) continues from it when the suite runs again, and a complete cell is skipped.
+SIGUSR1 to the suite (``slurm/suite.sbatch`` passes Slurm's ``--signal=B:USR1`` on) is passed on
+to the running cell, whose ranks checkpoint at the end of their round and exit 75; the suite
+then starts no further cell and exits 75 (``EXIT_CHECKPOINTED``) while work is left.
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ class Outcome:
     status: str
     """``complete``, ``skipped`` (a complete result was already there; the manifest keeps the
     record of the run that made it, see ``update_manifest``), ``failed``, or
-    ``interrupted`` (the suite got TERM/INT while the cell ran; it runs again on resume)."""
+    ``interrupted`` (the suite got TERM/INT while the cell ran, or the cell stopped after a
+    checkpoint, exit code 75, on SIGUSR1; it runs again, from that checkpoint, on resume)."""
     result: str
     ranks: int
     seed: int
@@ -187,17 +194,69 @@ def _raise_interrupted(signum: int, _frame: object) -> None:
     raise Interrupted(signum)
 
 
+EXIT_CHECKPOINTED = 75
+"""The cells' exit status after a checkpoint taken on SIGUSR1 (``checkpoint.EXIT_CHECKPOINTED``),
+and the suite's when it stopped on SIGUSR1 with work left: run it again to resume."""
+
+
+class _Stop:
+    """SIGUSR1 to the suite: set ``asked``, and pass the signal on to the running cell's
+    launcher (srun and Open MPI's mpirun pass it on to the ranks), which is not waited for
+    here: ``run_cell`` goes on waiting for the cell to end (a round and a checkpoint)."""
+
+    asked = False
+    cell: subprocess.Popen | None = None
+
+    @classmethod
+    def handler(cls, _signum: int, _frame: object) -> None:
+        cls.asked = True
+        cell = cls.cell
+        if cell is not None and cell.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                cell.send_signal(signal.SIGUSR1)
+
+
+def stop_requested() -> bool:
+    """Whether the suite got SIGUSR1 (it starts no further cell)."""
+    return _Stop.asked
+
+
+def resume_flag(cell: Cell, result: Path) -> tuple[str, str]:
+    """``--resume``, unless the cell's newest checkpoint is of another run (its config or the
+    suite's overrides changed since): then ``--overwrite``, which starts the cell again and
+    removes that checkpoint. Returns the flag and a note for the log ("" if none)."""
+    from snake_mpi.checkpoint import manifest as mf
+
+    try:
+        cfg = load_config(Path(cell.config), [f"seed={cell.seed}", *cell.overrides])
+    except ConfigError:
+        return "--resume", ""  # the run says what is wrong (exit 2)
+    try:
+        found = mf.committed(mf.checkpoint_dir(cfg, result))
+        if found:
+            folder = found[0][1]
+            mf.check_same_run(mf.read_manifest(folder), folder, cfg, cell.ranks)
+    except ConfigError as e:
+        return "--overwrite", f"starting again: {e}"
+    except (OSError, ValueError):
+        pass  # an unreadable manifest: the run itself skips it for an older one, or starts over
+    return "--resume", ""
+
+
 def run_cell(cell: Cell, out_dir: Path, time_limit_s: float) -> Outcome:
-    """Run one cell as its own MPI job. At the time limit the whole job ends (launcher, ranks,
-    orphans: ``proctree.end_job``); on TERM/INT (``Interrupted``) the signal is forwarded to
-    the launcher, the job gets ``GRACE_S`` to end, the rest is killed, and ``Interrupted``
-    propagates with the outcome attached (``.outcome``)."""
+    """Run one cell as its own MPI job, with ``--resume`` (``resume_flag``). At the time limit
+    the whole job ends (launcher, ranks, orphans: ``proctree.end_job``); on TERM/INT
+    (``Interrupted``) the signal is forwarded to the launcher, the job gets ``GRACE_S`` to end,
+    the rest is killed, and ``Interrupted`` propagates with the outcome attached
+    (``.outcome``). On SIGUSR1 (``_Stop``) the cell is waited for as before, up to the time
+    limit: its ranks checkpoint and exit 75, an "interrupted" outcome."""
     from snake_mpi.proctree import end_job
 
     result = out_dir / f"{cell.name}.h5"
     exe = Path(sys.executable).parent / "snake-mpi"
     argv = [str(exe) if exe.exists() else "snake-mpi", "run", cell.config, "--out", str(result)]
-    argv += ["--overwrite", "--set", f"seed={cell.seed}"]
+    flag, flag_note = resume_flag(cell, result)
+    argv += [flag, "--set", f"seed={cell.seed}"]
     for o in cell.overrides:
         argv += ["--set", o]
     cmd = launcher(cell.ranks, argv)
@@ -205,8 +264,14 @@ def run_cell(cell: Cell, out_dir: Path, time_limit_s: float) -> Outcome:
     log = out_dir / f"{cell.name}.log"
     t0 = time.perf_counter()
     status, note, interrupted, timed_out = "", "", None, False
-    with log.open("w") as out, tempfile.TemporaryFile("w+") as err:
+    again = log.exists() and log.stat().st_size > 0
+    with log.open("a") as out, tempfile.TemporaryFile("w+") as err:  # an earlier try's log stays
+        if again or flag_note:
+            why = f": {flag_note}" if flag_note else ""
+            when = time.strftime("%Y-%m-%d %H:%M:%S")
+            print(f"suite: {when} {cell.name}: runs again with {flag}{why}", file=out, flush=True)
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
+        _Stop.cell = proc
         try:
             try:
                 proc.wait(timeout=time_limit_s)
@@ -224,11 +289,16 @@ def run_cell(cell: Cell, out_dir: Path, time_limit_s: float) -> Outcome:
             end_job(proc, grace_s=1.0)
             status = "interrupted"
             note = f"\nsuite: interrupted by {e}; the cell's processes were ended"
+        finally:
+            _Stop.cell = None
         err.seek(0)
         tail = err.read()[-2000:] + note
     code = None if timed_out else proc.returncode
     elapsed = time.perf_counter() - t0
     ok = code == 0 and is_complete(result)
+    if code == EXIT_CHECKPOINTED and not status:
+        status = "interrupted"
+        tail += "\nsuite: the cell stopped after a checkpoint (exit 75); it resumes from it"
     outcome = Outcome(
         status=status or ("complete" if ok else "failed"),
         result=result.name,
@@ -246,11 +316,16 @@ def run_cell(cell: Cell, out_dir: Path, time_limit_s: float) -> Outcome:
     return outcome
 
 
+class Stopped(Exception):
+    """The suite stopped on SIGUSR1 with cells left to run (or to resume)."""
+
+
 def run_suite(
     name: str, out_dir: Path, *, dry_run: bool = False, only: int | None = None
 ) -> dict[str, Outcome]:
     """Run every cell not already complete (``only``: just cell number ``only``, 0-based, as a
-    Slurm array task does); update the manifest after each; print progress."""
+    Slurm array task does); update the manifest after each; print progress. After SIGUSR1 no
+    further cell starts, and ``Stopped`` is raised if a cell is left undone."""
     cells, limit = load_suite(name)
     if only is not None:
         if not 0 <= only < len(cells):
@@ -272,6 +347,10 @@ def run_suite(
         elif dry_run:
             print(f"suite: would run {cell.name}: {' '.join(launcher(cell.ranks, ['...']))}")
             continue
+        elif stop_requested():
+            at = f"suite: {time.strftime('%H:%M:%S')} [{i}/{len(cells)}] {cell.name}"
+            print(f"{at}: not started (SIGUSR1: the suite stops)", flush=True)
+            raise Stopped(cell.name)
         else:
             print(
                 f"suite: {time.strftime('%H:%M:%S')} [{i}/{len(cells)}] {cell.name}: started, "
@@ -298,11 +377,14 @@ def run_suite(
             flush=True,
         )
         update_manifest(out_dir, str(suite_path(name)), cell.name, o)
+        if o.status == "interrupted" and stop_requested():
+            raise Stopped(cell.name)
     return outcomes
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``snake-mpi suite``: exit 0 if every cell is complete, 1 if any failed, 2 on a bad suite."""
+    """``snake-mpi suite``: exit 0 if every cell is complete, 1 if any failed, 2 on a bad suite,
+    75 when SIGUSR1 stopped it with a cell left to run or to resume, 128 + N on TERM/INT."""
     import argparse
 
     p = argparse.ArgumentParser(
@@ -333,12 +415,21 @@ def main(argv: list[str] | None = None) -> int:
             for i, c in enumerate(cells):
                 print(f"{i} {c.name} ranks={c.ranks} seed={c.seed} {c.config}")
         return 0
+    _Stop.asked = False
     handlers = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
+    handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, _Stop.handler)
     try:
         outcomes = run_suite(args.suite, Path(args.out), dry_run=args.dry_run, only=args.cell)
     except ConfigError as e:
         print(f"suite: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(
+            f"suite: stopped by SIGUSR1 at {e}; completed cells are kept and a cell stopped "
+            f"after a checkpoint resumes from it: run the suite again (exit {EXIT_CHECKPOINTED})",
+            file=sys.stderr,
+        )
+        return EXIT_CHECKPOINTED
     except Interrupted as e:
         print(
             f"suite: stopped by {e}; completed cells are kept, run the suite again to resume",
@@ -351,4 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [k for k, o in outcomes.items() if o.status == "failed"]
     for k in failed:
         print(f"suite: FAILED {k}: see {Path(args.out) / (k + '.log')} and {MANIFEST}")
-    return 1 if failed else 0
+    stopped = [k for k, o in outcomes.items() if o.status == "interrupted"]
+    for k in stopped:  # its ranks got SIGUSR1 from elsewhere: it checkpointed, exit 75
+        print(f"suite: {k} stopped after a checkpoint: run the suite again to resume it")
+    return EXIT_CHECKPOINTED if stopped else 1 if failed else 0

@@ -1,0 +1,53 @@
+"""SIGUSR1 that reaches a rank while it starts (torch's import, MPI's start, the data's loading:
+seconds, before the run installs its checkpoint handler) is kept for the first round end, not
+fatal: ``snake-mpi run`` notes it from the moment the config is read. Slurm's
+``--signal=B:USR1`` can come then when a job is preempted, or when its time limit is short."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+TINY = REPO / "tests" / "configs" / "tiny.toml"
+
+# `snake-mpi run` in one process, its run module replaced by one whose import gets SIGUSR1
+# (as if it came while torch and MPI start) and whose main reports whether a stop was asked.
+PROGRAM = """
+import importlib.abc, importlib.util, os, signal, sys
+
+
+class SignalledImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+        return importlib.util.spec_from_loader(name, self) if name == "snake_mpi.run" else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        from snake_mpi.checkpoint import stop_requested
+
+        module.main = lambda cfg, out, *, overwrite, resume=False: 75 if stop_requested() else 0
+
+
+sys.meta_path.insert(0, SignalledImport())
+from snake_mpi.cli import main
+
+sys.exit(main(["run", sys.argv[1], "--out", sys.argv[2], *sys.argv[3:]]))
+"""
+
+
+@pytest.mark.parametrize(("every", "code"), [(5, 75), (0, -signal.SIGUSR1)])
+def test_sigusr1_while_the_run_starts_is_kept_for_the_first_round_end(tmp_path, every, code):
+    """With checkpoints the signal becomes the stop request (the run would checkpoint and exit
+    75); with ``checkpoint.every = 0`` there is no handler and the signal ends the process."""
+    argv = [sys.executable, "-c", PROGRAM, str(TINY), str(tmp_path / "r.h5")]
+    done = subprocess.run(
+        [*argv, "--set", f"checkpoint.every={every}"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == code, done.stderr
