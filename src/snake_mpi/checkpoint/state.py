@@ -96,7 +96,9 @@ def capture(ctx: Context, carried: bool) -> tuple[dict[str, np.ndarray], dict[st
         "carried": str(int(carried)),
         "rng.numpy": f"{kind}|{pos}|{has_gauss}|{gauss!r}",
         "rng.python": f"{version}|{gauss_next!r}",
-        "recorder": f"{rec.cum_bytes_sent}|{rec.n_rounds_written}|{rec.elapsed_s()!r}",
+        # the seconds in a fixed width (17 significant digits: exact): the file's size, which
+        # checkpoint_bytes records, must not depend on how long the run took
+        "recorder": f"{rec.cum_bytes_sent}|{rec.n_rounds_written}|{rec.elapsed_s():.16e}",
     }
     return arrays, meta, bf16
 
