@@ -244,10 +244,12 @@ def test_a_kill_inside_a_checkpoint_write_resumes_from_the_one_before(tmp_path, 
     _, got = resumed(n, out, sets, 2)
     assert_same_run(got, want)
     a = got.tables["attempts"]
-    # only what is certain: the second attempt committed no checkpoint, and the attempts list
-    # lives in the manifests, so it is missing from /attempts (and the first attempt's
-    # end_round is the rows the .partial held after the second, 3, not 4)
-    assert a["start_round"][0] == 0 and a["start_round"][-1] == 2 and a["end_round"][-1] == 5
+    # every attempt, the second too although it committed no checkpoint (the .partial lists
+    # the attempts from each one's start): rounds 0-4, then 2-3 (killed at round 4's start)
+    assert a["attempt"].tolist() == [0, 1, 2]
+    assert a["start_round"].tolist() == [0, 2, 2]
+    assert a["end_round"].tolist() == [4, 3, 5]
+    assert a["resumed_from_round"].tolist() == [0, 2, 2]
 
 
 # ------------------------------------------------------------------ another run's checkpoint

@@ -274,7 +274,10 @@ def prepare_checkpoints(
             )
     if cfg.checkpoint.every > 0:
         install_stop_handler()
-    attempts = list(point.manifest.get("attempts", [])) if point is not None else []
+    attempts: list[dict[str, Any]] = []
+    if point is not None:  # rank 0's .partial lists every attempt, also one that died early
+        table = point.rows.tables.get("attempts") if point.rows is not None else None
+        attempts = attempt_rows(table) if table else list(point.manifest.get("attempts", []))
     if attempts and point is not None and point.rows is not None:
         attempts[-1]["end_round"] = max(int(attempts[-1].get("end_round", 0)), point.rows.n_rounds)
     first = point.rounds_done if point is not None else 0
@@ -498,6 +501,8 @@ def execute(
         checkpoint=checkpoints,
     )
     checkpoints.restore(ctx)
+    if writer is not None and checkpoints.attempts:  # at once: an attempt that dies is listed
+        writer.write_table("attempts", attempt_columns(checkpoints.attempts))
     if writer is not None and resume is not None:
         rec.last_evaluation = _last_evaluation(writer)
     try:
@@ -524,6 +529,15 @@ def _last_evaluation(writer: Any) -> dict[str, float] | None:
         return None
     ev = writer._f["eval"]
     return {name: ev[name][writer.n_evals - 1].item() for name in writer.eval_fields}
+
+
+def attempt_rows(table: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """``attempt_columns`` read back: one dict per attempt."""
+    n = len(next(iter(table.values())))
+    return [
+        {k: v[i].item() if hasattr(v[i], "item") else v[i] for k, v in table.items()}
+        for i in range(n)
+    ]
 
 
 def attempt_columns(attempts: list[dict[str, Any]]) -> dict[str, np.ndarray]:
