@@ -244,3 +244,68 @@ def test_format_summary_tolerates_missing_fields(tmp_path):
     w = _writer(tmp_path / "empty.h5")
     w.complete()
     assert "no rounds recorded" in format_summary(read_result(tmp_path / "empty.h5"))
+
+
+def test_format_summary_shows_checkpoints_and_attempts(tmp_path):
+    fields = {"round_s": "float64", "checkpoint_s": "float64", "checkpoint_bytes": "int64"}
+
+    def write(name, nbytes, secs, attempts=None):
+        w = ResultWriter(
+            tmp_path / name,
+            world_size=2,
+            round_fields=fields,
+            eval_fields={},
+            attrs={"scheme": "snake"},
+            config_toml="",
+        )
+        for k in range(len(nbytes)):
+            row = {"round_s": np.ones(2), "checkpoint_s": np.array(secs[k])}
+            w.append_round(row | {"checkpoint_bytes": np.array(nbytes[k])})
+        if attempts is not None:
+            w.write_table("attempts", attempts)
+        w.complete()
+        return format_summary(read_result(tmp_path / name))
+
+    # checkpoints after rounds 2 and 4 (rows 2 and 4); the stop flag agreed every round
+    nbytes = [[0, 0], [0, 0], [1000, 1200], [0, 0], [3000, 3100], [0, 0]]
+    secs = [[0.0, 0.0], [0.01, 0.5], [0.25, 0.75], [0.01, 0.5], [0.125, 1.0], [0.01, 0.5]]
+    attempts = {
+        "attempt": np.array([0, 1]),
+        "slurm_job_id": np.array(["77", "77"], dtype=object),
+        "slurm_restart_count": np.array([0, 1]),
+        "start_round": np.array([0, 4]),
+        "end_round": np.array([5, 6]),
+        "resumed_from_round": np.array([0, 4]),
+        "started_unix_s": np.array([1.0, 2.0]),
+    }
+    text = write("ckpt.h5", nbytes, secs, attempts)
+    part = text.split("checkpoints: ")[1]
+    assert part.startswith("2 taken (after rounds 2, 4)")
+    assert "checkpoint_s per rank: max 3.250 s (rank 1), rank 0 0.405 s" in part
+    lines = part.split("attempts:")[0].splitlines()
+    assert lines[2].split() == ["after", "round", "files", "min", "bytes/rank", "max"] + [
+        "bytes/rank",
+        "total",
+        "bytes",
+        "rank",
+        "0",
+        "s",
+        "max",
+        "s",
+    ]
+    assert lines[4].split() == ["2", "2/2", "1,000", "1,200", "2,200", "0.250", "0.750"]
+    assert lines[5].split() == ["4", "2/2", "3,000", "3,100", "6,100", "0.125", "1.000"]
+    rank_part = text.split("per rank")[1].split("checkpoints:")[0]
+    assert "checkpoint_s" in rank_part.splitlines()[1]
+    assert "attempts: 2 (resumed 1 time(s) from a checkpoint)" in text
+    rows = text.split("attempts: 2")[1].splitlines()
+    assert rows[3].split() == ["0", "77", "0", "1-5", "5", "-"]
+    assert rows[4].split() == ["1", "77", "1", "5-6", "2", "after", "round", "4"]
+    assert "memory series and whole-run memory figures are of the last attempt" in text
+
+    # checkpoints off: no checkpoint figures; a run of one attempt says so in a line
+    zeros = [[0, 0]] * 3
+    one = {k: v[:1] for k, v in attempts.items()} | {"end_round": np.array([3])}
+    text = write("off.h5", zeros, [[0.0, 0.0]] * 3, one)
+    assert "checkpoint" not in text
+    assert "attempts: 1 (never interrupted; rounds 1-3)" in text

@@ -19,16 +19,20 @@ MIB = 2**20
 
 
 def format_summary(result: Result, *, max_round_rows: int = 40) -> str:
-    """Header, what could not be read (incomplete files), a per-round table and a per-rank
-    table (with totals) as fixed-width text.
+    """Header, what could not be read (incomplete files), a per-round table, a per-rank
+    table (with totals) and, where recorded, the checkpoints and the attempts of the run, as
+    fixed-width text.
 
-    With more than ``max_round_rows`` rounds only the first and last rounds are listed.
+    With more than ``max_round_rows`` rounds (or checkpoints) only the first and last are
+    listed.
     """
     parts = [
         _header(result),
         _unreadable(result),
         _round_table(result, max_round_rows),
         _rank_table(result),
+        _checkpoints(result, max_round_rows),
+        _attempts(result),
     ]
     return "\n\n".join(p for p in parts if p) + "\n"
 
@@ -167,7 +171,9 @@ def _rank_table(r: Result) -> str:
             head.append(label)
             rows.append([_int(v) for v in per_rank])
             total.append(_int(per_rank.sum()))
-    for name in ("compute_s", "send_s", "wait_s"):
+    for name in ("compute_s", "send_s", "wait_s", "checkpoint_s"):
+        if name == "checkpoint_s" and not _checkpointed(r):
+            continue
         if name in rounds:
             per_rank = np.nansum(rounds[name], axis=0)
             head.append(name)
@@ -214,6 +220,106 @@ def _extras(r: Result) -> list[str]:
     if control is not None:
         out.append(f"control (metric gathers): sent {_int(np.sum(control))} bytes")
     return out
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def _checkpointed(r: Result) -> bool:
+    """Whether the run took checkpoints or agreed on the stop flag (``checkpoint.every > 0``):
+    some ``checkpoint_s`` or ``checkpoint_bytes`` above 0."""
+    return any(
+        (v := _numbers(r.rounds.get(name))) is not None and bool(np.any(v > 0))
+        for name in ("checkpoint_s", "checkpoint_bytes")
+    )
+
+
+def _checkpoints(r: Result, max_rows: int) -> str:
+    """The checkpoints the run took: how many, each rank's total ``checkpoint_s`` (largest and
+    rank 0's; every rank's is a column of the per-rank table), and one row per checkpoint (the
+    row of round ``k + 1`` holds the one taken after round ``k``) with its files' bytes per
+    rank and its seconds; "" for a run without checkpoints."""
+    nbytes = _numbers(r.rounds.get("checkpoint_bytes"))
+    secs = _numbers(r.rounds.get("checkpoint_s"))
+    if nbytes is None or nbytes.ndim != 2 or not _checkpointed(r):
+        return ""
+    taken = [k for k in range(nbytes.shape[0]) if np.any(nbytes[k] > 0)]
+    ws = nbytes.shape[1]
+    per_rank_s = (
+        np.nansum(secs, axis=0) if secs is not None and secs.shape == nbytes.shape else None
+    )
+    after = ", ".join(str(k) for k in taken[:max_rows]) + (", ..." if len(taken) > max_rows else "")
+    lines = [f"checkpoints: {len(taken)} taken" + (f" (after rounds {after})" if taken else "")]
+    if per_rank_s is not None:
+        k_max = int(np.argmax(per_rank_s))
+        lines.append(
+            f"checkpoint_s per rank: max {per_rank_s[k_max]:.3f} s (rank {k_max}), rank 0"
+            f" {per_rank_s[0]:.3f} s; with the stop-flag agreement of every round, in which a"
+            " rank also waits for the slowest"
+        )
+    if not taken:
+        return "\n".join(lines)
+    head = ["after round", "files", "min bytes/rank", "max bytes/rank", "total bytes"]
+    if per_rank_s is not None:
+        head += ["rank 0 s", "max s"]
+    shown = taken
+    if len(taken) > max_rows:
+        half = max(1, max_rows // 2)
+        shown = taken[:half] + [-1] + taken[-half:]
+    body = []
+    for k in shown:
+        if k < 0:
+            body.append(["..."] * len(head))
+            continue
+        row = nbytes[k][nbytes[k] > 0]
+        cells = [str(k), f"{row.size}/{ws}", _int(row.min()), _int(row.max()), _int(row.sum())]
+        if per_rank_s is not None:
+            assert secs is not None
+            cells += [_float(secs[k, 0], "{:.3f}"), _float(np.nanmax(secs[k]), "{:.3f}")]
+        body.append(cells)
+    lines.append(_table(head, body))
+    lines.append(
+        "bytes: each rank's file (blocks changed since the model was built, versions, random"
+        " states, counters); s: checkpoint_s of the round after it"
+    )
+    return "\n".join(lines)
+
+
+def _attempts(r: Result) -> str:
+    """The ``/attempts`` table: how many attempts made the run and the rounds each ran."""
+    t = r.tables.get("attempts", {})
+    starts, ends = _numbers(t.get("start_round")), _numbers(t.get("end_round"))
+    if starts is None or ends is None or len(starts) == 0 or len(starts) != len(ends):
+        return ""
+    n = len(starts)
+    if n == 1:
+        return f"attempts: 1 (never interrupted; rounds {int(starts[0]) + 1}-{int(ends[0])})"
+    restarts = _numbers(t.get("slurm_restart_count"))
+    jobs = t.get("slurm_job_id")
+    head = ["attempt", "slurm job", "restarts", "rounds", "ran", "resumed from"]
+    resumed = _numbers(t.get("resumed_from_round"))
+    body = []
+    for i in range(n):
+        a, b = int(starts[i]), int(ends[i])
+        body.append(
+            [
+                str(i),
+                str(jobs[i]) if jobs is not None and len(jobs) == n and str(jobs[i]) else "-",
+                str(int(restarts[i])) if restarts is not None and len(restarts) == n else "-",
+                f"{a + 1}-{b}" if b > a else "-",
+                str(max(0, b - a)),
+                f"after round {int(resumed[i])}"
+                if resumed is not None and len(resumed) == n and i
+                else "-",
+            ]
+        )
+    lines = [f"attempts: {n} (resumed {n - 1} time(s) from a checkpoint)", _table(head, body)]
+    lines.append(
+        "rounds: those each attempt completed (an interrupted attempt's rounds after its last"
+        " checkpoint were run again); memory series and whole-run memory figures are of the"
+        " last attempt"
+    )
+    return "\n".join(lines)
 
 
 def _measured(values: np.ndarray | None) -> bool:
