@@ -238,6 +238,7 @@ def test_a_kill_inside_a_checkpoint_write_resumes_from_the_one_before(tmp_path, 
     job = run(n, out, [*sets, *fault(0, 3)], "--resume")  # dies before any new checkpoint
     assert job.returncode != 0 and "rank 0: injected SIGKILL" in job.stderr, job.output
     assert f"resuming from {mf.round_dir(ckpt_dir(out), 2)} (2 of 5" in job.stdout
+    assert f"removed the unfinished checkpoint folder (no manifest) {stale}" in job.stdout
     assert not stale.exists()
     assert [k for k, _ in mf.round_dirs(ckpt_dir(out))] == [2]
 

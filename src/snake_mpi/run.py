@@ -266,7 +266,9 @@ def prepare_checkpoints(
             if resume:
                 print(f"snake-mpi: no usable checkpoint in {directory}: starting at round 1")
         else:
-            mf.remove_stale_temporaries(directory)
+            for gone in mf.remove_stale_temporaries(directory):
+                what = "file" if gone.suffix == ".tmp" else "folder (no manifest)"
+                print(f"snake-mpi: removed the unfinished checkpoint {what} {gone}", flush=True)
             print(
                 f"snake-mpi: resuming from {point.folder} "
                 f"({point.rounds_done} of {cfg.train.rounds} rounds done)",
