@@ -99,8 +99,9 @@ def mpi_command(n: int, argv: list[str]) -> list[str]:
     return cmd + argv
 
 
-def run_mpi(n: int, argv: list[str], *, timeout_s: float = 180, cwd: Path | None = None) -> Job:
-    """Run ``argv`` on ``n`` ranks; fail the test (not hang) if it outlives ``timeout_s``."""
+def mpi_env() -> dict[str, str]:
+    """This environment plus what an ``mpirun`` job of the tests needs (root, one thread per
+    rank, the venv's binaries first, unbuffered output)."""
     env = dict(os.environ)
     env.update(
         OMPI_ALLOW_RUN_AS_ROOT="1",
@@ -109,6 +110,12 @@ def run_mpi(n: int, argv: list[str], *, timeout_s: float = 180, cwd: Path | None
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         PYTHONUNBUFFERED="1",
     )
+    return env
+
+
+def run_mpi(n: int, argv: list[str], *, timeout_s: float = 180, cwd: Path | None = None) -> Job:
+    """Run ``argv`` on ``n`` ranks; fail the test (not hang) if it outlives ``timeout_s``."""
+    env = mpi_env()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         mpi_command(n, argv),

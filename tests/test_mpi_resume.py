@@ -12,7 +12,6 @@ committed it. The stop-flag agreement of the following round end orders the two.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -24,7 +23,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import BIN, REPO, _is_open_mpi, _mpirun, mpi_command, run_mpi, snake_mpi
+from conftest import REPO, _is_open_mpi, _mpirun, mpi_command, mpi_env, run_mpi, snake_mpi
 from snake_mpi.checkpoint import EXIT_CHECKPOINTED, tensorfile
 from snake_mpi.checkpoint import manifest as mf
 from snake_mpi.record import EVAL_FIELDS, ROUND_FIELDS
@@ -340,20 +339,12 @@ def run_signalled(n: int, argv: list[str], target: str, timeout_s: float = 180):
     """Run ``argv`` on ``n`` ranks; once rank 0 reports a round, send SIGUSR1 to every rank
     (``target = "ranks"``) or to the launcher only (``"launcher"``). Returns the exit status,
     stdout and stderr."""
-    env = dict(os.environ)
-    env.update(
-        OMPI_ALLOW_RUN_AS_ROOT="1",
-        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-        OMP_NUM_THREADS="1",
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        PYTHONUNBUFFERED="1",
-    )
     proc = subprocess.Popen(
         mpi_command(n, argv),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env=mpi_env(),
         cwd=REPO,
         start_new_session=True,
     )

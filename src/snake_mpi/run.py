@@ -175,27 +175,28 @@ def main(cfg: RunConfig, out: str, *, overwrite: bool, resume: bool = False) -> 
             lock = OutputLock(out_path).acquire()
     except (ConfigError, DataError, LockError) as e:
         error = error or str(e)
-    codes = mpi.agree(EXIT_CONFIG if error else 0)
-    if any(codes):
-        if error and rank == codes.index(EXIT_CONFIG):  # the first rank that failed says why
-            who = "" if rank == 0 else f"rank {rank}: "
-            print(f"snake-mpi: config error: {who}{error}", file=sys.stderr, flush=True)
-        if lock is not None:
-            lock.release()
-        mpi.settle()
-        return EXIT_CONFIG
-    try:
-        checkpoints = prepare_checkpoints(cfg, out_path, size, rank, mpi.agree, resume=resume)
-    except (ConfigError, OSError) as e:
-        error = str(e)
-    codes = mpi.agree(EXIT_CONFIG if error else 0)
-    if any(codes):
+
+    def any_failed() -> bool:
+        """Whether some rank's check failed (collective): the first such rank says why, and
+        every rank lets go and settles, to return ``EXIT_CONFIG``."""
+        codes = mpi.agree(EXIT_CONFIG if error else 0)
+        if not any(codes):
+            return False
         if error and rank == codes.index(EXIT_CONFIG):
             who = "" if rank == 0 else f"rank {rank}: "
             print(f"snake-mpi: config error: {who}{error}", file=sys.stderr, flush=True)
         if lock is not None:
             lock.release()
         mpi.settle()
+        return True
+
+    if any_failed():
+        return EXIT_CONFIG
+    try:  # the checkpoints: only once every rank has passed its own checks
+        checkpoints = prepare_checkpoints(cfg, out_path, size, rank, mpi.agree, resume=resume)
+    except (ConfigError, OSError) as e:
+        error = str(e)
+    if any_failed():
         return EXIT_CONFIG
     if lock is not None:
         mpi.at_abort(lock.release)

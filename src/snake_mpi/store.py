@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
+from snake_mpi import durable
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -299,26 +301,8 @@ def _identity(path: pathlib.Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _fsync_path(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: pathlib.Path) -> None:
-    """Make the rename durable; not every platform can open a directory (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+_fsync_path = durable.fsync_path
+_fsync_dir = durable.fsync_dir
 
 
 # ---------------------------------------------------------------------------- reading

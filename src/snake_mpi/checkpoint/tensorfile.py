@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from snake_mpi.durable import fsync_dir
+
 _DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -161,17 +163,3 @@ def sha256_of(path: Path, chunk_bytes: int = 1 << 22) -> str:
         while block := f.read(chunk_bytes):
             h.update(block)
     return h.hexdigest()
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (best effort where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
