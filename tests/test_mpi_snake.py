@@ -134,6 +134,10 @@ def test_a_peer_that_never_sends_trips_the_deadline_naming_it(tmp_path, rank):
         "debug.fail_kind=hang",
         "debug.fail_round=1",
         f"comm.deadline_s={HANG_DEADLINE_S}",
+        # without the checkpoints' per-round flag agreement: it lines every rank up at the
+        # round end, so all waiting ranks' deadlines start together and which reports first
+        # (the one waiting for the hung rank, or one waiting for a waiting rank) is a race
+        "checkpoint.every=0",
     )
     assert job.returncode != 0 and job.elapsed_s >= HANG_DEADLINE_S, job.output
     first = next(line for line in job.stderr.splitlines() if "waited" in line)
