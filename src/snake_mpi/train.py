@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -96,6 +97,48 @@ class Teacher:
         return sum(t.numel() * t.element_size() for t in seen.values())
 
 
+@dataclass(frozen=True, slots=True)
+class TurnOptions:
+    """Changes to a turn's loss and step size against label skew (all off by default)."""
+
+    logit_shift: torch.Tensor | None = None
+    """Per class, ``tau * log(prior)`` of the node's own labels: added to the logits in the
+    training loss only (logit adjustment / balanced softmax, Menon et al. 2021), so the turn
+    learns the class-conditional likelihood, not the node's label prior. None: plain loss."""
+    prox_mu: float = 0.0
+    """mu of the proximal term ``mu/2 * ||w - w_received||^2`` over the trainable parameters
+    (FedProx, Li et al. 2020); 0 adds nothing (the gradient is exactly the plain one)."""
+    lr: float | None = None
+    """This turn's learning rate (a schedule over rounds); None: ``train.lr``."""
+
+
+def label_log_prior(y: torch.Tensor, n_classes: int, *, floor: float = 1e-6) -> torch.Tensor:
+    """``log(prior)`` of the labels ``y`` over ``n_classes`` classes, each prior at least
+    ``floor`` (a class the node never sees gets a large negative shift: it is left alone by
+    the node's loss rather than pushed down)."""
+    counts = torch.bincount(y.reshape(-1).long(), minlength=n_classes)[:n_classes].double()
+    prior = counts / counts.sum().clamp(min=1.0)
+    return prior.clamp(min=floor).log().float()
+
+
+def adjusted_task_loss(
+    logits: torch.Tensor, y: torch.Tensor, shift: torch.Tensor | None
+) -> torch.Tensor:
+    """Cross-entropy of ``logits + shift`` (the shift broadcast over the class axis); plain
+    ``task_loss`` when ``shift`` is None."""
+    if shift is None:
+        return task_loss(logits, y)
+    return task_loss(_rows(logits) + shift.to(logits.device), y)
+
+
+def prox_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum ||p - a||^2`` over the parameters and their values at the turn's start."""
+    total = torch.zeros((), device=params[0].device, dtype=torch.float32)
+    for p, a in zip(params, anchors, strict=True):
+        total = total + (p.float() - a.float()).pow(2).sum()
+    return total
+
+
 class NonFiniteLoss(FloatingPointError):
     """Training produced a NaN or infinite loss: nothing after it means anything."""
 
@@ -129,14 +172,18 @@ class LocalResult:
     """Weights held + gradients + optimiser state at the end of the turn."""
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The configured optimiser over exactly the trainable parameters."""
+def make_optimizer(
+    params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float | None = None
+) -> torch.optim.Optimizer:
+    """The configured optimiser over exactly the trainable parameters (at ``lr`` if given,
+    else ``cfg.lr``)."""
+    lr = cfg.lr if lr is None else lr
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr)
+        return torch.optim.Adam(params, lr=lr)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
@@ -145,7 +192,9 @@ class Optimiser:
     copies, so that the optimiser state and the update are fp32 (mixed precision): after each
     step the master is rounded back into the model's parameter."""
 
-    def __init__(self, params: list[torch.nn.Parameter], cfg: TrainConfig) -> None:
+    def __init__(
+        self, params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float | None = None
+    ) -> None:
         self.params = params
         self.masters: dict[int, torch.nn.Parameter] = {}
         targets = []
@@ -156,7 +205,7 @@ class Optimiser:
                 m = torch.nn.Parameter(p.detach().float().clone())
                 self.masters[i] = m
                 targets.append(m)
-        self.opt = make_optimizer(targets, cfg)
+        self.opt = make_optimizer(targets, cfg, lr)
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -223,19 +272,23 @@ def train_local(
     generator: torch.Generator,
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     kd: KDSpec | None = None,
+    options: TurnOptions = TurnOptions(),
     on_step: Callable[[int], None] | None = None,
 ) -> LocalResult:
     """Train blocks ``trainable`` on ``(x, y)``; everything else stays frozen and bit-identical.
 
     With ``kd`` the loss is ``task + weight * kd_term(student, teacher)``, the teacher being the
-    model as it was when the turn began. ``on_step`` is called after each step with the steps
+    model as it was when the turn began; ``options`` add logit adjustment, a proximal term and
+    the turn's learning rate (``TurnOptions``). ``on_step`` is called after each step with the steps
     done so far (progress of a long turn: ``Recorder.step_reporter``).
     """
     if not trainable:
         raise ValueError("a turn needs at least one trainable block")
     teacher = Teacher(model, trainable) if kd is not None else None
     params = set_trainable(model, trainable)
-    opt = Optimiser(params, cfg)
+    opt = Optimiser(params, cfg, options.lr)
+    mu = options.prox_mu
+    anchors = [p.detach().clone() for p in params] if mu > 0 else []
     lowest = min(trainable)
     dev = model_device(model)
     total_loss, total_kd, samples, steps = 0.0, 0.0, 0, 0
@@ -244,13 +297,15 @@ def train_local(
         xb = x[idx] if augment is None else augment(x[idx], generator)
         xb, yb = xb.to(dev, non_blocking=True), y[idx].to(dev, non_blocking=True)
         logits = model(xb, no_grad_below=lowest)
-        task = task_loss(logits, yb)
+        task = adjusted_task_loss(logits, yb, options.logit_shift)
         task_value = checked_loss(task, steps)
         loss = task
         if teacher is not None and kd is not None:
             distil = kd_term(logits, teacher(xb), kd.temperature)
-            loss = task + kd.weight * distil
+            loss = loss + kd.weight * distil
             total_kd += checked_loss(distil, steps) * len(idx)
+        if mu > 0:
+            loss = loss + (mu / 2) * prox_term(params, anchors)
         loss.backward()
         opt.step()
         total_loss += task_value * len(idx)
@@ -261,9 +316,10 @@ def train_local(
     synchronize(model)  # the last step's kernels belong to the turn's compute time
     state = training_state_bytes(model, opt.opt)["total"] + opt.master_bytes()
     state += teacher.nbytes() if teacher else 0
+    state += sum(a.numel() * a.element_size() for a in anchors)
     opt.zero_grad()
     used_kd = teacher is not None
-    del opt, teacher
+    del opt, teacher, anchors
     set_trainable(model, [])
     release_free_memory()  # the turn's state is gone: let the RSS show it
     return LocalResult(
@@ -284,22 +340,56 @@ def synchronize(model: BlockModel) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """A test-set evaluation: mean loss, accuracy, and accuracy per class."""
+
+    loss: float
+    accuracy: float
+    class_accuracy: np.ndarray
+    """Accuracy on each class's test samples (NaN for a class with none); empty unless the
+    number of classes was given."""
+
+
 def evaluate(
     model: BlockModel, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy (fraction) on ``(x, y)``, in eval mode; for a language
     model both are per token (next-token loss, whose exp is the perplexity, and top-1 accuracy).
     """
+    e = evaluate_detail(model, x, y, batch_size=batch_size)
+    return e.loss, e.accuracy
+
+
+@torch.no_grad()
+def evaluate_detail(
+    model: BlockModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int = 512,
+    n_classes: int = 0,
+) -> Evaluation:
+    """``evaluate``, and with ``n_classes`` > 0 the accuracy on each class (where label skew
+    shows: a class the last trainers did not see falls to 0)."""
     was_training = [m.training for m in model.blocks]
     model.eval()
     dev = model_device(model)
     loss_sum, correct = 0.0, 0
+    hits = torch.zeros(max(n_classes, 0), dtype=torch.float64)
+    seen = torch.zeros(max(n_classes, 0), dtype=torch.float64)
     for start in range(0, len(x), batch_size):
         out = model(x[start : start + batch_size].to(dev))
         yb = y[start : start + batch_size].to(dev)
         loss_sum += float(task_loss(out, yb, reduction="sum"))
-        correct += int((_rows(out).argmax(1) == yb.reshape(-1)).sum())
+        right = _rows(out).argmax(1) == yb.reshape(-1)
+        correct += int(right.sum())
+        if n_classes > 0:
+            labels = yb.reshape(-1).long().cpu()
+            seen += torch.bincount(labels, minlength=n_classes)[:n_classes].double()
+            hits += torch.bincount(labels[right.cpu()], minlength=n_classes)[:n_classes].double()
     for m, t in zip(model.blocks, was_training, strict=True):
         m.train(t)
-    return loss_sum / y.numel(), correct / y.numel()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.where(seen.numpy() > 0, hits.numpy() / seen.numpy(), np.nan)
+    return Evaluation(loss_sum / y.numel(), correct / y.numel(), per_class)
