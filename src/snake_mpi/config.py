@@ -25,6 +25,7 @@ MODEL_FAMILIES = ("cnn", "mlp", "vgg11", "lm")
 DATASETS = ("synthetic", "cifar10", "arrays", "text")
 PARTITIONS = ("iid", "dirichlet", "shards")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine")
 MODEL_DTYPES = ("float32", "bfloat16")
 TOKENIZERS = ("auto", "bytes", "checkpoint")
 SNAKE_MODES = ("p2p", "cs")
@@ -124,6 +125,9 @@ class TrainConfig:
     """AdamW's decoupled weight decay (``adamw`` only)."""
     eval_batch_size: int = 512
     """Batch size for evaluation."""
+    lr_schedule: str = "constant"
+    """Learning rate over rounds: ``constant`` (``lr`` throughout) or ``cosine`` (round r of R
+    trains at ``lr * (1 + cos(pi * r / R)) / 2``); every scheme."""
 
 
 @_cfg()
@@ -139,8 +143,11 @@ class SnakeConfig:
     mode: str = "p2p"
     """``p2p``: each node hands the model straight to the next node on the ring; ``cs``: rank 0
     is a controller that holds the model and does not train, nodes are ranks 1..N-1."""
-    ends: str = "owner"
-    """Stem and head: ``all`` nodes train them, ``owner`` (node 0: stem, last: head), ``frozen``."""
+    ends: str = "all"
+    """Stem and head: ``all`` nodes train them, ``owner`` (node 0: stem, last: head), ``frozen``.
+    ``all`` (default since issue 14): under label skew a head only the last node trains learns
+    that node's classes; a classifier's stem and head are small, so little traffic is added.
+    A language model's embeddings and head are large: its configs set ``owner`` or ``frozen``."""
     transfer: str = "delta"
     """``delta``: a hop carries blocks newer than the receiver's copy; ``full``: the whole model."""
     capabilities: tuple[float, ...] = ()
@@ -157,12 +164,25 @@ class SnakeConfig:
     trains; the others are freed once it has handed the model on, and travel to it again)."""
     kd: KDConfig = field(default_factory=KDConfig)
     """Knowledge distillation at every turn (``[snake.kd]``)."""
+    logit_adjust: float = 1.0
+    """tau of logit adjustment: each turn's training loss is the cross-entropy of ``logits +
+    tau * log(prior)``, the prior being the node's own label frequencies (Menon et al. 2021;
+    balanced softmax), so a node does not pull the head toward its own labels; 0: plain
+    cross-entropy. Classification only (a language model's loss is unchanged). No traffic."""
+    prox_mu: float = 0.0
+    """mu of a proximal term ``mu/2 * ||w - w_received||^2`` on the trainable blocks at every turn
+    (FedProx, Li et al. 2020); 0: off."""
 
 
 @_cfg()
 class FedAvgConfig:
     clients_per_round: int = 0
     """Clients sampled (seeded, without replacement) each round; 0: every client."""
+    logit_adjust: float = 0.0
+    """tau of logit adjustment with the client's own label prior (see ``snake.logit_adjust``);
+    0 (default): plain FedAvg, the paper's baseline."""
+    prox_mu: float = 0.0
+    """FedProx's mu: ``mu/2 * ||w - w_global||^2`` in every client's loss; 0: plain FedAvg."""
 
 
 @_cfg()
@@ -291,6 +311,23 @@ def _read_toml(p: Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
 
 
+STORED_BEFORE_IT_EXISTED: dict[tuple[str, str], Any] = {("snake", "logit_adjust"): 0.0}
+"""Settings whose default differs from what the code did before they existed: a stored
+config (a result file's, a checkpoint's) that lacks one was made without it."""
+
+
+def stored_config(text: str) -> RunConfig:
+    """The config a result file or checkpoint stored (``to_toml`` text), with every setting it
+    lacks because it was written before that setting existed taken as the code then behaved
+    (``STORED_BEFORE_IT_EXISTED``), not as today's default."""
+    raw = tomllib.loads(text)
+    for (section, key), value in STORED_BEFORE_IT_EXISTED.items():
+        table = raw.get(section)
+        if isinstance(table, dict) and key not in table:
+            table[key] = value
+    return from_dict(raw)
+
+
 def from_dict(raw: dict[str, Any]) -> RunConfig:
     """Build a validated RunConfig from nested dicts; unknown keys are errors."""
     return _build(RunConfig, raw, "")
@@ -389,6 +426,15 @@ def _validate(c: RunConfig) -> None:
     _choice("data.name", c.data.name, DATASETS)
     _choice("data.partition", c.data.partition, PARTITIONS)
     _choice("train.optimizer", c.train.optimizer, OPTIMIZERS)
+    _choice("train.lr_schedule", c.train.lr_schedule, LR_SCHEDULES)
+    for key, value in [
+        ("snake.logit_adjust", c.snake.logit_adjust),
+        ("snake.prox_mu", c.snake.prox_mu),
+        ("fedavg.logit_adjust", c.fedavg.logit_adjust),
+        ("fedavg.prox_mu", c.fedavg.prox_mu),
+    ]:
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{key} must be a finite number >= 0 (0: off), got {value}")
     _choice("snake.mode", c.snake.mode, SNAKE_MODES)
     _choice("snake.ends", c.snake.ends, ENDS_POLICIES)
     _choice("snake.transfer", c.snake.transfer, TRANSFERS)

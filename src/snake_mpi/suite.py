@@ -5,7 +5,9 @@ without stopping the suite.
 A suite is a TOML file (``bench/suites/<name>.toml``)::
 
     configs = ["bench/configs/schemes/snake-p2p.toml", ...]   # relative to the repository;
-                                 # "file.toml@5" runs that config on 5 ranks only
+                                 # "file.toml@5" runs that config on 5 ranks only; or a table
+                                 # {config = "file.toml@5", label = "name", set = ["k=v"]}:
+                                 # the label names its cells, its overrides come after `set`
     ranks = [4]                  # every other config at every count (centralised: 1 rank)
     seeds = [0]
     set = ["train.rounds=2"]     # overrides for every cell
@@ -106,6 +108,31 @@ def _str_list(path: Path, raw: dict, key: str, default: list[str]) -> list[str]:
     return values
 
 
+def _entries(path: Path, raw: dict) -> list[tuple[str, str, tuple[str, ...]]]:
+    """``configs``: each a string ``"file.toml[@ranks]"`` or a table with ``config``, an
+    optional ``label`` (its cells' names; default the file's stem) and ``set`` (overrides)."""
+    values = raw.get("configs", [])
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{path}: configs must list at least one config file")
+    out: list[tuple[str, str, tuple[str, ...]]] = []
+    for v in values:
+        if isinstance(v, str):
+            out.append((v, "", ()))
+            continue
+        bad = sorted(set(v) - {"config", "label", "set"}) if isinstance(v, dict) else None
+        if bad is None or bad or not isinstance(v.get("config"), str):
+            what = f"unknown key {bad[0]!r}" if bad else 'needs config = "file.toml"'
+            raise ConfigError(f"{path}: configs entry {v!r}: {what}")
+        label, sets = v.get("label", ""), v.get("set", [])
+        ok_label = isinstance(label, str) and all(c.isalnum() or c in "-_." for c in label)
+        if not ok_label:
+            raise ConfigError(f"{path}: label {label!r}: letters, digits, '-', '_' and '.' only")
+        if not (isinstance(sets, list) and all(isinstance(x, str) for x in sets)):
+            raise ConfigError(f"{path}: {label or v['config']}: set must be a list of strings")
+        out.append((v["config"], label, tuple(sets)))
+    return out
+
+
 def load_suite(name: str) -> tuple[list[Cell], float]:
     """The cells of a suite and its per-cell time limit in seconds (``ConfigError`` naming the
     file and key for anything malformed)."""
@@ -117,9 +144,7 @@ def load_suite(name: str) -> tuple[list[Cell], float]:
     unknown = sorted(set(raw) - {"configs", "ranks", "seeds", "set", "time_limit_s"})
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r}")
-    configs = _str_list(path, raw, "configs", [])
-    if not configs:
-        raise ConfigError(f"{path}: configs must list at least one config file")
+    configs = _entries(path, raw)
     ranks = _int_list(path, raw, "ranks", [4], 1, 2**63)
     seeds = _int_list(path, raw, "seeds", [0], 0, 2**63)
     overrides = tuple(_str_list(path, raw, "set", []))
@@ -127,22 +152,28 @@ def load_suite(name: str) -> tuple[list[Cell], float]:
     if isinstance(limit, bool) or not isinstance(limit, int | float) or not 0 < limit < 1e9:
         raise ConfigError(f"{path}: time_limit_s must be a positive number, got {limit!r}")
     cells: list[Cell] = []
-    for entry in configs:
+    for entry, label, extra in configs:
         config, _, at = entry.partition("@")  # "file.toml@5": this config on 5 ranks only
         if at and not (at.isdigit() and int(at) >= 1):
             raise ConfigError(f"{path}: {entry!r}: the rank count after @ must be an integer >= 1")
         cfg_path = REPO / config if not Path(config).is_absolute() else Path(config)
-        cfg = load_config(cfg_path, list(overrides))
+        sets = (*overrides, *extra)
+        try:
+            cfg = load_config(cfg_path, list(sets))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {label or entry}: {e}") from None
         counts = [int(at)] if at else ranks
         spec = scheme_spec(cfg.scheme)
         if spec.min_ranks == spec.max_ranks:  # e.g. centralised: one rank whatever the suite says
             counts = [spec.min_ranks]
         for n in counts:
             for seed in seeds:
-                name_ = f"{Path(config).stem}-n{n}-s{seed}"
-                cells.append(
-                    Cell(name_, str(cfg_path), int(n), int(seed), overrides, cfg.train.rounds)
-                )
+                name_ = f"{label or Path(config).stem}-n{n}-s{seed}"
+                cells.append(Cell(name_, str(cfg_path), int(n), int(seed), sets, cfg.train.rounds))
+    names = [c.name for c in cells]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{path}: two cells would be named {twice[0]!r}: give them labels")
     return cells, float(limit)
 
 

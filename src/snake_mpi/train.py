@@ -172,6 +172,13 @@ class LocalResult:
     """Weights held + gradients + optimiser state at the end of the turn."""
 
 
+def round_lr(cfg: TrainConfig, round_: int) -> float:
+    """The learning rate of round ``round_`` (0-based) under ``cfg.lr_schedule``."""
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * round_ / cfg.rounds))
+    return cfg.lr
+
+
 def make_optimizer(
     params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float | None = None
 ) -> torch.optim.Optimizer:

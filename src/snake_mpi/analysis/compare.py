@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from snake_mpi.analysis.expected import expected_bytes, run_config
-from snake_mpi.config import RunConfig, to_toml
+from snake_mpi.config import RunConfig, SnakeConfig, to_toml
 from snake_mpi.store import Result, ResultFormatError, result_paths, scan_results
 
 
@@ -25,12 +25,36 @@ class WorkloadMismatch(ValueError):
 
 
 def label(res: Result) -> str:
-    """What ran: the scheme, with Snake's mode (``snake-p2p``, ``snake-cs``, ``fedavg``...) and
-    ``-own`` where a Snake node keeps only its own blocks between turns (``snake.keep``)."""
+    """What ran: the scheme, with Snake's mode (``snake-p2p``, ``snake-cs``, ``fedavg``...),
+    ``-own`` where a Snake node keeps only its own blocks between turns (``snake.keep``), and
+    ``+tag`` for each label-skew option away from its default (``remedy_tags``), so that e.g.
+    FedAvg with logit adjustment (``fedavg+la1``) is never taken for plain FedAvg."""
     cfg = run_config(res)
     if cfg.scheme != "snake":
-        return cfg.scheme
-    return f"snake-{cfg.snake.mode}" + ("-own" if cfg.snake.keep == "own" else "")
+        return cfg.scheme + "".join(f"+{t}" for t in remedy_tags(cfg))
+    own = "-own" if cfg.snake.keep == "own" else ""
+    return f"snake-{cfg.snake.mode}{own}" + "".join(f"+{t}" for t in remedy_tags(cfg))
+
+
+def remedy_tags(cfg: RunConfig) -> list[str]:
+    """Short names of the run's label-skew options that differ from their defaults
+    (docs/label-skew.md): ``la0`` (``logit_adjust = 0``), ``ends-owner``, ``prox0.01``,
+    ``kd1``, ``cosine``. Only the run's own scheme's options count."""
+    tags = []
+    if cfg.scheme in ("snake", "fedavg"):
+        own, default = getattr(cfg, cfg.scheme), type(getattr(cfg, cfg.scheme))()
+        if own.logit_adjust != default.logit_adjust:
+            tags.append(f"la{own.logit_adjust:g}")
+        if own.prox_mu != default.prox_mu:
+            tags.append(f"prox{own.prox_mu:g}")
+    if cfg.scheme == "snake":
+        if cfg.snake.ends != SnakeConfig().ends:
+            tags.append(f"ends-{cfg.snake.ends}")
+        if cfg.snake.kd.weight != 0:
+            tags.append(f"kd{cfg.snake.kd.weight:g}")
+    if cfg.train.lr_schedule != "constant":
+        tags.append(cfg.train.lr_schedule)
+    return tags
 
 
 def workload(res: Result) -> str:

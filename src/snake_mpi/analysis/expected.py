@@ -4,13 +4,12 @@ of the model the config describes). What analysis compares the measured counters
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Callable
 
 import numpy as np
 
 from snake_mpi.analysis import analytic
-from snake_mpi.config import RunConfig, from_dict
+from snake_mpi.config import RunConfig, stored_config
 from snake_mpi.schemes.registry import scheme_spec
 from snake_mpi.store import Result
 from snake_mpi.train import turn_batch_sizes
@@ -18,7 +17,7 @@ from snake_mpi.train import turn_batch_sizes
 
 def run_config(res: Result) -> RunConfig:
     """The resolved config stored in the result."""
-    return from_dict(tomllib.loads(res.config_toml))
+    return stored_config(res.config_toml)
 
 
 def expected_bytes(res: Result) -> tuple[np.ndarray, np.ndarray]:

@@ -16,14 +16,13 @@ import gzip
 import math
 import os
 import sys
-import tomllib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from snake_mpi.config import RunConfig, data_ranks, from_dict
+from snake_mpi.config import RunConfig, data_ranks, stored_config
 from snake_mpi.store import Result, ResultError, ResultFormatError, read_result, result_paths
 
 if TYPE_CHECKING:
@@ -38,6 +37,13 @@ SOURCES = ("rounds", "eval", "ranks", "final_sync")
 
 Row = tuple[Any, ...]
 """One row, its values in ``COLUMNS`` order."""
+
+
+def _remedy(c: RunConfig, key: str) -> float | None:
+    """A label-skew option of the run's scheme (``snake.*`` or ``fedavg.*``); None for others."""
+    if c.scheme in ("snake", "fedavg"):
+        return float(getattr(getattr(c, c.scheme), key))
+    return None
 
 
 def _snake(c: RunConfig, attr: str) -> str:
@@ -72,10 +78,13 @@ _RUN: dict[str, tuple[str, Callable[[RunConfig, Result], Any]]] = {
     "train_batch_size": ("int", lambda c, r: c.train.batch_size),
     "train_lr": ("float", lambda c, r: c.train.lr),
     "train_optimizer": ("str", lambda c, r: c.train.optimizer),
+    "train_lr_schedule": ("str", lambda c, r: c.train.lr_schedule),
     "snake_transfer": ("str", lambda c, r: _snake(c, "transfer")),
     "snake_ends": ("str", lambda c, r: _snake(c, "ends")),
     "snake_keep": ("str", lambda c, r: _snake(c, "keep")),
     "kd_weight": ("float", lambda c, r: c.snake.kd.weight if c.scheme == "snake" else None),
+    "logit_adjust": ("float", lambda c, r: _remedy(c, "logit_adjust")),
+    "prox_mu": ("float", lambda c, r: _remedy(c, "prox_mu")),
     "fedavg_clients_per_round": (
         "int?",
         lambda c, r: c.fedavg.clients_per_round if c.scheme == "fedavg" else None,
@@ -106,7 +115,7 @@ COLUMN_KINDS: dict[str, str] = {**{k: kind for k, (kind, _) in _RUN.items()}, **
 def config_of(res: Result) -> RunConfig:
     """The run's stored config, or ``ResultFormatError`` naming the file."""
     try:
-        return from_dict(tomllib.loads(res.config_toml))
+        return stored_config(res.config_toml)
     except (ValueError, TypeError, KeyError) as e:  # TOMLDecodeError, ConfigError among them
         raise ResultFormatError(
             res.path, f"config_toml attribute is not a valid run configuration: {e}"

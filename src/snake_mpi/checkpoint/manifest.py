@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from snake_mpi.checkpoint import tensorfile
-from snake_mpi.config import ConfigError, RunConfig, from_dict
+from snake_mpi.config import ConfigError, RunConfig, stored_config
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -153,7 +153,7 @@ def check_same_run(manifest: dict[str, Any], folder: Path, cfg: RunConfig, world
             f"{world_size}; resume on the same number of ranks, or run without --resume"
         )
     try:
-        old = from_dict(tomllib.loads(manifest["config_toml"]))
+        old = stored_config(manifest["config_toml"])
     except (ConfigError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(
             f"the checkpoint {folder} holds a config this version rejects: {e}"

@@ -10,7 +10,16 @@ import numpy as np
 
 from snake_mpi.blocks import BlockModel
 from snake_mpi.schemes import Context
-from snake_mpi.train import KDSpec, NonFiniteLoss, evaluate, train_local, turn_batch_sizes
+from snake_mpi.train import (
+    KDSpec,
+    NonFiniteLoss,
+    TurnOptions,
+    evaluate,
+    label_log_prior,
+    round_lr,
+    train_local,
+    turn_batch_sizes,
+)
 from snake_mpi.transport.wire import Transfer, TransferSpec
 
 
@@ -95,8 +104,27 @@ def abort_non_finite(ctx: Context, e: NonFiniteLoss) -> NoReturn:
     raise e  # LocalComm.abort raises; comm.Comm.abort never returns
 
 
-def train_and_record(ctx: Context, trainable: Sequence[int], kd: KDSpec | None = None) -> None:
-    """One turn of local training of blocks ``trainable`` on this rank's shard, recorded."""
+def turn_options(ctx: Context, *, logit_adjust: float = 0.0, prox_mu: float = 0.0) -> TurnOptions:
+    """This rank's turn options in the current round: the round's learning rate, and logit
+    adjustment with its own label prior (classification only) and the proximal term as asked."""
+    shift = None
+    if logit_adjust > 0 and ctx.cfg.model.family != "lm":
+        shift = logit_adjust * label_log_prior(ctx.data.y_train, ctx.cfg.data.n_classes)
+    return TurnOptions(
+        logit_shift=shift,
+        prox_mu=prox_mu,
+        lr=round_lr(ctx.cfg.train, max(ctx.record.round, 0)),
+    )
+
+
+def train_and_record(
+    ctx: Context,
+    trainable: Sequence[int],
+    kd: KDSpec | None = None,
+    options: TurnOptions | None = None,
+) -> None:
+    """One turn of local training of blocks ``trainable`` on this rank's shard, recorded;
+    ``options`` default to the round's learning rate alone (``turn_options``)."""
     t0 = time.perf_counter()
     try:
         res = train_local(
@@ -108,6 +136,7 @@ def train_and_record(ctx: Context, trainable: Sequence[int], kd: KDSpec | None =
             generator=ctx.generator,
             augment=ctx.data.augment,
             kd=kd,
+            options=options if options is not None else turn_options(ctx),
             on_step=ctx.record.step_reporter(
                 len(turn_batch_sizes(len(ctx.data.x_train), ctx.cfg.train))
             ),

@@ -22,6 +22,7 @@ from snake_mpi.schemes.common import (
     receive_transfer,
     send_blocks,
     train_and_record,
+    turn_options,
 )
 from snake_mpi.transport.wire import KIND_MODEL, KIND_UPDATE
 
@@ -123,7 +124,9 @@ def run(ctx: Context) -> None:
             serve_round(ctx, r, chosen)
         elif comm.rank in chosen:
             receive_blocks(ctx, 0, KIND_MODEL, r, comm.rank)
-            train_and_record(ctx, everything)
+            f = cfg.fedavg
+            options = turn_options(ctx, logit_adjust=f.logit_adjust, prox_mu=f.prox_mu)
+            train_and_record(ctx, everything, options=options)
             model.versions[:] = r + 1
             send_blocks(ctx, 0, KIND_UPDATE, r, comm.rank, everything)
         rec.end_round()

@@ -37,8 +37,9 @@ from snake_mpi.schemes.common import (
     receive_blocks,
     send_blocks,
     train_and_record,
+    turn_options,
 )
-from snake_mpi.train import KDSpec
+from snake_mpi.train import KDSpec, TurnOptions
 from snake_mpi.transport.wire import KIND_MODEL, KIND_SYNC, KIND_UPDATE, TransferSpec
 
 OWNER_ALL = -1
@@ -135,6 +136,13 @@ def kd_spec(cfg: RunConfig) -> KDSpec | None:
     return KDSpec(kd.weight, kd.temperature) if kd.weight > 0 else None
 
 
+def snake_options(ctx: Context) -> TurnOptions:
+    """A node's turn options: ``snake.logit_adjust`` and ``snake.prox_mu`` (no traffic: the
+    prior is the node's own labels, the proximal anchor the model as received)."""
+    c = ctx.cfg.snake
+    return turn_options(ctx, logit_adjust=c.logit_adjust, prox_mu=c.prox_mu)
+
+
 def stamp(round_: int, node: int, n_nodes: int) -> int:
     """Version given to blocks that ``node`` trains in ``round_``."""
     return round_ * n_nodes + node + 1
@@ -224,7 +232,7 @@ def run_p2p(ctx: Context) -> None:
         elif r > 0 and not ctx.checkpoint.carried_in(r - 1):
             receive_blocks(ctx, comm.pred, KIND_MODEL, r - 1, last)
         check_whole(ctx)
-        train_and_record(ctx, mine, kd_spec(cfg))
+        train_and_record(ctx, mine, kd_spec(cfg), snake_options(ctx))
         model.versions[mine] = stamp(r, node, n)
         if node == last:
             evaluate_and_record(ctx)
@@ -281,7 +289,7 @@ def run_cs(ctx: Context) -> None:
             k = comm.rank - 1
             receive_blocks(ctx, 0, KIND_MODEL, r, k)
             check_whole(ctx)
-            train_and_record(ctx, plan[k], kd_spec(cfg))
+            train_and_record(ctx, plan[k], kd_spec(cfg), snake_options(ctx))
             model.versions[plan[k]] = stamp(r, k, n_nodes)
             send_blocks(ctx, 0, KIND_UPDATE, r, k, plan[k])
             keep_own(ctx, plan[k])  # handed on

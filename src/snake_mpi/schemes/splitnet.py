@@ -34,6 +34,7 @@ from snake_mpi.train import (
     NonFiniteLoss,
     checked_loss,
     make_optimizer,
+    round_lr,
     synchronize,
     turn_batch_sizes,
     turn_batches,
@@ -85,7 +86,7 @@ class ClientTurn:
         ctx, cut, r = self.ctx, self.cut, self.round
         comm, model = ctx.comm, ctx.model
         params = set_trainable(model, range(cut))
-        opt = make_optimizer(params, ctx.cfg.train)
+        opt = make_optimizer(params, ctx.cfg.train, round_lr(ctx.cfg.train, r))
         compute_s, samples, steps = 0.0, 0, 0
         x_all, y_all = ctx.data.x_train, ctx.data.y_train
         dev = model_device(model)
@@ -158,7 +159,9 @@ class ServerPart:
             for p in m.parameters():
                 p.requires_grad_(True)
                 params.append(p)
-        self.opt = make_optimizer(params, self.ctx.cfg.train)
+        self.opt = make_optimizer(
+            params, self.ctx.cfg.train, round_lr(self.ctx.cfg.train, self.ctx.record.round)
+        )
 
     def serve_step(self, client: int, r: int, step: int) -> None:
         """Receive one batch's activations from ``client``, update, return the cut gradient."""
