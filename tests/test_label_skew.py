@@ -200,3 +200,23 @@ def test_default_snake_cs_beats_the_old_default_under_label_skew(tmp_path):
         ThreadWorld(5).run(lambda comm, cfg=cfg, out=out: execute(cfg, comm, out), deadline_s=120)
         final[name] = float(read_result(out).evaluation["accuracy"][-1])
     assert final["old"] < 0.3 and final["default"] >= final["old"] + 0.2, final
+
+
+def test_the_explorer_reproduces_the_snake_run_bit_for_bit(tmp_path, capsys):
+    """bench/label_skew_explore.py runs the turns in one process: the same accuracies."""
+    import importlib.util
+
+    path = REPO / "bench" / "label_skew_explore.py"
+    spec = importlib.util.spec_from_file_location("label_skew_explore", path)
+    assert spec is not None and spec.loader is not None
+    explore = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(explore)
+    skew = REPO / "tests" / "configs" / "skew.toml"
+    assert explore.main([str(skew), "--set", "train.rounds=3", "--nodes", "4"]) == 0
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("round ")]
+    got = [float(ln.split("accuracy ")[1].split()[0]) for ln in printed]
+    cfg = load_config(skew, ["probes.enabled=false", "train.rounds=3"])
+    out = tmp_path / "run.h5"
+    ThreadWorld(4).run(lambda comm: execute(cfg, comm, out), deadline_s=120)
+    want = [round(float(a), 4) for a in read_result(out).evaluation["accuracy"]]
+    assert got == want and len(got) == 3
