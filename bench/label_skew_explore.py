@@ -72,6 +72,18 @@ def main(argv: list[str] | None = None) -> int:
         shift = tau * label_log_prior(y, classes) if tau > 0 else None
         return TurnOptions(logit_shift=shift, prox_mu=remedies.prox_mu, lr=round_lr(cfg.train, r))
 
+    @torch.no_grad()
+    def dead_units() -> float:
+        """Fraction of the head's input units that are zero on every test sample (dead ReLUs:
+        a skewed turn can silence features the other nodes' classes need)."""
+        model.eval()
+        h = ds.x_test[:512]
+        for b in range(model.n_blocks - 1):
+            h = model.blocks[b](h)
+        model.train()
+        h = h.reshape(len(h), -1)
+        return float((h.abs().max(dim=0).values == 0).float().mean())
+
     def test() -> tuple[float, np.ndarray]:
         e = evaluate_detail(model, ds.x_test, ds.y_test, n_classes=classes)
         return e.accuracy, e.class_accuracy
@@ -131,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         accs.append(acc)
         after = f" after each turn {turns}" if turns else ""
         print(
-            f"round {r + 1}: accuracy {acc:.4f}{after} per class {np.round(per_class, 2).tolist()}",
+            f"round {r + 1}: accuracy {acc:.4f}{after}, dead units {dead_units():.2f}, "
+            f"per class {np.round(per_class, 2).tolist()}",
             flush=True,
         )
     print(

@@ -601,6 +601,7 @@ SAME_ROUND_FIELDS = (
     "model_at_rest_bytes",
     "loss",
     "kd_loss",
+    "turn_accuracy",
     "samples",
     "steps",
 )
@@ -619,7 +620,13 @@ SCHEMES = {
 @pytest.mark.parametrize("name", list(SCHEMES))
 def test_an_interrupted_run_resumes_to_the_same_models_and_rounds(tmp_path, name):
     n, sets = SCHEMES[name]
-    cfg = tiny(*sets, f"train.rounds={ROUNDS}", "checkpoint.every=1", "checkpoint.keep=2")
+    cfg = tiny(
+        *sets,
+        f"train.rounds={ROUNDS}",
+        "checkpoint.every=1",
+        "checkpoint.keep=2",
+        "eval.after_each_turn=true",
+    )
     whole = tmp_path / "whole.h5"
     run_world(n, cfg, whole)
     assert not mf.checkpoint_dir(cfg, whole).exists()  # a completed run clears them
@@ -641,8 +648,9 @@ def test_an_interrupted_run_resumes_to_the_same_models_and_rounds(tmp_path, name
     assert list(b.tables["ranks"]["model_sha256"]) == list(a.tables["ranks"]["model_sha256"])
     for field in SAME_ROUND_FIELDS:
         np.testing.assert_array_equal(a.rounds[field], b.rounds[field], err_msg=field)
-    for field in ("round", "rank", "accuracy", "loss", "cum_bytes_sent"):
+    for field in ("round", "rank", "accuracy", "loss", "cum_bytes_sent", "class_accuracy"):
         np.testing.assert_array_equal(a.evaluation[field], b.evaluation[field], err_msg=field)
+    assert np.isfinite(b.rounds["turn_accuracy"]).any()
     for field in ("control_bytes_sent", "model_end_held_bytes", "data_samples"):
         ranks_a, ranks_b = a.tables["ranks"][field], b.tables["ranks"][field]
         np.testing.assert_array_equal(ranks_a, ranks_b, err_msg=field)

@@ -1,5 +1,6 @@
-"""Label skew under MPI: with the default settings (logit adjustment, ``snake.logit_adjust =
-1``) a skewed Snake run learns where the old defaults (plain cross-entropy) do not."""
+"""Label skew under MPI: with the default settings (every node trains the head, with logit
+adjustment) a skewed Snake run learns where the old defaults (``ends = "owner"``, plain
+cross-entropy) do not."""
 
 from __future__ import annotations
 
@@ -10,16 +11,18 @@ from conftest import REPO, run_mpi, snake_mpi
 from snake_mpi.store import read_result
 
 SKEW = REPO / "tests" / "configs" / "skew.toml"
-MARGIN = 0.2
-"""Final accuracy the default must add to the old default's on this config: seed 0 gave 0.551
-against 0.199 (8 classes, chance 0.125; seeds 1 and 2: 0.545 / 0.125 and 0.291 / 0.125)."""
+MARGIN = 0.3
+"""Final accuracy the default must add to the old defaults' on this config: seed 0 gave 0.658
+against 0.199 (8 classes, chance 0.125; seeds 1 and 2: 0.555 / 0.125 and 0.514 / 0.125;
+bench/label_skew_explore.py tests/configs/skew.toml --set seed=S)."""
+OLD = ["snake.logit_adjust=0", 'snake.ends="owner"']
 
 
 @pytest.mark.mpi
 def test_default_snake_beats_the_old_default_under_label_skew(tmp_path):
     """Snake P2P on 4 ranks (CS: tests/test_label_skew.py, in threads)."""
     final = {}
-    for name, sets in {"default": [], "old": ["snake.logit_adjust=0"]}.items():
+    for name, sets in {"default": [], "old": OLD}.items():
         out = tmp_path / f"{name}.h5"
         argv = ["--set", "probes.enabled=false"]
         for s in sets:

@@ -78,8 +78,8 @@ def assert_same_run(got, want, *, skip_rounds: frozenset[str] = frozenset()) -> 
         np.testing.assert_array_equal(
             got.rounds[name], want.rounds[name], err_msg=f"/rounds/{name}"
         )
-    for name in EVAL_FIELDS:
-        if name not in MEASURED_EVAL_FIELDS:
+    for name in [*EVAL_FIELDS, "class_accuracy"]:
+        if name not in MEASURED_EVAL_FIELDS and name in want.evaluation:
             np.testing.assert_array_equal(
                 got.evaluation[name], want.evaluation[name], err_msg=f"/eval/{name}"
             )

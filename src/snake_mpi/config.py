@@ -249,6 +249,15 @@ class CheckpointConfig:
 
 
 @_cfg()
+class EvalConfig:
+    after_each_turn: bool = False
+    """Every rank that trains also evaluates the model right after its turn, before handing it
+    on (``/rounds/turn_accuracy``; time in ``eval_s``): the accuracy across the ring, turn by
+    turn. One test-set evaluation per turn; schemes whose training rank holds the whole model
+    only (not ``split``, ``splitfed``)."""
+
+
+@_cfg()
 class RunConfig:
     scheme: str = "snake"
     """Distributed learning scheme to run."""
@@ -262,6 +271,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     snake: SnakeConfig = field(default_factory=SnakeConfig)
     fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -549,6 +559,18 @@ def _validate(c: RunConfig) -> None:
         raise ConfigError(f"torch_threads must be >= 0 (0: automatic), got {c.torch_threads}")
     if c.train.rounds > 100_000:
         raise ConfigError(f"train.rounds = {c.train.rounds} is implausibly large (limit 100000)")
+    _validate_eval(c)
+
+
+def _validate_eval(c: RunConfig) -> None:
+    """``eval.after_each_turn`` needs a scheme whose training rank holds the whole model."""
+    if c.eval.after_each_turn and not scheme_spec(c.scheme).whole_model_turns:
+        able = [name for name in scheme_names() if scheme_spec(name).whole_model_turns]
+        raise ConfigError(
+            f"eval.after_each_turn: scheme {c.scheme!r} splits the model between clients and "
+            f"the server, so no rank that trains holds a model to evaluate after its turn; "
+            f"use it with {', '.join(able)}, or set eval.after_each_turn = false"
+        )
 
 
 def _validate_lm(c: RunConfig) -> None:

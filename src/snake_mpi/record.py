@@ -50,6 +50,7 @@ ROUND_FIELDS: dict[str, str] = {
     "disk_write_bytes": "int64",
     "loss": "float64",
     "kd_loss": "float64",
+    "turn_accuracy": "float64",
     "samples": "int64",
     "steps": "int64",
     **dict.fromkeys(GPU_ROUND_KEYS, "float64"),
@@ -60,6 +61,7 @@ The GPU and energy figures are float64 so that NaN can say "unavailable" (a CPU 
 driver that does not report it, a rank that is not its host's energy reader)."""
 
 _UNAVAILABLE_UNLESS_MEASURED = (*GPU_ROUND_KEYS, "host_cpu_energy_j")
+_NAN_UNLESS_SET = ("loss", "kd_loss", "turn_accuracy")
 
 EVAL_FIELDS: dict[str, str] = {
     "round": "int64",
@@ -70,10 +72,22 @@ EVAL_FIELDS: dict[str, str] = {
     "wall_s": "float64",
     "cum_bytes_sent": "int64",
 }
-"""Datasets ``/eval/<name>``, shape (n_rounds,)."""
+"""Datasets ``/eval/<name>``, shape (n_evals,)."""
+
+CLASS_ACCURACY = "class_accuracy"
+"""``/eval/class_accuracy``, shape (n_evals, n_classes): test accuracy on each class, for
+classifiers only (a language model's "classes" are its vocabulary: the dataset is absent)."""
 
 _EVAL_SLOTS = ("eval_accuracy", "eval_loss", "eval_wall_s")
 _ADDITIVE = ("compute_s", "eval_s", "slowdown_s", "samples", "steps")
+
+
+def eval_layout(n_classes: int) -> tuple[dict[str, str], dict[str, int]]:
+    """The ``/eval`` datasets of a run with ``n_classes`` classes (0: a language model, no
+    per-class figures) as ``ResultWriter`` takes them: dtypes, and widths of the 2-D ones."""
+    if n_classes <= 0:
+        return dict(EVAL_FIELDS), {}
+    return {**EVAL_FIELDS, CLASS_ACCURACY: "float64"}, {CLASS_ACCURACY: n_classes}
 
 
 class InjectedFault(RuntimeError):
@@ -95,6 +109,7 @@ class Recorder:
         progress: bool = True,
         perplexity: bool = False,
         step_progress_s: float = STEP_PROGRESS_S,
+        n_classes: int = 0,
     ) -> None:
         self.comm = comm
         self.model = model
@@ -109,7 +124,10 @@ class Recorder:
         self.step_progress_s = step_progress_s
         """Seconds into a turn before the first step-progress line, and between lines."""
         self.show_perplexity = perplexity
-        self.last_evaluation: dict[str, float] | None = None
+        self.n_classes = max(0, n_classes)
+        """Classes of a classifier, whose per-class test accuracy each evaluation records
+        (``/eval/class_accuracy``); 0: none (a language model)."""
+        self.last_evaluation: dict[str, Any] | None = None
         self.round = -1
         self.n_rounds_written = 0
         self.cum_bytes_sent = 0
@@ -120,6 +138,7 @@ class Recorder:
         self._gather_s = 0.0
         """Seconds in the previous round's gather: counted in the next round, not lost."""
         self._values: dict[str, float] = {}
+        self._class_accuracy = np.full(self.n_classes, np.nan)
         self._checkpoint = (0.0, 0)
         """Seconds and file bytes of the checkpoint taken after the previous round (it falls
         in the next round's time, as the gather does)."""
@@ -136,10 +155,9 @@ class Recorder:
         self._values["gather_s"] = self._gather_s
         self._values["checkpoint_s"], self._values["checkpoint_bytes"] = self._checkpoint
         self._checkpoint = (0.0, 0)
-        self._values["loss"] = math.nan
-        self._values["kd_loss"] = math.nan
-        for k in (*_EVAL_SLOTS, *_UNAVAILABLE_UNLESS_MEASURED):
+        for k in (*_NAN_UNLESS_SET, *_EVAL_SLOTS, *_UNAVAILABLE_UNLESS_MEASURED):
             self._values[k] = math.nan
+        self._class_accuracy = np.full(self.n_classes, np.nan)
         for probe in self.probes:
             probe.begin_round()
         d = self.debug
@@ -183,11 +201,26 @@ class Recorder:
         self._values["trainable_params"] = trainable_params
         self._values["train_state_bytes"] = train_state_bytes
 
-    def evaluated(self, *, accuracy: float, loss: float) -> None:
-        """Record an evaluation of the model as it stands after this rank's turn."""
+    def evaluated(
+        self, *, accuracy: float, loss: float, class_accuracy: np.ndarray | None = None
+    ) -> None:
+        """Record an evaluation of the model as it stands after this rank's turn (with
+        ``n_classes``, its accuracy per class: NaN where not given)."""
         self._values["eval_accuracy"] = accuracy
         self._values["eval_loss"] = loss
         self._values["eval_wall_s"] = time.perf_counter() - self.t_start
+        if class_accuracy is not None and self.n_classes:
+            per_class = np.asarray(class_accuracy, dtype=np.float64)
+            if per_class.shape != (self.n_classes,):
+                raise ValueError(
+                    f"class_accuracy has shape {per_class.shape}, expected ({self.n_classes},)"
+                )
+            self._class_accuracy = per_class
+
+    def turn_evaluated(self, accuracy: float) -> None:
+        """Record the test accuracy of the model right after this rank's training turn
+        (``eval.after_each_turn``): ``/rounds/turn_accuracy``."""
+        self._values["turn_accuracy"] = accuracy
 
     def checkpointed(self, seconds: float, nbytes: int) -> None:
         """A checkpoint was taken after the round just closed: ``seconds`` on this rank (its
@@ -226,7 +259,7 @@ class Recorder:
         t_closed = time.perf_counter()
         v["round_s"] = t_closed - self._t_round
         names = list(ROUND_FIELDS) + list(_EVAL_SLOTS)
-        row = np.array([v[k] for k in names], dtype=np.float64)
+        row = np.concatenate([np.array([v[k] for k in names], np.float64), self._class_accuracy])
         table = self.comm.gather_row(row)
         self._t_closed, self._gather_s = t_closed, time.perf_counter() - t_closed
         if table is None:
@@ -234,7 +267,7 @@ class Recorder:
         per_rank = {k: table[:, i].astype(ROUND_FIELDS[k]) for i, k in enumerate(ROUND_FIELDS)}
         self.cum_bytes_sent += int(per_rank["bytes_sent"].sum())
         acc = table[:, len(ROUND_FIELDS)]
-        evaluation = None
+        evaluation: dict[str, Any] | None = None
         done = np.flatnonzero(~np.isnan(acc))
         if done.size:
             k = int(done[-1])
@@ -247,6 +280,8 @@ class Recorder:
                 "wall_s": float(table[k, len(ROUND_FIELDS) + 2]),
                 "cum_bytes_sent": self.cum_bytes_sent,
             }
+            if self.n_classes:
+                evaluation[CLASS_ACCURACY] = table[k, len(names) :].copy()
         if self.writer is not None:
             self.writer.append_round(per_rank, evaluation)
         self.n_rounds_written += 1
@@ -284,7 +319,7 @@ class Recorder:
         """Step progress is on unless ``step_progress_s`` is 0 (or negative)."""
         return self.step_progress_s > 0
 
-    def _print_progress(self, per_rank: dict[str, np.ndarray], ev: dict[str, float] | None) -> None:
+    def _print_progress(self, per_rank: dict[str, np.ndarray], ev: dict[str, Any] | None) -> None:
         losses = per_rank["loss"][~np.isnan(per_rank["loss"])]
         parts = [f"round {self.round + 1} of {self.n_rounds}"]
         if losses.size:

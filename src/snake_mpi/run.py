@@ -41,7 +41,7 @@ from snake_mpi.probes import RoundProbe
 from snake_mpi.probes.gpu import SERIES_KEYS as GPU_SERIES
 from snake_mpi.probes.memory import MemorySampler, ru_maxrss_bytes
 from snake_mpi.probes.storage import DiskWriteCounter
-from snake_mpi.record import EVAL_FIELDS, ROUND_FIELDS, Recorder
+from snake_mpi.record import ROUND_FIELDS, Recorder, eval_layout
 from snake_mpi.schemes import Context, NodeData, scheme_spec
 from snake_mpi.transport.protocol import Communicator
 from snake_mpi.transport.wire import LinkModel
@@ -452,17 +452,21 @@ def execute(
     )
     checkpoints = checkpoints or Checkpointer()
     resume = checkpoints.resume
+    # classification: per-class accuracy (a language model's targets are tokens)
+    n_classes = dataset.n_classes if dataset.y_train.dim() == 1 else 0
     writer, places = None, None
     if rank == 0:
         assert hosts is not None and where is not None  # rank 0 has gathered them
         places = rank_places(hosts, where)
         from snake_mpi.store import ResultWriter
 
+        eval_fields, eval_widths = eval_layout(n_classes)
         writer = ResultWriter(
             out_path,
             world_size=n,
             round_fields=ROUND_FIELDS,
-            eval_fields=EVAL_FIELDS,
+            eval_fields=eval_fields,
+            eval_widths=eval_widths,
             attrs=result_attrs(cfg) | run_device_attrs(places),
             config_toml=to_toml(cfg),
             carried_over=(resume.rows, resume.rounds_done) if resume is not None else None,
@@ -489,6 +493,7 @@ def execute(
         n_rounds=cfg.train.rounds,
         progress=rank == 0,
         perplexity=cfg.model.family == "lm",
+        n_classes=n_classes,
     )
     ctx = Context(
         cfg=cfg,
@@ -526,12 +531,12 @@ def execute(
     return ctx
 
 
-def _last_evaluation(writer: Any) -> dict[str, float] | None:
+def _last_evaluation(writer: Any) -> dict[str, Any] | None:
     """The newest evaluation row a resumed result carries (for the closing line)."""
     if writer.n_evals == 0:
         return None
     ev = writer._f["eval"]
-    return {name: ev[name][writer.n_evals - 1].item() for name in writer.eval_fields}
+    return {name: np.asarray(ev[name][writer.n_evals - 1])[()] for name in writer.eval_fields}
 
 
 def attempt_rows(table: dict[str, np.ndarray]) -> list[dict[str, Any]]:

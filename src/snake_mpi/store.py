@@ -16,6 +16,7 @@ HDF5 file locking fails on some cluster file systems (NFS, Lustre) with errors s
 from __future__ import annotations
 
 import errno
+import math
 import os
 import pathlib
 import re
@@ -72,10 +73,13 @@ class ResultWriter:
         attrs: Mapping[str, str | int | float],
         config_toml: str,
         carried_over: tuple[Result, int] | None = None,
+        eval_widths: Mapping[str, int] | None = None,
     ) -> None:
         """``carried_over = (result, k)``: a resumed run's file starts with the first ``k``
         rounds (and their evaluations) of ``result`` (its ``.partial``); it is built under a
-        temporary name and then replaces that ``.partial``, so a kill leaves the old one."""
+        temporary name and then replaces that ``.partial``, so a kill leaves the old one.
+        ``eval_widths``: eval fields that hold a row of that many values per evaluation
+        (shape (n_evals, width), e.g. ``class_accuracy``); the others are 1-D."""
         if world_size < 1:
             raise ValueError(f"world_size must be at least 1, got {world_size}")
         self.path = pathlib.Path(path)
@@ -83,6 +87,10 @@ class ResultWriter:
         self.world_size = int(world_size)
         self.round_fields = dict(round_fields)
         self.eval_fields = dict(eval_fields)
+        self.eval_widths = {k: int(w) for k, w in (eval_widths or {}).items()}
+        for name, width in self.eval_widths.items():
+            if name not in self.eval_fields or width < 1:
+                raise ValueError(f"eval_widths: {name!r} = {width}: not an eval field, or < 1")
         self.n_rounds = 0
         self.n_evals = 0
         self._done = False
@@ -113,8 +121,13 @@ class ResultWriter:
             )
         ev = f.create_group("eval")
         for name, dtype in self.eval_fields.items():
+            row = (self.eval_widths[name],) if name in self.eval_widths else ()
             ev.create_dataset(
-                name, shape=(0,), maxshape=(None,), dtype=np.dtype(dtype), chunks=(256,)
+                name,
+                shape=(0, *row),
+                maxshape=(None, *row),
+                dtype=np.dtype(dtype),
+                chunks=(max(1, min(256, _CHUNK_TARGET_BYTES // (8 * math.prod(row)))), *row),
             )
         if carried_over is not None:
             self._carry_over(*carried_over)
@@ -139,10 +152,18 @@ class ResultWriter:
         rounds = res.evaluation.get("round", np.zeros(0, dtype=np.int64))
         keep = int(np.count_nonzero(rounds < n_rounds))
         for name, dtype in self.eval_fields.items():
+            if keep and name not in res.evaluation:
+                raise ValueError(f"{res.path}: eval field {name!r} missing; cannot resume")
             ds = f["eval"][name]
             ds.resize(keep, axis=0)
             if keep:
-                ds[:] = np.asarray(res.evaluation[name][:keep], dtype=dtype)
+                data = np.asarray(res.evaluation[name][:keep], dtype=dtype)
+                if data.shape != ds.shape:
+                    raise ValueError(
+                        f"{res.path}: /eval/{name} has shape {data.shape[1:]} per evaluation, "
+                        f"this run {ds.shape[1:]}; cannot resume"
+                    )
+                ds[:] = data
         self.n_evals = keep
         f.attrs["n_rounds"] = self.n_rounds
 
@@ -190,10 +211,11 @@ class ResultWriter:
         self._f.flush()
 
     def append_round(
-        self, per_rank: dict[str, np.ndarray], evaluation: dict[str, float] | None = None
+        self, per_rank: dict[str, np.ndarray], evaluation: Mapping[str, Any] | None = None
     ) -> None:
         """Append one round: every round field, shape (world_size,); optionally one evaluation
-        row (every eval field). Flushes the file."""
+        row (every eval field: a number, or for those of ``eval_widths`` a row of that many).
+        Flushes the file."""
         _check_names(per_rank, self.round_fields, "round")
         values = {}
         for name, dtype in self.round_fields.items():
@@ -203,8 +225,15 @@ class ResultWriter:
                     f"round field {name!r}: shape {arr.shape}, expected ({self.world_size},)"
                 )
             values[name] = arr
+        ev_values = {}
         if evaluation is not None:
             _check_names(evaluation, self.eval_fields, "eval")
+            for name, dtype in self.eval_fields.items():
+                arr = np.asarray(evaluation[name], dtype=dtype)
+                want = (self.eval_widths[name],) if name in self.eval_widths else ()
+                if arr.shape != want:
+                    raise ValueError(f"eval field {name!r}: shape {arr.shape}, expected {want}")
+                ev_values[name] = arr
         f = self._f
         for name, arr in values.items():
             ds = f["rounds"][name]
@@ -212,10 +241,10 @@ class ResultWriter:
             ds[self.n_rounds] = arr
         self.n_rounds += 1
         if evaluation is not None:
-            for name, dtype in self.eval_fields.items():
+            for name, arr in ev_values.items():
                 ds = f["eval"][name]
                 ds.resize(self.n_evals + 1, axis=0)
-                ds[self.n_evals] = np.asarray(evaluation[name], dtype=dtype)
+                ds[self.n_evals] = arr
             self.n_evals += 1
         f.attrs["n_rounds"] = self.n_rounds
         f.flush()
@@ -261,7 +290,7 @@ class ResultWriter:
                 self._file = None
 
 
-def _check_names(given: dict[str, Any], expected: dict[str, str], kind: str) -> None:
+def _check_names(given: Mapping[str, Any], expected: dict[str, str], kind: str) -> None:
     missing = [n for n in expected if n not in given]
     if missing:
         raise KeyError(f"{kind} field {missing[0]!r} missing (all of {list(expected)} required)")
@@ -348,7 +377,9 @@ class Result:
     rounds: dict[str, np.ndarray]
     """``/rounds/<field>``, shape (n_rounds, world_size)."""
     evaluation: dict[str, np.ndarray]
-    """``/eval/<field>``, one entry per evaluated round."""
+    """``/eval/<field>``, one entry per evaluated round: shape (n_evals,), or (n_evals, k) for
+    a field with a row per evaluation (``class_accuracy``: (n_evals, n_classes); absent in
+    files of language models and files written before it)."""
     tables: dict[str, dict[str, np.ndarray]]
     """Groups written by ``write_table`` (e.g. "blocks", "ranks"), every dataset in them."""
     arrays: dict[str, np.ndarray]
@@ -525,7 +556,7 @@ def _read_open(
     if group is not None:
         provenance = _attrs(group, "/provenance", bad)
     rounds = _fields(f, "rounds", bad, ndim=2, width=ws)
-    evaluation = _fields(f, "eval", bad, ndim=1)
+    evaluation = _fields(f, "eval", bad, ndim=(1, 2))
     series: dict[int, dict[str, np.ndarray]] = {}
     group = _group(f, "series", bad, required=False)
     for name in _names(group, "/series", bad):
@@ -613,20 +644,30 @@ def _attrs(obj: h5py.HLObject, where: str, bad: _Problems) -> dict[str, Any]:
 
 
 def _fields(
-    f: h5py.File, name: str, bad: _Problems, *, ndim: int, width: int | None = None
+    f: h5py.File,
+    name: str,
+    bad: _Problems,
+    *,
+    ndim: int | tuple[int, ...],
+    width: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """``/rounds`` or ``/eval``: numeric datasets of ``ndim`` dimensions (the second one
-    ``width``), cut to their common length (a half-appended row is left out)."""
+    """``/rounds`` or ``/eval``: numeric datasets of ``ndim`` dimensions (or one of several;
+    the second one ``width`` where given), cut to their common length (a half-appended row
+    is left out)."""
     group = _group(f, name, bad)
     if group is None:
         return {}
+    ndims = (ndim,) if isinstance(ndim, int) else ndim
     out = {}
     for key, arr in _datasets(group, f"/{name}", bad).items():
         where = f"/{name}/{key}"
-        want = f"(n_rounds, {width})" if ndim == 2 else "(n,)"
+        if width is not None:
+            want = f"(n_rounds, {width})"
+        else:
+            want = " or ".join({1: "(n,)", 2: "(n, k)"}.get(d, f"{d}-D") for d in ndims)
         if arr.dtype.kind not in "biuf":
             bad.add(where, f"dtype {arr.dtype}, expected a number")
-        elif arr.ndim != ndim or (width is not None and arr.shape[1] != width):
+        elif arr.ndim not in ndims or (width is not None and arr.shape[1] != width):
             bad.add(where, f"shape {arr.shape}, expected {want}")
         else:
             out[key] = arr

@@ -143,7 +143,7 @@ def result_rows(res: Result) -> Iterator[Row]:
     n_evals = min((len(v) for v in ev.values()), default=0)
     ev_round = ev["round"].tolist() if "round" in ev else list(range(n_evals))
     ev_rank = ev["rank"].tolist() if "rank" in ev else [NO_RANK] * n_evals
-    ev_metrics = {k: v.tolist() for k, v in sorted(ev.items()) if k not in ("round", "rank")}
+    ev_metrics = _per_row({k: v for k, v in ev.items() if k not in ("round", "rank")})
     for i in range(n_evals):
         for metric, values in ev_metrics.items():
             yield (*run, "eval", int(ev_round[i]), int(ev_rank[i]), metric, values[i])
@@ -154,6 +154,19 @@ def result_rows(res: Result) -> Iterator[Row]:
         for k in range(n):
             for metric, values in figures.items():
                 yield (*run, source, RUN_ROUND, k, metric, values[k])
+
+
+def _per_row(columns: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+    """``/eval`` fields by name, one value per evaluation; a field of shape (n, m) gives m
+    metrics ``<name>_<j>`` (``class_accuracy_<class>``)."""
+    out: dict[str, list[Any]] = {}
+    for name, arr in sorted(columns.items()):
+        if arr.ndim == 2:
+            for j in range(arr.shape[1]):
+                out[f"{name}_{j}"] = arr[:, j].tolist()
+        else:
+            out[name] = arr.tolist()
+    return out
 
 
 def _per_rank(columns: dict[str, np.ndarray], n: int) -> dict[str, list[Any]]:

@@ -1,7 +1,8 @@
 """The report's figures as PNG (matplotlib is the ``analysis`` extra:
 ``pip install -e '.[analysis]'``): bytes per round, memory per node, the time split per rank,
-accuracy or perplexity against rounds, time and bytes, scaling against N and hop throughput
-against ring_bw; and ``accuracy_plots`` for ``snake-mpi compare --plots``."""
+accuracy or perplexity against rounds, time and bytes, per-class accuracy over rounds, the
+accuracy after each turn, scaling against N and hop throughput against ring_bw; and
+``accuracy_plots`` for ``snake-mpi compare --plots``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from snake_mpi.analysis.compare import Row, label
 from snake_mpi.analysis.expected import run_config
+from snake_mpi.analysis.summary import trained_ranks
 from snake_mpi.store import Result
 
 MIB = 2**20
@@ -349,6 +351,115 @@ def fig_metric(results: Sequence[Result], path: Path) -> str:
     fig.suptitle(f"{ylabel} against rounds, time and bytes")
     _save(fig, path)
     return metric
+
+
+def class_accuracy_of(res: Result) -> np.ndarray | None:
+    """``/eval/class_accuracy`` (n_evals, n_classes) where the file has it, else None."""
+    ca = res.evaluation.get("class_accuracy")
+    if ca is None or ca.ndim != 2 or 0 in ca.shape or "round" not in res.evaluation:
+        return None
+    return ca
+
+
+def turn_accuracy_of(res: Result) -> np.ndarray | None:
+    """``/rounds/turn_accuracy`` (n_rounds, world_size) where some turn was evaluated."""
+    turn = res.rounds.get("turn_accuracy")
+    if turn is None or turn.ndim != 2 or not np.isfinite(turn).any():
+        return None
+    return turn
+
+
+def fig_class_accuracy(results: Sequence[Result], path: Path) -> None:
+    """Per run, a heat map of the test accuracy of each class (rows) after each evaluated
+    round (columns), 0 to 1 on one colour scale for every run; grey: no test sample."""
+    runs = [(r, ca) for r in results if (ca := class_accuracy_of(r)) is not None]
+    n = len(runs)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    n_classes = max(ca.shape[1] for _, ca in runs)
+    height = min(2.0 + 0.22 * n_classes, 7.0)
+    fig, axes = _figure(cols, rows, width=4.4 * cols + 1.2, height=height * rows + 0.4)
+    cmap = _pyplot().get_cmap("viridis").with_extremes(bad="lightgrey")
+    image = None
+    for ax, (res, ca) in zip(axes.flat, runs, strict=False):
+        rounds = res.evaluation["round"] + 1
+        data = np.ma.masked_invalid(ca.T.astype(float))
+        image = ax.imshow(
+            data,
+            aspect="auto",
+            origin="lower",
+            cmap=cmap,
+            vmin=0.0,
+            vmax=1.0,
+            interpolation="nearest",
+            extent=(-0.5, len(rounds) - 0.5, -0.5, ca.shape[1] - 0.5),
+        )
+        ticks = np.unique(np.linspace(0, len(rounds) - 1, min(len(rounds), 8)).round().astype(int))
+        ax.set_xticks(ticks, [str(int(rounds[t])) for t in ticks])
+        _integer_ticks(ax, "y")
+        ax.set_xlabel("round")
+        ax.set_ylabel("class")
+        ax.set_title(run_name(res), fontsize=9)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    if image is not None:
+        bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9)
+        bar.set_label("test accuracy on the class (fraction)")
+    fig.suptitle("test accuracy per class after each evaluated round", fontsize=11)
+    _save(fig, path)
+
+
+def fig_turn_accuracy(results: Sequence[Result], path: Path) -> None:
+    """Per run, the test accuracy after each turn (``eval.after_each_turn``) in turn order
+    across rounds: x = round x ranks that train + position, dotted lines between rounds, the
+    round's ``/eval`` accuracy as a cross at its end. Snake's turns follow one another (a
+    line joins them); FedAvg's clients train side by side from one model (points only)."""
+    runs = [(r, t) for r in results if (t := turn_accuracy_of(r)) is not None]
+    n = len(runs)
+    cols = min(2, n)
+    rows = math.ceil(n / cols)
+    fig, axes = _figure(cols, rows, width=6.2 * cols, height=3.4 * rows + 0.6)
+    for ax, (res, turn) in zip(axes.flat, runs, strict=False):
+        ranks = trained_ranks(turn)
+        per = len(ranks)
+        x = np.arange(turn.shape[0] * per)
+        y = turn[:, ranks].ravel()
+        sequential = res.scheme == "snake"
+        ax.plot(
+            x,
+            y,
+            marker="o",
+            markersize=3 if len(x) <= 200 else 1,
+            ls="-" if sequential else "none",
+            color="tab:blue",
+            label="after a turn",
+        )
+        for r in range(1, turn.shape[0]):
+            ax.axvline(r * per - 0.5, color="grey", ls=":", lw=0.8)
+        ev = res.evaluation
+        if "accuracy" in ev and "round" in ev:
+            ends = (ev["round"] + 1) * per - 1
+            ax.plot(ends, ev["accuracy"], "x", color="black", ms=6, label="round's /eval")
+        step = max(1, math.ceil(turn.shape[0] / 10))
+        marks = np.arange(0, turn.shape[0], step)
+        ax.set_xticks(marks * per, [str(m + 1) for m in marks])
+        ax.set_xlabel(f"round (tick: its first turn; {per} turns each: ranks {_ranks(ranks)})")
+        ax.set_ylabel("test accuracy (fraction)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_title(run_name(res), fontsize=9)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    _legend_below(fig)
+    fig.suptitle("test accuracy after each turn, across the ring", fontsize=11)
+    _save(fig, path)
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    """ "0..3" for consecutive ranks, else "1, 3, 4"."""
+    if list(ranks) == list(range(ranks[0], ranks[-1] + 1)) and len(ranks) > 2:
+        return f"{ranks[0]}..{ranks[-1]}"
+    return ", ".join(str(k) for k in ranks)
 
 
 def scaling_groups(results: Sequence[Result], rows: Sequence[Row]) -> dict[str, list[Row]]:

@@ -8,7 +8,8 @@ threads); the comparison table of ``snake-mpi compare`` as three narrower tables
 round by run (measured beside the analytic count); training state per node (and, for real
 models, the peak RSS increase over the pre-model baseline); time per round split into
 compute / send / wait / other per rank; accuracy (perplexity for language models) against
-rounds, time and bytes; scaling against the number of ranks with the analytic bytes as lines,
+rounds, time and bytes; the test accuracy per class over rounds and, where recorded, the
+accuracy after each turn; scaling against the number of ranks with the analytic bytes as lines,
 where a scheme ran at several N; and the paper-claims table (measured ratio beside the claimed
 one, with the verdict). Where the results directory holds ``ring_bw.csv`` and
 ``transfer.csv`` (``bench/hop_vs_ring.sh``), the hop throughput against the ring_bw limit.
@@ -28,16 +29,20 @@ from snake_mpi.analysis.compare import cells, default_target, label, row_of, sca
 from snake_mpi.analysis.expected import run_config
 from snake_mpi.analysis.figures import (
     MIB,
+    class_accuracy_of,
     fig_bytes,
+    fig_class_accuracy,
     fig_hops,
     fig_memory,
     fig_metric,
     fig_scaling,
     fig_time_split,
+    fig_turn_accuracy,
     is_lm,
     read_csv,
     run_name,
     scaling_groups,
+    turn_accuracy_of,
 )
 from snake_mpi.analysis.render import Doc
 from snake_mpi.analysis.summary import _device, _hosts
@@ -205,6 +210,28 @@ def provenance_section(doc: Doc, names: Sequence[str], runs: Sequence[Result]) -
         doc.table(["run", *differ], [[n, *(p[k] for k in differ)] for n, p in zip(names, provs)])
 
 
+def label_skew_figures(doc: Doc, runs: Sequence[Result], figs: Path, prefix: str) -> None:
+    """Where the runs recorded them: the per-class accuracy heat map and the accuracy after
+    each turn (``eval.after_each_turn``), each figure added to ``doc``."""
+    if any(class_accuracy_of(r) is not None for r in runs):
+        fig_class_accuracy(runs, figs / f"{prefix}_class_acc.png")
+        doc.img(
+            f"figures/{prefix}_class_acc.png",
+            "Test accuracy per class (rows) after each evaluated round (columns), per run: "
+            "label skew shows as classes that stay dark or fall back when the nodes that hold "
+            "them have trained longest ago. Grey: no test sample of the class.",
+        )
+    if any(turn_accuracy_of(r) is not None for r in runs):
+        fig_turn_accuracy(runs, figs / f"{prefix}_turns.png")
+        doc.img(
+            f"figures/{prefix}_turns.png",
+            "Test accuracy after each turn (eval.after_each_turn), per run that recorded it, "
+            "in turn order: each round's turns between dotted lines, the round's evaluation as "
+            "a cross. A saw-tooth is the model forgetting other nodes' classes as it learns "
+            "the next node's. FedAvg's clients train side by side from one model (points only).",
+        )
+
+
 def build(
     paths: Sequence[str],
     out_dir: Path,
@@ -268,6 +295,7 @@ def build(
             f"Test {metric} against rounds, wall time and bytes (log). A run that sends no "
             "model bytes (centralised) has its points on the dotted line marked 0 bytes.",
         )
+        label_skew_figures(doc, runs, figs, prefix)
         scal = scaling_groups(runs, rows)
         if scal:
             fig_scaling(scal, figs / f"{prefix}_scaling.png")

@@ -18,19 +18,32 @@ from snake_mpi.store import Result
 MIB = 2**20
 
 
-def format_summary(result: Result, *, max_round_rows: int = 40) -> str:
+MAX_CLASSES_SHOWN = 20
+"""Up to this many classes every class's accuracy (and label count) is listed; with more,
+the ``WORST_CLASSES`` lowest accuracies."""
+WORST_CLASSES = 10
+MAX_TURN_COLUMNS = 16
+"""Up to this many training ranks the accuracy after each turn is a column per rank; with
+more, the first, lowest, highest and last turn of each round."""
+
+
+def format_summary(result: Result, *, max_round_rows: int = 40, max_turn_rows: int = 10) -> str:
     """Header, what could not be read (incomplete files), a per-round table, a per-rank
-    table (with totals) and, where recorded, the checkpoints and the attempts of the run, as
-    fixed-width text.
+    table (with totals), where recorded the label skew (per-class test accuracy, training
+    labels per rank, the accuracy after each turn), and the checkpoints and the attempts of
+    the run, as fixed-width text.
 
     With more than ``max_round_rows`` rounds (or checkpoints) only the first and last are
-    listed.
+    listed; of the accuracy after each turn, the last ``max_turn_rows`` rounds.
     """
     parts = [
         _header(result),
         _unreadable(result),
         _round_table(result, max_round_rows),
         _rank_table(result),
+        _class_accuracy(result),
+        _label_histogram(result),
+        _turn_accuracy(result, max_turn_rows),
         _checkpoints(result, max_round_rows),
         _attempts(result),
     ]
@@ -220,6 +233,117 @@ def _extras(r: Result) -> list[str]:
     if control is not None:
         out.append(f"control (metric gathers): sent {_int(np.sum(control))} bytes")
     return out
+
+
+# ---------------------------------------------------------------------------- label skew
+
+
+def _class_accuracy(r: Result) -> str:
+    """The last evaluation's test accuracy per class: every class up to
+    ``MAX_CLASSES_SHOWN``, else the ``WORST_CLASSES`` lowest; "" where not recorded."""
+    ca = _numbers(r.evaluation.get("class_accuracy"))
+    if ca is None or ca.ndim != 2 or ca.shape[0] == 0 or ca.shape[1] == 0:
+        return ""
+    last, n = ca[-1].astype(float), ca.shape[1]
+    rounds = _numbers(r.evaluation.get("round"))
+    when = f"round {int(rounds[len(ca) - 1]) + 1}" if rounds is not None else "the last round"
+    seen = np.flatnonzero(np.isfinite(last))
+    head = f"per-class test accuracy after {when} ({n} classes"
+    if seen.size:
+        head += f"; min {last[seen].min():.3f}, mean {last[seen].mean():.3f}"
+        head += f", max {last[seen].max():.3f}"
+    if seen.size < n:
+        head += f"; {n - seen.size} without test samples: -"
+    shown = list(range(n))
+    if n > MAX_CLASSES_SHOWN:
+        shown = [int(c) for c in seen[np.argsort(last[seen], kind="stable")][:WORST_CLASSES]]
+        head += f"; the {len(shown)} lowest"
+    width = len(str(max(shown, default=0)))
+    cells = [f"{c:>{width}}: {_float(last[c], '{:.3f}'):>5}" for c in shown]
+    lines = [head + ")"]
+    lines += ["  " + "   ".join(cells[i : i + 10]) for i in range(0, len(cells), 10)]
+    return "\n".join(lines)
+
+
+def _label_histogram(r: Result) -> str:
+    """Training samples of each class on each rank that holds data (``/ranks/
+    label_histogram``): a column per class up to ``MAX_CLASSES_SHOWN`` classes, else the
+    classes each rank holds and its largest class's share; "" where not recorded."""
+    hist = _numbers(r.tables.get("ranks", {}).get("label_histogram"))
+    if hist is None or hist.ndim != 2 or hist.shape[1] == 0:
+        return ""
+    holders = [k for k in range(hist.shape[0]) if hist[k].sum() > 0]
+    if not holders:
+        return ""
+    n = hist.shape[1]
+    if n <= MAX_CLASSES_SHOWN:
+        head = ["rank", *(str(c) for c in range(n)), "total"]
+        body = [[str(k), *(_int(v) for v in hist[k]), _int(hist[k].sum())] for k in holders]
+        what = "training samples per class (columns) on each rank holding data"
+    else:
+        head = ["rank", "classes held", "largest class", "its share"]
+        body = []
+        for k in holders:
+            top = int(np.argmax(hist[k]))
+            share = hist[k, top] / hist[k].sum()
+            body.append([str(k), f"{np.count_nonzero(hist[k])}/{n}", str(top), f"{share:.3f}"])
+        what = "training labels on each rank holding data"
+    return f"{what} (/ranks/label_histogram)\n" + _table(head, body)
+
+
+def trained_ranks(turn_accuracy: np.ndarray) -> list[int]:
+    """The ranks with an accuracy after a turn in some round (those that trained), in rank
+    order: Snake P2P's ring order 0..N-1, Snake CS's nodes 1..N, FedAvg's clients."""
+    return [int(k) for k in np.flatnonzero(np.isfinite(turn_accuracy).any(axis=0))]
+
+
+def _turn_accuracy(r: Result, max_rows: int) -> str:
+    """``/rounds/turn_accuracy`` (``eval.after_each_turn``): a row per round (the last
+    ``max_rows``) with the test accuracy after each training rank's turn, and the round's
+    ``/eval`` accuracy; "" where not recorded."""
+    turn = _numbers(r.rounds.get("turn_accuracy"))
+    if turn is None or turn.ndim != 2 or not np.isfinite(turn).any():
+        return ""
+    ranks = trained_ranks(turn)
+    n = turn.shape[0]
+    shown = list(range(max(0, n - max_rows), n))
+    ev_row = _eval_rows(r)
+    acc = r.evaluation.get("accuracy")
+
+    def at_eval(i: int) -> str:
+        return _at(acc, ev_row.get(i), "{:.3f}") if acc is not None else "-"
+
+    if len(ranks) <= MAX_TURN_COLUMNS:
+        head = ["round", *(f"rank {k}" for k in ranks), "eval"]
+        body = [
+            [str(i + 1), *(_float(turn[i, k], "{:.3f}") for k in ranks), at_eval(i)] for i in shown
+        ]
+    else:
+        head = ["round", "first turn", "lowest", "highest", "last turn", "eval"]
+        body = []
+        for i in shown:
+            row = turn[i, ranks]
+            done = np.flatnonzero(np.isfinite(row))
+            if not done.size:
+                body.append([str(i + 1), "-", "-", "-", "-", at_eval(i)])
+                continue
+            lo, hi = done[np.argmin(row[done])], done[np.argmax(row[done])]
+            body.append(
+                [
+                    str(i + 1),
+                    f"{row[done[0]]:.3f}",
+                    f"{row[lo]:.3f} (rank {ranks[lo]})",
+                    f"{row[hi]:.3f} (rank {ranks[hi]})",
+                    f"{row[done[-1]]:.3f}",
+                    at_eval(i),
+                ]
+            )
+    which = f", last {len(shown)} of {n} rounds" if len(shown) < n else ""
+    order = "clients side by side from one model" if r.scheme == "fedavg" else "turn order"
+    return (
+        f"test accuracy after each turn (columns: {order}; eval: the round's /eval "
+        f"accuracy{which})\n" + _table(head, body)
+    )
 
 
 # ---------------------------------------------------------------------------- checkpoints

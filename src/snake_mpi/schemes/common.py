@@ -15,6 +15,7 @@ from snake_mpi.train import (
     NonFiniteLoss,
     TurnOptions,
     evaluate,
+    evaluate_detail,
     label_log_prior,
     round_lr,
     train_local,
@@ -72,16 +73,29 @@ def receive_blocks(ctx: Context, source: int, kind: int, round_: int, hop: int) 
 
 
 def evaluate_and_record(ctx: Context, model: BlockModel | None = None) -> None:
-    """Evaluate ``model`` (default: ``ctx.model``) on the test set; record time and result."""
+    """Evaluate ``model`` (default: ``ctx.model``) on the test set; record time and result,
+    with the accuracy per class of a classifier (where label skew shows)."""
     t0 = time.perf_counter()
-    loss, acc = evaluate(
+    e = evaluate_detail(
         model if model is not None else ctx.model,
         ctx.data.x_test,
         ctx.data.y_test,
         batch_size=ctx.cfg.train.eval_batch_size,
+        n_classes=ctx.record.n_classes,
     )
     ctx.record.add("eval_s", time.perf_counter() - t0)
-    ctx.record.evaluated(accuracy=acc, loss=loss)
+    ctx.record.evaluated(accuracy=e.accuracy, loss=e.loss, class_accuracy=e.class_accuracy)
+
+
+def evaluate_turn(ctx: Context) -> None:
+    """``eval.after_each_turn``: the test accuracy of ``ctx.model`` right after this rank's
+    turn, before it is handed on (``/rounds/turn_accuracy``; time in ``eval_s``)."""
+    t0 = time.perf_counter()
+    _loss, acc = evaluate(
+        ctx.model, ctx.data.x_test, ctx.data.y_test, batch_size=ctx.cfg.train.eval_batch_size
+    )
+    ctx.record.add("eval_s", time.perf_counter() - t0)
+    ctx.record.turn_evaluated(acc)
 
 
 def slowdown(ctx: Context, compute_s: float) -> None:
@@ -155,3 +169,5 @@ def train_and_record(
         trainable_params=res.trainable_params,
         train_state_bytes=res.train_state_bytes,
     )
+    if ctx.cfg.eval.after_each_turn:
+        evaluate_turn(ctx)

@@ -60,6 +60,9 @@ class SchemeSpec:
     """Most MPI ranks it runs on (None: no limit)."""
     data_role: str = "clients"
     """What the config's messages call the ranks that hold data ("nodes", "clients")."""
+    whole_model_turns: bool = False
+    """The rank that trains holds the whole model after its turn (Snake's node, a FedAvg
+    client, centralised), so ``eval.after_each_turn`` can evaluate it there."""
     check_world: Ref | None = None
     """``f(cfg: RunConfig, world_size: int, holders: int) -> None``: its own checks that
     depend on the number of ranks (raise ``config.ConfigError``); None: none."""
@@ -125,6 +128,7 @@ register(
     SchemeSpec(
         name="snake",
         run="snake_mpi.schemes.snake:run",
+        whole_model_turns=True,
         client_server=lambda cfg: cfg.snake.mode == "cs",
         supports_lm=True,
         expected_bytes=f"{_EXPECTED}:snake_bytes",
@@ -136,6 +140,7 @@ register(
     SchemeSpec(
         name="fedavg",
         run="snake_mpi.schemes.fedavg:run",
+        whole_model_turns=True,
         client_server=True,
         supports_lm=True,
         expected_bytes=f"{_EXPECTED}:fedavg_bytes",
@@ -164,6 +169,7 @@ register(
     SchemeSpec(
         name="centralised",
         run="snake_mpi.schemes.centralised:run",
+        whole_model_turns=True,
         client_server=False,
         supports_lm=True,
         expected_bytes=f"{_EXPECTED}:no_bytes",
