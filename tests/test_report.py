@@ -58,7 +58,8 @@ def test_the_report_has_every_figure_table_and_claim(results_dir, tmp_path, caps
     assert (out / "figures" / "hops.png").exists()
     # the scaling table: snake at N = 2 and 3 with the analytic bytes beside the measured (tiny.toml
     # has ends = "owner", named by its tag)
-    rows = [ln.split("|")[1:-1] for ln in md.splitlines() if ln.startswith("| snake-p2p+ends-owner s")]
+    snake = "| snake-p2p+ends-owner"
+    rows = [ln.split("|")[1:-1] for ln in md.splitlines() if ln.startswith(f"{snake} s")]
     assert [r[1].strip() for r in rows] == ["2", "3"]
     for r, name in zip(rows, ("snake-n2", "snake-n3"), strict=True):
         res = read_result(results_dir / f"{name}.h5")
@@ -72,10 +73,10 @@ def test_the_report_has_every_figure_table_and_claim(results_dir, tmp_path, caps
         assert line in md, line
     fed = read_result(results_dir / "fedavg-n3.h5").rounds["bytes_sent"].sum(axis=1).mean()
     sent = read_result(results_dir / "snake-n2.h5").rounds["bytes_sent"].sum(axis=1).mean()
-    row = "| snake-p2p+ends-owner N=2 (2 data holders, 2 rounds) vs fedavg N=3 (2 data holders, 2 rounds)"
+    row = f"{snake} N=2 (2 data holders, 2 rounds) vs fedavg N=3 (2 data holders, 2 rounds)"
     row += " | bytes per round"
     assert f"{row} / FedAvg's | " in md and f"| {sent / fed:.3f} [1 seed] |" in md
-    assert "| snake-p2p+ends-owner N=3 (3 data holders, 2 rounds) | against FedAvg |" in md
+    assert f"{snake} N=3 (3 data holders, 2 rounds) | against FedAvg |" in md
     assert "| 262,144 | 13.11 | 12.00 | 9.00 | 6.55 | 0.500 |" in md  # hop table: token/ring
     assert "<table>" in html and "<img src='figures/w1_bytes.png'" in html
 
