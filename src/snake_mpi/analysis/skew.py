@@ -187,6 +187,11 @@ def figure(workloads: Sequence[Workload], path: Path) -> None:
     from snake_mpi.analysis.figures import _figure, _legend_below
 
     fig, axes = _figure(len(workloads), width=5.2 * len(workloads) + 0.6, height=4.6)
+    everyone = list(dict.fromkeys(v for w in workloads for v in _variants(w)))
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20" if len(everyone) > 10 else "tab10"]
+    colour = {v: cmap(i % cmap.N) for i, v in enumerate(everyone)}  # one colour per variant
     for ax, w in zip(axes[0], workloads, strict=True):
         cols = w.columns()
         x = np.arange(len(cols))
@@ -212,6 +217,7 @@ def figure(workloads: Sequence[Workload], path: Path) -> None:
                 linestyle=style,
                 linewidth=2.2 if v in (DEFAULT, BASELINE) else 1.2,
                 capsize=3,
+                color=colour[v],
                 label=v,
             )
         ax.set_xticks(x, [f"α={c}" if c[0].isdigit() else c for c in cols])
