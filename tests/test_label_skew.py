@@ -221,3 +221,44 @@ def test_the_explorer_reproduces_the_snake_run_bit_for_bit(tmp_path, capsys):
     ThreadWorld(4).run(lambda comm: execute(cfg, comm, out), deadline_s=120)
     want = [round(float(a), 4) for a in read_result(out).evaluation["accuracy"]]
     assert got == want and len(got) == 3
+
+
+def test_suite_entries_with_labels_and_overrides(tmp_path):
+    from snake_mpi.suite import load_suite
+
+    suite = tmp_path / "s.toml"
+    suite.write_text(
+        f'configs = ["{TINY}@2", {{ config = "{TINY}@3", label = "tiny-la0", '
+        'set = ["snake.logit_adjust=0"] }]\nseeds = [0, 1]\nset = ["train.rounds=2"]\n'
+    )
+    cells, _ = load_suite(str(suite))
+    assert [c.name for c in cells] == [
+        "tiny-n2-s0",
+        "tiny-n2-s1",
+        "tiny-la0-n3-s0",
+        "tiny-la0-n3-s1",
+    ]
+    assert cells[0].overrides == ("train.rounds=2",)
+    assert cells[2].overrides == ("train.rounds=2", "snake.logit_adjust=0")  # after `set`
+    suite.write_text(
+        f'configs = [{{ config = "{TINY}", label = "a" }}, {{ config = "{TINY}", label = "a" }}]\n'
+    )
+    with pytest.raises(ConfigError, match="two cells would be named 'a-n4-s0'"):
+        load_suite(str(suite))
+    suite.write_text(f'configs = [{{ config = "{TINY}", sets = [] }}]\n')
+    with pytest.raises(ConfigError, match="unknown key 'sets'"):
+        load_suite(str(suite))
+    suite.write_text(
+        f'configs = [{{ config = "{TINY}", label = "x", set = ["snake.prox_mu=-1"] }}]\n'
+    )
+    with pytest.raises(ConfigError, match="x: snake.prox_mu must be"):
+        load_suite(str(suite))
+
+
+def test_the_label_skew_suite_has_every_variant_named_once():
+    from snake_mpi.suite import load_suite
+
+    cells, _ = load_suite("label-skew")
+    names = [c.name for c in cells]
+    assert len(names) == len(set(names)) == 120
+    assert "vgg-p2p-old-a0.1-n4-s2" in names and "demo-fedavg-la-a0.5-n5-s0" in names
