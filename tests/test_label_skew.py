@@ -262,3 +262,11 @@ def test_the_label_skew_suite_has_every_variant_named_once():
     names = [c.name for c in cells]
     assert len(names) == len(set(names)) == 120
     assert "vgg-p2p-old-a0.1-n4-s2" in names and "demo-fedavg-la-a0.5-n5-s0" in names
+
+
+def test_a_language_model_keeps_the_head_at_its_owner_unless_set():
+    lm = REPO / "tests" / "configs" / "lm-tiny.toml"
+    assert load_config(lm).snake.ends == "owner"
+    assert load_config(lm, ['snake.ends="all"']).snake.ends == "all"
+    assert load_config(TINY, ['model.family="mlp"']).snake.ends == "owner"  # tiny.toml sets it
+    assert load_config(REPO / "tests" / "configs" / "skew.toml").snake.ends == "all"

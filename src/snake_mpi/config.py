@@ -147,7 +147,8 @@ class SnakeConfig:
     """Stem and head: ``all`` nodes train them, ``owner`` (node 0: stem, last: head), ``frozen``.
     ``all`` (default since issue 14): under label skew a head only the last node trains learns
     that node's classes; a classifier's stem and head are small, so little traffic is added.
-    A language model's embeddings and head are large: its configs set ``owner`` or ``frozen``."""
+    A language model that does not set it gets ``owner`` (``LM_ENDS``): its embeddings and head
+    are large."""
     transfer: str = "delta"
     """``delta``: a hop carries blocks newer than the receiver's copy; ``full``: the whole model."""
     capabilities: tuple[float, ...] = ()
@@ -338,8 +339,19 @@ def stored_config(text: str) -> RunConfig:
     return from_dict(raw)
 
 
+LM_ENDS = "owner"
+"""``snake.ends`` of a language model that does not set it: its embeddings and head are most
+of its bytes, and its loss has no label prior to correct (``SnakeConfig.ends``)."""
+
+
 def from_dict(raw: dict[str, Any]) -> RunConfig:
-    """Build a validated RunConfig from nested dicts; unknown keys are errors."""
+    """Build a validated RunConfig from nested dicts; unknown keys are errors. A language model
+    (``model.family = "lm"``) without ``snake.ends`` gets ``LM_ENDS``, not the classifiers'
+    default (the resolved value is what the result file stores)."""
+    model, snake = raw.get("model"), raw.get("snake")
+    is_lm = isinstance(model, dict) and model.get("family") == "lm"
+    if is_lm and (snake is None or (isinstance(snake, dict) and "ends" not in snake)):
+        raw = {**raw, "snake": {**(snake or {}), "ends": LM_ENDS}}
     return _build(RunConfig, raw, "")
 
 
