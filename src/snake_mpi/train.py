@@ -128,7 +128,7 @@ def adjusted_task_loss(
     ``task_loss`` when ``shift`` is None."""
     if shift is None:
         return task_loss(logits, y)
-    return task_loss(_rows(logits) + shift.to(logits.device), y)
+    return task_loss(_rows(logits) + shift.to(logits.device), y)  # a no-op once on it
 
 
 def prox_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -298,13 +298,14 @@ def train_local(
     anchors = [p.detach().clone() for p in params] if mu > 0 else []
     lowest = min(trainable)
     dev = model_device(model)
+    shift = None if options.logit_shift is None else options.logit_shift.to(dev)  # once a turn
     total_loss, total_kd, samples, steps = 0.0, 0.0, 0, 0
     for idx in turn_batches(len(x), cfg, generator):
         opt.zero_grad()
         xb = x[idx] if augment is None else augment(x[idx], generator)
         xb, yb = xb.to(dev, non_blocking=True), y[idx].to(dev, non_blocking=True)
         logits = model(xb, no_grad_below=lowest)
-        task = adjusted_task_loss(logits, yb, options.logit_shift)
+        task = adjusted_task_loss(logits, yb, shift)
         task_value = checked_loss(task, steps)
         loss = task
         if teacher is not None and kd is not None:
