@@ -132,8 +132,10 @@ class TrainConfig:
 
 @_cfg()
 class KDConfig:
-    weight: float = 0.0
-    """Knowledge distillation weight lambda (0: off); the teacher is the model as received."""
+    weight: float = 1.0
+    """Knowledge distillation weight lambda (0: off); the teacher is the model as received.
+    1 (default since issue 14: the best variant of the label-skew sweep, docs/label-skew.md);
+    a language model that does not set it gets 0 (``LM_KD_WEIGHT``)."""
     temperature: float = 2.0
     """Distillation temperature T (> 0)."""
 
@@ -342,16 +344,26 @@ def stored_config(text: str) -> RunConfig:
 LM_ENDS = "owner"
 """``snake.ends`` of a language model that does not set it: its embeddings and head are most
 of its bytes, and its loss has no label prior to correct (``SnakeConfig.ends``)."""
+LM_KD_WEIGHT = 0.0
+"""``snake.kd.weight`` of a language model that does not set it: the teacher's forward pass
+would cost as much as the student's, and the label-skew measurements behind the classifiers'
+default do not apply to next-token prediction."""
 
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:
     """Build a validated RunConfig from nested dicts; unknown keys are errors. A language model
-    (``model.family = "lm"``) without ``snake.ends`` gets ``LM_ENDS``, not the classifiers'
-    default (the resolved value is what the result file stores)."""
+    (``model.family = "lm"``) without ``snake.ends`` or ``snake.kd.weight`` gets ``LM_ENDS`` and
+    ``LM_KD_WEIGHT``, not the classifiers' defaults (the resolved values are what the result
+    file stores)."""
     model, snake = raw.get("model"), raw.get("snake")
     is_lm = isinstance(model, dict) and model.get("family") == "lm"
-    if is_lm and (snake is None or (isinstance(snake, dict) and "ends" not in snake)):
-        raw = {**raw, "snake": {**(snake or {}), "ends": LM_ENDS}}
+    if is_lm and (snake is None or isinstance(snake, dict)):
+        snake = dict(snake or {})
+        snake.setdefault("ends", LM_ENDS)
+        kd = snake.get("kd")
+        if kd is None or isinstance(kd, dict):
+            snake["kd"] = {"weight": LM_KD_WEIGHT, **(kd or {})}
+        raw = {**raw, "snake": snake}
     return _build(RunConfig, raw, "")
 
 

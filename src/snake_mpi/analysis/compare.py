@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from snake_mpi.analysis.expected import expected_bytes, run_config
-from snake_mpi.config import RunConfig, SnakeConfig, to_toml
+from snake_mpi.config import LM_ENDS, LM_KD_WEIGHT, KDConfig, RunConfig, SnakeConfig, to_toml
 from snake_mpi.store import Result, ResultFormatError, result_paths, scan_results
 
 
@@ -39,7 +39,8 @@ def label(res: Result) -> str:
 def remedy_tags(cfg: RunConfig) -> list[str]:
     """Short names of the run's label-skew options that differ from their defaults
     (docs/label-skew.md): ``la0`` (``logit_adjust = 0``), ``ends-owner``, ``prox0.01``,
-    ``kd1``, ``cosine``. Only the run's own scheme's options count."""
+    ``kd0``, ``cosine``. Only the run's own scheme's options count; a language model's are
+    judged against its own defaults (``LM_ENDS``, ``LM_KD_WEIGHT``)."""
     tags = []
     if cfg.scheme in ("snake", "fedavg"):
         own, default = getattr(cfg, cfg.scheme), type(getattr(cfg, cfg.scheme))()
@@ -48,9 +49,10 @@ def remedy_tags(cfg: RunConfig) -> list[str]:
         if own.prox_mu != default.prox_mu:
             tags.append(f"prox{own.prox_mu:g}")
     if cfg.scheme == "snake":
-        if cfg.snake.ends != SnakeConfig().ends:
+        is_lm = cfg.model.family == "lm"
+        if cfg.snake.ends != (LM_ENDS if is_lm else SnakeConfig().ends):
             tags.append(f"ends-{cfg.snake.ends}")
-        if cfg.snake.kd.weight != 0:
+        if cfg.snake.kd.weight != (LM_KD_WEIGHT if is_lm else KDConfig().weight):
             tags.append(f"kd{cfg.snake.kd.weight:g}")
     if cfg.train.lr_schedule != "constant":
         tags.append(cfg.train.lr_schedule)
