@@ -194,7 +194,7 @@ def test_default_snake_cs_beats_the_old_default_under_label_skew(tmp_path):
     """The MPI test's claim for Snake CS (controller + 4 nodes), in threads."""
     skew = REPO / "tests" / "configs" / "skew.toml"
     final = {}
-    old = ["snake.logit_adjust=0", 'snake.ends="owner"']
+    old = ["snake.logit_adjust=0", 'snake.ends="owner"', "snake.kd.weight=0"]
     for name, sets in {"default": [], "old": old}.items():
         cfg = load_config(skew, ["probes.enabled=false", 'snake.mode="cs"', *sets])
         out = tmp_path / f"{name}.h5"
@@ -270,3 +270,27 @@ def test_a_language_model_keeps_the_head_at_its_owner_unless_set():
     assert load_config(lm, ['snake.ends="all"']).snake.ends == "all"
     assert load_config(TINY, ['model.family="mlp"']).snake.ends == "owner"  # tiny.toml sets it
     assert load_config(REPO / "tests" / "configs" / "skew.toml").snake.ends == "all"
+
+
+def test_a_language_model_keeps_distillation_off_unless_set():
+    """Classifiers distil against the received model by default (kd.weight = 1, the sweep's
+    best variant); a language model does not, unless its config says so."""
+    lm = REPO / "tests" / "configs" / "lm-tiny.toml"
+    assert load_config(lm).snake.kd.weight == 0.0
+    assert load_config(lm, ["snake.kd.weight=0.5"]).snake.kd.weight == 0.5
+    assert load_config(lm, ["snake.kd.temperature=3"]).snake.kd.weight == 0.0
+    assert load_config(TINY).snake.kd.weight == 1.0
+    assert load_config(TINY).snake.kd.temperature == 2.0
+
+
+def test_labels_name_each_option_away_from_its_default():
+    from snake_mpi.analysis.compare import remedy_tags
+
+    lm = REPO / "tests" / "configs" / "lm-tiny.toml"
+    assert remedy_tags(load_config(lm)) == []  # owner and no KD are an LM's defaults
+    assert remedy_tags(load_config(lm, ["snake.kd.weight=1"])) == ["kd1"]
+    old = ["snake.logit_adjust=0", "snake.kd.weight=0", 'train.lr_schedule="cosine"']
+    assert remedy_tags(load_config(TINY, old)) == ["la0", "ends-owner", "kd0", "cosine"]
+    assert remedy_tags(load_config(TINY, ['snake.ends="all"', "snake.prox_mu=0.01"])) == [
+        "prox0.01"
+    ]

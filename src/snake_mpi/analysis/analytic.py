@@ -341,11 +341,19 @@ def train_state_bytes_full(params: int, bytes_per_value: int = 4, optimizer: str
 
 
 def train_state_bytes_snake(
-    params_total: int, params_trainable: int, bytes_per_value: int = 4, optimizer: str = "adam"
+    params_total: int,
+    params_trainable: int,
+    bytes_per_value: int = 4,
+    optimizer: str = "adam",
+    *,
+    copies: int = 0,
 ) -> int:
-    """A Snake node: all weights held, gradients and optimiser moments for its trainable part."""
+    """A Snake node: all weights held, gradients and optimiser moments for its trainable part,
+    and ``copies`` frozen copies of that part (1 for the distillation teacher, ``snake.kd``;
+    1 more for FedProx's anchors, ``snake.prox_mu``)."""
     moments = {"adam": 2, "sgd": 1, "sgd-plain": 0}[optimizer]
-    return params_total * bytes_per_value + params_trainable * bytes_per_value * (1 + moments)
+    per_value = 1 + moments + copies
+    return params_total * bytes_per_value + params_trainable * bytes_per_value * per_value
 
 
 # ------------------------------------------------------------------ checkpoint files
