@@ -194,7 +194,7 @@ def test_default_snake_cs_beats_the_old_default_under_label_skew(tmp_path):
     """The MPI test's claim for Snake CS (controller + 4 nodes), in threads."""
     skew = REPO / "tests" / "configs" / "skew.toml"
     final = {}
-    old = ["snake.logit_adjust=0", 'snake.ends="owner"', "snake.kd.weight=0"]
+    old = ["snake.logit_adjust=0", 'snake.ends="owner"', "snake.kd.weight=0", "snake.prox_mu=0"]
     for name, sets in {"default": [], "old": old}.items():
         cfg = load_config(skew, ["probes.enabled=false", 'snake.mode="cs"', *sets])
         out = tmp_path / f"{name}.h5"
@@ -260,8 +260,9 @@ def test_the_label_skew_suite_has_every_variant_named_once():
 
     cells, _ = load_suite("label-skew")
     names = [c.name for c in cells]
-    assert len(names) == len(set(names)) == 120
+    assert len(names) == len(set(names)) == 144
     assert "vgg-p2p-old-a0.1-n4-s2" in names and "demo-fedavg-la-a0.5-n5-s0" in names
+    assert "demo-p2p-prox0-nokd-iid-n4-s1" in names and "vgg-cs-prox0-a0.5-n5-s2" in names
 
 
 def test_a_language_model_keeps_the_head_at_its_owner_unless_set():
@@ -272,11 +273,16 @@ def test_a_language_model_keeps_the_head_at_its_owner_unless_set():
     assert load_config(REPO / "tests" / "configs" / "skew.toml").snake.ends == "all"
 
 
-def test_a_language_model_keeps_distillation_off_unless_set():
-    """Classifiers distil against the received model by default (kd.weight = 1, the sweep's
-    best variant); a language model does not, unless its config says so."""
+def test_a_language_model_keeps_distillation_and_prox_off_unless_set():
+    """Classifiers distil against the received model and add FedProx's term by default
+    (kd.weight = 1, prox_mu = 0.01: the sweep's best variant); a language model does neither,
+    unless its config says so."""
     lm = REPO / "tests" / "configs" / "lm-tiny.toml"
     assert load_config(lm).snake.kd.weight == 0.0
+    assert load_config(lm).snake.prox_mu == 0.0
+    assert load_config(lm, ["snake.prox_mu=0.1"]).snake.prox_mu == 0.1
+    assert load_config(TINY).snake.prox_mu == 0.01
+    assert load_config(TINY, ['scheme="fedavg"']).fedavg.prox_mu == 0.0  # plain FedAvg
     assert load_config(lm, ["snake.kd.weight=0.5"]).snake.kd.weight == 0.5
     assert load_config(lm, ["snake.kd.temperature=3"]).snake.kd.weight == 0.0
     assert load_config(TINY).snake.kd.weight == 1.0
@@ -289,8 +295,10 @@ def test_labels_name_each_option_away_from_its_default():
     lm = REPO / "tests" / "configs" / "lm-tiny.toml"
     assert remedy_tags(load_config(lm)) == []  # owner and no KD are an LM's defaults
     assert remedy_tags(load_config(lm, ["snake.kd.weight=1"])) == ["kd1"]
-    old = ["snake.logit_adjust=0", "snake.kd.weight=0", 'train.lr_schedule="cosine"']
-    assert remedy_tags(load_config(TINY, old)) == ["la0", "ends-owner", "kd0", "cosine"]
-    assert remedy_tags(load_config(TINY, ['snake.ends="all"', "snake.prox_mu=0.01"])) == [
+    old = ["snake.logit_adjust=0", "snake.kd.weight=0", "snake.prox_mu=0"]
+    old_tags = ["la0", "prox0", "ends-owner", "kd0", "cosine"]
+    assert remedy_tags(load_config(TINY, [*old, 'train.lr_schedule="cosine"'])) == old_tags
+    assert remedy_tags(load_config(TINY, ['snake.ends="all"', "snake.prox_mu=0.01"])) == []
+    assert remedy_tags(load_config(TINY, ['scheme="fedavg"', "fedavg.prox_mu=0.01"])) == [
         "prox0.01"
     ]

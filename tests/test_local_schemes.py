@@ -239,22 +239,22 @@ def test_splitfed_v1_computes_what_fedavg_computes(tmp_path):
 def test_training_state_matches_the_analytic_accounting(tmp_path):
     """Adam in fp32: a FedAvg client holds 16 bytes per parameter (weights, gradients, two
     moments), a Snake node 4 per parameter held + 12 per trainable one, + 4 per trainable one
-    for the distillation teacher's copy (on by default); torch's Adam adds one 4-byte step
-    counter per trainable tensor, which the analytic formulas leave out."""
+    for the distillation teacher's copy and 4 for FedProx's anchors (both on by default);
+    torch's Adam adds one 4-byte step counter per trainable tensor, which the analytic formulas
+    leave out."""
     _cfg, fed, fed_res = run_threads(4, tmp_path, 'scheme="fedavg"', name="fa.h5")
     model = fed[0].model
     total = sum(p.numel() for p in model.parameters())
     tensors = len(list(model.parameters()))
     expected = analytic.train_state_bytes_full(total, 4, "adam") + 4 * tensors
     assert (fed_res.rounds["train_state_bytes"][:, 1:] == expected).all()
-    for kd in (0, 1):
-        name = f"sn-kd{kd}.h5"
-        _cfg, snake, snake_res = run_threads(
-            4, tmp_path, 'scheme="snake"', f"snake.kd.weight={kd}", name=name
-        )
+    for kd, mu in ((0, 0), (1, 0.01)):  # (1, 0.01): the defaults, two copies
+        sets = [f"snake.kd.weight={kd}", f"snake.prox_mu={mu}"]
+        _cfg, snake, snake_res = run_threads(4, tmp_path, 'scheme="snake"', *sets, name=f"{kd}.h5")
         for k, ids in enumerate(snake[0].info["plan"]):
             params = [p for b in ids for p in snake[0].model.blocks[b].parameters()]
             trainable = sum(p.numel() for p in params)
-            held = analytic.train_state_bytes_snake(total, trainable, 4, "adam", copies=kd)
+            copies = kd + (mu > 0)
+            held = analytic.train_state_bytes_snake(total, trainable, 4, "adam", copies=copies)
             expected = held + 4 * len(params)
             assert (snake_res.rounds["train_state_bytes"][:, k] == expected).all(), (kd, k)

@@ -16,6 +16,7 @@ from snake_mpi.transport.localcomm import ThreadWorld
 
 TINY = REPO / "tests" / "configs" / "tiny.toml"
 SKEW = ['data.partition="dirichlet"', "data.alpha=0.5"]
+OLD = ["snake.logit_adjust=0", "snake.kd.weight=0", "snake.prox_mu=0"]  # tiny.toml: ends = owner
 
 
 def _run(out, n, *sets):
@@ -31,7 +32,7 @@ def runs(tmp_path_factory):
     for name, n, sets in [
         ("p2p-s0", 3, [*SKEW, 'snake.ends="all"', "snake.logit_adjust=1", "seed=0"]),
         ("p2p-s1", 3, [*SKEW, 'snake.ends="all"', "snake.logit_adjust=1", "seed=1"]),
-        ("old-s0", 3, [*SKEW, "snake.logit_adjust=0", "snake.kd.weight=0", "seed=0"]),
+        ("old-s0", 3, [*SKEW, *OLD, "seed=0"]),
         ("fedavg-s0", 4, [*SKEW, 'scheme="fedavg"', "seed=0"]),
         ("fedavg-s1", 4, [*SKEW, 'scheme="fedavg"', "seed=1"]),
         ("fedavg-la-s0", 4, [*SKEW, 'scheme="fedavg"', "fedavg.logit_adjust=1", "seed=0"]),
@@ -45,7 +46,7 @@ def test_runs_are_named_by_their_label_skew_options(runs):
     _, made = runs
     assert label(made["p2p-s0"]) == "snake-p2p"
     assert label(made["old-s0"]) == skew.OLD_DEFAULT  # tiny.toml: ends = "owner"
-    assert skew.OLD_DEFAULT == "snake-p2p+la0+ends-owner+kd0"
+    assert skew.OLD_DEFAULT == "snake-p2p+la0+prox0+ends-owner+kd0"
     assert label(made["fedavg-s0"]) == "fedavg"
     assert label(made["fedavg-la-s0"]) == "fedavg+la1"
 
@@ -60,7 +61,7 @@ def test_table_and_goal_follow_the_files(runs, tmp_path):
     assert sorted(p2p.final) == sorted(want) and sorted(p2p.seeds) == [0, 1]
     head, rows = skew.accuracy_table(w)
     by = {r[0]: r for r in rows}
-    assert [r[0] for r in rows][:3] == ["fedavg", "snake-p2p", "snake-p2p+la0+ends-owner+kd0"]
+    assert [r[0] for r in rows][:3] == ["fedavg", "snake-p2p", skew.OLD_DEFAULT]
     ratio = np.mean(want) / fed.mean()
     assert f"({ratio:.2f}×)" in by["snake-p2p"][head.index("alpha 0.5")]
     assert by["fedavg+la1"][head.index("IID")] == "—"

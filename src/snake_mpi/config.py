@@ -135,7 +135,7 @@ class KDConfig:
     weight: float = 1.0
     """Knowledge distillation weight lambda (0: off); the teacher is the model as received.
     1 (default since issue 14: the best variant of the label-skew sweep, docs/label-skew.md);
-    a language model that does not set it gets 0 (``LM_KD_WEIGHT``)."""
+    a language model that does not set it gets 0 (``LM_SNAKE_DEFAULTS``)."""
     temperature: float = 2.0
     """Distillation temperature T (> 0)."""
 
@@ -172,9 +172,11 @@ class SnakeConfig:
     tau * log(prior)``, the prior being the node's own label frequencies (Menon et al. 2021;
     balanced softmax), so a node does not pull the head toward its own labels; 0: plain
     cross-entropy. Classification only (a language model's loss is unchanged). No traffic."""
-    prox_mu: float = 0.0
+    prox_mu: float = 0.01
     """mu of a proximal term ``mu/2 * ||w - w_received||^2`` on the trainable blocks at every turn
-    (FedProx, Li et al. 2020); 0: off."""
+    (FedProx, Li et al. 2020); 0: off. 0.01 (default since issue 14: with the distillation and
+    logit adjustment, the best variant of the label-skew sweep, docs/label-skew.md); a language
+    model that does not set it gets 0 (``LM_SNAKE_DEFAULTS``)."""
 
 
 @_cfg()
@@ -324,7 +326,10 @@ def _read_toml(p: Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
 
 
-STORED_BEFORE_IT_EXISTED: dict[tuple[str, str], Any] = {("snake", "logit_adjust"): 0.0}
+STORED_BEFORE_IT_EXISTED: dict[tuple[str, str], Any] = {
+    ("snake", "logit_adjust"): 0.0,
+    ("snake", "prox_mu"): 0.0,
+}
 """Settings whose default differs from what the code did before they existed: a stored
 config (a result file's, a checkpoint's) that lacks one was made without it."""
 
@@ -346,20 +351,26 @@ LM_ENDS = "owner"
 of its bytes, and its loss has no label prior to correct (``SnakeConfig.ends``)."""
 LM_KD_WEIGHT = 0.0
 """``snake.kd.weight`` of a language model that does not set it: the teacher's forward pass
-would cost as much as the student's, and the label-skew measurements behind the classifiers'
-default do not apply to next-token prediction."""
+would cost as much as the student's, its copy of the trained blocks adds to the memory the
+paper's claim is about, and the label-skew measurements behind the classifiers' default do
+not apply to next-token prediction."""
+LM_PROX_MU = 0.0
+"""``snake.prox_mu`` of a language model that does not set it: its anchors would be one more
+copy of the trained blocks (the same reasons as ``LM_KD_WEIGHT``)."""
+LM_SNAKE_DEFAULTS = {"ends": LM_ENDS, "kd.weight": LM_KD_WEIGHT, "prox_mu": LM_PROX_MU}
+"""``[snake]`` settings whose default for a language model differs from a classifier's."""
 
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:
     """Build a validated RunConfig from nested dicts; unknown keys are errors. A language model
-    (``model.family = "lm"``) without ``snake.ends`` or ``snake.kd.weight`` gets ``LM_ENDS`` and
-    ``LM_KD_WEIGHT``, not the classifiers' defaults (the resolved values are what the result
-    file stores)."""
+    (``model.family = "lm"``) gets ``LM_SNAKE_DEFAULTS`` for the ``[snake]`` settings it does not
+    set, not the classifiers' defaults (the resolved values are what the result file stores)."""
     model, snake = raw.get("model"), raw.get("snake")
     is_lm = isinstance(model, dict) and model.get("family") == "lm"
     if is_lm and (snake is None or isinstance(snake, dict)):
         snake = dict(snake or {})
         snake.setdefault("ends", LM_ENDS)
+        snake.setdefault("prox_mu", LM_PROX_MU)
         kd = snake.get("kd")
         if kd is None or isinstance(kd, dict):
             snake["kd"] = {"weight": LM_KD_WEIGHT, **(kd or {})}

@@ -16,7 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from snake_mpi.analysis.expected import expected_bytes, run_config
-from snake_mpi.config import LM_ENDS, LM_KD_WEIGHT, KDConfig, RunConfig, SnakeConfig, to_toml
+from snake_mpi.config import (
+    LM_ENDS,
+    LM_KD_WEIGHT,
+    LM_PROX_MU,
+    KDConfig,
+    RunConfig,
+    SnakeConfig,
+    to_toml,
+)
 from snake_mpi.store import Result, ResultFormatError, result_paths, scan_results
 
 
@@ -38,18 +46,19 @@ def label(res: Result) -> str:
 
 def remedy_tags(cfg: RunConfig) -> list[str]:
     """Short names of the run's label-skew options that differ from their defaults
-    (docs/label-skew.md): ``la0`` (``logit_adjust = 0``), ``ends-owner``, ``prox0.01``,
+    (docs/label-skew.md): ``la0`` (``logit_adjust = 0``), ``ends-owner``, ``prox0``,
     ``kd0``, ``cosine``. Only the run's own scheme's options count; a language model's are
-    judged against its own defaults (``LM_ENDS``, ``LM_KD_WEIGHT``)."""
+    judged against its own defaults (``LM_SNAKE_DEFAULTS``)."""
     tags = []
+    is_lm = cfg.model.family == "lm"
     if cfg.scheme in ("snake", "fedavg"):
         own, default = getattr(cfg, cfg.scheme), type(getattr(cfg, cfg.scheme))()
         if own.logit_adjust != default.logit_adjust:
             tags.append(f"la{own.logit_adjust:g}")
-        if own.prox_mu != default.prox_mu:
+        default_mu = LM_PROX_MU if is_lm and cfg.scheme == "snake" else default.prox_mu
+        if own.prox_mu != default_mu:
             tags.append(f"prox{own.prox_mu:g}")
     if cfg.scheme == "snake":
-        is_lm = cfg.model.family == "lm"
         if cfg.snake.ends != (LM_ENDS if is_lm else SnakeConfig().ends):
             tags.append(f"ends-{cfg.snake.ends}")
         if cfg.snake.kd.weight != (LM_KD_WEIGHT if is_lm else KDConfig().weight):
