@@ -302,3 +302,22 @@ def test_labels_name_each_option_away_from_its_default():
     assert remedy_tags(load_config(TINY, ['scheme="fedavg"', "fedavg.prox_mu=0.01"])) == [
         "prox0.01"
     ]
+
+
+def test_a_stored_config_without_the_new_settings_reads_as_it_ran():
+    """A result file written before logit_adjust and prox_mu existed was made without them:
+    it reads as 0 for both, not as today's defaults; one that has them keeps its values."""
+    import tomllib
+
+    from snake_mpi.config import stored_config, to_toml
+
+    text = to_toml(load_config(TINY, ["snake.kd.weight=0"]))
+    raw = tomllib.loads(text)
+    assert raw["snake"]["prox_mu"] == 0.01 and raw["snake"]["logit_adjust"] == 1.0
+    old = "\n".join(
+        line for line in text.splitlines() if not line.startswith(("prox_mu", "logit_adjust"))
+    )
+    cfg = stored_config(old)
+    assert (cfg.snake.prox_mu, cfg.snake.logit_adjust) == (0.0, 0.0)
+    assert (cfg.fedavg.prox_mu, cfg.fedavg.logit_adjust) == (0.0, 0.0)
+    assert stored_config(text) == load_config(TINY, ["snake.kd.weight=0"])
