@@ -135,7 +135,7 @@ class KDConfig:
     weight: float = 1.0
     """Knowledge distillation weight lambda (0: off); the teacher is the model as received.
     1 (default since issue 14: the best variant of the label-skew sweep, docs/label-skew.md);
-    a language model that does not set it gets 0 (``LM_SNAKE_DEFAULTS``)."""
+    a language model that does not set it gets 0 (``LM_KD_WEIGHT``)."""
     temperature: float = 2.0
     """Distillation temperature T (> 0)."""
 
@@ -176,7 +176,7 @@ class SnakeConfig:
     """mu of a proximal term ``mu/2 * ||w - w_received||^2`` on the trainable blocks at every turn
     (FedProx, Li et al. 2020); 0: off. 0.01 (default since issue 14: with the distillation and
     logit adjustment, the best variant of the label-skew sweep, docs/label-skew.md); a language
-    model that does not set it gets 0 (``LM_SNAKE_DEFAULTS``)."""
+    model that does not set it gets 0 (``LM_PROX_MU``)."""
 
 
 @_cfg()
@@ -357,14 +357,13 @@ not apply to next-token prediction."""
 LM_PROX_MU = 0.0
 """``snake.prox_mu`` of a language model that does not set it: its anchors would be one more
 copy of the trained blocks (the same reasons as ``LM_KD_WEIGHT``)."""
-LM_SNAKE_DEFAULTS = {"ends": LM_ENDS, "kd.weight": LM_KD_WEIGHT, "prox_mu": LM_PROX_MU}
-"""``[snake]`` settings whose default for a language model differs from a classifier's."""
 
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:
     """Build a validated RunConfig from nested dicts; unknown keys are errors. A language model
-    (``model.family = "lm"``) gets ``LM_SNAKE_DEFAULTS`` for the ``[snake]`` settings it does not
-    set, not the classifiers' defaults (the resolved values are what the result file stores)."""
+    (``model.family = "lm"``) gets ``LM_ENDS``, ``LM_KD_WEIGHT`` and ``LM_PROX_MU`` for the
+    ``[snake]`` settings it does not set, not the classifiers' defaults (the resolved values
+    are what the result file stores)."""
     model, snake = raw.get("model"), raw.get("snake")
     is_lm = isinstance(model, dict) and model.get("family") == "lm"
     if is_lm and (snake is None or isinstance(snake, dict)):

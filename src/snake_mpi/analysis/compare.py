@@ -48,7 +48,7 @@ def remedy_tags(cfg: RunConfig) -> list[str]:
     """Short names of the run's label-skew options that differ from their defaults
     (docs/label-skew.md): ``la0`` (``logit_adjust = 0``), ``ends-owner``, ``prox0``,
     ``kd0``, ``cosine``. Only the run's own scheme's options count; a language model's are
-    judged against its own defaults (``LM_SNAKE_DEFAULTS``)."""
+    judged against its own defaults (``LM_ENDS``, ``LM_KD_WEIGHT``, ``LM_PROX_MU``)."""
     tags = []
     is_lm = cfg.model.family == "lm"
     if cfg.scheme in ("snake", "fedavg"):
