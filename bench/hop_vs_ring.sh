@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The machine's limit for weight hops and snake_mpi's share of it, measured in one job:
-# ring_bw (C; 2 ranks, 1 KiB .. 256 MiB, best of 5) in both modes, then bench/transfer.py
-# (comm.send_blocks/recv_blocks and bare mpi4py, 64 KiB .. 256 MiB, best of 5), which prints
-# the hop throughput with the same back-and-forth pattern as ring_bw --mode token and its
-# ratio to ring_bw's. Inside a Slurm allocation all use the same launcher.
+# ring_bw (C; 2 ranks, 1 KiB .. 256 MiB, best of 5) in both modes, mpi4py's own benchmark
+# (`python -m mpi4py.bench pingpong`, 64 KiB .. 256 MiB, 5 runs, best kept), bench/limit.py,
+# which takes the best of the three per size as the limit and names the benchmark that set it,
+# then bench/transfer.py (comm.send_blocks/recv_blocks and bare mpi4py, 64 KiB .. 256 MiB, best
+# of 5), which prints the hop throughput with the same back-and-forth pattern as ring_bw
+# --mode token and its ratio to ring_bw's. Inside a Slurm allocation all use the same launcher.
 #
 #   bench/hop_vs_ring.sh OUT_DIR  # writes OUT_DIR/ring_bw.csv (token), ring_bw_sendrecv.csv,
-#                                 # transfer.csv
+#                                 # pingpong.txt, limit.csv, transfer.csv
 #
 # Builds build/ring_bw with CMake first if it is missing (needs `make install`).
 set -euo pipefail
@@ -23,6 +25,14 @@ echo "== ring_bw (C), --mode sendrecv: every rank sends and receives at once =="
 snake-mpi launch -n 2 -- build/ring_bw --max-bytes 268435456 --trials 5 | tee "$OUT/ring_bw_sendrecv.csv"
 echo "== ring_bw (C), --mode token: one hop at a time, as Snake's weights travel =="
 snake-mpi launch -n 2 -- build/ring_bw --mode token --max-bytes 268435456 --trials 5 | tee "$OUT/ring_bw.csv"
+echo "== python -m mpi4py.bench pingpong (mpi4py's own benchmark), 5 runs =="
+: >"$OUT/pingpong.txt"
+for _ in 1 2 3 4 5; do
+    snake-mpi launch -n 2 -- python -m mpi4py.bench pingpong -m 65536 -n 268435456 \
+        | tee -a "$OUT/pingpong.txt"
+done
+echo "== the limit: the best of ring_bw token, ring_bw sendrecv and the pingpong per size =="
+python bench/limit.py "$OUT"
 echo "== snake_mpi hops against ring_bw (token) =="
 snake-mpi launch -n 2 -- python bench/transfer.py --skip-probes --trials 5 \
     --ring-csv "$OUT/ring_bw.csv" --csv "$OUT/transfer.csv"

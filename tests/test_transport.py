@@ -60,7 +60,7 @@ def test_a_spec_receives_the_blocks_wherever_it_says_and_counts_the_same_bytes(w
         "out": {"out": reused},
         "alloc-numpy": {"alloc": lambda n: reused[:n]},
         "alloc-tensor": {"alloc": lambda n: torch.empty(n, dtype=torch.uint8)},
-        "expect": {"payload_bytes": 8},
+        "expect": {"blocks": ((0, 3), (1, 5))},
     }[where]
 
     def body(comm):

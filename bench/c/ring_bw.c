@@ -5,8 +5,13 @@
  *   from its predecessor at the same time (MPI_Sendrecv): all links busy in both directions.
  * --mode token: one message goes round the ring, hop after hop (rank 0 sends to 1, 1 receives
  *   it and forwards that same buffer to 2, ..., the last back to 0): the pattern of Snake's
- *   peer-to-peer weight hops, one transfer in flight at a time. This is the physical limit for
- *   snake_mpi's hops on the machine it runs on.
+ *   peer-to-peer weight hops, one transfer in flight at a time, each sending data its sender
+ *   has just written: the reference for snake_mpi's hops (bench/hop_vs_ring.sh). Benchmarks
+ *   that send one unchanged buffer again and again report more below ~16 MiB, where the
+ *   receiver finds the source in its own cache (--mode sendrecv here, python -m mpi4py.bench
+ *   pingpong), and at every size when the send buffer was never written (pingpong's
+ *   numpy.empty: the copy reads the kernel's zero page, +20-25 % at 64-256 MiB);
+ *   bench/limit.py takes the best of all three as the limit.
  *
  *   mpirun -n 2 build/ring_bw [--mode sendrecv|token] [--min-bytes 1024]
  *       [--max-bytes 268435456] [--max-total-mib 1024] [--trials 1]
@@ -27,8 +32,9 @@
 #endif
 
 /* A buffer aligned to 2 MiB and, on Linux, advised to use transparent huge pages, as NumPy
- * does for its large arrays: without it, large messages here run ~30 % slower than the same
- * messages from Python, and the "limit" would not be one. */
+ * does for its large arrays: without it, messages from 256 KiB up run 10-15 % slower here than
+ * the same messages from NumPy arrays, and the "limit" would not be one. Both buffers are
+ * written before use (memset), as a sender's weights are. */
 static char *buffer(size_t bytes) {
     void *p = NULL;
     if (posix_memalign(&p, 2u << 20, bytes) != 0) return NULL;

@@ -1,6 +1,15 @@
 """A model as ordered blocks B_0 (stem) ... B_{L-1} (head): freeze/thaw, flatten to one byte
 buffer and back (bit-exact), per-block versions, byte sizes, training-state accounting.
 
+Block buffers (``flat_storage``): the state of each block lives in one contiguous uint8
+buffer, and the block's parameters and buffers are views into it (as DDP buckets and FSDP's
+flat parameters do), so a hop sends that buffer as it is and a receive lands in it: nothing is
+packed or allocated per hop. Inside a block the tensors lie in *wire order*
+(``wire_tensors``): by element size, largest first (int64, then fp32, then bf16, ...), each
+group in ``block_tensors`` order; every tensor then starts at a multiple of its element size,
+with no padding, so a block's buffer is exactly its state bytes. ``flatten`` uses the same order,
+so a packed payload and a block buffer hold the same bytes.
+
 A block's *state* is its parameters and buffers (e.g. batch-norm statistics): everything a
 receiver needs to continue from where the sender stopped. A tensor shared by several blocks (a
 language model's tied embedding and LM-head matrix) belongs to the first block that has it: it
@@ -9,6 +18,7 @@ is counted, sent and trained as part of that block only.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -35,6 +45,8 @@ class BlockModel(nn.Module):
         self.roles = [ROLE_STEM] + [ROLE_MIDDLE] * (len(blocks) - 2) + [ROLE_HEAD]
         self.versions = np.zeros(len(blocks), dtype=np.int64)
         self._owners: dict[int, int] | None = None
+        self._flat: list[torch.Tensor | None] | None = None
+        """Per block, the uint8 buffer its tensors view (``flat_storage``); None: not flat."""
 
     def shared_owners(self) -> dict[int, int]:
         """``id`` of every tensor that appears in more than one block -> the first block that
@@ -56,7 +68,15 @@ class BlockModel(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ...: tensors may be new objects
         self._owners = None
-        return super()._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        if self._flat is not None:  # the moved tensors get block buffers on their new device
+            flat_storage(self)
+        return out
+
+    @property
+    def is_flat(self) -> bool:
+        """Whether block state lives in block buffers (``flat_storage``)."""
+        return self._flat is not None
 
     @property
     def n_blocks(self) -> int:
@@ -106,9 +126,93 @@ def module_tensors(mod: nn.Module) -> list[torch.Tensor]:
 def drop_blocks(model: BlockModel, ids: Iterable[int]) -> None:
     """Free blocks this rank never holds (a split-learning client keeps only its lower part):
     each becomes an empty ``nn.Identity``, so it counts 0 bytes everywhere."""
+    ids = list(ids)
     for b in ids:
         model.blocks[b] = nn.Identity()
     model._owners = None
+    if model._flat is not None:
+        for b in ids:
+            model._flat[b] = None
+
+
+def wire_tensors(model: BlockModel, b: int) -> list[torch.Tensor]:
+    """Block ``b``'s state tensors in wire order: by element size, largest first, each group in
+    ``block_tensors`` order (Python's sort is stable). Every offset is then a multiple of the
+    tensor's element size (sizes are powers of two), so views need no padding."""
+    return sorted(block_tensors(model, b), key=lambda t: -t.element_size())
+
+
+def flat_storage(model: BlockModel) -> None:
+    """Put the state of every block into one contiguous uint8 buffer per block, in wire order,
+    and make each of the block's tensors a view into it (values and ``Parameter`` objects are
+    kept, so optimisers, hooks and tied weights still see the same tensors). Idempotent; a
+    block whose tensors already view its buffer is left alone. ``BlockModel._apply`` calls it
+    again after a dtype or device move. A block released by ``release_blocks`` stays released.
+    One block is copied at a time, so the extra memory is one block's."""
+    model._owners = None
+    old = model._flat or [None] * model.n_blocks
+    flat: list[torch.Tensor | None] = []
+    with torch.no_grad():
+        for b in range(model.n_blocks):
+            ts = wire_tensors(model, b)
+            if not ts:
+                flat.append(None)
+                continue
+            if old[b] is not None and _views_of(ts, old[b]):
+                flat.append(old[b])
+                continue
+            devices = {t.device for t in ts}
+            if len(devices) > 1:
+                raise ValueError(f"block {b} ({model.names[b]}) has tensors on {devices}")
+            held = all(is_held(t) for t in ts)
+            buf = _rehome(ts, copy=held)
+            if not held:
+                buf.untyped_storage().resize_(0)
+            flat.append(buf)
+    model._flat = flat
+
+
+def _rehome(ts: Sequence[torch.Tensor], *, copy: bool) -> torch.Tensor:
+    """A new uint8 buffer for tensors ``ts`` (wire order), which become views into it; their
+    values are copied in if ``copy``."""
+    buf = torch.empty(sum(_nbytes(t) for t in ts), dtype=torch.uint8, device=ts[0].device)
+    offset = 0
+    with torch.no_grad():
+        for t in ts:
+            n = _nbytes(t)
+            view = buf[offset : offset + n].view(t.dtype).view(t.shape)
+            if copy:
+                view.copy_(t)
+            t.data = view
+            offset += n
+    return buf
+
+
+def _views_of(ts: Sequence[torch.Tensor], buf: torch.Tensor) -> bool:
+    """Whether tensors ``ts`` are, in order, back-to-back views of ``buf``'s storage."""
+    storage = buf.untyped_storage()
+    offset = 0
+    for t in ts:
+        if t.untyped_storage()._cdata != storage._cdata or not t.is_contiguous():
+            return False
+        if t.storage_offset() * t.element_size() != offset:
+            return False
+        offset += _nbytes(t)
+    return offset == buf.numel()
+
+
+def block_buffer(model: BlockModel, b: int, *, allocate: bool = False) -> torch.Tensor | None:
+    """Block ``b``'s uint8 buffer (the bytes a hop sends and a receive fills), or None where
+    the model is not flat or the block holds nothing. ``allocate``: give a block released by
+    ``release_blocks`` its bytes back first (uninitialised: the caller fills them)."""
+    if model._flat is None:
+        return None
+    buf = model._flat[b]
+    if buf is not None and allocate:
+        storage = buf.untyped_storage()
+        if storage.nbytes() < buf.numel():
+            storage.resize_(buf.numel())
+    return buf
 
 
 def release_blocks(model: BlockModel, ids: Iterable[int]) -> None:
@@ -117,6 +221,14 @@ def release_blocks(model: BlockModel, ids: Iterable[int]) -> None:
     takes a payload again (``unflatten`` re-allocates it); until then ``model_bytes_held`` counts
     it 0 and it must not be run. Unlike ``drop_blocks`` the block can come back."""
     for b in ids:
+        buf = block_buffer(model, b)
+        if buf is not None:  # every tensor of the block views it: one resize frees them all
+            if not buf.untyped_storage().resizable():  # a numpy array was made of it
+                buf = _rehome(wire_tensors(model, b), copy=False)  # (no pages touched)
+                assert model._flat is not None
+                model._flat[b] = buf
+            buf.untyped_storage().resize_(0)
+            continue
         for t in block_tensors(model, b):
             if not is_held(t):
                 continue
@@ -136,6 +248,30 @@ def released_blocks(model: BlockModel) -> list[int]:
     return [
         b for b in range(model.n_blocks) if not all(is_held(t) for t in block_tensors(model, b))
     ]
+
+
+def hold_block(model: BlockModel, b: int) -> None:
+    """Give block ``b``'s tensors their bytes back after ``release_blocks`` (uninitialised: the
+    caller fills them): its block buffer, or each tensor of a model that is not flat."""
+    if block_buffer(model, b, allocate=True) is None:
+        for t in block_tensors(model, b):
+            _reallocate(t)
+
+
+def copy_modules(mods: dict[int, nn.Module]) -> dict[int, nn.Module]:
+    """A deep copy of modules in which every tensor is copied on its own: ``copy.deepcopy``
+    would copy a buffer's whole storage, i.e. the whole block buffer it views. Tensors shared
+    between the modules stay shared in the copy."""
+    memo: dict[int, Any] = {}
+    with torch.no_grad():
+        for m in mods.values():
+            for t in module_tensors(m):
+                if id(t) not in memo:
+                    c = t.detach().clone()
+                    if isinstance(t, nn.Parameter):
+                        c = nn.Parameter(c, requires_grad=t.requires_grad)
+                    memo[id(t)] = c
+    return copy.deepcopy(mods, memo)
 
 
 def _reallocate(t: torch.Tensor) -> None:
@@ -203,7 +339,8 @@ def _byte_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def flatten(model: BlockModel, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Copy the state of blocks ``ids`` into one contiguous uint8 buffer in host memory.
+    """Copy the state of blocks ``ids`` into one contiguous uint8 buffer in host memory, each
+    block's tensors in wire order (``wire_tensors``): the bytes its block buffer holds.
 
     Returns ``(payload, nbytes_per_block)``; the bytes are the tensors' own, so the round trip
     through ``unflatten`` is bit-exact for any dtype.
@@ -224,7 +361,12 @@ def flatten_into(model: BlockModel, ids: Sequence[int], out: torch.Tensor) -> np
         raise ValueError(f"out must be {int(sizes.sum())} uint8 values, got {tuple(out.shape)}")
     offset = 0
     for b in ids:
-        for t in block_tensors(model, b):
+        buf = block_buffer(model, b)
+        if buf is not None:  # one copy of the block's buffer
+            out[offset : offset + buf.numel()].copy_(buf)
+            offset += buf.numel()
+            continue
+        for t in wire_tensors(model, b):
             n = t.numel() * t.element_size()
             out[offset : offset + n].copy_(_byte_view(t))
             offset += n
@@ -246,9 +388,14 @@ def unflatten(
                 raise ValueError(
                     f"block {b} ({model.names[b]}) has {have} bytes, payload says {expect}"
                 )
-            for t in block_tensors(model, b):
+            buf = block_buffer(model, b, allocate=True)  # a block released between turns
+            if buf is not None:  # comes back
+                buf.copy_(src[offset : offset + buf.numel()])
+                offset += buf.numel()
+                continue
+            for t in wire_tensors(model, b):
                 n = t.numel() * t.element_size()
-                _reallocate(t)  # a block released between turns comes back
+                _reallocate(t)
                 _byte_view(t).copy_(src[offset : offset + n])
                 offset += n
     if offset != src.numel():

@@ -27,6 +27,7 @@ PARTITIONS = ("iid", "dirichlet", "shards")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 MODEL_DTYPES = ("float32", "bfloat16")
+HOP_BUFFERS = ("views", "copy")
 TOKENIZERS = ("auto", "bytes", "checkpoint")
 SNAKE_MODES = ("p2p", "cs")
 ENDS_POLICIES = ("all", "owner", "frozen")
@@ -218,6 +219,12 @@ class CommConfig:
     """How weights leave a GPU rank: ``direct`` (device buffers to a CUDA-aware MPI),
     ``staged`` (through one pinned host buffer per direction), ``auto`` (direct only where the
     MPI library confirms CUDA support). Ignored on CPU ranks."""
+    hop_buffers: str = "views"
+    """Where a hop's bytes come from and land: ``views`` (each block's state lives in one
+    contiguous buffer that its parameters view; a hop sends it and a receive lands in it, no
+    copy on a CPU rank) or ``copy`` (the blocks are packed into a new payload before each send
+    and copied back after each receive: how hops worked before; kept to measure against).
+    The bytes on the wire and the training math are the same."""
 
 
 @_cfg()
@@ -329,6 +336,7 @@ def _read_toml(p: Path) -> dict[str, Any]:
 STORED_BEFORE_IT_EXISTED: dict[tuple[str, str], Any] = {
     ("snake", "logit_adjust"): 0.0,
     ("snake", "prox_mu"): 0.0,
+    ("comm", "hop_buffers"): "copy",
 }
 """Settings whose default differs from what the code did before they existed: a stored
 config (a result file's, a checkpoint's) that lacks one was made without it."""
@@ -466,6 +474,7 @@ def _validate(c: RunConfig) -> None:
     _choice("scheme", c.scheme, scheme_names())
     _choice("device", c.device, DEVICES)
     _choice("comm.gpu_transfer", c.comm.gpu_transfer, GPU_TRANSFERS)
+    _choice("comm.hop_buffers", c.comm.hop_buffers, HOP_BUFFERS)
     _choice("model.family", c.model.family, MODEL_FAMILIES)
     _choice("data.name", c.data.name, DATASETS)
     _choice("data.partition", c.data.partition, PARTITIONS)

@@ -37,6 +37,7 @@ ROUND_FIELDS: dict[str, str] = {
     "send_s": "float64",
     "wait_s": "float64",
     "recv_s": "float64",
+    "pack_s": "float64",
     "link_emulated_s": "float64",
     "slowdown_s": "float64",
     "round_s": "float64",
@@ -79,7 +80,7 @@ CLASS_ACCURACY = "class_accuracy"
 classifiers only (a language model's "classes" are its vocabulary: the dataset is absent)."""
 
 _EVAL_SLOTS = ("eval_accuracy", "eval_loss", "eval_wall_s")
-_ADDITIVE = ("compute_s", "eval_s", "slowdown_s", "samples", "steps")
+_ADDITIVE = ("compute_s", "eval_s", "pack_s", "slowdown_s", "samples", "steps")
 
 
 def eval_layout(n_classes: int) -> tuple[dict[str, str], dict[str, int]]:
@@ -138,6 +139,10 @@ class Recorder:
         self._gather_s = 0.0
         """Seconds in the previous round's gather: counted in the next round, not lost."""
         self._values: dict[str, float] = {}
+        self._open = False
+        self._carried: dict[str, float] = {}
+        """Additive figures from between rounds (a hop received at a checkpoint): counted in
+        the next round, as its bytes and seconds in ``comm.stats`` are."""
         self._class_accuracy = np.full(self.n_classes, np.nan)
         self._checkpoint = (0.0, 0)
         """Seconds and file bytes of the checkpoint taken after the previous round (it falls
@@ -155,6 +160,10 @@ class Recorder:
         self._values["gather_s"] = self._gather_s
         self._values["checkpoint_s"], self._values["checkpoint_bytes"] = self._checkpoint
         self._checkpoint = (0.0, 0)
+        for k, value in self._carried.items():
+            self._values[k] += value
+        self._carried = {}
+        self._open = True
         for k in (*_NAN_UNLESS_SET, *_EVAL_SLOTS, *_UNAVAILABLE_UNLESS_MEASURED):
             self._values[k] = math.nan
         self._class_accuracy = np.full(self.n_classes, np.nan)
@@ -182,9 +191,13 @@ class Recorder:
                 time.sleep(3600)
 
     def add(self, name: str, value: float) -> None:
-        """Accumulate an additive figure (compute_s, eval_s, samples, steps)."""
+        """Accumulate an additive figure (compute_s, eval_s, pack_s, samples, steps); between
+        rounds, into the next round."""
         if name not in _ADDITIVE:
             raise KeyError(f"{name!r} is not an additive round field")
+        if not self._open:
+            self._carried[name] = self._carried.get(name, 0.0) + value
+            return
         self._values[name] += value
 
     def trained(
@@ -248,6 +261,7 @@ class Recorder:
     def end_round(self) -> None:
         """Close the round: fold in comm and probe figures, gather to rank 0, append there."""
         v = self._values
+        self._open = False
         v.update(self.comm.stats.take())
         for probe in self.probes:
             figures = probe.end_round()

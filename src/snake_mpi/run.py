@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from snake_mpi import provenance
-from snake_mpi.blocks import block_table, model_bytes_held, model_hash
+from snake_mpi.blocks import block_table, flat_storage, model_bytes_held, model_hash
 from snake_mpi.config import (
     ConfigError,
     RunConfig,
@@ -440,6 +440,8 @@ def execute(
         n_classes=dataset.n_classes,
         seed=seeds["model"],
     ).to(device)
+    if cfg.comm.hop_buffers == "views":  # each block's state in one buffer that hops send
+        flat_storage(model)
     rss_model_built = sampler.sample_now()
     generator = torch.Generator().manual_seed(rank_seeds[rank])
 

@@ -6,7 +6,6 @@ trainable one run without autograd, so no activations are kept for them.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from snake_mpi.blocks import (
     BlockModel,
     block_tensors,
+    copy_modules,
     model_device,
     module_tensors,
     set_trainable,
@@ -78,8 +78,8 @@ class Teacher:
                 for b in range(model.n_blocks)
                 if any(id(t) in trained for t in module_tensors(model.blocks[b]))
             }
-        # one deepcopy, so that tensors shared between the copied blocks stay shared
-        self.copies = copy.deepcopy({b: model.blocks[b] for b in sorted(ids)})
+        # one copy, so that tensors shared between the copied blocks stay shared
+        self.copies = copy_modules({b: model.blocks[b] for b in sorted(ids)})
         for m in self.copies.values():
             m.eval()
             for p in m.parameters():

@@ -22,6 +22,7 @@ import torch
 from snake_mpi.blocks import (
     BlockModel,
     block_tensors,
+    hold_block,
     is_held,
     model_device,
     release_blocks,
@@ -127,7 +128,7 @@ def restore(ctx: Context, arrays: dict[str, np.ndarray], meta: dict[str, str], b
                     f"the model's {t.dtype} x {t.numel()}"
                 )
             if not is_held(t):
-                t.untyped_storage().resize_(t.numel() * t.element_size())
+                hold_block(model, int(b))
             t.copy_(src.view(t.shape))
     model.versions[:] = versions
     release_blocks(model, [int(b) for b in arrays["released"]])

@@ -27,10 +27,13 @@ from snake_mpi.transport.wire import Transfer, TransferSpec
 def send_blocks(
     ctx: Context, dest: int, kind: int, round_: int, hop: int, ids: Sequence[int]
 ) -> None:
-    """Send blocks ``ids`` of ``ctx.model`` (state and versions) to ``dest`` as one transfer."""
+    """Send blocks ``ids`` of ``ctx.model`` (state and versions) to ``dest`` as one transfer;
+    the seconds spent packing them (0 when the block buffers go as they are) in ``pack_s``."""
     model = ctx.model
     ids = list(ids)
+    t0 = time.perf_counter()
     payload, sizes = ctx.hop.pack(model, ids)
+    ctx.record.add("pack_s", time.perf_counter() - t0)
     ctx.comm.send_blocks(
         dest,
         Transfer(
@@ -45,9 +48,15 @@ def send_blocks(
     )
 
 
-def receive_transfer(ctx: Context, source: int, kind: int, round_: int, hop: int) -> Transfer:
-    """Receive one transfer of model blocks and check its block ids against the model."""
-    t = ctx.comm.recv_blocks(source, TransferSpec(kind, round_, hop, alloc=ctx.hop.alloc))
+def receive_transfer(
+    ctx: Context, source: int, kind: int, round_: int, hop: int, *, into_model: bool = False
+) -> Transfer:
+    """Receive one transfer of model blocks and check its block ids against the model.
+    ``into_model``: the blocks land in ``ctx.model``'s own block buffers where its hops are
+    in place (``HopBuffers.in_place``), else in a transfer buffer."""
+    into = ctx.hop.into(ctx.model) if into_model else None
+    spec = TransferSpec(kind, round_, hop, alloc=ctx.hop.alloc, into=into)
+    t = ctx.comm.recv_blocks(source, spec)
     n = ctx.model.n_blocks
     if any(b < 0 or b >= n for b in t.block_ids):
         raise ValueError(
@@ -57,9 +66,11 @@ def receive_transfer(ctx: Context, source: int, kind: int, round_: int, hop: int
 
 
 def receive_blocks(ctx: Context, source: int, kind: int, round_: int, hop: int) -> list[int]:
-    """Receive blocks into ``ctx.model`` (state and versions); refuse older versions."""
+    """Receive blocks into ``ctx.model`` (state and versions); refuse older versions (which
+    end the job: where the bytes land in the model's own buffers they are there already). The
+    seconds spent copying the payload into the model (0 when it landed there) in ``pack_s``."""
     model = ctx.model
-    t = receive_transfer(ctx, source, kind, round_, hop)
+    t = receive_transfer(ctx, source, kind, round_, hop, into_model=True)
     ids = [int(b) for b in t.block_ids]
     stale = [b for b, v in zip(ids, t.versions, strict=True) if v < model.versions[b]]
     if stale:
@@ -67,7 +78,9 @@ def receive_blocks(ctx: Context, source: int, kind: int, round_: int, hop: int) 
             f"rank {ctx.comm.rank}: received older versions of blocks {stale} than it holds "
             f"(round {round_}, hop {hop} from rank {source})"
         )
+    t0 = time.perf_counter()
     ctx.hop.unpack(model, ids, t.payload, t.block_nbytes)
+    ctx.record.add("pack_s", time.perf_counter() - t0)
     model.versions[ids] = t.versions
     return ids
 

@@ -28,6 +28,7 @@ from snake_mpi.blocks import (
     release_blocks,
     released_blocks,
 )
+from snake_mpi.checkpoint import CheckpointStop
 from snake_mpi.config import RunConfig, SnakeConfig
 from snake_mpi.probes.memory import release_free_memory
 from snake_mpi.schemes import Context
@@ -179,12 +180,41 @@ def expected_wrap_blocks(
     versions: np.ndarray, plan: Sequence[Sequence[int]], round_: int, transfer: str, keep: str
 ) -> list[int]:
     """Blocks node 0 will get from node N-1 at the end of ``round_`` (node 0 has trained)."""
+    return expected_hop_blocks(versions, plan, 0, round_, transfer, keep)
+
+
+def expected_hop_blocks(
+    versions: np.ndarray,
+    plan: Sequence[Sequence[int]],
+    receiver: int,
+    round_: int,
+    transfer: str,
+    keep: str,
+) -> list[int]:
+    """Blocks node ``receiver`` will get in its next receive, known right after its own turn
+    in ``round_`` (``versions``: its model then): node 0 the wrap from node N-1 at the end of
+    ``round_``, any other node the hop from its predecessor in round ``round_ + 1``. Every node
+    between the two turns trains its segment in ring order; the hop carries what is newer than
+    the receiver's copy (and, with ``keep = "own"``, what it freed)."""
     n = len(plan)
+    later = [(round_, j) for j in range(receiver + 1, n)]
+    if receiver > 0:
+        later += [(round_ + 1, j) for j in range(receiver)]
     predicted = versions.copy()
-    for node in range(1, n):
-        predicted[list(plan[node])] = stamp(round_, node, n)
-    freed = freed_blocks(plan[0], len(versions), keep, True)
-    return blocks_to_send(predicted, stamp(round_, 0, n), transfer, freed)
+    for r, j in later:
+        predicted[list(plan[j])] = stamp(r, j, n)
+    freed = freed_blocks(plan[receiver], len(versions), keep, True)
+    return blocks_to_send(predicted, stamp(round_, receiver, n), transfer, freed)
+
+
+def hop_spec(ctx: Context, round_: int, hop: int, ids: Sequence[int]) -> TransferSpec:
+    """The spec of a model hop of blocks ``ids``, known ahead (``Comm.expect``): into the
+    model's block buffers where hops are in place and the blocks are held (``keep = "all"``;
+    with ``keep = "own"`` a freed block would be allocated early), else a transfer buffer."""
+    model = ctx.model
+    blocks = tuple((int(b), block_nbytes(model, b)) for b in ids)
+    into = ctx.hop.into(model) if ctx.cfg.snake.keep == "all" else None
+    return TransferSpec(KIND_MODEL, round_, hop, blocks=blocks, alloc=ctx.hop.alloc, into=into)
 
 
 def keep_own(ctx: Context, own: Sequence[int]) -> None:
@@ -243,12 +273,15 @@ def run_p2p(ctx: Context) -> None:
             ids = blocks_to_send(model.versions, held, transfer, freed)
             send_blocks(ctx, dest, KIND_MODEL, r, node, ids)
             keep_own(ctx, mine)  # handed on
-        if node == 0 and r < rounds - 1:  # before the round-end gather, see Comm.expect
-            wrap = expected_wrap_blocks(model.versions, plan, r, transfer, keep)
-            nbytes = sum(block_nbytes(model, b) for b in wrap)
-            # its next receive: the staged or device buffer is free
-            spec = TransferSpec(KIND_MODEL, r, last, payload_bytes=nbytes, alloc=ctx.hop.alloc)
-            comm.expect(comm.pred, spec)
+        if r < rounds - 1 and (node == 0 or keep == "all"):
+            # post this node's next receive now, so the hop lands while this node still
+            # gathers the round's figures (node 0: must, before the gather, see Comm.expect);
+            # the staged or device buffer, or the model's blocks, are free until then
+            nxt = expected_hop_blocks(model.versions, plan, node, r, transfer, keep)
+            comm.expect(
+                comm.pred,
+                hop_spec(ctx, r, last, nxt) if node == 0 else hop_spec(ctx, r + 1, node - 1, nxt),
+            )
         rec.end_round()
         wrap_in = None
         if node == 0 and r < rounds - 1:
@@ -256,7 +289,11 @@ def run_p2p(ctx: Context) -> None:
             def wrap_in(r: int = r) -> None:
                 receive_blocks(ctx, comm.pred, KIND_MODEL, r, last)
 
-        ctx.checkpoint.boundary(ctx, r, carry_in=wrap_in)
+        try:
+            ctx.checkpoint.boundary(ctx, r, carry_in=wrap_in)
+        except CheckpointStop:  # the hop posted ahead will not come
+            comm.forget_expected()
+            raise
     if cfg.snake.final_sync:
         final_sync(ctx, rounds)
 

@@ -44,8 +44,8 @@ def run(ctx: Context) -> None:
             ClientTurn(ctx, cut, r).run()
             model.versions[client_ids] = r * last + k
             if k == 1 and r < rounds - 1:  # the relay across the round end, see Comm.expect
-                nbytes = sum(block_nbytes(model, b) for b in client_ids)
-                spec = TransferSpec(KIND_MODEL, r, last, payload_bytes=nbytes, alloc=ctx.hop.alloc)
+                blocks = tuple((b, block_nbytes(model, b)) for b in client_ids)
+                spec = TransferSpec(KIND_MODEL, r, last, blocks=blocks, alloc=ctx.hop.alloc)
                 comm.expect(last, spec)
             if k == last:
                 send_blocks(ctx, 0, KIND_UPDATE, r, k, client_ids)

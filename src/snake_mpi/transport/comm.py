@@ -1,7 +1,8 @@
 """Point-to-point transport of model blocks between ranks: the only module that imports mpi4py.
 
-A transfer is two messages: a small int64 header (what is in the payload, see ``wire.py``)
-and one contiguous uint8 payload, both with uppercase (buffer) calls, never pickled. Every byte
+A transfer is a small int64 header (what is in the payload, see ``wire.py``), then one message
+per block straight from and into the block's bytes (``message_sizes``), all with uppercase
+(buffer) calls, never pickled. Every byte
 moved is counted here (through ``wire.account_send`` / ``account_receive``), per rank, per
 round; every wait has a deadline, after which the job aborts naming the peer and the message
 awaited.
@@ -16,7 +17,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -37,9 +38,12 @@ from snake_mpi.transport.wire import (
     TransferSpec,
     account_receive,
     account_send,
+    check_landing,
     is_byte_buffer,
     pack_header,
     parse_header,
+    payload_nbytes,
+    segments,
     transfer_from,
 )
 
@@ -52,7 +56,7 @@ TAG_GATHER = 13
 TAG_SHARE = 14
 
 MAX_MESSAGE_BYTES = 1 << 30
-"""A payload larger than this travels as consecutive messages of at most this size (same tag,
+"""A block larger than this travels as consecutive messages of at most this size (same tag,
 so MPI's ordering rule keeps them in order): MPI counts are C ints, and one message of a
 2.4 GB OPT-1.3B segment fails with MPI_ERR_ARG. Still one transfer in the byte counts."""
 _SPIN_IDLE_S = 0.002  # waiting for a peer to start: busy-poll briefly, then sleep between polls
@@ -62,20 +66,45 @@ _MAX_SLEEP_S = 0.001  # longest sleep between polls: idle ranks must not steal c
 
 @dataclass(slots=True)
 class _Posted:
-    """Receives posted ahead by ``Comm.expect``: buffers and requests of header and payload."""
+    """Receives posted ahead by ``Comm.expect``: buffers and requests of header and payload,
+    and the blocks (ids, bytes) the header must announce."""
 
     header: np.ndarray
     payload: Any
     hreq: MPI.Request
     preqs: list[MPI.Request]
+    ids: list[int]
+    nbytes: list[int]
 
 
-def chunks(payload: Any) -> list[Any]:
-    """The payload as the messages that carry it: slices of at most ``MAX_MESSAGE_BYTES``
-    (one empty message for an empty payload). A numpy array, or a 1-D uint8 CUDA tensor that
-    mpi4py takes by DLPack where the MPI library is CUDA-aware (``payloads.py``)."""
-    n = payload.nbytes
-    return [payload[i : i + MAX_MESSAGE_BYTES] for i in range(0, max(n, 1), MAX_MESSAGE_BYTES)]
+def message_sizes(block_nbytes: Sequence[int]) -> list[int]:
+    """The messages that carry a payload of blocks of these sizes: each block in messages of
+    at most ``MAX_MESSAGE_BYTES`` (one empty message for an empty block), one empty message for
+    a transfer of no blocks. Sender and receiver both derive them from the header's sizes."""
+    sizes: list[int] = []
+    for n in block_nbytes:
+        n = int(n)
+        sizes += [min(MAX_MESSAGE_BYTES, n - i) for i in range(0, max(n, 1), MAX_MESSAGE_BYTES)]
+    return sizes or [0]
+
+
+def messages(payload: Payload, block_nbytes: Sequence[int]) -> list[Any]:
+    """The payload cut into its messages (``message_sizes``): slices of one contiguous buffer,
+    or of each block's own buffer. Numpy arrays, or 1-D uint8 tensors (CUDA tensors go to
+    mpi4py by DLPack where the MPI library is CUDA-aware, ``payloads.py``)."""
+    segs = segments(payload)
+    if not segs:  # a transfer of no blocks: one empty message
+        return [np.empty(0, dtype=np.uint8)]
+    if len(segs) == 1:
+        buf, offset, out = segs[0], 0, []
+        for n in message_sizes(block_nbytes):
+            out.append(buf[offset : offset + n])
+            offset += n
+        return out
+    out = []
+    for seg, n in zip(segs, block_nbytes, strict=True):
+        out += [seg[i : i + MAX_MESSAGE_BYTES] for i in range(0, max(int(n), 1), MAX_MESSAGE_BYTES)]
+    return out
 
 
 class Comm(RingPositions):
@@ -101,53 +130,82 @@ class Comm(RingPositions):
     # ---------------------------------------------------------------- transfers
 
     def send_blocks(self, dest: int, transfer: Transfer) -> None:
-        """Send ``transfer``'s header and its one contiguous uint8 payload to ``dest``; counts
-        bytes and time. The payload: a numpy array, or a device tensor whose stream has been
-        synchronised."""
+        """Send ``transfer``'s header, then its payload block by block, to ``dest``; counts
+        bytes and time. The payload: numpy arrays, or device tensors whose stream has been
+        synchronised; one contiguous buffer or one per block (sent as they are, no copy)."""
         header = pack_header(transfer)
         payload = transfer.payload
+        nbytes = payload_nbytes(payload)
         t0 = time.perf_counter()
         reqs = [self._comm.Isend([header, MPI.INT64_T], dest, TAG_HEADER)]
         reqs += [  # sent even when empty
-            self._comm.Isend([part, MPI.BYTE], dest, TAG_PAYLOAD) for part in chunks(payload)
+            self._comm.Isend([part, MPI.BYTE], dest, TAG_PAYLOAD)
+            for part in messages(payload, transfer.block_nbytes)
         ]
         what = transfer.spec.describe(self.rank)
-        self._wait_all(
-            reqs, f"rank {dest} to take the {what} ({payload.nbytes} bytes)", spin_s=_SPIN_FLOW_S
-        )
-        account_send(self.stats, self.link, self.rank, dest, header.nbytes + payload.nbytes, t0)
+        waited_for = f"rank {dest} to take the {what} ({nbytes} bytes)"
+        self._wait_all(reqs, waited_for, spin_s=_SPIN_FLOW_S)
+        account_send(self.stats, self.link, self.rank, dest, header.nbytes + nbytes, t0)
 
     def expect(self, source: int, spec: TransferSpec) -> None:
         """Post the receives of transfer ``spec`` now, to be completed by a later
-        ``recv_blocks(source, spec)``; ``spec.payload_bytes`` says the payload's size.
+        ``recv_blocks(source, spec)``; ``spec.blocks`` (or ``spec.payload_bytes``, as one
+        block) says what will come, ``spec.into`` (else ``spec.alloc``) where it lands.
 
-        A rank that enters a collective before its next receive must post that receive
-        first: a large send is taken only once the receive is posted, so a sender waiting
-        on it would never join the collective (node N-1's hop to node 0 across a round end).
-        ``spec.alloc(nbytes)``: the buffer to receive into (a staged or device buffer), else new.
+        So a hop's bytes can land while this rank still works (where the order of transfers
+        is known ahead: the ring's). And a rank that enters a collective before its next
+        receive must post that receive first: a large send is taken only once the receive is
+        posted, so a sender waiting on it would never join the collective (node N-1's hop to
+        node 0 across a round end).
         """
-        payload_bytes = spec.posted_bytes()
+        ids, nbytes = spec.posted_blocks()
         header = np.empty(HEADER_FIXED + 3 * HEADER_MAX_BLOCKS, dtype=np.int64)
-        payload = _new_payload(payload_bytes, spec.alloc)
+        payload = self._landing(spec, ids, nbytes, spec.describe(source))
         self._expected[_key(source, spec)] = _Posted(
             header=header,
             payload=payload,
             hreq=self._comm.Irecv([header, MPI.INT64_T], source, TAG_HEADER),
-            preqs=self._irecv_payload(payload, source),
+            preqs=self._irecv_payload(payload, nbytes, source),
+            ids=ids,
+            nbytes=nbytes,
         )
 
-    def _irecv_payload(self, buf: Payload, source: int) -> list[MPI.Request]:
-        return [self._comm.Irecv([part, MPI.BYTE], source, TAG_PAYLOAD) for part in chunks(buf)]
+    def forget_expected(self) -> None:
+        """Cancel the receives ``expect`` posted and no ``recv_blocks`` completed: their
+        transfers will not come (the run stops at a checkpoint)."""
+        while self._expected:
+            _, posted = self._expected.popitem()
+            for req in [posted.hreq, *posted.preqs]:
+                req.Cancel()
+                req.Wait()
+
+    def _landing(self, spec: TransferSpec, ids: list[int], nbytes: list[int], what: str) -> Any:
+        """Where the payload of blocks ``ids`` lands: ``spec.into``'s buffers (one per block),
+        else one buffer (``spec.alloc``'s or new)."""
+        if spec.into is not None:
+            bufs = spec.into(ids, nbytes)
+            if bufs is not None:
+                check_landing(bufs, nbytes, rank=self.rank, what=what)
+                return bufs
+        return _new_payload(sum(nbytes), spec.alloc)
+
+    def _irecv_payload(
+        self, buf: Payload, block_nbytes: Sequence[int], source: int, skip: int = 0
+    ) -> list[MPI.Request]:
+        parts = messages(buf, block_nbytes)[skip:]
+        return [self._comm.Irecv([part, MPI.BYTE], source, TAG_PAYLOAD) for part in parts]
 
     def recv_blocks(self, source: int, spec: TransferSpec) -> Transfer:
         """Receive the transfer ``spec`` names from ``source``; checks it is that one.
 
-        With ``spec.out`` (a contiguous uint8 buffer, reused across hops) the payload receive
-        is posted together with the header's and lands in ``out[:payload_bytes]``; with
-        ``spec.alloc(nbytes)`` the payload lands in the buffer it returns once the header has
-        said how large it is (a pinned or device buffer, ``payloads.HopBuffers``); with
-        neither, in a new array. A transfer announced with ``expect`` completes the receives
-        posted then.
+        Where the payload lands: with ``spec.into(ids, nbytes)``, in the buffers it returns
+        for the blocks the header announces (the model's own block buffers: no copy after);
+        with ``spec.out`` (a contiguous uint8 buffer, reused across hops), in
+        ``out[:payload_bytes]``, its first message's receive posted together with the
+        header's; with ``spec.alloc(nbytes)``, in the buffer it returns once the header has
+        said how large the payload is (a pinned or device buffer, ``payloads.HopBuffers``);
+        else in a new array. A transfer announced with ``expect`` completes the receives
+        posted then, after checking the header names the blocks expected.
         """
         what = spec.describe(source)
         status = MPI.Status()
@@ -161,37 +219,42 @@ class Comm(RingPositions):
         else:
             header_buf = self._header_buf
             req = self._comm.Irecv([header_buf, MPI.INT64_T], source, TAG_HEADER)
-            # the payload can flow at once, before we have read the header; not when the
-            # chunking must follow the actual payload size
-            if (
-                spec.out is not None
-                and is_byte_buffer(spec.out)
-                and spec.out.nbytes <= MAX_MESSAGE_BYTES
-            ):
+            # the first message can flow at once, before we have read the header
+            if spec.into is None and spec.out is not None and is_byte_buffer(spec.out):
                 out = spec.out
-                preqs = [self._comm.Irecv([out, MPI.BYTE], source, TAG_PAYLOAD)]
+                first = out[: min(out.nbytes, MAX_MESSAGE_BYTES)]
+                preqs = [self._comm.Irecv([first, MPI.BYTE], source, TAG_PAYLOAD)]
         self._wait_all([req], f"the header of the {what}", statuses=[status])
         t1 = time.perf_counter()
         self.stats.wait_s += t1 - t0
         header = header_buf[: status.Get_count(MPI.INT64_T)].copy()
         body, payload_bytes = parse_header(header, spec, rank=self.rank, what=what)
+        ids, nbytes = [int(b) for b in body[:, 0]], [int(n) for n in body[:, 2]]
         payload_what = f"the payload ({payload_bytes} bytes) of the {what}"
-        if out is not None:  # posted before the header came
+        if posted is not None:
+            if nbytes != posted.nbytes or (posted.ids != [-1] and ids != posted.ids):
+                raise ProtocolError(
+                    f"rank {self.rank}: expected blocks {posted.ids} of {posted.nbytes} bytes "
+                    f"in the {what}, it brings {ids} of {nbytes} bytes"
+                )
+            payload = out
+        elif out is not None:  # its first message's receive was posted before the header came
             if payload_bytes > out.nbytes:
                 raise ProtocolError(
                     f"rank {self.rank}: {payload_what} exceeds the {out.nbytes}-byte buffer"
                 )
             payload = out[:payload_bytes]
+            preqs += self._irecv_payload(payload, nbytes, source, skip=1)
         else:
-            payload = _new_payload(payload_bytes, spec.alloc)
-            preqs = self._irecv_payload(payload, source)
+            payload = self._landing(spec, ids, nbytes, what)
+            preqs = self._irecv_payload(payload, nbytes, source)
         statuses = [MPI.Status() for _ in preqs]
         self._wait_all(preqs, payload_what, statuses=statuses, spin_s=_SPIN_FLOW_S)
         got = sum(st.Get_count(MPI.BYTE) for st in statuses)
         if got != payload_bytes:
             raise ProtocolError(f"rank {self.rank}: got {got} bytes for {payload_what}")
-        nbytes = header.nbytes + payload_bytes
-        account_receive(self.stats, self.link, source, self.rank, nbytes, t1)
+        total = header.nbytes + payload_bytes
+        account_receive(self.stats, self.link, source, self.rank, total, t1)
         return transfer_from(header, body, payload)
 
     def _wait_all(

@@ -27,8 +27,10 @@ from snake_mpi.transport.wire import (
     TransferSpec,
     account_receive,
     account_send,
+    check_landing,
     pack_header,
     parse_header,
+    segments,
     transfer_from,
 )
 
@@ -97,20 +99,30 @@ class LocalComm(RingPositions):
         self.size = world.size
         self.deadline_s = float(deadline_s)
         self.stats = CommStats()
+        self._expected: dict[tuple[int, int, int, int], tuple[list[int], list[int]]] = {}
 
     def send_blocks(self, dest: int, transfer: Transfer) -> None:
         """Put a copy of ``transfer``'s header and payload in ``dest``'s mailbox; counted."""
         header = pack_header(transfer)
-        payload = transfer.payload
+        segs = segments(transfer.payload)
         t0 = time.perf_counter()
-        sent = payload.copy() if isinstance(payload, np.ndarray) else payload.clone()
+        if all(isinstance(seg, np.ndarray) for seg in segs):  # one copy, as a send makes
+            sent = np.concatenate(segs) if segs else np.empty(0, dtype=np.uint8)
+        else:
+            import torch
+
+            sent = torch.cat([torch.as_tensor(seg) for seg in segs])
         self._world._boxes[(self.rank, dest)].put((header, sent))
-        account_send(self.stats, self.link, self.rank, dest, header.nbytes + payload.nbytes, t0)
+        account_send(self.stats, self.link, self.rank, dest, header.nbytes + sent.nbytes, t0)
 
     def expect(self, source: int, spec: TransferSpec) -> None:
-        """Nothing to post ahead: sends here never wait for the receiver. Checks the spec as
-        ``comm.Comm.expect`` does."""
-        spec.posted_bytes()
+        """Nothing to post ahead: sends here never wait for the receiver. Keeps the blocks
+        expected, which the header must name, as ``comm.Comm.expect`` does."""
+        self._expected[(source, spec.kind, spec.round, spec.hop)] = spec.posted_blocks()
+
+    def forget_expected(self) -> None:
+        """Drop the transfers ``expect`` announced (as ``comm.Comm.forget_expected``)."""
+        self._expected.clear()
 
     def recv_blocks(self, source: int, spec: TransferSpec) -> Transfer:
         """Take the next message from ``source``; it must be the transfer ``spec`` names. Lands
@@ -121,12 +133,30 @@ class LocalComm(RingPositions):
         t1 = time.perf_counter()
         self.stats.wait_s += t1 - t0
         body, payload_bytes = parse_header(header, spec, rank=self.rank, what=what)
+        posted = self._expected.pop((source, spec.kind, spec.round, spec.hop), None)
+        if posted is not None:
+            p_ids, p_nbytes = posted
+            got_ids, got_nbytes = body[:, 0].tolist(), body[:, 2].tolist()
+            if got_nbytes != p_nbytes or (p_ids != [-1] and got_ids != p_ids):
+                raise ProtocolError(
+                    f"rank {self.rank}: expected blocks {p_ids} of {p_nbytes} bytes in the "
+                    f"{what}, it brings {got_ids} of {got_nbytes} bytes"
+                )
         if payload.nbytes != payload_bytes:
             raise ProtocolError(f"rank {self.rank}: payload size mismatch in the {what}")
+        ids, nbytes = [int(b) for b in body[:, 0]], [int(n) for n in body[:, 2]]
+        bufs = spec.into(ids, nbytes) if spec.into is not None else None
         out = spec.out
-        if out is None and spec.alloc is not None:
+        if bufs is not None:  # block by block into the given buffers (the model's own)
+            check_landing(bufs, nbytes, rank=self.rank, what=what)
+            offset = 0
+            for buf, n in zip(bufs, nbytes, strict=True):
+                _copy_bytes(buf, payload[offset : offset + n])
+                offset += n
+            payload = bufs
+        elif out is None and spec.alloc is not None:
             out = spec.alloc(payload_bytes)
-        if out is not None:
+        if bufs is None and out is not None:
             _copy_bytes(out[:payload_bytes], payload)
             payload = out[:payload_bytes]
         nbytes = header.nbytes + payload_bytes

@@ -65,6 +65,10 @@ class Communicator(Protocol):
         ``recv_blocks`` that completes it, e.g. before a collective (see ``Comm.expect``)."""
         ...
 
+    def forget_expected(self) -> None:
+        """Cancel the receives ``expect`` posted that will not be completed."""
+        ...
+
     def recv_blocks(self, source: int, spec: TransferSpec) -> Transfer:
         """Receive the transfer ``spec`` names from ``source``; a different one is an error."""
         ...

@@ -1,16 +1,19 @@
 """The wire format of a block transfer and its accounting types (no MPI here, so analysis,
 tests and the in-process communicator share them).
 
-A transfer is an int64 header, then one contiguous uint8 payload with the blocks' bytes:
+A transfer is an int64 header, then the blocks' bytes, block after block:
 
     [MAGIC, kind, round, hop, n_blocks, payload_bytes, (block_id, version, nbytes) * n_blocks]
+
+The payload is one contiguous uint8 buffer, or one buffer per block (a model's block buffers,
+``blocks.flat_storage``), back to back in the header's order: the same bytes either way.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -101,12 +104,30 @@ class TransferSpec:
     alloc: Callable[[int], Payload | None] | None = None
     """``alloc(nbytes)``: the buffer the payload lands in (pinned or device,
     ``payloads.HopBuffers.alloc``); ``None`` from it, or no ``alloc``: a new host array."""
+    into: Callable[[list[int], list[int]], list[Payload] | None] | None = None
+    """``into(block_ids, nbytes)``: one buffer per block, where each block's bytes land (the
+    model's own block buffers, ``payloads.HopBuffers.into``): no copy after the receive.
+    ``None`` from it: as without ``into``. Takes precedence over ``out`` and ``alloc``."""
+    blocks: tuple[tuple[int, int], ...] = ()
+    """``(block id, bytes)`` of every block, known ahead: what ``expect`` posts receives for;
+    the header that arrives must name exactly these blocks and sizes. Without it, ``expect``
+    takes ``payload_bytes`` as one block."""
 
     def posted_bytes(self) -> int:
-        """``payload_bytes``, which a receive posted ahead (``expect``) must know."""
+        """The payload size a receive posted ahead (``expect``) must know: the ``blocks``'
+        bytes, else ``payload_bytes``."""
+        if self.blocks:
+            return sum(n for _, n in self.blocks)
         if self.payload_bytes is None:
             raise ValueError(f"expect needs the payload size: {self} has no payload_bytes")
         return self.payload_bytes
+
+    def posted_blocks(self) -> tuple[list[int], list[int]]:
+        """Block ids and bytes a receive posted ahead expects (one block of ``payload_bytes``
+        when ``blocks`` is not given; its id is then not checked: -1)."""
+        if self.blocks:
+            return [b for b, _ in self.blocks], [n for _, n in self.blocks]
+        return [-1], [self.posted_bytes()]
 
     def describe(self, source: int) -> str:
         """Human words for this transfer from ``source``, used in every error and timeout."""
@@ -178,14 +199,20 @@ def pack_header(transfer: Transfer) -> np.ndarray:
     n = len(t.block_ids)
     if n > HEADER_MAX_BLOCKS:
         raise ValueError(f"{n} blocks exceed the header limit of {HEADER_MAX_BLOCKS}")
-    if not is_byte_buffer(t.payload):
-        raise TypeError("payload must be a contiguous uint8 array (or uint8 tensor)")
-    if int(np.sum(t.block_nbytes)) != t.payload.nbytes:
-        raise ValueError(
-            f"payload has {t.payload.nbytes} bytes; the blocks add up to {np.sum(t.block_nbytes)}"
+    segs = segments(t.payload)
+    if not all(is_byte_buffer(seg) for seg in segs):
+        raise TypeError(
+            "payload must be a contiguous uint8 array (or uint8 tensor), or a list of them"
         )
+    total = sum(seg.nbytes for seg in segs)
+    if int(np.sum(t.block_nbytes)) != total:
+        raise ValueError(
+            f"payload has {total} bytes; the blocks add up to {np.sum(t.block_nbytes)}"
+        )
+    if len(segs) > 1 and [seg.nbytes for seg in segs] != [int(n) for n in t.block_nbytes]:
+        raise ValueError("a payload of several buffers must have one buffer per block")
     header = np.empty(HEADER_FIXED + 3 * n, dtype=np.int64)
-    header[:HEADER_FIXED] = (MAGIC, t.kind, t.round, t.hop, n, t.payload.nbytes)
+    header[:HEADER_FIXED] = (MAGIC, t.kind, t.round, t.hop, n, total)
     body = header[HEADER_FIXED:].reshape(n, 3)
     body[:, 0], body[:, 1], body[:, 2] = t.block_ids, t.versions, t.block_nbytes
     return header
@@ -210,6 +237,28 @@ def parse_header(
     if int(body[:, 2].sum()) != payload_bytes:
         raise ProtocolError(f"rank {rank}: block sizes do not add up in the {what}")
     return body, payload_bytes
+
+
+def segments(payload: Payload) -> list[Payload]:
+    """A payload's buffers in order: itself, or the buffers of a list (one per block)."""
+    return list(payload) if isinstance(payload, list | tuple) else [payload]
+
+
+def payload_nbytes(payload: Payload) -> int:
+    """Bytes of a payload (one buffer, or a list of them)."""
+    return sum(seg.nbytes for seg in segments(payload))
+
+
+def check_landing(bufs: Sequence[Payload], nbytes: Sequence[int], *, rank: int, what: str) -> None:
+    """Check that ``into``'s buffers take the blocks the header announced, one each."""
+    sizes = [int(n) for n in nbytes]
+    if len(bufs) != len(sizes) or any(
+        not is_byte_buffer(b) or b.nbytes != n for b, n in zip(bufs, sizes, strict=False)
+    ):
+        have = [getattr(b, "nbytes", None) for b in bufs]
+        raise ProtocolError(
+            f"rank {rank}: the {what} brings blocks of {sizes} bytes; their buffers hold {have}"
+        )
 
 
 def is_byte_buffer(buf: object) -> bool:
