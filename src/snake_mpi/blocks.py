@@ -158,8 +158,9 @@ def flat_storage(model: BlockModel) -> None:
             if not ts:
                 flat.append(None)
                 continue
-            if old[b] is not None and _views_of(ts, old[b]):
-                flat.append(old[b])
+            kept = old[b]
+            if kept is not None and _views_of(ts, kept):
+                flat.append(kept)
                 continue
             devices = {t.device for t in ts}
             if len(devices) > 1:

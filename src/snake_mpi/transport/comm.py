@@ -77,7 +77,7 @@ class _Posted:
     nbytes: list[int]
 
 
-def message_sizes(block_nbytes: Sequence[int]) -> list[int]:
+def message_sizes(block_nbytes: Sequence[int] | np.ndarray) -> list[int]:
     """The messages that carry a payload of blocks of these sizes: each block in messages of
     at most ``MAX_MESSAGE_BYTES`` (one empty message for an empty block), one empty message for
     a transfer of no blocks. Sender and receiver both derive them from the header's sizes."""
@@ -88,7 +88,7 @@ def message_sizes(block_nbytes: Sequence[int]) -> list[int]:
     return sizes or [0]
 
 
-def messages(payload: Payload, block_nbytes: Sequence[int]) -> list[Any]:
+def messages(payload: Payload, block_nbytes: Sequence[int] | np.ndarray) -> list[Any]:
     """The payload cut into its messages (``message_sizes``): slices of one contiguous buffer,
     or of each block's own buffer. Numpy arrays, or 1-D uint8 tensors (CUDA tensors go to
     mpi4py by DLPack where the MPI library is CUDA-aware, ``payloads.py``)."""

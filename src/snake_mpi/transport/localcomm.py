@@ -106,6 +106,7 @@ class LocalComm(RingPositions):
         header = pack_header(transfer)
         segs = segments(transfer.payload)
         t0 = time.perf_counter()
+        sent: Any
         if all(isinstance(seg, np.ndarray) for seg in segs):  # one copy, as a send makes
             sent = np.concatenate(segs) if segs else np.empty(0, dtype=np.uint8)
         else:

@@ -175,4 +175,5 @@ def host_view(buf: torch.Tensor) -> np.ndarray:
     n = buf.numel()
     if n == 0:
         return np.empty(0, dtype=np.uint8)
-    return np.frombuffer((ctypes.c_uint8 * n).from_address(buf.data_ptr()), dtype=np.uint8)
+    raw = (ctypes.c_uint8 * n).from_address(buf.data_ptr())
+    return np.frombuffer(memoryview(raw).cast("B"), dtype=np.uint8)
