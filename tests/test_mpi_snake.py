@@ -258,7 +258,8 @@ def test_hops_from_block_buffers_give_the_same_model_as_packed_hops(tmp_path, se
         assert job.returncode == 0, job.output
         res[mode] = read_result(out)
     c, v = res["copy"], res["views"]
-    assert len(set(v.tables["ranks"]["model_sha256"])) == 1
+    if "scheme=fedavg" not in sets:  # Snake's final sync: every rank ends with the model
+        assert len(set(v.tables["ranks"]["model_sha256"])) == 1
     assert list(c.tables["ranks"]["model_sha256"]) == list(v.tables["ranks"]["model_sha256"])
     np.testing.assert_array_equal(c.rounds["loss"], v.rounds["loss"])
     for k in ("bytes_sent", "bytes_received", "messages_sent", "messages_received"):
