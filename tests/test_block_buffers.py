@@ -250,3 +250,32 @@ def test_a_run_gives_the_same_model_and_bytes_with_views_as_with_packed_hops(tmp
     for k in ("bytes_sent", "bytes_received", "messages_sent", "model_at_rest_bytes"):
         np.testing.assert_array_equal(c.rounds[k], v.rounds[k], err_msg=k)
     assert (v.rounds["pack_s"] >= 0).all()
+
+
+def test_the_staged_path_copies_the_block_buffers_once_each_way():
+    """A GPU rank without CUDA-aware MPI (exercised on the CPU): the block buffers are copied
+    into the pinned send buffer and from the pinned receive buffer into the blocks; the
+    receiving model's block buffers keep their addresses."""
+    from snake_mpi.device import PATH_STAGED
+
+    ids = [0, 2]
+
+    def body(comm):
+        model = cnn(seed=comm.rank)
+        flat_storage(model)
+        ctx = hop_ctx(comm, model, HopBuffers(PATH_STAGED))
+        assert not ctx.hop.in_place(model) and ctx.hop.into(model) is None
+        if comm.rank == 0:
+            send_blocks(ctx, 1, KIND_MODEL, 0, 0, ids)
+            return ctx.hop.buffer_bytes()
+        addresses = [block_buffer(model, b).data_ptr() for b in ids]
+        receive_blocks(ctx, 0, KIND_MODEL, 0, 0)
+        assert [block_buffer(model, b).data_ptr() for b in ids] == addresses
+        assert_views(model)
+        return model
+
+    staged_bytes, model1 = ThreadWorld(2).run(body, deadline_s=30)
+    sender = cnn(seed=0)
+    assert staged_bytes == sum(block_nbytes(sender, b) for b in ids)  # the send buffer only
+    for b in ids:
+        np.testing.assert_array_equal(block_buffer(model1, b).numpy(), flatten(sender, [b])[0])
