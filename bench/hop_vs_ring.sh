@@ -3,12 +3,18 @@
 # ring_bw (C; 2 ranks, 1 KiB .. 256 MiB, best of 5) in both modes, mpi4py's own benchmark
 # (`python -m mpi4py.bench pingpong`, 64 KiB .. 256 MiB, 5 runs, best kept), bench/limit.py,
 # which takes the best of the three per size as the limit and names the benchmark that set it,
-# then bench/transfer.py (comm.send_blocks/recv_blocks and bare mpi4py, 64 KiB .. 256 MiB, best
-# of 5), which prints the hop throughput with the same back-and-forth pattern as ring_bw
-# --mode token and its ratio to ring_bw's. Inside a Slurm allocation all use the same launcher.
+# then bench/transfer.py (64 KiB .. 256 MiB, best of 5) against that limit:
+#   part 1, the comm layer: comm.send_blocks/recv_blocks and bare mpi4py one way, and the hop
+#     back and forth as ring_bw --mode token passes it (token), as a share of the limit;
+#   part 2, end to end: a model's blocks (one nn.Linear of the payload's size, then a segment
+#     of 4 such blocks) hop model -> model through the schemes' own send_blocks/receive_blocks,
+#     landing in the model's block buffers (views) and packed/copied as before flat storage
+#     (copy), against a bare mpi4py token and the limit, with each mode's RSS growth.
+# Inside a Slurm allocation all use the same launcher.
 #
 #   bench/hop_vs_ring.sh OUT_DIR  # writes OUT_DIR/ring_bw.csv (token), ring_bw_sendrecv.csv,
-#                                 # pingpong.txt, limit.csv, transfer.csv
+#                                 # pingpong.txt, limit.csv, transfer.csv (part 1), e2e.csv
+#                                 # (part 2)
 #
 # Builds build/ring_bw with CMake first if it is missing (needs `make install`).
 set -euo pipefail
@@ -16,7 +22,8 @@ cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench/hop_vs_ring.sh OUT_DIR}
 mkdir -p "$OUT"
 BIN=${VENV:-.venv}/bin
-export PATH="$PWD/$BIN:$PATH" OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+case $BIN in /*) ;; *) BIN=$PWD/$BIN ;; esac # VENV may be absolute (another checkout's venv)
+export PATH="$BIN:$PATH" OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 if [ ! -x build/ring_bw ]; then
     cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
     cmake --build build --target ring_bw >/dev/null
@@ -33,6 +40,6 @@ for _ in 1 2 3 4 5; do
 done
 echo "== the limit: the best of ring_bw token, ring_bw sendrecv and the pingpong per size =="
 python bench/limit.py "$OUT"
-echo "== snake_mpi hops against ring_bw (token) =="
+echo "== snake_mpi hops against the limit: the comm layer, then model -> model (end to end) =="
 snake-mpi launch -n 2 -- python bench/transfer.py --skip-probes --trials 5 \
-    --ring-csv "$OUT/ring_bw.csv" --csv "$OUT/transfer.csv"
+    --limit-csv "$OUT/limit.csv" --csv "$OUT/transfer.csv" --e2e-csv "$OUT/e2e.csv"

@@ -58,7 +58,7 @@ def receive_transfer(
     spec = TransferSpec(kind, round_, hop, alloc=ctx.hop.alloc, into=into)
     t = ctx.comm.recv_blocks(source, spec)
     n = ctx.model.n_blocks
-    if any(b < 0 or b >= n for b in t.block_ids):
+    if any(b < 0 or b >= n for b in t.block_ids.tolist()):
         raise ValueError(
             f"rank {ctx.comm.rank}: block ids {t.block_ids.tolist()} out of range (model has {n})"
         )
@@ -71,8 +71,9 @@ def receive_blocks(ctx: Context, source: int, kind: int, round_: int, hop: int) 
     seconds spent copying the payload into the model (0 when it landed there) in ``pack_s``."""
     model = ctx.model
     t = receive_transfer(ctx, source, kind, round_, hop, into_model=True)
-    ids = [int(b) for b in t.block_ids]
-    stale = [b for b, v in zip(ids, t.versions, strict=True) if v < model.versions[b]]
+    ids = t.block_ids.tolist()
+    held = model.versions[ids].tolist()
+    stale = [b for b, v, h in zip(ids, t.versions.tolist(), held, strict=True) if v < h]
     if stale:
         raise ValueError(
             f"rank {ctx.comm.rank}: received older versions of blocks {stale} than it holds "

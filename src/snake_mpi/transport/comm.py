@@ -95,6 +95,10 @@ def messages(payload: Payload, block_nbytes: Sequence[int] | np.ndarray) -> list
     segs = segments(payload)
     if not segs:  # a transfer of no blocks: one empty message
         return [np.empty(0, dtype=np.uint8)]
+    if len(segs) == len(block_nbytes) and all(
+        0 < seg.nbytes <= MAX_MESSAGE_BYTES for seg in segs
+    ):  # one buffer per block (or one block), each one message: as they are
+        return segs
     if len(segs) == 1:
         buf, offset, out = segs[0], 0, []
         for n in message_sizes(block_nbytes):
@@ -142,8 +146,11 @@ class Comm(RingPositions):
             self._comm.Isend([part, MPI.BYTE], dest, TAG_PAYLOAD)
             for part in messages(payload, transfer.block_nbytes)
         ]
-        what = transfer.spec.describe(self.rank)
-        waited_for = f"rank {dest} to take the {what} ({nbytes} bytes)"
+        spec = transfer.spec
+
+        def waited_for() -> str:  # words for a timeout only: not built per hop
+            return f"rank {dest} to take the {spec.describe(self.rank)} ({nbytes} bytes)"
+
         self._wait_all(reqs, waited_for, spin_s=_SPIN_FLOW_S)
         account_send(self.stats, self.link, self.rank, dest, header.nbytes + nbytes, t0)
 
@@ -229,8 +236,11 @@ class Comm(RingPositions):
         self.stats.wait_s += t1 - t0
         header = header_buf[: status.Get_count(MPI.INT64_T)].copy()
         body, payload_bytes = parse_header(header, spec, rank=self.rank, what=what)
-        ids, nbytes = [int(b) for b in body[:, 0]], [int(n) for n in body[:, 2]]
-        payload_what = f"the payload ({payload_bytes} bytes) of the {what}"
+        ids, nbytes = body[:, 0].tolist(), body[:, 2].tolist()
+
+        def payload_what() -> str:  # words for an error or timeout only
+            return f"the payload ({payload_bytes} bytes) of the {what}"
+
         if posted is not None:
             if nbytes != posted.nbytes or (posted.ids != [-1] and ids != posted.ids):
                 raise ProtocolError(
@@ -241,7 +251,7 @@ class Comm(RingPositions):
         elif out is not None:  # its first message's receive was posted before the header came
             if payload_bytes > out.nbytes:
                 raise ProtocolError(
-                    f"rank {self.rank}: {payload_what} exceeds the {out.nbytes}-byte buffer"
+                    f"rank {self.rank}: {payload_what()} exceeds the {out.nbytes}-byte buffer"
                 )
             payload = out[:payload_bytes]
             preqs += self._irecv_payload(payload, nbytes, source, skip=1)
@@ -252,7 +262,7 @@ class Comm(RingPositions):
         self._wait_all(preqs, payload_what, statuses=statuses, spin_s=_SPIN_FLOW_S)
         got = sum(st.Get_count(MPI.BYTE) for st in statuses)
         if got != payload_bytes:
-            raise ProtocolError(f"rank {self.rank}: got {got} bytes for {payload_what}")
+            raise ProtocolError(f"rank {self.rank}: got {got} bytes for {payload_what()}")
         total = header.nbytes + payload_bytes
         account_receive(self.stats, self.link, source, self.rank, total, t1)
         return transfer_from(header, body, payload)
@@ -260,12 +270,13 @@ class Comm(RingPositions):
     def _wait_all(
         self,
         reqs: list[MPI.Request],
-        what: str,
+        what: str | Callable[[], str],
         *,
         statuses: list[MPI.Status] | None = None,
         spin_s: float = _SPIN_IDLE_S,
     ) -> None:
-        """Poll requests until done: spin briefly, then short sleeps; raise at the deadline."""
+        """Poll requests until done: spin briefly, then short sleeps; raise at the deadline
+        naming ``what`` (words, or a function that makes them: only a timeout needs them)."""
         t0 = time.perf_counter()
         deadline = t0 + self.deadline_s
         sleep_s = 0.0
@@ -280,6 +291,8 @@ class Comm(RingPositions):
                 return
             now = time.perf_counter()
             if now > deadline:  # no Cancel: the caller aborts the job, which frees all
+                if callable(what):
+                    what = what()
                 raise PeerTimeout(
                     f"rank {self.rank}: waited {now - t0:.1f} s for {what}; "
                     f"deadline comm.deadline_s = {self.deadline_s:g} s"

@@ -204,18 +204,17 @@ def pack_header(transfer: Transfer) -> np.ndarray:
         raise TypeError(
             "payload must be a contiguous uint8 array (or uint8 tensor), or a list of them"
         )
-    total = sum(seg.nbytes for seg in segs)
-    if int(np.sum(t.block_nbytes)) != total:
-        raise ValueError(
-            f"payload has {total} bytes; the blocks add up to {np.sum(t.block_nbytes)}"
-        )
-    if len(segs) > 1 and [seg.nbytes for seg in segs] != [int(n) for n in t.block_nbytes]:
+    sizes = np.asarray(t.block_nbytes).tolist()  # Python ints: a hop's header costs ~1 us
+    seg_sizes = [seg.nbytes for seg in segs]
+    total = sum(seg_sizes)
+    if sum(sizes) != total:
+        raise ValueError(f"payload has {total} bytes; the blocks add up to {sum(sizes)}")
+    if len(segs) > 1 and seg_sizes != sizes:
         raise ValueError("a payload of several buffers must have one buffer per block")
-    header = np.empty(HEADER_FIXED + 3 * n, dtype=np.int64)
-    header[:HEADER_FIXED] = (MAGIC, t.kind, t.round, t.hop, n, total)
-    body = header[HEADER_FIXED:].reshape(n, 3)
-    body[:, 0], body[:, 1], body[:, 2] = t.block_ids, t.versions, t.block_nbytes
-    return header
+    words = [MAGIC, t.kind, t.round, t.hop, n, total]
+    for row in zip(np.asarray(t.block_ids).tolist(), np.asarray(t.versions).tolist(), sizes):
+        words += row
+    return np.array(words, dtype=np.int64)
 
 
 def parse_header(
@@ -226,7 +225,7 @@ def parse_header(
     count = len(header)
     if count < HEADER_FIXED or header[0] != MAGIC:
         raise ProtocolError(f"rank {rank}: malformed header ({count} words) in the {what}")
-    _magic, h_kind, h_round, h_hop, n, payload_bytes = (int(v) for v in header[:HEADER_FIXED])
+    _magic, h_kind, h_round, h_hop, n, payload_bytes = header[:HEADER_FIXED].tolist()
     named = (h_kind, h_round, h_hop) == (spec.kind, spec.round, spec.hop)
     if not named or count != HEADER_FIXED + 3 * n:
         raise ProtocolError(
@@ -234,7 +233,7 @@ def parse_header(
             f"hop {h_hop} with {n} blocks"
         )
     body = header[HEADER_FIXED:].reshape(n, 3)
-    if int(body[:, 2].sum()) != payload_bytes:
+    if sum(header[HEADER_FIXED + 2 :: 3].tolist()) != payload_bytes:
         raise ProtocolError(f"rank {rank}: block sizes do not add up in the {what}")
     return body, payload_bytes
 
