@@ -41,6 +41,14 @@ def results_dir(tmp_path_factory):
         "bytes,bare_GBps,comm_GBps,comm_token_GBps,ring_bw_GBps\n"
         "65536,5.0,2.0,1.5,6.5536\n262144,12.0,9.0,6.5536,13.1072\n"
     )
+    head = (
+        "blocks_per_hop,bytes,block_bytes,hops,limit_GBps,limit_set_by,bare_token_GBps,"
+        "views_GBps,views_vs_limit,views_vs_bare,copy_GBps,copy_vs_limit,faults_per_hop_views,"
+        "faults_per_hop_copy\n"
+    )
+    (d / "e2e.csv").write_text(
+        head + "1,262144,262144,1000,33.96,ring_sendrecv,9.32,4.38,0.1291,0.4703,1.41,0.0414,0,0\n"
+    )
     return d
 
 
@@ -78,6 +86,8 @@ def test_the_report_has_every_figure_table_and_claim(results_dir, tmp_path, caps
     assert f"{row} / FedAvg's | " in md and f"| {sent / fed:.3f} [1 seed] |" in md
     assert f"{snake} N=3 (3 data holders, 2 rounds) | against FedAvg |" in md
     assert "| 262,144 | 13.11 | 12.00 | 9.00 | 6.55 | 0.500 |" in md  # hop table: token/ring
+    e2e = "| 1 | 262,144 | 33.96 (ring_sendrecv) | 9.32 | 4.38 | 0.129 | 0.470 | 1.41 | 0 / 0 |"
+    assert e2e in md  # the end-to-end hop table, with the benchmark that set the limit
     assert "<table>" in html and "<img src='figures/w1_bytes.png'" in html
 
 

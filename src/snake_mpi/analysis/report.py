@@ -364,6 +364,9 @@ def build(
                     )
                 ],
             )
+            e2e_csv = d / "e2e.csv"
+            if e2e_csv.exists():
+                e2e_table(doc, e2e_csv)
             break
     if all_claims:
         doc.h(2, "All claims")
@@ -372,6 +375,51 @@ def build(
     (out_dir / "report.md").write_text(doc.markdown())
     (out_dir / "report.html").write_text(doc.html(title))
     return out_dir / "report.md"
+
+
+def e2e_table(doc: Doc, path: Path) -> None:
+    """``bench/transfer.py``'s end-to-end hops (``e2e.csv``): model to model through the
+    schemes' own send and receive, block buffers sent as they are (views) against packed
+    copies, with the limit of the same bytes and the benchmark that set it."""
+    import csv
+
+    with path.open() as f:
+        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    doc.h(3, "Model hops end to end")
+    doc.p(
+        "A model's blocks hop between two ranks through the schemes' send_blocks and "
+        "receive_blocks, one transfer in flight: from the blocks' own buffers (views, "
+        'comm.hop_buffers = "views") and packed into a new payload per hop (copy, as before); '
+        "the limit is the best of ring_bw and mpi4py's pingpong for the same bytes "
+        "(bench/limit.py), bare a plain mpi4py transfer with the same pattern."
+    )
+    doc.table(
+        [
+            "blocks per hop",
+            "bytes",
+            "limit GB/s (set by)",
+            "bare GB/s",
+            "views GB/s",
+            "views / limit",
+            "views / bare",
+            "copy GB/s",
+            "page faults per hop views / copy",
+        ],
+        [
+            [
+                r["blocks_per_hop"],
+                f"{int(r['bytes']):,}",
+                f"{float(r['limit_GBps']):.2f} ({r['limit_set_by']})",
+                f"{float(r['bare_token_GBps']):.2f}",
+                f"{float(r['views_GBps']):.2f}",
+                f"{float(r['views_vs_limit']):.3f}",
+                f"{float(r['views_vs_bare']):.3f}",
+                f"{float(r['copy_GBps']):.2f}",
+                f"{float(r['faults_per_hop_views']):.0f} / {float(r['faults_per_hop_copy']):.0f}",
+            ]
+            for r in rows
+        ],
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
