@@ -10,6 +10,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -137,6 +139,27 @@ def run_mpi(n: int, argv: list[str], *, timeout_s: float = 180, cwd: Path | None
             f"mpirun -n {n} {' '.join(argv)} did not finish within {timeout_s} s:\n{out}\n{err}"
         )
     return Job(proc.returncode, out, err, time.perf_counter() - t0)
+
+
+def bench_script(name: str) -> ModuleType:
+    """``bench/NAME.py`` imported as a module (``bench/`` is a folder of scripts, not a
+    package), registered in ``sys.modules`` as ``bench_NAME``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_in_threads(cfg: Any, n: int, out: Path, deadline_s: float = 120) -> None:
+    """``run.execute(cfg)`` on ``n`` thread-ranks (``LocalComm``), writing ``out``."""
+    from snake_mpi.run import execute
+    from snake_mpi.transport.localcomm import ThreadWorld
+
+    ThreadWorld(n).run(lambda comm: execute(cfg, comm, out), deadline_s=deadline_s)
 
 
 def snake_mpi(*args: str) -> list[str]:

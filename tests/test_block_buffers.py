@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO
+from conftest import REPO, run_in_threads
 from snake_mpi.blocks import (
     BlockModel,
     block_buffer,
@@ -29,7 +29,6 @@ from snake_mpi.blocks import (
 )
 from snake_mpi.config import ModelConfig, TrainConfig, load_config
 from snake_mpi.models import build_model
-from snake_mpi.run import execute
 from snake_mpi.schemes.common import receive_blocks, send_blocks
 from snake_mpi.store import read_result
 from snake_mpi.train import Teacher, train_local
@@ -242,7 +241,7 @@ def test_a_run_gives_the_same_model_and_bytes_with_views_as_with_packed_hops(tmp
     for mode in ("copy", "views"):
         cfg = load_config(TINY, ["probes.enabled=false", *sets, f'comm.hop_buffers="{mode}"'])
         out = tmp_path / f"{mode}.h5"
-        ThreadWorld(3).run(lambda comm, cfg=cfg, out=out: execute(cfg, comm, out), deadline_s=120)
+        run_in_threads(cfg, 3, out)
         res[mode] = read_result(out)
     c, v = res["copy"], res["views"]
     assert list(c.tables["ranks"]["model_sha256"]) == list(v.tables["ranks"]["model_sha256"])

@@ -3,23 +3,17 @@ checkpoint file must hold, and the tables (no MPI)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from conftest import REPO
+from conftest import bench_script
 from snake_mpi.config import RunConfig, to_toml
 from snake_mpi.store import ResultWriter, read_result
 
 
 def bench_module():
-    spec = importlib.util.spec_from_file_location("bench_checkpoint", REPO / "bench/checkpoint.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_script("checkpoint")
 
 
 def test_analytic_bytes_follows_the_snake_p2p_rule():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_mpi, snake_mpi
+from conftest import REPO, run_in_threads, run_mpi, snake_mpi
 from snake_mpi.analysis import analytic
 from snake_mpi.analysis.expected import (
     expected_at_rest_bytes,
@@ -136,7 +136,7 @@ def test_keep_own_frees_a_tied_matrix_with_the_stem_and_trains_the_same(tmp_path
     for keep in ("all", "own"):
         cfg = load_config(lm, ["probes.enabled=false", *sets, f'snake.keep="{keep}"'])
         out = tmp_path / f"{keep}.h5"
-        ThreadWorld(3).run(lambda comm, cfg=cfg, out=out: execute(cfg, comm, out), deadline_s=120)
+        run_in_threads(cfg, 3, out)
         runs[keep] = read_result(out)
         check_against_analytic(runs[keep])
     a, o = runs["all"], runs["own"]

@@ -3,23 +3,17 @@ best of the three taken as the limit per size and the benchmark that set it name
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import bench_script
 
 KIB, MIB = 1 << 10, 1 << 20
 
 
 def bench_module():
-    spec = importlib.util.spec_from_file_location("bench_limit", REPO / "bench/limit.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_script("limit")
 
 
 def ring_csv(mode: str, rows: dict[int, float]) -> str:

@@ -4,7 +4,6 @@ bench/train_step.py, and bench/gpu_check.sh on a machine without a GPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -18,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, run_mpi, snake_mpi
+from conftest import REPO, bench_script, run_mpi, snake_mpi
 from snake_mpi.analysis.memory import GIB, measured_table
 
 TINY = REPO / "tests" / "configs" / "tiny.toml"
@@ -30,11 +29,7 @@ CPU_HEADER = (
 
 
 def bench_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_script(name)
 
 
 @pytest.fixture(scope="module")
