@@ -544,12 +544,13 @@ def check_hop(ctx: SimpleNamespace, world: MPI.Comm, r0: int, *, ahead: bool, k:
     counted = tuple(a - b for a, b in zip(after, before, strict=True))
     ok = counted == (hop_bytes, hop_bytes, 1, 1)
     ok &= seen == [True] if comm.rank == 1 else np.array_equal(flatten(model, ids)[0], back)
-    oks = world.allgather(bool(ok))  # two booleans: the only pickled message here
-    if not all(oks):
+    oks = np.zeros(world.Get_size(), dtype=np.uint8)  # every rank's verdict, as bytes
+    world.Allgather([np.array([ok], dtype=np.uint8), MPI.BYTE], [oks, MPI.BYTE])
+    if not oks.all():
         raise AssertionError(
             f"rank {comm.rank}: hop check failed ({'views' if ahead else 'copy'}, {k} block(s) "
             f"of {total} bytes): counted {counted}, expected ({hop_bytes}, {hop_bytes}, 1, 1); "
-            f"bytes arrived: {seen or 'see rank 1'}; ranks ok {oks}"
+            f"bytes arrived: {seen or 'see rank 1'}; ranks ok {oks.tolist()}"
         )
 
 
