@@ -5,7 +5,7 @@
 #   slurm/local-cluster.sh up      # install (apt-get, first time), configure, start; waits
 #                                  # until the node is idle
 #   slurm/local-cluster.sh status  # sinfo
-#   slurm/local-cluster.sh down    # stop the daemons (the packages stay installed)
+#   slurm/local-cluster.sh down    # stop the daemons, munged too if `up` started it (the packages stay)
 #
 # Needs root (it writes /etc/slurm/slurm.conf and starts daemons) and Debian/Ubuntu's
 # packages. The node offers SLOTS task slots (default: 4 x the cores, at least 8), more than
@@ -86,6 +86,7 @@ start_munge() {
         else
             /usr/sbin/munged --force
         fi
+        mkdir -p "$STATE" && touch "$STATE/munged.ours" # so that `down` stops it again
     fi
 }
 
@@ -127,6 +128,10 @@ down() {
         sleep 0.5
     done
     rm -rf "$STATE/ctld"
+    if [ -e "$STATE/munged.ours" ]; then # only a munged this script started
+        pkill -x munged 2>/dev/null || true
+        rm -f "$STATE/munged.ours"
+    fi
     [ "${1:-}" = quiet ] || echo "local-cluster: stopped"
 }
 
