@@ -162,6 +162,20 @@ def run_in_threads(cfg: Any, n: int, out: Path, deadline_s: float = 120) -> None
     ThreadWorld(n).run(lambda comm: execute(cfg, comm, out), deadline_s=deadline_s)
 
 
+def run_variants(config: Path, n: int, out_dir: Path, variants: dict[str, list[str]], *sets: str):
+    """The config run in threads once per variant (``--set`` overrides after ``sets``), each
+    to ``out_dir/NAME.h5``; the results read back, by name."""
+    from snake_mpi.config import load_config
+    from snake_mpi.store import read_result
+
+    results = {}
+    for name, extra in variants.items():
+        cfg = load_config(config, ["probes.enabled=false", *sets, *extra])
+        run_in_threads(cfg, n, out_dir / f"{name}.h5")
+        results[name] = read_result(out_dir / f"{name}.h5")
+    return results
+
+
 def snake_mpi(*args: str) -> list[str]:
     """argv of the installed ``snake-mpi`` console script."""
     exe = BIN / "snake-mpi"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, run_in_threads
+from conftest import REPO, run_variants
 from snake_mpi.blocks import (
     BlockModel,
     block_buffer,
@@ -27,10 +27,9 @@ from snake_mpi.blocks import (
     released_blocks,
     wire_tensors,
 )
-from snake_mpi.config import ModelConfig, TrainConfig, load_config
+from snake_mpi.config import ModelConfig, TrainConfig
 from snake_mpi.models import build_model
 from snake_mpi.schemes.common import receive_blocks, send_blocks
-from snake_mpi.store import read_result
 from snake_mpi.train import Teacher, train_local
 from snake_mpi.transport.localcomm import ThreadWorld
 from snake_mpi.transport.payloads import HopBuffers
@@ -237,12 +236,8 @@ def test_a_tied_tensor_views_the_buffer_of_the_block_that_owns_it():
     ids=["p2p", "p2p-vgg-kd", "p2p-own-ckpt", "cs-full", "fedavg", "splitfed"],
 )
 def test_a_run_gives_the_same_model_and_bytes_with_views_as_with_packed_hops(tmp_path, sets):
-    res = {}
-    for mode in ("copy", "views"):
-        cfg = load_config(TINY, ["probes.enabled=false", *sets, f'comm.hop_buffers="{mode}"'])
-        out = tmp_path / f"{mode}.h5"
-        run_in_threads(cfg, 3, out)
-        res[mode] = read_result(out)
+    modes = {m: [f'comm.hop_buffers="{m}"'] for m in ("copy", "views")}
+    res = run_variants(TINY, 3, tmp_path, modes, *sets)
     c, v = res["copy"], res["views"]
     assert list(c.tables["ranks"]["model_sha256"]) == list(v.tables["ranks"]["model_sha256"])
     np.testing.assert_array_equal(c.rounds["loss"], v.rounds["loss"])

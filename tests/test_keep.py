@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_in_threads, run_mpi, snake_mpi
+from conftest import REPO, run_mpi, run_variants, snake_mpi
 from snake_mpi.analysis import analytic
 from snake_mpi.analysis.expected import (
     expected_at_rest_bytes,
@@ -132,13 +132,9 @@ def test_keep_own_frees_a_tied_matrix_with_the_stem_and_trains_the_same(tmp_path
     ]
     lm = REPO / "bench" / "configs" / "llm" / "tiny-snake.toml"
     preload()  # transformers' lazy imports, once, before the rank threads race for them
-    runs = {}
-    for keep in ("all", "own"):
-        cfg = load_config(lm, ["probes.enabled=false", *sets, f'snake.keep="{keep}"'])
-        out = tmp_path / f"{keep}.h5"
-        run_in_threads(cfg, 3, out)
-        runs[keep] = read_result(out)
-        check_against_analytic(runs[keep])
+    runs = run_variants(lm, 3, tmp_path, {k: [f'snake.keep="{k}"'] for k in ("all", "own")}, *sets)
+    for res in runs.values():
+        check_against_analytic(res)
     a, o = runs["all"], runs["own"]
     np.testing.assert_array_equal(a.rounds["loss"], o.rounds["loss"])
     assert list(a.tables["ranks"]["model_sha256"]) == list(o.tables["ranks"]["model_sha256"])

@@ -176,13 +176,6 @@ def freed_blocks(own: Sequence[int], n_blocks: int, keep: str, has_trained: bool
     return [b for b in range(n_blocks) if b not in mine]
 
 
-def expected_wrap_blocks(
-    versions: np.ndarray, plan: Sequence[Sequence[int]], round_: int, transfer: str, keep: str
-) -> list[int]:
-    """Blocks node 0 will get from node N-1 at the end of ``round_`` (node 0 has trained)."""
-    return expected_hop_blocks(versions, plan, 0, round_, transfer, keep)
-
-
 def expected_hop_blocks(
     versions: np.ndarray,
     plan: Sequence[Sequence[int]],

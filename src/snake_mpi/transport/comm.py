@@ -39,6 +39,7 @@ from snake_mpi.transport.wire import (
     account_receive,
     account_send,
     check_landing,
+    check_posted,
     is_byte_buffer,
     pack_header,
     parse_header,
@@ -242,11 +243,7 @@ class Comm(RingPositions):
             return f"the payload ({payload_bytes} bytes) of the {what}"
 
         if posted is not None:
-            if nbytes != posted.nbytes or (posted.ids != [-1] and ids != posted.ids):
-                raise ProtocolError(
-                    f"rank {self.rank}: expected blocks {posted.ids} of {posted.nbytes} bytes "
-                    f"in the {what}, it brings {ids} of {nbytes} bytes"
-                )
+            check_posted((posted.ids, posted.nbytes), ids, nbytes, rank=self.rank, what=what)
             payload = out
         elif out is not None:  # its first message's receive was posted before the header came
             if payload_bytes > out.nbytes:

@@ -28,6 +28,7 @@ from snake_mpi.transport.wire import (
     account_receive,
     account_send,
     check_landing,
+    check_posted,
     pack_header,
     parse_header,
     segments,
@@ -135,17 +136,11 @@ class LocalComm(RingPositions):
         self.stats.wait_s += t1 - t0
         body, payload_bytes = parse_header(header, spec, rank=self.rank, what=what)
         posted = self._expected.pop((source, spec.kind, spec.round, spec.hop), None)
+        ids, nbytes = body[:, 0].tolist(), body[:, 2].tolist()
         if posted is not None:
-            p_ids, p_nbytes = posted
-            got_ids, got_nbytes = body[:, 0].tolist(), body[:, 2].tolist()
-            if got_nbytes != p_nbytes or (p_ids != [-1] and got_ids != p_ids):
-                raise ProtocolError(
-                    f"rank {self.rank}: expected blocks {p_ids} of {p_nbytes} bytes in the "
-                    f"{what}, it brings {got_ids} of {got_nbytes} bytes"
-                )
+            check_posted(posted, ids, nbytes, rank=self.rank, what=what)
         if payload.nbytes != payload_bytes:
             raise ProtocolError(f"rank {self.rank}: payload size mismatch in the {what}")
-        ids, nbytes = [int(b) for b in body[:, 0]], [int(n) for n in body[:, 2]]
         bufs = spec.into(ids, nbytes) if spec.into is not None else None
         out = spec.out
         if bufs is not None:  # block by block into the given buffers (the model's own)

@@ -260,6 +260,24 @@ def check_landing(bufs: Sequence[Payload], nbytes: Sequence[int], *, rank: int, 
         )
 
 
+def check_posted(
+    posted: tuple[list[int], list[int]],
+    ids: list[int],
+    nbytes: list[int],
+    *,
+    rank: int,
+    what: str,
+) -> None:
+    """Check that a header names the blocks a receive posted ahead expects (``posted``: ids
+    and bytes from ``TransferSpec.posted_blocks``; id -1: one block, not checked)."""
+    p_ids, p_nbytes = posted
+    if nbytes != p_nbytes or (p_ids != [-1] and ids != p_ids):
+        raise ProtocolError(
+            f"rank {rank}: expected blocks {p_ids} of {p_nbytes} bytes in the {what}, "
+            f"it brings {ids} of {nbytes} bytes"
+        )
+
+
 def is_byte_buffer(buf: object) -> bool:
     """A contiguous uint8 numpy array, or a contiguous 1-D uint8 torch tensor (a staged or
     direct GPU payload, ``payloads.py``); no torch import here."""
