@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The machine's limit for weight hops and snake_mpi's share of it, measured in one job:
 # ring_bw (C; 2 ranks, 1 KiB .. 256 MiB, best of 5) in both modes, mpi4py's own benchmark
-# (`python -m mpi4py.bench pingpong`, 64 KiB .. 256 MiB, 5 runs, best kept), bench/limit.py,
-# which takes the best of the three per size as the limit and names the benchmark that set it,
+# (`python -m mpi4py.bench pingpong`, 64 KiB .. 256 MiB, 5 runs, best kept), the same pingpong
+# over written memory (`-a none`, 3 runs: shown next to the limit, never the limit: the default
+# pingpong's buffers are never written), bench/limit.py, which takes the best of the three per
+# size as the limit and names the benchmark that set it,
 # then bench/transfer.py (64 KiB .. 256 MiB, best of 5) against that limit:
 #   part 1, the comm layer: comm.send_blocks/recv_blocks and bare mpi4py one way, and the hop
 #     back and forth as ring_bw --mode token passes it (token), as a share of the limit;
@@ -13,8 +15,8 @@
 # Inside a Slurm allocation all use the same launcher.
 #
 #   bench/hop_vs_ring.sh OUT_DIR  # writes OUT_DIR/ring_bw.csv (token), ring_bw_sendrecv.csv,
-#                                 # pingpong.txt, limit.csv, transfer.csv (part 1), e2e.csv
-#                                 # (part 2)
+#                                 # pingpong.txt, pingpong_written.txt, limit.csv,
+#                                 # transfer.csv (part 1), e2e.csv (part 2)
 #
 # Builds build/ring_bw with CMake first if it is missing (needs `make install`).
 set -euo pipefail
@@ -37,6 +39,12 @@ echo "== python -m mpi4py.bench pingpong (mpi4py's own benchmark), 5 runs =="
 for _ in 1 2 3 4 5; do
     snake-mpi launch -n 2 -- python -m mpi4py.bench pingpong -m 65536 -n 268435456 \
         | tee -a "$OUT/pingpong.txt"
+done
+echo "== the same pingpong over written memory (-a none: bytearray buffers), 3 runs; shown, not the limit =="
+: >"$OUT/pingpong_written.txt"
+for _ in 1 2 3; do
+    snake-mpi launch -n 2 -- python -m mpi4py.bench pingpong -m 65536 -n 268435456 -a none \
+        | tee -a "$OUT/pingpong_written.txt"
 done
 echo "== the limit: the best of ring_bw token, ring_bw sendrecv and the pingpong per size =="
 python bench/limit.py "$OUT"

@@ -11,8 +11,15 @@ same unchanged buffer again and again, so small messages come from cache. ring_b
 forwards the buffer it has just received, as a Snake node does. Taking the best of all three,
 and saying which, keeps the limit an upper bound.
 
+For comparison only (never the limit), the same pingpong over written memory: ``-a none``
+makes mpi4py allocate ``bytearray`` buffers, which are zero-filled when made, so their pages
+are real. hop_vs_ring.sh writes it to ``pingpong_written.txt``; the table and ``limit.csv``
+show it last. Its distance below the default pingpong is the zero-page effect, measured with
+mpi4py's own benchmark.
+
     python bench/limit.py OUT_DIR   # reads OUT_DIR/ring_bw.csv (token), ring_bw_sendrecv.csv,
-                                    # pingpong.txt; writes OUT_DIR/limit.csv and prints it
+                                    # pingpong.txt [, pingpong_written.txt]; writes
+                                    # OUT_DIR/limit.csv and prints it
 
 ``read_limit(path)`` reads ``limit.csv`` back as bytes -> (limit GB/s, benchmark that set it).
 GB = 1e9 bytes throughout.
@@ -26,7 +33,11 @@ from pathlib import Path
 
 SIZES = [(64 << 10) << (2 * k) for k in range(7)]  # 64 KiB, 256 KiB, ..., 256 MiB
 SOURCES = ("ring_token", "ring_sendrecv", "pingpong")  # also the order that breaks a tie
-HEADER = "bytes,ring_token_GBps,ring_sendrecv_GBps,pingpong_GBps,limit_GBps,limit_set_by"
+WRITTEN = "pingpong_written"  # shown, not a candidate for the limit
+HEADER = (
+    "bytes,ring_token_GBps,ring_sendrecv_GBps,pingpong_GBps,limit_GBps,limit_set_by,"
+    "pingpong_written_GBps"
+)
 
 
 def read_ring(path: str | Path) -> dict[int, float]:
@@ -78,10 +89,14 @@ def choose(values: dict[str, float]) -> tuple[float, str]:
 
 
 def limit_rows(
-    token: dict[int, float], sendrecv: dict[int, float], pingpong: dict[int, float]
+    token: dict[int, float],
+    sendrecv: dict[int, float],
+    pingpong: dict[int, float],
+    written: dict[int, float] | None = None,
 ) -> list[tuple[int, dict[str, float], float, str]]:
     """One row per size in ``SIZES`` that at least one benchmark measured:
-    (bytes, benchmark -> GB/s, limit GB/s, benchmark that set it)."""
+    (bytes, benchmark -> GB/s, limit GB/s, benchmark that set it). ``written``: the pingpong
+    over written memory, carried in the values for the table but never the limit."""
     rows = []
     for nbytes in SIZES:
         values = {
@@ -90,6 +105,7 @@ def limit_rows(
             "pingpong": pingpong.get(nbytes, math.nan),
         }
         best, by = choose(values)
+        values[WRITTEN] = (written or {}).get(nbytes, math.nan)
         if by != "none":
             rows.append((nbytes, values, best, by))
     return rows
@@ -99,7 +115,7 @@ def write_limit(path: str | Path, rows: list[tuple[int, dict[str, float], float,
     lines = [HEADER]
     for nbytes, values, best, by in rows:
         cells = ",".join(f"{values[name]:.4f}" for name in SOURCES)
-        lines.append(f"{nbytes},{cells},{best:.4f},{by}")
+        lines.append(f"{nbytes},{cells},{best:.4f},{by},{values[WRITTEN]:.4f}")
     Path(path).write_text("\n".join(lines) + "\n")
 
 
@@ -124,12 +140,12 @@ def _label(nbytes: int) -> str:
 def format_table(rows: list[tuple[int, dict[str, float], float, str]]) -> str:
     lines = [
         "| payload | ring_bw token GB/s | ring_bw sendrecv GB/s | pingpong GB/s | limit GB/s "
-        "| set by |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| set by | pingpong over written memory GB/s (not a candidate) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for nbytes, values, best, by in rows:
         cells = " | ".join(f"{values[name]:.2f}" for name in SOURCES)
-        lines.append(f"| {_label(nbytes)} | {cells} | {best:.2f} | {by} |")
+        lines.append(f"| {_label(nbytes)} | {cells} | {best:.2f} | {by} | {values[WRITTEN]:.2f} |")
     return "\n".join(lines)
 
 
@@ -141,12 +157,20 @@ def main(argv: list[str] | None = None) -> None:
         "--sendrecv", type=Path, help="ring_bw --mode sendrecv CSV [OUT/ring_bw_sendrecv.csv]"
     )
     p.add_argument("--pingpong", type=Path, help="mpi4py.bench pingpong output [OUT/pingpong.txt]")
+    p.add_argument(
+        "--written",
+        type=Path,
+        help="the pingpong with -a none (written memory), shown only [OUT/pingpong_written.txt "
+        "if it exists]",
+    )
     p.add_argument("--csv", type=Path, help="where to write the table [OUT/limit.csv]")
     args = p.parse_args(argv)
+    written = args.written or args.out / "pingpong_written.txt"
     rows = limit_rows(
         read_ring(args.token or args.out / "ring_bw.csv"),
         read_ring(args.sendrecv or args.out / "ring_bw_sendrecv.csv"),
         read_pingpong(args.pingpong or args.out / "pingpong.txt"),
+        read_pingpong(written) if args.written or written.exists() else None,
     )
     if not rows:
         raise SystemExit("limit.py: no benchmark measured any size from 64 KiB to 256 MiB")

@@ -35,8 +35,9 @@ and a tiny head, and the middle block goes back and forth (token, one transfer i
 - ``copy``: the model not flat, as hops worked before flat storage (``comm.hop_buffers =
   "copy"``): packed into a new array per send (``flatten``), received into a new array and
   copied back (``unflatten``), no receive posted ahead;
-- ``bare``: a bare mpi4py ``Send``/``Recv`` of a preallocated S-byte numpy buffer, each rank
-  forwarding the buffer it has just received (ring_bw --mode token), for reference.
+- ``bare``: a bare mpi4py ``Send``/``Recv`` of a preallocated S-byte buffer (allocated as a
+  block buffer is: 2 MiB-aligned huge pages from 4 MiB), each rank forwarding the buffer it has
+  just received (ring_bw --mode token), for reference.
 
 The modes are interleaved per trial, best of ``trials``; a hop's GB/s is S / seconds per hop.
 Before timing, one round trip per mode checks the bytes (rank 0's pattern arrives in rank 1's
@@ -103,6 +104,7 @@ from torch.nn.utils import skip_init  # noqa: E402
 
 from snake_mpi.blocks import (  # noqa: E402
     BlockModel,
+    block_empty,
     block_nbytes,
     flat_storage,
     flatten,
@@ -123,6 +125,15 @@ from snake_mpi.transport.wire import (  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))  # bench/limit.py, run as a script from anywhere
 import limit  # noqa: E402
+
+
+def host_buffer(nbytes: int) -> np.ndarray:
+    """The bare transfers' buffer: allocated as a block buffer is (``blocks.block_empty``: 2 MiB
+    aligned with huge pages from 4 MiB, as ring_bw's buffers are) and written once, so the
+    bare reference moves the same kind of memory as the model hops and as ring_bw."""
+    buf = block_empty(nbytes, torch.device("cpu")).numpy()
+    buf[:] = 1
+    return buf
 
 
 def _reps(nbytes: int) -> int:
@@ -243,7 +254,7 @@ def device_paths_table(max_mib: int, trials: int, csv_out: str | None) -> None:
     rows = []
     s = 64 << 10
     while s <= max_mib << 20:
-        host_buf = np.ones(s, dtype=np.uint8)
+        host_buf = host_buffer(s)
         dev_buf = torch.ones(s, dtype=torch.uint8, device="cuda")
         pinned = torch.empty(s, dtype=torch.uint8, pin_memory=True)
         reps = max(4, _reps(s) // 4)
@@ -318,7 +329,7 @@ def transfer_table(max_mib: int, trials: int, limit_csv: str | None, csv_out: st
             f"{'token GB/s':>10} {'limit GB/s':>10} {'set by':>13} {'token/limit':>11}"
         )
     for nbytes in _sizes(max_mib):
-        buf = np.ones(nbytes, dtype=np.uint8)
+        buf = host_buffer(nbytes)
         reps = _reps(nbytes)
         bare_once(world, buf, 2)  # warm-up: connection set-up, page faults
         comm_once(comm, world, buf, 2)
@@ -568,7 +579,7 @@ def e2e_rows(
         "views": e2e_ctx(comm, hop, nbytes, k, flat=True),
         "copy": e2e_ctx(comm, hop, nbytes, k, flat=False),
     }
-    buf = np.zeros(nbytes, dtype=np.uint8)
+    buf = host_buffer(nbytes)
     reps = max(4, _reps(nbytes) // 2)  # round trips: 2 reps hops per loop
     bare_token(world, buf, 2)  # warm-up: connection set-up, page faults, first allocations
     for mode, ctx in ctxs.items():

@@ -15,6 +15,8 @@ from torch import nn
 
 from conftest import REPO, run_variants
 from snake_mpi.blocks import (
+    HUGE_MIN_BYTES,
+    HUGE_PAGE,
     BlockModel,
     block_buffer,
     block_nbytes,
@@ -99,6 +101,53 @@ def test_release_frees_the_block_buffer_and_a_numpy_export_does_not_stop_it():
     assert released_blocks(model) == [1]
     assert block_buffer(model, 1).untyped_storage().nbytes() == 0
     assert_views(model)  # the tensors view the (empty) buffer; it comes back with a receive
+
+
+def test_large_block_buffers_start_on_a_huge_page_also_after_release_and_a_hop():
+    """Blocks of HUGE_MIN_BYTES and more get a 2 MiB-aligned buffer (huge pages for MPI's
+    copies); a block released and received again gets an aligned one back, and its
+    tensors view it. Smaller blocks keep torch's own allocation."""
+    big = HUGE_MIN_BYTES // 4 + 256  # floats: a buffer just over 4 MiB, not a multiple of 2 MiB
+    model = BlockModel(
+        [("stem", nn.Linear(4, 4)), ("big", nn.Linear(big // 256, 256)), ("head", nn.Linear(4, 2))]
+    )
+    before = model_hash(model)
+    flat_storage(model)
+    assert model_hash(model) == before
+    assert_views(model)
+    buf = block_buffer(model, 1)
+    assert buf.numel() >= HUGE_MIN_BYTES and buf.data_ptr() % HUGE_PAGE == 0
+    assert buf.untyped_storage().nbytes() >= buf.storage_offset() + buf.numel()
+    assert block_buffer(model, 0).storage_offset() == 0  # small: as torch allocates it
+    flat_storage(model)  # idempotent: the aligned buffer (non-zero storage offset) is kept
+    assert block_buffer(model, 1) is buf
+
+    def body(comm):
+        m = BlockModel(
+            [
+                ("stem", nn.Linear(4, 4)),
+                ("big", nn.Linear(big // 256, 256)),
+                ("head", nn.Linear(4, 2)),
+            ]
+        )
+        if comm.rank == 0:
+            with torch.no_grad():
+                m.blocks[1].weight.fill_(3.0)
+        flat_storage(m)
+        ctx = hop_ctx(comm, m, HopBuffers())
+        if comm.rank == 0:
+            m.versions[[1]] = 5
+            send_blocks(ctx, 1, KIND_MODEL, 0, 0, [1])
+            return None
+        release_blocks(m, [1])
+        assert block_buffer(m, 1).untyped_storage().nbytes() == 0
+        assert receive_blocks(ctx, 0, KIND_MODEL, 0, 0) == [1]
+        return m
+
+    _, got = ThreadWorld(2).run(body, deadline_s=30)
+    assert_views(got)
+    assert block_buffer(got, 1).data_ptr() % HUGE_PAGE == 0
+    assert torch.all(got.blocks[1].weight == 3.0) and released_blocks(got) == []
 
 
 def hop_ctx(comm, model, hop):

@@ -54,6 +54,9 @@ def out(tmp_path):
     (tmp_path / "pingpong.txt").write_text(
         "--------\nsome launcher warning\n" + pingpong_txt(run1) + pingpong_txt(run2)
     )
+    # -a none (written memory): shown, never the limit, even where it is the fastest
+    written = {64 * KIB: 40000.0, MIB: 17000.0, 64 * MIB: 3900.0}
+    (tmp_path / "pingpong_written.txt").write_text(pingpong_txt(written))
     return tmp_path
 
 
@@ -86,12 +89,14 @@ def test_limit_is_the_best_of_three_and_names_its_benchmark(out, capsys):
     for nbytes, (gbps, by) in expected.items():
         assert limit[nbytes][0] == pytest.approx(gbps) and limit[nbytes][1] == by, nbytes
     lines = (out / "limit.csv").read_text().splitlines()
-    assert (
-        lines[0] == "bytes,ring_token_GBps,ring_sendrecv_GBps,pingpong_GBps,limit_GBps,limit_set_by"
+    assert lines[0] == (
+        "bytes,ring_token_GBps,ring_sendrecv_GBps,pingpong_GBps,limit_GBps,limit_set_by,"
+        "pingpong_written_GBps"
     )
-    assert lines[1] == "65536,6.0000,21.0000,14.0000,21.0000,ring_sendrecv"
+    assert lines[1] == "65536,6.0000,21.0000,14.0000,21.0000,ring_sendrecv,40.0000"
+    assert lines[2].endswith(",nan")  # 256 KiB: no written pingpong
     printed = capsys.readouterr().out
-    assert "| 64 MiB | 7.00 | 6.80 | 8.20 | 8.20 | pingpong |" in printed
+    assert "| 64 MiB | 7.00 | 6.80 | 8.20 | 8.20 | pingpong | 3.90 |" in printed
 
 
 def test_a_missing_benchmark_leaves_the_others(tmp_path):
