@@ -32,11 +32,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from mpi4py import MPI
 
-from snake_mpi.blocks import block_empty
 from snake_mpi.transport.wire import HEADER_FIXED, KIND_MODEL, MAGIC
+from transfer import bare_token, host_buffer  # bench/transfer.py: the same bare reference
 
 TAG_HEADER, TAG_PAYLOAD = 21, 22
 DEADLINE_S = 60.0
@@ -48,8 +47,7 @@ class LeanHop:
 
     def __init__(self, world: MPI.Comm, nbytes: int) -> None:
         self.world, self.rank, self.peer, self.nbytes = world, world.rank, 1 - world.rank, nbytes
-        self.buf = block_empty(nbytes, torch.device("cpu")).numpy()
-        self.buf[:] = 1
+        self.buf = host_buffer(nbytes)  # allocated as a block buffer is, written once
         # header: magic, kind, round, hop, blocks, payload bytes, then (id, version, bytes)
         self.header = np.array([MAGIC, KIND_MODEL, 0, 0, 1, nbytes, 1, 0, nbytes], np.int64)
         self.header_in = np.zeros(HEADER_FIXED + 3 * 8, np.int64)
@@ -122,21 +120,6 @@ class LeanHop:
     def free(self) -> None:
         for req in self.sends + self.recvs:
             req.Free()
-
-
-def bare_token(world: MPI.Comm, buf: np.ndarray, reps: int) -> float:
-    """Seconds per one-way hop of bare ``Send``/``Recv``, each rank forwarding what it got."""
-    peer = 1 - world.rank
-    world.Barrier()
-    t0 = MPI.Wtime()
-    for _ in range(reps):
-        if world.rank == 0:
-            world.Send([buf, MPI.BYTE], peer, 9)
-            world.Recv([buf, MPI.BYTE], peer, 9)
-        else:
-            world.Recv([buf, MPI.BYTE], peer, 9)
-            world.Send([buf, MPI.BYTE], peer, 9)
-    return (MPI.Wtime() - t0) / (2 * reps)
 
 
 def check(hop: LeanHop, *, wrong_round: bool) -> None:

@@ -113,6 +113,16 @@ def test_a_missing_benchmark_leaves_the_others(tmp_path):
     assert math.isnan(best) and by == "none"
 
 
+def test_read_limit_reads_a_file_from_before_the_written_memory_column(tmp_path):
+    lim = bench_module()
+    old = tmp_path / "limit.csv"
+    old.write_text(
+        "bytes,ring_token_GBps,ring_sendrecv_GBps,pingpong_GBps,limit_GBps,limit_set_by\n"
+        "65536,6.1000,21.5000,14.1200,21.5000,ring_sendrecv\n"
+    )
+    assert lim.read_limit(old) == {64 * KIB: (21.5, "ring_sendrecv")}
+
+
 def test_read_limit_rejects_another_csv(out):
     lim = bench_module()
     with pytest.raises(ValueError, match="not a limit.csv"):
