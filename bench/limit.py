@@ -14,8 +14,9 @@ and saying which, keeps the limit an upper bound.
 For comparison only (never the limit), the same pingpong over written memory: ``-a none``
 makes mpi4py allocate ``bytearray`` buffers, which are zero-filled when made, so their pages
 are real. hop_vs_ring.sh writes it to ``pingpong_written.txt``; the table and ``limit.csv``
-show it last. Its distance below the default pingpong is the zero-page effect, measured with
-mpi4py's own benchmark.
+show it last. Its distance below the default pingpong is mostly the zero-page effect, measured
+with mpi4py's own benchmark (partly 4 KiB pages too: ``bytearray``s come from ``malloc``
+without huge pages).
 
     python bench/limit.py OUT_DIR   # reads OUT_DIR/ring_bw.csv (token), ring_bw_sendrecv.csv,
                                     # pingpong.txt [, pingpong_written.txt]; writes
