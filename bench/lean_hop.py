@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from snake_mpi.transport.wire import HEADER_FIXED, KIND_MODEL, MAGIC
+from snake_mpi.transport.wire import HEADER_FIXED, KIND_MODEL, MAGIC, Transfer, pack_header
 from transfer import bare_token, host_buffer  # bench/transfer.py: the same bare reference
 
 TAG_HEADER, TAG_PAYLOAD = 21, 22
@@ -48,8 +48,11 @@ class LeanHop:
     def __init__(self, world: MPI.Comm, nbytes: int) -> None:
         self.world, self.rank, self.peer, self.nbytes = world, world.rank, 1 - world.rank, nbytes
         self.buf = host_buffer(nbytes)  # allocated as a block buffer is, written once
-        # header: magic, kind, round, hop, blocks, payload bytes, then (id, version, bytes)
-        self.header = np.array([MAGIC, KIND_MODEL, 0, 0, 1, nbytes, 1, 0, nbytes], np.int64)
+        # snake_mpi's own header (wire.pack_header) of block 1: magic, kind, round, hop,
+        # blocks, payload bytes, then (id, version, bytes); round, hop, version change per hop
+        one = np.array([1], np.int64)
+        first = Transfer(KIND_MODEL, 0, 0, one, np.zeros(1, np.int64), one * nbytes, self.buf)
+        self.header = pack_header(first)
         self.header_in = np.zeros(HEADER_FIXED + 3 * 8, np.int64)
         self.version = 0
         self.bytes_counted = 0

@@ -157,6 +157,9 @@ def test_validation_either_refuses_with_a_config_error_or_the_run_starts(tmp_pat
         return
     assume(cfg.data.name == "synthetic")  # other data need files; their checks are tested apart
     assume(cfg.debug.fail_rank < 0)
+    # a junk override can be valid and slow (emulate.latency_s=48 per message): such a run
+    # would outlast the deadline below, which tests nothing about validation
+    assume(cfg.emulate.latency_s <= 0.01 and max(cfg.emulate.slowdown, default=1.0) <= 2.0)
     out = tmp_path / "run.h5"
     out.unlink(missing_ok=True)
     ThreadWorld(ranks).run(lambda c: execute(cfg, c, out), deadline_s=60)
