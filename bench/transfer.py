@@ -30,8 +30,11 @@ Part 2, end to end (``--skip-e2e`` skips it): model -> model hops through the sc
 and a tiny head, and the middle block goes back and forth (token, one transfer in flight):
 
 - ``views``: the model flat (``blocks.flat_storage``); the block buffers go to MPI as they are
-  and each rank posts its next receive (``comm.expect`` with ``snake.hop_spec``'s spec) right
-  after its own send, landing in the model's block buffers (``HopBuffers.into``);
+  and each rank posts its next receive right after its own send (``common.expect_planned``,
+  as Snake does), landing in the model's block buffers; both by the rank's hop plan
+  (``HopBuffers.plan``: header and persistent requests made once), as Snake hops go;
+- ``general``: the same, with hop plans off (``HopBuffers.plans = False``): every hop through
+  ``Comm.send_blocks``/``expect``/``recv_blocks`` (how views hops went before hop plans);
 - ``copy``: the model not flat, as hops worked before flat storage (``comm.hop_buffers =
   "copy"``): packed into a new array per send (``flatten``), received into a new array and
   copied back (``unflatten``), no receive posted ahead;
@@ -111,7 +114,7 @@ from snake_mpi.blocks import (  # noqa: E402
     unflatten,
 )
 from snake_mpi.device import PATH_HOST  # noqa: E402
-from snake_mpi.schemes.common import receive_blocks, send_blocks  # noqa: E402
+from snake_mpi.schemes.common import expect_planned, receive_blocks, send_blocks  # noqa: E402
 from snake_mpi.schemes.snake import hop_spec  # noqa: E402
 from snake_mpi.transport.comm import Comm  # noqa: E402
 from snake_mpi.transport.payloads import HopBuffers  # noqa: E402
@@ -458,6 +461,13 @@ def e2e_ctx(comm: Comm, hop: HopBuffers, nbytes: int, k: int, *, flat: bool) -> 
     return SimpleNamespace(model=model, comm=comm, hop=hop, record=_Record(), cfg=cfg)
 
 
+def expect_hop(ctx: SimpleNamespace, source: int, round_: int, hop: int, ids: list[int]) -> None:
+    """Post the receive of the next hop as Snake does (keep = "all"): by the hop plan, else
+    ``comm.expect`` with ``snake.hop_spec``'s spec."""
+    if not expect_planned(ctx, source, KIND_MODEL, round_, hop, ids):
+        ctx.comm.expect(source, hop_spec(ctx, round_, hop, ids))
+
+
 def model_token(
     ctx: SimpleNamespace,
     world: MPI.Comm,
@@ -479,14 +489,14 @@ def model_token(
     peer = 1 - comm.rank
     ids = ctx.model.middle_ids
     if ahead and comm.rank == 1:
-        comm.expect(0, hop_spec(ctx, r0, 0, ids))
+        expect_hop(ctx, 0, r0, 0, ids)
     world.Barrier()
     t0 = MPI.Wtime()
     for r in range(r0, r0 + reps):
         if comm.rank == 0:
             send_blocks(ctx, peer, KIND_MODEL, r, 0, ids)
             if ahead:
-                comm.expect(peer, hop_spec(ctx, r, 1, ids))
+                expect_hop(ctx, peer, r, 1, ids)
             if rss is not None:
                 rss()
             receive_blocks(ctx, peer, KIND_MODEL, r, 1)
@@ -500,7 +510,7 @@ def model_token(
                 between()
             send_blocks(ctx, peer, KIND_MODEL, r, 1, ids)
             if ahead and r + 1 < r0 + reps:
-                comm.expect(peer, hop_spec(ctx, r + 1, 0, ids))
+                expect_hop(ctx, peer, r + 1, 0, ids)
             if rss is not None:
                 rss()
     return (MPI.Wtime() - t0) / (2 * reps)
@@ -565,7 +575,8 @@ def check_hop(ctx: SimpleNamespace, world: MPI.Comm, r0: int, *, ahead: bool, k:
         )
 
 
-E2E_MODES = ("bare", "views", "copy")
+E2E_MODES = ("bare", "views", "general", "copy")
+AHEAD = ("views", "general")
 
 
 def e2e_rows(
@@ -574,17 +585,19 @@ def e2e_rows(
     """One size, ``k`` blocks per hop: GB/s per mode (best of ``trials``, interleaved), RSS
     growth (MiB, worst trial, worst rank), minor faults per hop (fewest over trials, worst
     rank), the copying mode's pack + unpack time per hop; and the next free round number."""
-    hop = HopBuffers(PATH_HOST)
+    hop, general = HopBuffers(PATH_HOST), HopBuffers(PATH_HOST)
+    general.plans = False
     ctxs = {
         "views": e2e_ctx(comm, hop, nbytes, k, flat=True),
+        "general": e2e_ctx(comm, general, nbytes, k, flat=True),
         "copy": e2e_ctx(comm, hop, nbytes, k, flat=False),
     }
     buf = host_buffer(nbytes)
     reps = max(4, _reps(nbytes) // 2)  # round trips: 2 reps hops per loop
     bare_token(world, buf, 2)  # warm-up: connection set-up, page faults, first allocations
     for mode, ctx in ctxs.items():
-        model_token(ctx, world, 2, r0, ahead=mode == "views")
-        check_hop(ctx, world, r0 + 2, ahead=mode == "views", k=k)
+        model_token(ctx, world, 2, r0, ahead=mode in AHEAD)
+        check_hop(ctx, world, r0 + 2, ahead=mode in AHEAD, k=k)
         r0 += 3
     secs: dict[str, list[float]] = {m: [] for m in E2E_MODES}
     growth = dict.fromkeys(E2E_MODES, 0)
@@ -598,7 +611,7 @@ def e2e_rows(
                 s = bare_token(world, buf, reps, rss)
             else:
                 ctxs[mode].record.sums.clear()
-                s = model_token(ctxs[mode], world, reps, r0, ahead=mode == "views", rss=rss)
+                s = model_token(ctxs[mode], world, reps, r0, ahead=mode in AHEAD, rss=rss)
                 r0 += reps
                 pack[mode] = min(pack[mode], ctxs[mode].record.sums.get("pack_s", 0.0) / reps)
             secs[mode].append(s)
@@ -618,6 +631,7 @@ def e2e_rows(
         out[f"faults_per_hop_{m}"] = worst[len(E2E_MODES) + i]
     out["views_pack_us"], out["copy_pack_us"] = both[0] / 2 * 1e6, both[1] / 2 * 1e6
     out["hops"] = 2 * reps
+    hop.free_plans()
     del ctxs, buf
     gc.collect()
     return out, r0
@@ -627,7 +641,7 @@ E2E_COLUMNS = (
     "blocks_per_hop,bytes,block_bytes,hops,limit_GBps,limit_set_by,bare_token_GBps,views_GBps,"
     "views_vs_limit,views_vs_bare,copy_GBps,copy_vs_limit,rss_growth_views_MiB,rss_growth_copy_MiB,"
     "rss_growth_bare_MiB,faults_per_hop_views,faults_per_hop_copy,faults_per_hop_bare,"
-    "views_pack_us_per_hop,copy_pack_us_per_hop,target,below_target"
+    "views_pack_us_per_hop,copy_pack_us_per_hop,target,below_target,general_GBps,general_vs_bare"
 )
 
 
@@ -651,13 +665,15 @@ def e2e_table(
                 f"{trials}; limit: {limit_csv or '- (no --limit-csv; flags vs bare token)'}"
             )
             print(
-                "# GB/s: limit, bare (mpi4py token), views (in place), copy (flatten/unflatten); "
+                "# GB/s: limit, bare (mpi4py token), views (in place, hop plans), general (in "
+                "place, no hop plans), copy (flatten/unflatten); "
                 "v/lim, v/bare, c/lim: ratios; RSS+: growth over the timed hops (MiB, worst "
                 "trial and rank); faults: minor page faults per hop (steady state)"
             )
             print(
                 f"{'size':>10} {'hops':>5} {'limit':>6} {'set by':>13} {'bare':>6} "
-                f"{'views':>6} {'v/lim':>6} {'v/bare':>6} {'copy':>6} {'c/lim':>6} "
+                f"{'views':>6} {'v/lim':>6} {'v/bare':>6} {'general':>7} {'g/bare':>6} "
+                f"{'copy':>6} {'c/lim':>6} "
                 f"{'RSS+ v/c':>9} {'faults v/c':>12}"
             )
         for nbytes in _sizes(max_mib):
@@ -683,6 +699,7 @@ def e2e_table(
             print(
                 f"{_label(nbytes):>10} {g['hops']:>5} {lim_cell} {by:>13} {g['bare_GBps']:>6.2f} "
                 f"{g['views_GBps']:>6.2f} {ratio(g['views_GBps'])} {vb:>6.3f} "
+                f"{g['general_GBps']:>7.2f} {g['general_GBps'] / g['bare_GBps']:>6.3f} "
                 f"{g['copy_GBps']:>6.2f} {ratio(g['copy_GBps'])} {rss:>9} {flt:>12}{flag}",
                 flush=True,
             )
@@ -693,7 +710,8 @@ def e2e_table(
                 f"{g['rss_growth_copy_MiB']:.2f},{g['rss_growth_bare_MiB']:.2f},"
                 f"{g['faults_per_hop_views']:.2f},{g['faults_per_hop_copy']:.2f},"
                 f"{g['faults_per_hop_bare']:.2f},{g['views_pack_us']:.2f},"
-                f"{g['copy_pack_us']:.2f},{target},{int(below)}"
+                f"{g['copy_pack_us']:.2f},{target},{int(below)},{g['general_GBps']:.4f},"
+                f"{g['general_GBps'] / g['bare_GBps']:.4f}"
             )
     if csv_out and rank == 0:
         Path(csv_out).write_text("\n".join(lines) + "\n")

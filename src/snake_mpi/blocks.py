@@ -50,6 +50,9 @@ class BlockModel(nn.Module):
         self._owners: dict[int, int] | None = None
         self._flat: list[torch.Tensor | None] | None = None
         """Per block, the uint8 buffer its tensors view (``flat_storage``); None: not flat."""
+        self.layout_gen = 0
+        """Bumped whenever a block buffer is made, replaced, released or dropped: what was
+        built over the buffers before (``HopBuffers.plan``'s persistent requests) is stale."""
 
     def shared_owners(self) -> dict[int, int]:
         """``id`` of every tensor that appears in more than one block -> the first block that
@@ -133,6 +136,7 @@ def drop_blocks(model: BlockModel, ids: Iterable[int]) -> None:
     for b in ids:
         model.blocks[b] = nn.Identity()
     model._owners = None
+    model.layout_gen += 1
     if model._flat is not None:
         for b in ids:
             model._flat[b] = None
@@ -174,6 +178,7 @@ def flat_storage(model: BlockModel) -> None:
                 buf.untyped_storage().resize_(0)
             flat.append(buf)
     model._flat = flat
+    model.layout_gen += 1
 
 
 def _rehome(ts: Sequence[torch.Tensor], *, copy: bool) -> torch.Tensor:
@@ -215,6 +220,7 @@ def block_buffer(model: BlockModel, b: int, *, allocate: bool = False) -> torch.
     if buf is not None and allocate and buf.untyped_storage().nbytes() == 0:
         buf = _rehome(wire_tensors(model, b), copy=False)  # a fresh, aligned buffer
         model._flat[b] = buf
+        model.layout_gen += 1
     return buf
 
 
@@ -266,6 +272,7 @@ def release_blocks(model: BlockModel, ids: Iterable[int]) -> None:
     each tensor's shape, dtype and device: the block still has its size (``block_nbytes``) and
     takes a payload again (``unflatten`` re-allocates it); until then ``model_bytes_held`` counts
     it 0 and it must not be run. Unlike ``drop_blocks`` the block can come back."""
+    model.layout_gen += 1
     for b in ids:
         buf = block_buffer(model, b)
         if buf is not None:  # every tensor of the block views it: one resize frees them all

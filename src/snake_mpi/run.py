@@ -524,6 +524,7 @@ def execute(
     finally:
         for probe in every:  # the sampler first: no tick reads a stopped probe
             probe.stop()
+    ctx.hop.free_plans()  # the hops are over: their persistent requests go
     rss = (rss_before_model, rss_model_built)
     _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss, places)
     if writer is not None and checkpoints.directory is not None:

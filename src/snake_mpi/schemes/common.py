@@ -31,6 +31,10 @@ def send_blocks(
     the seconds spent packing them (0 when the block buffers go as they are) in ``pack_s``."""
     model = ctx.model
     ids = list(ids)
+    plan = ctx.hop.plan(ctx.comm, model, dest, ids)
+    if plan is not None:  # the block buffers, with requests made once (nothing to pack)
+        plan.send(kind, round_, hop, model.versions[ids].tolist())
+        return
     t0 = time.perf_counter()
     payload, sizes = ctx.hop.pack(model, ids)
     ctx.record.add("pack_s", time.perf_counter() - t0)
@@ -46,6 +50,20 @@ def send_blocks(
             payload=payload,
         ),
     )
+
+
+def expect_planned(
+    ctx: Context, source: int, kind: int, round_: int, hop: int, ids: Sequence[int]
+) -> bool:
+    """Post the receive of transfer ``(kind, round_, hop)`` of blocks ``ids`` from ``source``
+    now, landing in ``ctx.model``'s own block buffers, by the rank's ``HopPlan`` for these
+    blocks (completed by a later ``receive_blocks``, as ``Comm.expect``'s are); False where it
+    has none: then post it with ``ctx.comm.expect``."""
+    plan = ctx.hop.plan(ctx.comm, ctx.model, source, ids, receive=True)
+    if plan is None:
+        return False
+    plan.expect(kind, round_, hop)
+    return True
 
 
 def receive_transfer(
@@ -70,20 +88,35 @@ def receive_blocks(ctx: Context, source: int, kind: int, round_: int, hop: int) 
     end the job: where the bytes land in the model's own buffers they are there already). The
     seconds spent copying the payload into the model (0 when it landed there) in ``pack_s``."""
     model = ctx.model
+    plan = ctx.comm.take_plan(source, kind, round_, hop)
+    if plan is not None:  # posted by expect_planned: the blocks land in their buffers
+        ids = list(plan.ids)
+        versions = plan.receive(kind, round_, hop)
+        _refuse_stale(ctx, source, round_, hop, ids, versions)
+        model.versions[ids] = versions
+        return ids
     t = receive_transfer(ctx, source, kind, round_, hop, into_model=True)
     ids = t.block_ids.tolist()
-    held = model.versions[ids].tolist()
-    stale = [b for b, v, h in zip(ids, t.versions.tolist(), held, strict=True) if v < h]
+    _refuse_stale(ctx, source, round_, hop, ids, t.versions.tolist())
+    if not isinstance(t.payload, list):  # else it landed in the blocks: nothing to copy
+        t0 = time.perf_counter()
+        ctx.hop.unpack(model, ids, t.payload, t.block_nbytes)
+        ctx.record.add("pack_s", time.perf_counter() - t0)
+    model.versions[ids] = t.versions
+    return ids
+
+
+def _refuse_stale(
+    ctx: Context, source: int, round_: int, hop: int, ids: list[int], versions: list[int]
+) -> None:
+    """End the job where a hop brings an older version of a block than this rank holds."""
+    held = ctx.model.versions[ids].tolist()
+    stale = [b for b, v, h in zip(ids, versions, held, strict=True) if v < h]
     if stale:
         raise ValueError(
             f"rank {ctx.comm.rank}: received older versions of blocks {stale} than it holds "
             f"(round {round_}, hop {hop} from rank {source})"
         )
-    t0 = time.perf_counter()
-    ctx.hop.unpack(model, ids, t.payload, t.block_nbytes)
-    ctx.record.add("pack_s", time.perf_counter() - t0)
-    model.versions[ids] = t.versions
-    return ids
 
 
 def evaluate_and_record(ctx: Context, model: BlockModel | None = None) -> None:

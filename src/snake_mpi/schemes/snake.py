@@ -35,6 +35,7 @@ from snake_mpi.schemes import Context
 from snake_mpi.schemes.capability import measure_in_turn
 from snake_mpi.schemes.common import (
     evaluate_and_record,
+    expect_planned,
     receive_blocks,
     send_blocks,
     train_and_record,
@@ -201,7 +202,8 @@ def expected_hop_blocks(
 
 
 def hop_spec(ctx: Context, round_: int, hop: int, ids: Sequence[int]) -> TransferSpec:
-    """The spec of a model hop of blocks ``ids``, known ahead (``Comm.expect``): into the
+    """The spec of a model hop of blocks ``ids``, known ahead (``Comm.expect``, where no hop
+    plan posts it: ``common.expect_planned``): into the
     model's block buffers where hops are in place and the blocks are held (``keep = "all"``;
     with ``keep = "own"`` a freed block would be allocated early), else a transfer buffer."""
     model = ctx.model
@@ -271,10 +273,11 @@ def run_p2p(ctx: Context) -> None:
             # gathers the round's figures (node 0: must, before the gather, see Comm.expect);
             # the staged or device buffer, or the model's blocks, are free until then
             nxt = expected_hop_blocks(model.versions, plan, node, r, transfer, keep)
-            comm.expect(
-                comm.pred,
-                hop_spec(ctx, r, last, nxt) if node == 0 else hop_spec(ctx, r + 1, node - 1, nxt),
-            )
+            r_in, hop_in = (r, last) if node == 0 else (r + 1, node - 1)
+            if not (
+                keep == "all" and expect_planned(ctx, comm.pred, KIND_MODEL, r_in, hop_in, nxt)
+            ):
+                comm.expect(comm.pred, hop_spec(ctx, r_in, hop_in, nxt))
         rec.end_round()
         wrap_in = None
         if node == 0 and r < rounds - 1:

@@ -11,7 +11,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
@@ -121,6 +121,14 @@ class LocalComm(RingPositions):
         """Nothing to post ahead: sends here never wait for the receiver. Keeps the blocks
         expected, which the header must name, as ``comm.Comm.expect`` does."""
         self._expected[(source, spec.kind, spec.round, spec.hop)] = spec.posted_blocks()
+
+    def hop_plan(self, peer: int, block_ids: Sequence[int], bufs: Sequence[Any]) -> None:
+        """None: a send here copies anyway, there is no per-hop set-up to save."""
+        return None
+
+    def take_plan(self, source: int, kind: int, round_: int, hop: int) -> None:
+        """None: no plan here (``hop_plan``)."""
+        return None
 
     def forget_expected(self) -> None:
         """Drop the transfers ``expect`` announced (as ``comm.Comm.forget_expected``)."""

@@ -9,11 +9,41 @@ buffer it lands in). No MPI here.
 
 from __future__ import annotations
 
-from typing import NoReturn, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, NoReturn, Protocol, runtime_checkable
 
 import numpy as np
 
 from snake_mpi.transport.wire import CommStats, LinkModel, Transfer, TransferSpec
+
+
+class HopPlan(Protocol):
+    """A hop that repeats, made once over the blocks' buffers (``comm.HopPlan``): the same
+    wire and counts as ``send_blocks``/``expect``/``recv_blocks``, less Python per hop."""
+
+    ids: list[int]
+    """The blocks it moves, in wire order."""
+
+    @property
+    def active(self) -> bool:
+        """Whether a receive of this plan is posted and not yet completed."""
+        ...
+
+    def send(self, kind: int, round_: int, hop: int, versions: Sequence[int]) -> None:
+        """Send the blocks with these versions as transfer ``(kind, round_, hop)``."""
+        ...
+
+    def expect(self, kind: int, round_: int, hop: int) -> None:
+        """Post the receive of transfer ``(kind, round_, hop)``; ``recv_blocks`` completes it."""
+        ...
+
+    def receive(self, kind: int, round_: int, hop: int) -> list[int]:
+        """Complete the posted receive (from ``take_plan``): the blocks' versions."""
+        ...
+
+    def free(self) -> None:
+        """Release what the plan holds (a posted receive is cancelled)."""
+        ...
 
 
 @runtime_checkable
@@ -71,6 +101,16 @@ class Communicator(Protocol):
 
     def recv_blocks(self, source: int, spec: TransferSpec) -> Transfer:
         """Receive the transfer ``spec`` names from ``source``; a different one is an error."""
+        ...
+
+    def hop_plan(self, peer: int, block_ids: Sequence[int], bufs: Sequence[Any]) -> HopPlan | None:
+        """A ``HopPlan`` for hops of these blocks in these buffers with ``peer``, or None
+        where this communicator has none for them (then the general path serves)."""
+        ...
+
+    def take_plan(self, source: int, kind: int, round_: int, hop: int) -> HopPlan | None:
+        """The plan that posted transfer ``(kind, round_, hop)`` from ``source``, handed over
+        to complete it; None where none did (``recv_blocks`` serves)."""
         ...
 
     def gather_row(self, row: np.ndarray, what: str = ...) -> np.ndarray | None:

@@ -1,0 +1,33 @@
+"""bench/transfer.py under MPI, small: its check round trips pass in every end-to-end mode
+(hop plans, the general path, packed copies: the bytes arrive and are counted exactly, else
+it exits non-zero), and the end-to-end CSV has a row per size with every mode's figure."""
+
+from __future__ import annotations
+
+import csv
+import sys
+
+import pytest
+
+from conftest import REPO, run_mpi
+
+pytestmark = pytest.mark.mpi
+
+
+def test_end_to_end_hops_check_their_bytes_and_write_every_mode(tmp_path):
+    out = tmp_path / "e2e.csv"
+    args = [str(REPO / "bench" / "transfer.py"), "--max-mib", "1", "--trials", "1"]
+    args += ["--skip-probes", "--e2e-blocks", "1", "--e2e-csv", str(out)]
+    job = run_mpi(2, [sys.executable, *args], timeout_s=120)
+    assert job.returncode == 0, job.output
+    rows = list(csv.DictReader(out.open()))
+    assert [int(r["bytes"]) for r in rows] == [64 << 10, 256 << 10, 1 << 20]
+    for r in rows:
+        for mode in ("bare_token", "views", "general", "copy"):
+            assert float(r[f"{mode}_GBps"]) > 0, (mode, r)
+        assert float(r["general_vs_bare"]) == pytest.approx(
+            float(r["general_GBps"]) / float(r["bare_token_GBps"]), rel=1e-3
+        )
+        assert float(r["views_pack_us_per_hop"]) == 0  # in place: nothing packed
+        assert float(r["copy_pack_us_per_hop"]) > 0
+        assert float(r["rss_growth_views_MiB"]) < 1  # no per-hop allocation
