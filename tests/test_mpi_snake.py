@@ -250,14 +250,23 @@ def test_every_second_of_a_round_falls_in_one_recorded_column(tmp_path):
 )
 def test_hops_from_block_buffers_give_the_same_model_as_packed_hops(tmp_path, sets):
     """``comm.hop_buffers = "views"`` (the blocks' own buffers on the wire, receives posted
-    ahead and landing in the model) against ``"copy"`` (packed per hop, as before): the same
+    ahead and landing in the model; the ring's hops by hop plans) against ``"copy"`` (packed
+    per hop, as before) and views without hop plans (``comm.hop_plans = false``): the same
     final model SHA-256 on every rank, the same losses and byte counts, and no time packing."""
     res = {}
-    for mode in ("copy", "views"):
-        job, out = run_tiny(tmp_path, 3, *sets, f'comm.hop_buffers="{mode}"', name=f"{mode}.h5")
+    modes = {
+        "copy": ['comm.hop_buffers="copy"'],
+        "views": ['comm.hop_buffers="views"'],
+        "general": ['comm.hop_buffers="views"', "comm.hop_plans=false"],
+    }
+    for mode, how in modes.items():
+        job, out = run_tiny(tmp_path, 3, *sets, *how, name=f"{mode}.h5")
         assert job.returncode == 0, job.output
         res[mode] = read_result(out)
-    c, v = res["copy"], res["views"]
+    c, v, g = res["copy"], res["views"], res["general"]
+    assert list(g.tables["ranks"]["model_sha256"]) == list(v.tables["ranks"]["model_sha256"])
+    for k in ("bytes_sent", "bytes_received", "messages_sent", "messages_received"):
+        np.testing.assert_array_equal(g.rounds[k], v.rounds[k], err_msg=k)
     if "scheme=fedavg" not in sets:  # Snake's final sync: every rank ends with the model
         assert len(set(v.tables["ranks"]["model_sha256"])) == 1
     assert list(c.tables["ranks"]["model_sha256"]) == list(v.tables["ranks"]["model_sha256"])

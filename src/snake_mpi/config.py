@@ -225,6 +225,11 @@ class CommConfig:
     copy on a CPU rank) or ``copy`` (the blocks are packed into a new payload before each send
     and copied back after each receive: how hops worked before; kept to measure against).
     The bytes on the wire and the training math are the same."""
+    hop_plans: bool = True
+    """With ``views`` on a CPU rank: a hop that repeats (the ring's) is sent and received by a
+    plan made once (header words and persistent MPI requests over the block buffers) instead
+    of building the transfer every hop; ``false``: the general path every hop, to measure
+    against. Same bytes, messages and training math."""
 
 
 @_cfg()
@@ -337,6 +342,7 @@ STORED_BEFORE_IT_EXISTED: dict[tuple[str, str], Any] = {
     ("snake", "logit_adjust"): 0.0,
     ("snake", "prox_mu"): 0.0,
     ("comm", "hop_buffers"): "copy",
+    ("comm", "hop_plans"): False,
 }
 """Settings whose default differs from what the code did before they existed: a stored
 config (a result file's, a checkpoint's) that lacks one was made without it."""

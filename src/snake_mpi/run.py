@@ -497,6 +497,8 @@ def execute(
         perplexity=cfg.model.family == "lm",
         n_classes=n_classes,
     )
+    hop_buffers = HopBuffers(path, device)
+    hop_buffers.plans = cfg.comm.hop_plans
     ctx = Context(
         cfg=cfg,
         comm=comm,
@@ -507,7 +509,7 @@ def execute(
         info={},
         shard_sizes=[len(p) for p in parts],
         seeds=seeds,
-        hop=HopBuffers(path, device),
+        hop=hop_buffers,
         checkpoint=checkpoints,
     )
     checkpoints.restore(ctx)

@@ -21,7 +21,14 @@ from snake_mpi.config import ConfigError, RunConfig, stored_config
 FORMAT = 1
 MANIFEST = "manifest.json"
 _ROUND_DIR = re.compile(r"^round-(\d{6,})$")
-MAY_DIFFER = ("debug", "comm.deadline_s", "probes", "torch_threads", "checkpoint")
+MAY_DIFFER = (
+    "debug",
+    "comm.deadline_s",
+    "comm.hop_plans",
+    "probes",
+    "torch_threads",
+    "checkpoint",
+)
 """Config keys a resumed run may change (everything else must equal the checkpoint's)."""
 
 
