@@ -11,7 +11,9 @@
 #   part 2, end to end: a model's blocks (one nn.Linear of the payload's size, then a segment
 #     of 4 such blocks) hop model -> model through the schemes' own send_blocks/receive_blocks,
 #     landing in the model's block buffers (views) and packed/copied as before flat storage
-#     (copy), against a bare mpi4py token and the limit, with each mode's RSS growth.
+#     (copy), against a bare mpi4py token and the limit, with each mode's RSS growth; views
+#     hops go by hop plans (header and persistent requests made once), and again without
+#     them (general, comm.hop_plans = false).
 # Inside a Slurm allocation all use the same launcher.
 #
 #   bench/hop_vs_ring.sh OUT_DIR  # writes OUT_DIR/ring_bw.csv (token), ring_bw_sendrecv.csv,
