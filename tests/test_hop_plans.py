@@ -5,6 +5,7 @@ what the general path does, interoperate with it, and refuse a wrong header nami
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
@@ -82,6 +83,17 @@ def test_a_posted_plan_is_never_handed_out_again_nor_freed():
     assert hop.plan(comm, model, 1, [1]) is None and not p.freed
     p.active = False
     assert hop.plan(comm, model, 1, [1]) is not p and p.freed
+
+
+def test_a_plan_over_one_models_buffers_is_never_handed_out_for_another():
+    model, comm, hop = flat_model(), FakeComm(), HopBuffers(PATH_HOST)
+    twin = copy.deepcopy(model)  # the same layout generation, other buffers
+    p = hop.plan(comm, model, 1, [1])
+    q = hop.plan(comm, twin, 1, [1])
+    assert q is not p
+    assert q.bufs[0].ctypes.data == block_buffer(twin, 1).data_ptr() != p.bufs[0].ctypes.data
+    other = flat_model()
+    assert other.layout_gen != model.layout_gen  # one counter for every model
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ import copy
 import ctypes
 import functools
 import hashlib
+import itertools
 import mmap
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -31,6 +32,9 @@ import torch
 from torch import nn
 
 ROLE_STEM, ROLE_MIDDLE, ROLE_HEAD = "stem", "middle", "head"
+
+
+_LAYOUT_GENS = itertools.count(1)
 
 
 class BlockModel(nn.Module):
@@ -50,9 +54,10 @@ class BlockModel(nn.Module):
         self._owners: dict[int, int] | None = None
         self._flat: list[torch.Tensor | None] | None = None
         """Per block, the uint8 buffer its tensors view (``flat_storage``); None: not flat."""
-        self.layout_gen = 0
-        """Bumped whenever a block buffer is made, replaced, released or dropped: what was
-        built over the buffers before (``HopBuffers.plan``'s persistent requests) is stale."""
+        self.layout_gen = next(_LAYOUT_GENS)
+        """Renewed whenever a block buffer is made, replaced, released or dropped: what was
+        built over the buffers before (``HopBuffers.plan``'s persistent requests) is stale.
+        Unique across models (one counter), so no two layouts share a value."""
 
     def shared_owners(self) -> dict[int, int]:
         """``id`` of every tensor that appears in more than one block -> the first block that
@@ -136,7 +141,7 @@ def drop_blocks(model: BlockModel, ids: Iterable[int]) -> None:
     for b in ids:
         model.blocks[b] = nn.Identity()
     model._owners = None
-    model.layout_gen += 1
+    model.layout_gen = next(_LAYOUT_GENS)
     if model._flat is not None:
         for b in ids:
             model._flat[b] = None
@@ -178,7 +183,7 @@ def flat_storage(model: BlockModel) -> None:
                 buf.untyped_storage().resize_(0)
             flat.append(buf)
     model._flat = flat
-    model.layout_gen += 1
+    model.layout_gen = next(_LAYOUT_GENS)
 
 
 def _rehome(ts: Sequence[torch.Tensor], *, copy: bool) -> torch.Tensor:
@@ -220,7 +225,7 @@ def block_buffer(model: BlockModel, b: int, *, allocate: bool = False) -> torch.
     if buf is not None and allocate and buf.untyped_storage().nbytes() == 0:
         buf = _rehome(wire_tensors(model, b), copy=False)  # a fresh, aligned buffer
         model._flat[b] = buf
-        model.layout_gen += 1
+        model.layout_gen = next(_LAYOUT_GENS)
     return buf
 
 
@@ -272,7 +277,7 @@ def release_blocks(model: BlockModel, ids: Iterable[int]) -> None:
     each tensor's shape, dtype and device: the block still has its size (``block_nbytes``) and
     takes a payload again (``unflatten`` re-allocates it); until then ``model_bytes_held`` counts
     it 0 and it must not be run. Unlike ``drop_blocks`` the block can come back."""
-    model.layout_gen += 1
+    model.layout_gen = next(_LAYOUT_GENS)
     for b in ids:
         buf = block_buffer(model, b)
         if buf is not None:  # every tensor of the block views it: one resize frees them all

@@ -64,7 +64,7 @@ def pattern(seed: int) -> np.ndarray:
 
 
 def plan_of(peer_: int):
-    kept = ctx.hop._plans.get((peer_, tuple(IDS)))
+    kept = ctx.hop._plans.get((id(ctx.model), peer_, tuple(IDS)))
     return None if kept is None else kept[1]
 
 

@@ -57,7 +57,8 @@ class HopBuffers:
         if path == PATH_DIRECT and self.device.type != "cuda":
             raise ValueError("the direct path needs a CUDA device")
         self._buffers: dict[str, torch.Tensor] = {}
-        self._plans: dict[tuple[int, tuple[int, ...]], tuple[int, HopPlan]] = {}
+        self._plans: dict[tuple[int, int, tuple[int, ...]], tuple[int, HopPlan]] = {}
+        """(id of the model, peer, block ids) -> (the model's ``layout_gen`` then, plan)."""
         self.plans = True
         """Whether hops in place use ``plan`` (False: the general path every hop, to compare)."""
         self.pinned = path == PATH_STAGED and torch.cuda.is_available()
@@ -126,7 +127,7 @@ class HopBuffers:
         blocks posted and not yet completed, or none from the communicator."""
         if not (self.plans and self.path == PATH_HOST and model.is_flat):
             return None
-        key = (peer, tuple(ids))
+        key = (id(model), peer, tuple(ids))
         kept = self._plans.get(key)
         if kept is not None and kept[0] == model.layout_gen:
             return None if kept[1].active else kept[1]
