@@ -141,6 +141,7 @@ def test_planned_hops_move_and_count_what_the_general_path_does_and_interoperate
     assert cases == [
         "plan",
         "reused",
+        "recv_blocks",
         "general-to-plan",
         "plan-to-general",
         "released",
@@ -153,6 +154,7 @@ def test_planned_hops_move_and_count_what_the_general_path_does_and_interoperate
         assert int(messages) == 1, case
     detail = {r[1]: r[4] for r in rows}
     assert detail["reused"] == "True"  # the receiver's plan was kept
+    assert detail["recv_blocks"] == "True"  # Comm.recv_blocks completes a planned receive
     assert detail["released"] == "True"  # and made anew over the re-allocated buffers
 
 

@@ -20,7 +20,7 @@ from snake_mpi.device import PATH_HOST
 from snake_mpi.schemes.common import expect_planned, receive_blocks, send_blocks
 from snake_mpi.transport.comm import Comm, install_abort_on_error
 from snake_mpi.transport.payloads import HopBuffers, host_view
-from snake_mpi.transport.wire import KIND_MODEL, header_nbytes
+from snake_mpi.transport.wire import KIND_MODEL, TransferSpec, header_nbytes
 
 install_abort_on_error()
 comm = Comm.world(deadline_s=30)
@@ -121,6 +121,22 @@ hop(0, 10, case="plan")
 first = plan_of(peer)
 hop(1, 11, case="reused", detail=lambda: str(plan_of(0) is first and first is not None))
 assert first is not None and plan_of(peer) is first, f"rank {comm.rank}: the plan was not kept"
+
+# 1b. a planned receive completed by Comm.recv_blocks (as a caller of the general API would)
+if comm.rank == 1:
+    assert expect_planned(ctx, 0, KIND_MODEL, 50, 0, IDS)
+comm.barrier()
+if comm.rank == 0:
+    ctx.model.versions[IDS] = 51
+    send_blocks(ctx, 1, KIND_MODEL, 50, 0, IDS)
+else:
+    comm.stats.take()
+    t = comm.recv_blocks(0, TransferSpec(KIND_MODEL, 50, 0))
+    st = comm.stats.take()
+    landed = all(a is b for a, b in zip(t.payload, plan_of(0).bufs, strict=True))
+    ok = t.block_ids.tolist() == IDS and t.versions.tolist() == [51, 51] and landed
+    print(f"ok,recv_blocks,{st['bytes_received']},{st['messages_received']},{ok}", flush=True)
+comm.barrier()
 
 # 2. the general path on one side, a plan on the other: the same wire
 ctx.hop.plans = comm.rank == 1  # rank 0 sends by the general path

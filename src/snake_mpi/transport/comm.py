@@ -454,7 +454,6 @@ class HopPlan:
         "_posted",
         "_ids_arr",
         "_sizes_arr",
-        "_fixed",
     )
 
     def __init__(self, comm: Comm, peer: int, ids: Sequence[int], bufs: Sequence[Any]) -> None:
@@ -469,7 +468,6 @@ class HopPlan:
         for b, size in zip(self.ids, self.sizes, strict=True):
             words += [b, 0, size]
         self._out = np.array(words, dtype=np.int64)
-        self._fixed = (n, self.total_bytes)
         self._in: np.ndarray | None = None
         self._sends: list[MPI.Prequest] | None = None
         self._recvs: list[MPI.Prequest] | None = None
@@ -553,9 +551,9 @@ class HopPlan:
         comm.stats.wait_s += t1 - t0
         count = self._head_st[0].Get_count(MPI.INT64_T)
         got = self._in[:count].tolist()
-        n, total = self._fixed
+        total = self.total_bytes
         if (
-            got[:6] != [MAGIC, kind, round_, hop, n, total]
+            got[:6] != [MAGIC, kind, round_, hop, len(self.ids), total]
             or got[6::3] != self.ids
             or got[8::3] != self.sizes
         ):
