@@ -33,7 +33,7 @@ def send_blocks(
     ids = list(ids)
     plan = ctx.hop.plan(ctx.comm, model, dest, ids)
     if plan is not None:  # the block buffers, with requests made once (nothing to pack)
-        plan.send(kind, round_, hop, model.versions[ids].tolist())
+        plan.send_blocks(kind, round_, hop, model.versions[ids].tolist())
         return
     t0 = time.perf_counter()
     payload, sizes = ctx.hop.pack(model, ids)

@@ -484,7 +484,7 @@ class HopPlan:
         """Whether a receive of this plan is posted and not yet completed."""
         return self._posted is not None
 
-    def send(self, kind: int, round_: int, hop: int, versions: Sequence[int]) -> None:
+    def send_blocks(self, kind: int, round_: int, hop: int, versions: Sequence[int]) -> None:
         """Send the blocks (as ``Comm.send_blocks`` would) with these versions; counted."""
         comm = self._comm
         h = self._out

@@ -29,7 +29,7 @@ class HopPlan(Protocol):
         """Whether a receive of this plan is posted and not yet completed."""
         ...
 
-    def send(self, kind: int, round_: int, hop: int, versions: Sequence[int]) -> None:
+    def send_blocks(self, kind: int, round_: int, hop: int, versions: Sequence[int]) -> None:
         """Send the blocks with these versions as transfer ``(kind, round_, hop)``."""
         ...
 
