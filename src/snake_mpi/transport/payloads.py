@@ -129,10 +129,11 @@ class HopBuffers:
             return None
         key = (id(model), peer, tuple(ids))
         kept = self._plans.get(key)
-        if kept is not None and kept[0] == model.layout_gen:
-            return None if kept[1].active else kept[1]
-        if kept is not None and kept[1].active:
-            return None
+        if kept is not None:
+            if kept[1].active:  # its receive is posted: not to be started or freed now
+                return None
+            if kept[0] == model.layout_gen:
+                return kept[1]
         views, _ = _block_views(model, ids, host=True, allocate=receive)
         plan = comm.hop_plan(peer, ids, views)
         if kept is not None:
