@@ -11,6 +11,7 @@ import pytest
 
 from conftest import REPO, snake_mpi
 from snake_mpi.config import (
+    CommConfig,
     ConfigError,
     RunConfig,
     check_output,
@@ -82,6 +83,8 @@ def test_overrides_parse_toml_values_and_bare_strings():
         ({"snake": {"capabilities": [1, 0]}}, "snake.capabilities[1]"),
         ({"model": {"family": "cnn"}, "data": {"sample_shape": [64]}}, "needs image-shaped"),
         ({"comm": {"deadline_s": 0}}, "comm.deadline_s"),
+        ({"comm": {"pipelined_min_bytes": -1}}, "comm.pipelined_min_bytes must be an integer >= 0"),
+        ({"comm": {"pipelined_min_bytes": 1.5}}, "comm.pipelined_min_bytes must be an integer"),
         ({"train": "fast"}, "train must be a table"),
     ],
 )
@@ -153,3 +156,18 @@ def test_cli_version_and_a_reader_that_stops_early(tmp_path):
         rc = p.wait(timeout=60)
     assert rc == 141, (rc, err)
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_a_stored_config_from_before_the_transport_settings_reads_as_it_ran():
+    """A result or checkpoint written before ``comm.hop_plans`` and
+    ``comm.pipelined_min_bytes`` existed ran without plans and with plain messages."""
+    from snake_mpi.config import stored_config
+
+    text = to_toml(RunConfig(comm=CommConfig(pipelined_min_bytes=64 << 20)))
+    assert "pipelined_min_bytes = 67108864" in text and "hop_plans = true" in text
+    old = "\n".join(
+        line for line in text.splitlines() if not line.startswith(("pipelined_min", "hop_plans"))
+    )
+    cfg = stored_config(old)
+    assert (cfg.comm.pipelined_min_bytes, cfg.comm.hop_plans) == (0, False)
+    assert stored_config(text).comm.pipelined_min_bytes == 64 << 20

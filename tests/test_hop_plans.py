@@ -133,9 +133,17 @@ def test_no_plan_where_hops_are_not_in_place_on_the_host_or_plans_are_off():
 
 
 @pytest.mark.mpi
-def test_planned_hops_move_and_count_what_the_general_path_does_and_interoperate():
-    job = run_mpi(2, [sys.executable, PROGRAM], timeout_s=90)
+@pytest.mark.parametrize("pipelined", [0, 16_000])
+def test_planned_hops_move_and_count_what_the_general_path_does_and_interoperate(pipelined):
+    """Also with block a (24,960 bytes), not b (12,672), above ``comm.pipelined_min_bytes``:
+    its messages go as swapped halves on both paths; a path that sent or received it plainly
+    would land its halves swapped, and the bytes are compared after every hop."""
+    args = ["--pipelined", str(pipelined)] if pipelined else []
+    job = run_mpi(2, [sys.executable, PROGRAM, *args], timeout_s=90)
     assert job.returncode == 0, job.output
+    if pipelined:  # off while one rank's hops are not host memory; then on, for block a only
+        # (rank 1 only receives: its plan has one datatype, block a's receive)
+        assert "pipelined,False,True,1,1" in job.stdout.split(), job.output
     rows = [line.split(",") for line in job.stdout.split() if line.startswith("ok,")]
     cases = [r[1] for r in rows]
     assert cases == [

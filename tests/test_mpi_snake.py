@@ -252,11 +252,13 @@ def test_hops_from_block_buffers_give_the_same_model_as_packed_hops(tmp_path, se
     """``comm.hop_buffers = "views"`` (the blocks' own buffers on the wire, receives posted
     ahead and landing in the model; the ring's hops by hop plans) against ``"copy"`` (packed
     per hop, as before) and views without hop plans (``comm.hop_plans = false``): the same
-    final model SHA-256 on every rank, the same losses and byte counts, and no time packing."""
+    final model SHA-256 on every rank, the same losses and byte counts, and no time packing.
+    The views run also sends every payload message of 1 KiB and more as swapped halves
+    (``comm.pipelined_min_bytes``; the others send them plainly)."""
     res = {}
     modes = {
-        "copy": ['comm.hop_buffers="copy"'],
-        "views": ['comm.hop_buffers="views"'],
+        "copy": ['comm.hop_buffers="copy"', "comm.pipelined_min_bytes=0"],
+        "views": ['comm.hop_buffers="views"', "comm.pipelined_min_bytes=1024"],
         "general": ['comm.hop_buffers="views"', "comm.hop_plans=false"],
     }
     for mode, how in modes.items():

@@ -499,6 +499,7 @@ def execute(
     )
     hop_buffers = HopBuffers(path, device)
     hop_buffers.plans = cfg.comm.hop_plans
+    comm.use_pipelined_copy(cfg.comm.pipelined_min_bytes, host=path == PATH_HOST)
     ctx = Context(
         cfg=cfg,
         comm=comm,

@@ -5,7 +5,9 @@ block buffers change (``release_blocks``), and are cancelled by ``forget_expecte
 ``ok,<case>,<bytes received>,<messages received>,<detail>`` lines from rank 1.
 
 ``--wrong-round``: rank 0 sends round 7 where rank 1 posted round 6 (must end the job,
-naming rank 1)."""
+naming rank 1). ``--pipelined N``: payload messages of N bytes and more go as swapped halves
+(``Comm.use_pipelined_copy``; one rank saying its hops are not host memory turns it off for
+all first: ``pipelined,<off>,<on>,<same-host peers>,<swapped messages in rank 1's plan>``)."""
 
 import sys
 from collections import defaultdict
@@ -49,6 +51,12 @@ def model() -> BlockModel:
     flat_storage(m)
     return m
 
+
+PIPELINED = int(sys.argv[sys.argv.index("--pipelined") + 1]) if "--pipelined" in sys.argv else 0
+if PIPELINED:
+    off = comm.use_pipelined_copy(PIPELINED, host=comm.rank == 0)  # rank 1: a GPU path
+    on = comm.use_pipelined_copy(PIPELINED, host=True)
+    pipelined = f"pipelined,{off},{on},{len(comm._same_host)}"
 
 ctx = SimpleNamespace(model=model(), comm=comm, hop=HopBuffers(PATH_HOST), record=Record())
 TOTAL = sum(block_buffer(ctx.model, b).numel() for b in IDS)
@@ -121,6 +129,8 @@ hop(0, 10, case="plan")
 first = plan_of(peer)
 hop(1, 11, case="reused", detail=lambda: str(plan_of(0) is first and first is not None))
 assert first is not None and plan_of(peer) is first, f"rank {comm.rank}: the plan was not kept"
+if PIPELINED and comm.rank == 1:
+    print(f"{pipelined},{len(first._dtypes)}", flush=True)
 
 # 1b. a planned receive completed by Comm.recv_blocks (as a caller of the general API would)
 if comm.rank == 1:

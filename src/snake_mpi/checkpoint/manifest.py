@@ -25,6 +25,7 @@ MAY_DIFFER = (
     "debug",
     "comm.deadline_s",
     "comm.hop_plans",
+    "comm.pipelined_min_bytes",
     "probes",
     "torch_threads",
     "checkpoint",

@@ -130,6 +130,10 @@ class LocalComm(RingPositions):
         """None: no plan here (``hop_plan``)."""
         return None
 
+    def use_pipelined_copy(self, min_bytes: int, *, host: bool) -> bool:
+        """False: threads hand over blocks by one copy in memory, there is no MPI transport."""
+        return False
+
     def forget_expected(self) -> None:
         """Drop the transfers ``expect`` announced (as ``comm.Comm.forget_expected``)."""
         self._expected.clear()

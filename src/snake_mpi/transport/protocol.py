@@ -113,6 +113,11 @@ class Communicator(Protocol):
         to complete it; None where none did (``recv_blocks`` serves)."""
         ...
 
+    def use_pipelined_copy(self, min_bytes: int, *, host: bool) -> bool:
+        """Collective, before any hop: large same-host messages by the transport's two-core
+        copy pipeline (``comm.pipelined_min_bytes``); returns whether it is on."""
+        ...
+
     def gather_row(self, row: np.ndarray, what: str = ...) -> np.ndarray | None:
         """One float64 row per rank to rank 0 -> (size, len) there, None elsewhere."""
         ...
