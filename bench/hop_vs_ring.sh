@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The machine's limit for weight hops and snake_mpi's share of it, measured in one job:
-# ring_bw (C; 2 ranks, 1 KiB .. 256 MiB, best of 5) in both modes, mpi4py's own benchmark
+# ring_bw (C; 2 ranks, 1 KiB .. 256 MiB, best of 5) in both modes, and in token mode again
+# with Open MPI's single copy off (OMPI_MCA_smsc=^cma: the copy-in/copy-out pipeline that
+# snake_mpi's large same-host messages take, comm.pipelined_min_bytes), mpi4py's own benchmark
 # (`python -m mpi4py.bench pingpong`, 64 KiB .. 256 MiB, 5 runs, best kept), the same pingpong
 # over written memory (`-a none`, 3 runs: shown next to the limit, never the limit: the default
-# pingpong's buffers are never written), bench/limit.py, which takes the best of the three per
+# pingpong's buffers are never written), bench/limit.py, which takes the best of the four per
 # size as the limit and names the benchmark that set it,
 # then bench/transfer.py (64 KiB .. 256 MiB, best of 5) against that limit:
 #   part 1, the comm layer: comm.send_blocks/recv_blocks and bare mpi4py one way, and the hop
@@ -17,6 +19,7 @@
 # Inside a Slurm allocation all use the same launcher.
 #
 #   bench/hop_vs_ring.sh OUT_DIR  # writes OUT_DIR/ring_bw.csv (token), ring_bw_sendrecv.csv,
+#                                 # ring_bw_pipelined.csv (token, no single copy),
 #                                 # pingpong.txt, pingpong_written.txt, limit.csv,
 #                                 # transfer.csv (part 1), e2e.csv (part 2)
 #
@@ -36,6 +39,9 @@ echo "== ring_bw (C), --mode sendrecv: every rank sends and receives at once =="
 snake-mpi launch -n 2 -- build/ring_bw --max-bytes 268435456 --trials 5 | tee "$OUT/ring_bw_sendrecv.csv"
 echo "== ring_bw (C), --mode token: one hop at a time, as Snake's weights travel =="
 snake-mpi launch -n 2 -- build/ring_bw --mode token --max-bytes 268435456 --trials 5 | tee "$OUT/ring_bw.csv"
+echo "== ring_bw (C), --mode token with the single copy off (OMPI_MCA_smsc=^cma: copy-in/copy-out) =="
+OMPI_MCA_smsc='^cma' snake-mpi launch -n 2 -- build/ring_bw --mode token --max-bytes 268435456 \
+    --trials 5 | tee "$OUT/ring_bw_pipelined.csv"
 echo "== python -m mpi4py.bench pingpong (mpi4py's own benchmark), 5 runs =="
 : >"$OUT/pingpong.txt"
 for _ in 1 2 3 4 5; do
@@ -48,7 +54,7 @@ for _ in 1 2 3; do
     snake-mpi launch -n 2 -- python -m mpi4py.bench pingpong -m 65536 -n 268435456 -a none \
         | tee -a "$OUT/pingpong_written.txt"
 done
-echo "== the limit: the best of ring_bw token, ring_bw sendrecv and the pingpong per size =="
+echo "== the limit: the best of ring_bw token (with and without single copy), sendrecv and the pingpong per size =="
 python bench/limit.py "$OUT"
 echo "== snake_mpi hops against the limit: the comm layer, then model -> model (end to end) =="
 snake-mpi launch -n 2 -- python bench/transfer.py --skip-probes --trials 5 \

@@ -35,6 +35,11 @@ and a tiny head, and the middle block goes back and forth (token, one transfer i
   (``HopBuffers.plan``: header and persistent requests made once), as Snake hops go;
 - ``general``: the same, with hop plans off (``HopBuffers.plans = False``): every hop through
   ``Comm.send_blocks``/``expect``/``recv_blocks`` (how views hops went before hop plans);
+- ``pipelined``: views by hop plans on a communicator with ``comm.pipelined_min_bytes`` set
+  (``--pipelined-min-bytes``, 64 MiB): blocks of that size and more go as swapped halves,
+  which Open MPI's shared memory moves by its two-core copy pipeline instead of its single
+  copy (CMA). ``views``, ``general`` and ``copy`` use the default (0: every block one plain
+  message);
 - ``copy``: the model not flat, as hops worked before flat storage (``comm.hop_buffers =
   "copy"``): packed into a new array per send (``flatten``), received into a new array and
   copied back (``unflatten``), no receive posted ahead;
@@ -577,23 +582,24 @@ def check_hop(ctx: SimpleNamespace, world: MPI.Comm, r0: int, *, ahead: bool, k:
         )
 
 
-E2E_MODES = ("bare", "views", "general", "copy")
-AHEAD = ("views", "general")
+E2E_MODES = ("bare", "views", "general", "copy", "pipelined")
+AHEAD = ("views", "general", "pipelined")
 
 
 def e2e_rows(
-    world: MPI.Comm, comm: Comm, nbytes: int, k: int, trials: int, r0: int
+    world: MPI.Comm, comm: Comm, piped: Comm, nbytes: int, k: int, trials: int, r0: int
 ) -> tuple[dict[str, float], int]:
     """One size, ``k`` blocks per hop: GB/s per mode (best of ``trials``, interleaved), RSS
     growth (MiB, an untimed loop after the trials, worst rank), minor faults per hop (fewest
     over trials, worst rank), the copying mode's pack + unpack time per hop; and the next free
     round number."""
-    hop, general = HopBuffers(PATH_HOST), HopBuffers(PATH_HOST)
+    hop, general, halves = HopBuffers(PATH_HOST), HopBuffers(PATH_HOST), HopBuffers(PATH_HOST)
     general.plans = False
     ctxs = {
         "views": e2e_ctx(comm, hop, nbytes, k, flat=True),
         "general": e2e_ctx(comm, general, nbytes, k, flat=True),
         "copy": e2e_ctx(comm, hop, nbytes, k, flat=False),
+        "pipelined": e2e_ctx(piped, halves, nbytes, k, flat=True),
     }
     buf = host_buffer(nbytes)
     reps = max(4, _reps(nbytes) // 2)  # round trips: 2 reps hops per loop
@@ -639,6 +645,7 @@ def e2e_rows(
     out["views_pack_us"], out["copy_pack_us"] = both[0] / 2 * 1e6, both[1] / 2 * 1e6
     out["hops"] = 2 * reps
     hop.free_plans()
+    halves.free_plans()
     del ctxs, buf
     gc.collect()
     return out, r0
@@ -648,19 +655,27 @@ E2E_COLUMNS = (
     "blocks_per_hop,bytes,block_bytes,hops,limit_GBps,limit_set_by,bare_token_GBps,views_GBps,"
     "views_vs_limit,views_vs_bare,copy_GBps,copy_vs_limit,rss_growth_views_MiB,rss_growth_copy_MiB,"
     "rss_growth_bare_MiB,faults_per_hop_views,faults_per_hop_copy,faults_per_hop_bare,"
-    "views_pack_us_per_hop,copy_pack_us_per_hop,target,below_target,general_GBps,general_vs_bare"
+    "views_pack_us_per_hop,copy_pack_us_per_hop,target,below_target,general_GBps,general_vs_bare,"
+    "pipelined_GBps,pipelined_vs_views,pipelined_min_bytes"
 )
 
 
 def e2e_table(
-    max_mib: int, trials: int, blocks: int, limit_csv: str | None, csv_out: str | None
+    max_mib: int,
+    trials: int,
+    blocks: int,
+    limit_csv: str | None,
+    csv_out: str | None,
+    pipelined: int = 64 << 20,
 ) -> None:
     """Part 2: model -> model hops through the schemes' own send_blocks/receive_blocks, in
     place (views) and copied (copy), against a bare mpi4py token and the machine's limit."""
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
     limits, _ = read_limits(limit_csv)
-    comm = Comm.world(deadline_s=600)
+    comm = Comm.world(deadline_s=600)  # as a run's by default: every block one plain message
+    piped = Comm.world(deadline_s=600)
+    piped.use_pipelined_copy(pipelined, host=True)  # as run.py sets comm.pipelined_min_bytes
     lines = [E2E_COLUMNS]
     r0 = 0
     for k in sorted({1, blocks}):
@@ -673,20 +688,21 @@ def e2e_table(
             )
             print(
                 "# GB/s: limit, bare (mpi4py token), views (in place, hop plans), general (in "
-                "place, no hop plans), copy (flatten/unflatten); "
+                "place, no hop plans), copy (flatten/unflatten), piped (views with "
+                f"comm.pipelined_min_bytes = {pipelined}: blocks that large as swapped halves); "
                 "v/lim, v/bare, c/lim: ratios; RSS+: growth over an untimed loop of hops after "
                 "the timed ones (MiB, worst rank); faults: minor page faults per timed hop"
             )
             print(
                 f"{'size':>10} {'hops':>5} {'limit':>6} {'set by':>13} {'bare':>6} "
                 f"{'views':>6} {'v/lim':>6} {'v/bare':>6} {'general':>7} {'g/bare':>6} "
-                f"{'copy':>6} {'c/lim':>6} "
+                f"{'copy':>6} {'c/lim':>6} {'piped':>6} {'p/v':>6} "
                 f"{'RSS+ v/c':>9} {'faults v/c':>12}"
             )
         for nbytes in _sizes(max_mib):
             if nbytes % (4 * k):
                 continue
-            g, r0 = e2e_rows(world, comm, nbytes, k, trials, r0)
+            g, r0 = e2e_rows(world, comm, piped, nbytes, k, trials, r0)
             if rank != 0:
                 continue
             lim, by = limits.get(nbytes, (float("nan"), "-"))
@@ -703,11 +719,13 @@ def e2e_table(
             flt = f"{g['faults_per_hop_views']:.1f}/{g['faults_per_hop_copy']:.1f}"
             lim_cell = f"{lim:>6.2f}" if known else f"{'-':>6}"
             vb = g["views_GBps"] / g["bare_GBps"]
+            pv = g["pipelined_GBps"] / g["views_GBps"]
             print(
                 f"{_label(nbytes):>10} {g['hops']:>5} {lim_cell} {by:>13} {g['bare_GBps']:>6.2f} "
                 f"{g['views_GBps']:>6.2f} {ratio(g['views_GBps'])} {vb:>6.3f} "
                 f"{g['general_GBps']:>7.2f} {g['general_GBps'] / g['bare_GBps']:>6.3f} "
-                f"{g['copy_GBps']:>6.2f} {ratio(g['copy_GBps'])} {rss:>9} {flt:>12}{flag}",
+                f"{g['copy_GBps']:>6.2f} {ratio(g['copy_GBps'])} {g['pipelined_GBps']:>6.2f} "
+                f"{pv:>6.3f} {rss:>9} {flt:>12}{flag}",
                 flush=True,
             )
             lines.append(
@@ -718,7 +736,8 @@ def e2e_table(
                 f"{g['faults_per_hop_views']:.2f},{g['faults_per_hop_copy']:.2f},"
                 f"{g['faults_per_hop_bare']:.2f},{g['views_pack_us']:.2f},"
                 f"{g['copy_pack_us']:.2f},{target},{int(below)},{g['general_GBps']:.4f},"
-                f"{g['general_GBps'] / g['bare_GBps']:.4f}"
+                f"{g['general_GBps'] / g['bare_GBps']:.4f},{g['pipelined_GBps']:.4f},{pv:.4f},"
+                f"{pipelined}"
             )
     if csv_out and rank == 0:
         Path(csv_out).write_text("\n".join(lines) + "\n")
@@ -794,6 +813,12 @@ def main() -> None:
     )
     p.add_argument("--e2e-csv", help="write part 2's table as CSV here")
     p.add_argument(
+        "--pipelined-min-bytes",
+        type=int,
+        default=64 << 20,
+        help="part 2's pipelined mode: its comm.pipelined_min_bytes [%(default)s]",
+    )
+    p.add_argument(
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
@@ -808,7 +833,14 @@ def main() -> None:
         raise SystemExit("--e2e-blocks must be at least 1")
     transfer_table(args.max_mib, args.trials, args.limit_csv, args.csv)
     if not args.skip_e2e:
-        e2e_table(args.max_mib, args.trials, args.e2e_blocks, args.limit_csv, args.e2e_csv)
+        e2e_table(
+            args.max_mib,
+            args.trials,
+            args.e2e_blocks,
+            args.limit_csv,
+            args.e2e_csv,
+            args.pipelined_min_bytes,
+        )
     if args.device == "cuda":
         device_paths_table(args.max_mib, args.trials, args.paths_csv)
     if not args.skip_probes:

@@ -1,5 +1,5 @@
 """bench/limit.py on small fixtures: ring_bw's CSVs and mpi4py's pingpong output parsed, the
-best of the three taken as the limit per size and the benchmark that set it named (no MPI)."""
+best of them taken as the limit per size and the benchmark that set it named (no MPI)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,9 @@ def out(tmp_path):
     # -a none (written memory): shown, never the limit, even where it is the fastest
     written = {64 * KIB: 40000.0, MIB: 17000.0, 64 * MIB: 3900.0}
     (tmp_path / "pingpong_written.txt").write_text(pingpong_txt(written))
+    # token without single copies (OMPI_MCA_smsc=^cma): a candidate, the best at 256 MiB
+    pipelined = {64 * KIB: 5000.0, 4 * MIB: 12000.0, 64 * MIB: 8100.0, 256 * MIB: 8300.0}
+    (tmp_path / "ring_bw_pipelined.csv").write_text(ring_csv("token", pipelined))
     return tmp_path
 
 
@@ -72,7 +75,7 @@ def test_parsers_read_one_way_gb_per_s(out):
     assert pingpong[256 * MIB] == pytest.approx(6.4)  # the NaN of the second run is ignored
 
 
-def test_limit_is_the_best_of_three_and_names_its_benchmark(out, capsys):
+def test_limit_is_the_best_candidate_and_names_its_benchmark(out, capsys):
     lim = bench_module()
     lim.main([str(out)])
     limit = lim.read_limit(out / "limit.csv")
@@ -84,19 +87,19 @@ def test_limit_is_the_best_of_three_and_names_its_benchmark(out, capsys):
         4 * MIB: (15.0, "pingpong"),
         16 * MIB: (13.5, "ring_token"),  # a tie with the pingpong goes to ring_bw token
         64 * MIB: (8.2, "pingpong"),
-        256 * MIB: (6.5, "ring_token"),
+        256 * MIB: (8.3, "ring_token_pipelined"),
     }
     for nbytes, (gbps, by) in expected.items():
         assert limit[nbytes][0] == pytest.approx(gbps) and limit[nbytes][1] == by, nbytes
     lines = (out / "limit.csv").read_text().splitlines()
     assert lines[0] == (
         "bytes,ring_token_GBps,ring_sendrecv_GBps,pingpong_GBps,limit_GBps,limit_set_by,"
-        "pingpong_written_GBps"
+        "pingpong_written_GBps,ring_token_pipelined_GBps"
     )
-    assert lines[1] == "65536,6.0000,21.0000,14.0000,21.0000,ring_sendrecv,40.0000"
-    assert lines[2].endswith(",nan")  # 256 KiB: no written pingpong
+    assert lines[1] == "65536,6.0000,21.0000,14.0000,21.0000,ring_sendrecv,40.0000,5.0000"
+    assert lines[2].endswith(",nan,nan")  # 256 KiB: neither written pingpong nor pipelined
     printed = capsys.readouterr().out
-    assert "| 64 MiB | 7.00 | 6.80 | 8.20 | 8.20 | pingpong | 3.90 |" in printed
+    assert "| 64 MiB | 7.00 | 6.80 | 8.20 | 8.20 | pingpong | 3.90 | 8.10 |" in printed
 
 
 def test_a_missing_benchmark_leaves_the_others(tmp_path):
@@ -109,6 +112,7 @@ def test_a_missing_benchmark_leaves_the_others(tmp_path):
     assert limit == {MIB: (12.0, "ring_token"), 4 * MIB: (14.0, "pingpong")}
     row = (tmp_path / "l.csv").read_text().splitlines()[1].split(",")
     assert math.isnan(float(row[3]))  # no pingpong at 1 MiB
+    assert math.isnan(float(row[7]))  # ring_bw_pipelined.csv not there: not run
     best, by = lim.choose({})
     assert math.isnan(best) and by == "none"
 

@@ -1,6 +1,7 @@
 """bench/transfer.py under MPI, small: its check round trips pass in every end-to-end mode
-(hop plans, the general path, packed copies: the bytes arrive and are counted exactly, else
-it exits non-zero), and the end-to-end CSV has a row per size with every mode's figure."""
+(hop plans, the general path, packed copies, hop plans with messages from 128 KiB as swapped
+halves: the bytes arrive and are counted exactly, else it exits non-zero), and the end-to-end
+CSV has a row per size with every mode's figure."""
 
 from __future__ import annotations
 
@@ -18,13 +19,18 @@ def test_end_to_end_hops_check_their_bytes_and_write_every_mode(tmp_path):
     out = tmp_path / "e2e.csv"
     args = [str(REPO / "bench" / "transfer.py"), "--max-mib", "1", "--trials", "1"]
     args += ["--skip-probes", "--e2e-blocks", "1", "--e2e-csv", str(out)]
+    args += ["--pipelined-min-bytes", str(128 << 10)]
     job = run_mpi(2, [sys.executable, *args], timeout_s=120)
     assert job.returncode == 0, job.output
     rows = list(csv.DictReader(out.open()))
     assert [int(r["bytes"]) for r in rows] == [64 << 10, 256 << 10, 1 << 20]
     for r in rows:
-        for mode in ("bare_token", "views", "general", "copy"):
+        for mode in ("bare_token", "views", "general", "copy", "pipelined"):
             assert float(r[f"{mode}_GBps"]) > 0, (mode, r)
+        assert float(r["pipelined_vs_views"]) == pytest.approx(
+            float(r["pipelined_GBps"]) / float(r["views_GBps"]), rel=1e-3
+        )
+        assert int(r["pipelined_min_bytes"]) == 128 << 10
         assert float(r["general_vs_bare"]) == pytest.approx(
             float(r["general_GBps"]) / float(r["bare_token_GBps"]), rel=1e-3
         )
