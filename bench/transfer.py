@@ -582,6 +582,7 @@ def check_hop(ctx: SimpleNamespace, world: MPI.Comm, r0: int, *, ahead: bool, k:
         )
 
 
+PIPELINED_MIN_BYTES = 64 << 20  # the pipelined mode's comm.pipelined_min_bytes by default
 E2E_MODES = ("bare", "views", "general", "copy", "pipelined")
 AHEAD = ("views", "general", "pipelined")
 
@@ -666,7 +667,7 @@ def e2e_table(
     blocks: int,
     limit_csv: str | None,
     csv_out: str | None,
-    pipelined: int = 64 << 20,
+    pipelined: int = PIPELINED_MIN_BYTES,
 ) -> None:
     """Part 2: model -> model hops through the schemes' own send_blocks/receive_blocks, in
     place (views) and copied (copy), against a bare mpi4py token and the machine's limit."""
@@ -815,7 +816,7 @@ def main() -> None:
     p.add_argument(
         "--pipelined-min-bytes",
         type=int,
-        default=64 << 20,
+        default=PIPELINED_MIN_BYTES,
         help="part 2's pipelined mode: its comm.pipelined_min_bytes [%(default)s]",
     )
     p.add_argument(

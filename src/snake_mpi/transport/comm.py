@@ -255,9 +255,13 @@ class Comm(RingPositions):
     def use_pipelined_copy(self, min_bytes: int, *, host: bool) -> bool:
         """From now on, send payload messages of at least ``min_bytes`` (0: none) between
         ranks on the same host as ``halves_swapped``: MPI's two-core copy pipeline instead of
-        its single copy. Collective (every rank calls it, before any hop); ``host`` says
-        whether this rank's hops move host memory: on only where every rank's do, since both
-        ends of a message must agree on its layout. Returns whether it is on."""
+        its single copy. Collective (every rank calls it with the same ``min_bytes``, before
+        any hop; 0 agrees on nothing); ``host`` says whether this rank's hops move host
+        memory: on only where every rank's do, since both ends of a message must agree on its
+        layout. Returns whether it is on."""
+        if min_bytes <= 0:  # off (the default): no agreement to make
+            self.pipelined_min_bytes = 0
+            return False
         table = self.allgather_row(np.array([1.0 if host else 0.0]), "the ranks' transfer paths")
         local = self._comm.Split_type(MPI.COMM_TYPE_SHARED)
         mine, world = local.Get_group(), self._comm.Get_group()
@@ -267,7 +271,7 @@ class Comm(RingPositions):
             mine.Free()
             world.Free()
             local.Free()
-        on = min_bytes > 0 and bool(table.min() > 0)
+        on = bool(table.min() > 0)
         self.pipelined_min_bytes = int(min_bytes) if on else 0
         self._same_host = frozenset(int(r) for r in ranks) - {self.rank}
         return on
