@@ -512,9 +512,11 @@ def _validate(c: RunConfig) -> None:
     _choice("model.dtype", c.model.dtype, MODEL_DTYPES)
     _choice("data.tokenizer", c.data.tokenizer, TOKENIZERS)
     _validate_lm(c)
-    n = c.comm.pipelined_min_bytes
-    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
-        raise ConfigError(f"comm.pipelined_min_bytes must be an integer >= 0 (0: off), got {n!r}")
+    if c.comm.pipelined_min_bytes < 0:  # an integer: from_dict checks the type
+        raise ConfigError(
+            "comm.pipelined_min_bytes must be an integer >= 0 (0: off), "
+            f"got {c.comm.pipelined_min_bytes}"
+        )
     if c.checkpoint.every < 0:
         raise ConfigError(f"checkpoint.every must be 0 (off) or positive, got {c.checkpoint.every}")
     if c.checkpoint.keep < 1:
