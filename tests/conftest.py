@@ -49,6 +49,59 @@ def session_processes() -> list[str]:
     return found
 
 
+TEST_MEMORY_BYTES = int(float(os.environ.get("SNAKE_MPI_TEST_MEMORY_GIB", "4")) * 2**30)
+"""What one test may allocate on top of what the test process held when it started (its
+``RLIMIT_DATA``; 4 GiB, or ``SNAKE_MPI_TEST_MEMORY_GIB``): a runaway allocation fails that
+test with ``MemoryError`` instead of taking the machine. The limit counts private writable
+memory (heap, arrays, tensors), not address space merely reserved (thread stacks, a browser's
+pools), and processes a test starts inherit it."""
+
+
+def data_bytes_in_use() -> int:
+    """This process's private writable memory (``VmData``), what ``RLIMIT_DATA`` limits."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.fixture(autouse=True)
+def memory_limit(request):
+    """Every test runs under ``RLIMIT_DATA`` = what is in use now + ``TEST_MEMORY_BYTES``."""
+    import resource
+
+    before = resource.getrlimit(resource.RLIMIT_DATA)
+    limit = data_bytes_in_use() + TEST_MEMORY_BYTES
+    if before[1] != resource.RLIM_INFINITY:
+        limit = min(limit, before[1])
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, before[1]))
+    request.node.memory_limit_bytes = limit
+    yield limit
+    resource.setrlimit(resource.RLIMIT_DATA, before)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that ran out of its memory says so, with the limit, under its failure."""
+    outcome = yield
+    report = outcome.get_result()
+    exc = call.excinfo
+    if exc is None or not report.failed:
+        return
+    text = str(exc.value)
+    if exc.errisinstance(MemoryError) or "can't allocate memory" in text:
+        limit = getattr(item, "memory_limit_bytes", 0)
+        report.sections.append(
+            (
+                "memory limit",
+                f"this test went over its memory limit ({limit / 2**30:.2f} GiB of private "
+                f"memory: what the test process held when it started + TEST_MEMORY_BYTES = "
+                f"{TEST_MEMORY_BYTES / 2**30:.2f} GiB, tests/conftest.py): {text[:200]}",
+            )
+        )
+
+
 @pytest.fixture(autouse=True)
 def no_process_outlives_its_test():
     """Fail a test that leaves a process behind (an orphaned rank, a launcher, a suite cell);

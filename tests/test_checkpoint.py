@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -366,10 +367,19 @@ def make_checkpoint(directory: Path, k: int, *, commit: bool = True) -> Path:
     return folder
 
 
+def manifest_of_two(rounds_done: int = 3) -> dict:
+    files = [
+        {"rank": k, "name": mf.rank_file(k), "bytes": 10, "sha256": "ab" * 32, "write_s": 0.1}
+        for k in range(2)
+    ]
+    return {"format": mf.FORMAT, "rounds_done": rounds_done, "world_size": 2,
+            "config_toml": "", "files": files}  # fmt: skip
+
+
 def test_manifest_round_trip_and_its_refusals(tmp_path):
     folder = tmp_path / "round-000003"
     folder.mkdir()
-    m = {"format": mf.FORMAT, "rounds_done": 3, "world_size": 2, "config_toml": "", "files": []}
+    m = manifest_of_two()
     mf.write_manifest(folder, m)
     assert mf.read_manifest(folder) == m
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json"]  # no .tmp left
@@ -381,6 +391,55 @@ def test_manifest_round_trip_and_its_refusals(tmp_path):
         mf.read_manifest(folder)
     (folder / "manifest.json").write_text(json.dumps({k: v for k, v in m.items() if k != "files"}))
     with pytest.raises(ValueError, match="lacks 'files'"):
+        mf.read_manifest(folder)
+
+
+def _entry(m: dict, i: int, **changes) -> dict:
+    files = [dict(e) for e in m["files"]]
+    files[i].update(changes)
+    return m | {"files": files}
+
+
+MALFORMED = {
+    "name-leaves-the-folder": (
+        lambda m: _entry(m, 1, name="../../x"),
+        "files[1] names '../../x'; rank 1's file is 'rank-00001.safetensors' in the "
+        "checkpoint's own folder",
+    ),
+    "name-absolute": (lambda m: _entry(m, 0, name="/etc/passwd"), "files[0] names '/etc/passwd'"),
+    "name-of-another-rank": (
+        lambda m: _entry(m, 0, name=mf.rank_file(1)),
+        "files[0] names 'rank-00001.safetensors'; rank 0's file is",
+    ),
+    "rounds-not-the-folder": (
+        lambda m: m | {"rounds_done": 2},
+        "says rounds_done = 2, but its folder is the checkpoint after round 3",
+    ),
+    "files-a-string": (lambda m: m | {"files": "rank-00000.safetensors"}, "files is not a list"),
+    "rank-not-an-integer": (lambda m: _entry(m, 1, rank="1"), "files[1] has rank '1', not one"),
+    "rank-out-of-range": (lambda m: _entry(m, 1, rank=7), "files[1] has rank 7, not one of 0..1"),
+    "rank-twice": (
+        lambda m: _entry(_entry(m, 1, rank=0), 1, name=mf.rank_file(0)),
+        "files list ranks [0, 0], not each of 0..1 once",
+    ),
+    "bytes-a-string": (lambda m: _entry(m, 0, bytes="10"), "files[0] bytes = '10' is not a size"),
+    "sha-not-hex": (lambda m: _entry(m, 0, sha256="zz"), "sha256 = 'zz' is not a SHA-256"),
+    "rounds-a-float": (lambda m: m | {"rounds_done": 3.0}, "rounds_done = 3.0 is not a positive"),
+    "world-zero": (lambda m: m | {"world_size": 0}, "world_size = 0 is not a positive integer"),
+    "config-not-text": (lambda m: m | {"config_toml": 5}, "config_toml is not a string"),
+    "attempts-a-string": (lambda m: m | {"attempts": "x"}, "attempts is not a list of records"),
+}
+"""Manifests a hand or a bug could write: each is refused with a ``ValueError`` naming why (a
+checkpoint with one is skipped like a damaged one), never read past."""
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_a_malformed_manifest_is_refused_naming_why(tmp_path, name):
+    edit, message = MALFORMED[name]
+    folder = tmp_path / "round-000003"
+    folder.mkdir()
+    (folder / mf.MANIFEST).write_text(json.dumps(edit(manifest_of_two())))
+    with pytest.raises(ValueError, match=re.escape(message)):
         mf.read_manifest(folder)
 
 
@@ -689,6 +748,49 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, cap
     np.testing.assert_array_equal(a.rounds["loss"], b.rounds["loss"])
     assert list(b.tables["attempts"]["start_round"]) == [0, 2]
     assert list(b.tables["attempts"]["end_round"]) == [3, ROUNDS]  # the .partial had 3 rounds
+
+
+EDITS = {
+    "name-leaves-the-folder": (
+        lambda m: _entry(m, 1, name="../../x"),
+        "files[1] names '../../x'",
+    ),
+    "rounds-not-the-folder": (
+        lambda m: m | {"rounds_done": 2},
+        "says rounds_done = 2, but its folder is the checkpoint after round 3",
+    ),
+    "files-a-string": (lambda m: m | {"files": "x"}, "files is not a list of entries"),
+    "rank-not-an-integer": (lambda m: _entry(m, 1, rank="one"), "files[1] has rank 'one'"),
+}
+
+
+@pytest.mark.parametrize("name", list(EDITS))
+def test_a_newest_checkpoint_with_a_bad_manifest_is_skipped_and_removed(tmp_path, capsys, name):
+    """The red team's manifests: a file name that leaves the folder (the check hashed it, the
+    resume read the real rank file unverified), a round count that is not the folder's (the
+    run resumed at round 3 with round 6's model), a malformed entry (a traceback). Each is
+    skipped for the one before, removed, and the result equals an uninterrupted run's."""
+    n = 3
+    cfg = tiny(f"train.rounds={ROUNDS}", "checkpoint.every=1", "checkpoint.keep=3")
+    whole, out = tmp_path / "whole.h5", tmp_path / "cut.h5"
+    run_world(n, cfg, whole)
+    ckpt = mf.checkpoint_dir(cfg, out)
+    with pytest.raises(RuntimeError):
+        run_world(n, with_fault(cfg, 0, 3), out)
+    newest = mf.round_dir(ckpt, 3)
+    edit, message = EDITS[name]
+    (newest / mf.MANIFEST).write_text(json.dumps(edit(mf.read_manifest(newest))))
+    capsys.readouterr()
+    points, _ = run_world(n, cfg, out, resume=True)
+    assert all(p.first_round == 2 for p in points)
+    captured = capsys.readouterr()
+    assert f"checkpoint {newest} skipped: " in captured.err and message in captured.err
+    assert "Traceback" not in captured.err + captured.out
+    assert f"removed the unusable checkpoint {newest}" in captured.out
+    a, b = read_result(whole), read_result(out)
+    assert list(b.tables["ranks"]["model_sha256"]) == list(a.tables["ranks"]["model_sha256"])
+    np.testing.assert_array_equal(a.rounds["loss"], b.rounds["loss"])
+    assert list(b.tables["attempts"]["start_round"]) == [0, 2]
 
 
 def test_a_measured_plan_is_kept_on_resume_not_measured_again(tmp_path):

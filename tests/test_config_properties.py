@@ -13,14 +13,16 @@ every run); ``HYPOTHESIS_PROFILE=thorough`` draws 2000.
 
 from __future__ import annotations
 
+import math
 import tomllib
 
 import tomli_w
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
 from snake_mpi.config import ConfigError, RunConfig, from_dict, load_config, to_toml
 from snake_mpi.config import validate_for_world as validate_world
+from snake_mpi.resources import check_memory
 from snake_mpi.run import execute
 from snake_mpi.transport.localcomm import ThreadWorld
 
@@ -137,6 +139,18 @@ def config_tables(draw) -> tuple[dict, list[str]]:
     return raw, overrides
 
 
+WORK_LIMIT = 2 * 10**7
+"""Sample elements a drawn run may train on and evaluate (a second or two here)."""
+
+
+def _work(cfg: RunConfig) -> int:
+    """Sample elements a run trains on and evaluates: how long it takes, roughly."""
+    t = cfg.train
+    per_turn = t.local_steps * t.batch_size if t.local_steps else t.local_epochs * cfg.data.n_train
+    samples = t.rounds * (per_turn + cfg.data.n_test) * (1 + cfg.model.width // 64)
+    return samples * math.prod(cfg.data.sample_shape)
+
+
 def _toml_file(tmp_path, raw: dict):
     """``raw`` as a TOML file, written by ``tomli_w`` as the project's own ``to_toml`` is."""
     path = tmp_path / "generated.toml"
@@ -144,25 +158,51 @@ def _toml_file(tmp_path, raw: dict):
     return path
 
 
+DEMO_LIKE = {
+    **BASE,
+    "model": {"family": "cnn", "width": 16, "middle_blocks": 4},
+    "data": {"n_train": 4096, "n_test": 1024, "n_classes": 10, "sample_shape": [3, 32, 32]},
+}
+"""The demo's model and data (bench/configs/demo.toml): the inputs that once broke this."""
+
+
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(table=config_tables(), ranks=st.sampled_from([1, 2, 2, 3, 3, 4]))
+# drawn outside CI, these were accepted and then allocated 22 GB (the OOM killer took the
+# machine) or raised numpy's _ArrayMemoryError; now they are refused before any allocation
+@example(table=(DEMO_LIKE, ["data.n_train=100000000"]), ranks=4)
+@example(table=(DEMO_LIKE, ["data.n_train=1000000000000"]), ranks=4)
+@example(table=(DEMO_LIKE, ["data.sample_shape=[3,100000,100000]"]), ranks=4)
+@example(table=(BASE, ["data.n_test=18446744073709551616"]), ranks=2)
 def test_validation_either_refuses_with_a_config_error_or_the_run_starts(tmp_path, table, ranks):
     raw, overrides = table
     path = _toml_file(tmp_path, raw)
     try:
         cfg = load_config(path, overrides)
         validate_world(cfg, ranks)
+        # the ranks run as threads of this process, under the test's memory limit
+        est = check_memory(cfg, ranks, ranks_on_host=ranks, ranks_in_process=ranks)
     except ConfigError as e:
         event(f"refused: {str(e)[:40]}")
         return
     assume(cfg.data.name == "synthetic")  # other data need files; their checks are tested apart
     assume(cfg.debug.fail_rank < 0)
-    # a junk override can be valid and slow (emulate.latency_s=48 per message): such a run
-    # would outlast the deadline below, which tests nothing about validation
+    # a junk value can be valid and slow (emulate.latency_s=48 per message, a million samples
+    # an epoch): such a run would outlast the deadline below, which tests nothing about
+    # validation
     assume(cfg.emulate.latency_s <= 0.01 and max(cfg.emulate.slowdown, default=1.0) <= 2.0)
+    assume(_work(cfg) <= WORK_LIMIT and est.rank_bytes() <= 2**28)
     out = tmp_path / "run.h5"
     out.unlink(missing_ok=True)
-    ThreadWorld(ranks).run(lambda c: execute(cfg, c, out), deadline_s=60)
+    try:
+        ThreadWorld(ranks).run(lambda c: execute(cfg, c, out), deadline_s=60)
+    except RuntimeError as e:
+        # a drawn learning rate (8e14) may make training diverge: the run stops with its own
+        # one-line message, as it should; validation cannot know that in advance
+        if "non-finite training loss" not in str(e):
+            raise
+        event("accepted; training diverged (the run's own stop)")
+        return
     event(f"accepted and ran ({cfg.scheme}, {cfg.model.family})")
 
 
@@ -192,3 +232,53 @@ def test_a_string_override_is_taken_as_given_or_refused_as_a_config_error(value)
     except ConfigError:
         return
     assert isinstance(cfg, RunConfig)
+
+
+HUGE = {
+    "data.n_train": st.integers(10**11, 2**62),
+    "data.n_test": st.integers(10**11, 2**62),
+    "data.n_classes": st.integers(10**11, 2**62),
+    "data.sample_shape": st.lists(st.integers(2**10, 2**62), min_size=1, max_size=3).filter(
+        lambda dims: math.prod(dims) >= 2**40
+    ),
+    "model.width": st.integers(10**7, 2**62),
+    "train.batch_size": st.integers(10**12, 2**62),
+    "train.eval_batch_size": st.integers(10**12, 2**62),
+}
+"""Sizes no machine here holds (an estimate of a terabyte or more)."""
+ADVICE = {
+    "data.n_train": "data.n_train",
+    "data.n_test": "data.n_train",  # the data part's advice names all three data keys
+    "data.n_classes": "data.n_classes",
+    "data.sample_shape": "",  # data, weights or activations, whichever is largest
+    "model.width": "model.width",
+    "train.batch_size": "train.batch_size",
+    "train.eval_batch_size": "train.batch_size",
+}
+"""A key the refusal's advice must name when the drawn key is the huge one."""
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(sorted(HUGE)), data=st.data(), ranks=st.sampled_from([1, 2, 4]))
+def test_a_config_too_large_for_the_machine_is_refused_before_any_allocation(key, data, ranks):
+    """Huge sizes are drawn on purpose: each is refused with a ConfigError that names the
+    memory needed, the memory available and a key to change, and allocates nothing (the test's
+    memory limit would turn an allocation into a failure)."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in BASE.items()}
+    raw["scheme"] = "fedavg" if ranks > 1 else "centralised"
+    _set(raw, key, data.draw(HUGE[key]))
+    cfg = load_config(None, [])  # defaults load (no allocation)
+    try:
+        cfg = from_dict(raw)
+        validate_world(cfg, ranks)
+        check_memory(cfg, ranks, ranks_on_host=ranks, ranks_in_process=ranks)
+    except ConfigError as e:
+        message = str(e)
+    else:
+        raise AssertionError(f"{key} = {cfg} was accepted")
+    if "cannot be built" in message:  # torch refused the shapes themselves (int64 overflow)
+        assert key in ("data.sample_shape", "model.width", "data.n_classes"), message
+        return
+    assert "this run needs about" in message and " is " in message, message
+    assert ADVICE[key] in message, message
+    assert "\n" not in message

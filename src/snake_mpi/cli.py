@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from snake_mpi.config import ConfigError, load_config, validate_for_world
 
@@ -21,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a config under mpirun (every rank runs this)")
     _config_arguments(run)
     run.add_argument("--out", required=True, help="result file (HDF5) to write")
+    _memory_argument(run)
     run.add_argument("--overwrite", action="store_true", help="replace an existing result file")
     run.add_argument(
         "--resume",
@@ -37,7 +39,13 @@ def _parser() -> argparse.ArgumentParser:
         "data), without MPI; exit 0 if valid, 2 with the reason if not.",
     )
     _config_arguments(val)
-    val.add_argument("--np", type=int, default=None, help="also check it for this many ranks")
+    val.add_argument(
+        "--np",
+        type=int,
+        default=None,
+        help="check it for this many ranks, all on this host (default 1)",
+    )
+    _memory_argument(val)
     val.add_argument(
         "--no-data",
         action="store_true",
@@ -92,6 +100,27 @@ def _config_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.rounds=3 (repeatable)",
+    )
+
+
+def _size(text: str) -> int:
+    from snake_mpi.resources import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _memory_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-memory",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="memory the run's ranks on one host may use together, e.g. 16GiB (default: what "
+        "the host has available, within its control group and ulimit -v); a config whose "
+        "estimate exceeds it is refused with exit 2",
     )
 
 
@@ -168,12 +197,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "validate":
-            from snake_mpi.run import load_checked
-
-            if args.np is not None:
-                validate_for_world(cfg, args.np)
-            if not args.no_data:
-                load_checked(cfg, args.np or 1)  # as `run` reads them before starting
+            estimate = _validate(cfg, args)
     except (ConfigError, DataError) as e:
         if args.command == "validate" or _is_rank0():
             print(f"snake-mpi: config error: {e}", file=sys.stderr, flush=True)
@@ -183,7 +207,7 @@ def _main(argv: list[str] | None) -> int:
             comm.settle()
         return EXIT_CONFIG
     if args.command == "validate":
-        print(f"snake-mpi: {args.config}: valid")
+        print(f"snake-mpi: {args.config}: {_validated(cfg, args, estimate)}")
         return 0
     early: list[int] | None = None
     if cfg.checkpoint.every > 0:
@@ -203,7 +227,57 @@ def _main(argv: list[str] | None) -> int:
         if early:
             request_stop()
 
-    return run.main(cfg, args.out, overwrite=args.overwrite, resume=args.resume)
+    return run.main(
+        cfg, args.out, overwrite=args.overwrite, resume=args.resume, max_memory=args.max_memory
+    )
+
+
+def _validate_ranks(cfg: Any, args: argparse.Namespace) -> int:
+    """Ranks ``validate`` checks for: ``--np``, else the fewest the scheme runs on."""
+    from snake_mpi.schemes.registry import scheme_spec
+
+    return args.np if args.np is not None else max(1, scheme_spec(cfg.scheme).min_ranks)
+
+
+def _validate(cfg: Any, args: argparse.Namespace) -> Any:
+    """``validate``'s checks, as ``run`` makes them before it starts: with ``--np``, the
+    world-size checks; the memory of that many ranks on this host (the scheme's fewest without
+    ``--np``), each also needing this process's baseline; the data, read in full. Returns the
+    memory estimate."""
+    import psutil
+
+    from snake_mpi.resources import check_memory
+    from snake_mpi.run import load_checked
+
+    n = _validate_ranks(cfg, args)
+    if args.np is not None:
+        validate_for_world(cfg, n)
+    estimate = check_memory(
+        cfg,
+        n,
+        ranks_on_host=n,
+        max_memory_bytes=args.max_memory,
+        runtime_bytes=int(psutil.Process().memory_info().rss),
+    )
+    if not args.no_data:
+        load_checked(cfg, n)
+    return estimate
+
+
+def _validated(cfg: Any, args: argparse.Namespace, estimate: Any) -> str:
+    """``validate``'s verdict: for how many ranks, and the memory they need on one host."""
+    from snake_mpi.resources import format_bytes
+
+    n = _validate_ranks(cfg, args)
+    ranks = f"{n} rank{'s' if n != 1 else ''}"
+    memory = f"about {format_bytes(estimate.ranks_bytes(n))} of memory for {ranks} on one host"
+    data = "" if args.no_data else ", data read and checked"
+    if args.np is not None:
+        return f"valid for {ranks} ({memory}{data})"
+    return (
+        f"valid ({memory}, the fewest scheme {cfg.scheme!r} runs on{data}); the checks that "
+        f"depend on the number of ranks need --np N"
+    )
 
 
 def _launched_size() -> int:

@@ -42,6 +42,7 @@ from snake_mpi.probes.gpu import SERIES_KEYS as GPU_SERIES
 from snake_mpi.probes.memory import MemorySampler, ru_maxrss_bytes
 from snake_mpi.probes.storage import DiskWriteCounter
 from snake_mpi.record import ROUND_FIELDS, Recorder, eval_layout
+from snake_mpi.resources import check_memory
 from snake_mpi.schemes import Context, NodeData, scheme_spec
 from snake_mpi.transport.protocol import Communicator
 from snake_mpi.transport.wire import LinkModel
@@ -124,7 +125,14 @@ def result_attrs(cfg: RunConfig) -> dict[str, str]:
     return attrs
 
 
-def main(cfg: RunConfig, out: str, *, overwrite: bool, resume: bool = False) -> int:
+def main(
+    cfg: RunConfig,
+    out: str,
+    *,
+    overwrite: bool,
+    resume: bool = False,
+    max_memory: int | None = None,
+) -> int:
     """Entry point of ``snake-mpi run`` on every rank; returns the exit status.
 
     The device is chosen (from the launcher's local rank) and made current before mpi4py
@@ -132,6 +140,9 @@ def main(cfg: RunConfig, out: str, *, overwrite: bool, resume: bool = False) -> 
     and checked in full, and on rank 0 the output lock) run on every rank before any training
     message; the ranks then agree, so a problem on any one rank ends every rank with exit 2
     and one message.
+
+    ``max_memory``: bytes the ranks of one host may use together (``--max-memory``); by
+    default what the host has available (``resources.check_memory``).
 
     ``resume``: continue after the newest usable checkpoint (``checkpoint.find_resume``), or
     start from round 0 when there is none; a result that is complete already ends every rank
@@ -150,6 +161,7 @@ def main(cfg: RunConfig, out: str, *, overwrite: bool, resume: bool = False) -> 
     from snake_mpi.transport import comm as mpi  # initialises MPI; execute() itself needs no MPI
 
     rank, size = mpi.world_rank_size()
+    on_host = mpi.world_ranks_on_host()  # collective: every rank, before any check can fail
     # a collective: every rank or none (a launcher sets its variable for all ranks or none)
     split = mpi.local_rank_by_split() if local_rank_from_env()[0] is None else None
     dataset, lock, route = None, None, None
@@ -170,6 +182,9 @@ def main(cfg: RunConfig, out: str, *, overwrite: bool, resume: bool = False) -> 
             route = transfer_route(cfg, placement, mpi.cuda_support)
         validate_for_world(cfg, size)
         out_path = check_output(out, overwrite=overwrite or resume)
+        check_memory(
+            cfg, size, ranks_on_host=on_host, max_memory_bytes=max_memory, hostname=mpi.hostname()
+        )
         dataset = load_checked(cfg, size)
         if rank == 0:
             lock = OutputLock(out_path).acquire()
@@ -270,6 +285,12 @@ def prepare_checkpoints(
             for gone in mf.remove_stale_temporaries(directory):
                 what = "file" if gone.suffix == ".tmp" else "folder (no manifest)"
                 print(f"snake-mpi: removed the unfinished checkpoint {what} {gone}", flush=True)
+            for gone in mf.remove_newer(directory, point.rounds_done):
+                print(
+                    f"snake-mpi: removed the unusable checkpoint {gone} (skipped above; newer "
+                    f"than the one resumed from)",
+                    flush=True,
+                )
             print(
                 f"snake-mpi: resuming from {point.folder} "
                 f"({point.rounds_done} of {cfg.train.rounds} rounds done)",

@@ -77,17 +77,73 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """A checkpoint's manifest; ``ValueError`` saying why it cannot be used."""
+    """A checkpoint's manifest, checked in full; ``ValueError`` saying why it cannot be used:
+    unreadable, not a manifest, a field missing or of the wrong type, ``rounds_done`` not the
+    round its folder is named for, or ``files`` not exactly one entry per rank naming that
+    rank's file of this folder (``rank_file``)."""
+    where = folder / MANIFEST
     try:
-        m = json.loads((folder / MANIFEST).read_text())
+        m = json.loads(where.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{folder / MANIFEST} cannot be read ({e})") from None
+        raise ValueError(f"{where} cannot be read ({e})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ValueError(f"{folder / MANIFEST} is not a snake-mpi checkpoint manifest")
+        raise ValueError(f"{where} is not a snake-mpi checkpoint manifest")
     for key in ("rounds_done", "world_size", "config_toml", "files"):
         if key not in m:
-            raise ValueError(f"{folder / MANIFEST} lacks {key!r}")
+            raise ValueError(f"{where} lacks {key!r}")
+    rounds, world = m["rounds_done"], m["world_size"]
+    for key, value in (("rounds_done", rounds), ("world_size", world)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{where}: {key} = {value!r} is not a positive integer")
+    named = _ROUND_DIR.match(folder.name)
+    if named and int(named.group(1)) != rounds:
+        raise ValueError(
+            f"{where} says rounds_done = {rounds}, but its folder is the checkpoint after round "
+            f"{int(named.group(1))}: the manifest is not this folder's"
+        )
+    if not isinstance(m["config_toml"], str):
+        raise ValueError(f"{where}: config_toml is not a string")
+    _check_files(m["files"], world, where)
+    attempts = m.get("attempts", [])
+    if not isinstance(attempts, list) or not all(isinstance(a, dict) for a in attempts):
+        raise ValueError(f"{where}: attempts is not a list of records")
     return m
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_files(files: Any, world_size: int, where: Path) -> None:
+    """``files``: one entry per rank 0..world_size-1, each ``{"rank", "name" (that rank's
+    ``rank_file``), "bytes", "sha256"}``; a name may not point anywhere else (``../x``, an
+    absolute path), since the file that is checked must be the file that is read."""
+    if not isinstance(files, list) or not all(isinstance(e, dict) for e in files):
+        raise ValueError(f"{where}: files is not a list of entries")
+    ranks = []
+    for i, e in enumerate(files):
+        rank = e.get("rank")
+        if not _is_int(rank) or not 0 <= rank < world_size:
+            raise ValueError(
+                f"{where}: files[{i}] has rank {rank!r}, not one of 0..{world_size - 1}"
+            )
+        if e.get("name") != rank_file(rank):
+            raise ValueError(
+                f"{where}: files[{i}] names {e.get('name')!r}; rank {rank}'s file is "
+                f"{rank_file(rank)!r} in the checkpoint's own folder"
+            )
+        if not _is_int(e.get("bytes")) or e["bytes"] < 0:
+            raise ValueError(f"{where}: files[{i}] bytes = {e.get('bytes')!r} is not a size")
+        sha = e.get("sha256")
+        if not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+            raise ValueError(f"{where}: files[{i}] sha256 = {sha!r} is not a SHA-256 digest")
+        if not isinstance(e.get("write_s", 0.0), int | float):
+            raise ValueError(f"{where}: files[{i}] write_s is not a number")
+        ranks.append(rank)
+    if sorted(ranks) != list(range(world_size)):
+        raise ValueError(
+            f"{where}: files list ranks {sorted(ranks)}, not each of 0..{world_size - 1} once"
+        )
 
 
 def prune(directory: Path, keep: int) -> list[Path]:
@@ -115,6 +171,17 @@ def clear(directory: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
     with contextlib.suppress(OSError):
         directory.rmdir()
+
+
+def remove_newer(directory: Path, rounds_done: int) -> list[Path]:
+    """Delete the committed checkpoints newer than the one a run resumes from: they were
+    skipped as unusable, and the resumed run writes its own folders of those rounds."""
+    gone = []
+    for k, p in committed(directory):
+        if k > rounds_done:
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
 
 
 def remove_stale_temporaries(directory: Path) -> list[Path]:
@@ -178,11 +245,11 @@ def check_same_run(manifest: dict[str, Any], folder: Path, cfg: RunConfig, world
 def check_rank_file(manifest: dict[str, Any], folder: Path, rank: int) -> str | None:
     """Why this rank's file of a checkpoint cannot be used (missing, size or checksum not the
     manifest's), or None when it matches."""
-    entries = [e for e in manifest["files"] if int(e.get("rank", -1)) == rank]
+    entries = [e for e in manifest["files"] if e["rank"] == rank]
     if len(entries) != 1:
         return f"{folder / MANIFEST} lists no file for rank {rank}"
     e = entries[0]
-    path = folder / str(e["name"])
+    path = folder / rank_file(rank)  # the file that is read (``read_manifest`` checked the name)
     try:
         size = path.stat().st_size
     except OSError:

@@ -767,6 +767,15 @@ def local_rank_by_split() -> int:
         local.Free()
 
 
+def world_ranks_on_host() -> int:
+    """How many of the job's ranks share this rank's host (collective over the world)."""
+    local = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return local.Get_size()
+    finally:
+        local.Free()
+
+
 def world_rank_size() -> tuple[int, int]:
     """This process's rank and the job size in COMM_WORLD."""
     return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
