@@ -220,15 +220,19 @@ def _data_bytes(cfg: RunConfig, world_size: int) -> tuple[int, str]:
         total = 3 * (d.n_train + d.n_test) * seq + 2 * shard * seq
         return total, f"{d.n_train:,} + {d.n_test:,} sequences of {per} tokens"
     sample = per * FLOAT_BYTES + INDEX_BYTES
-    held = (d.n_train + d.n_test) * sample + shard * sample
-    if d.name == "synthetic":  # pixel noise beside the samples, latent codes, the map
-        transient = max(d.n_train, d.n_test) * per * FLOAT_BYTES
+    held = (d.n_train + d.n_test) * sample
+    if d.name == "synthetic":
+        # the training samples beside their pixel noise while they are made, then the float64
+        # deviations that standardising them takes; latent codes and the map are small
+        transient = d.n_train * per * 2 * FLOAT_BYTES
         transient += max(d.n_train, d.n_test) * LATENT_DIM * 16 + LATENT_DIM * per * 20
+        transient += d.n_classes * LATENT_DIM * 8
     else:  # the file as read, before the configured samples are drawn from it
         path = d.path or (os.environ.get("CIFAR10_DIR", "") if d.name == "cifar10" else "")
         transient = _file_bytes(path) * (FLOAT_BYTES + 1) if path else 0
     shape = list(d.sample_shape)
-    return held + transient, f"{d.n_train:,} + {d.n_test:,} samples of {shape} float32"
+    total = held + max(transient, shard * sample)  # the shard is copied once the data are made
+    return total, f"{d.n_train:,} + {d.n_test:,} samples of {shape} float32"
 
 
 def _file_bytes(path: str) -> int:
