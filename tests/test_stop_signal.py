@@ -32,7 +32,7 @@ class SignalledImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         os.kill(os.getpid(), signal.SIGUSR1)
         from snake_mpi.checkpoint import stop_requested
 
-        module.main = lambda cfg, out, *, overwrite, resume=False: 75 if stop_requested() else 0
+        module.main = lambda cfg, out, **_kw: 75 if stop_requested() else 0
 
 
 sys.meta_path.insert(0, SignalledImport())
@@ -51,3 +51,47 @@ def test_sigusr1_while_the_run_starts_is_kept_for_the_first_round_end(tmp_path, 
         [*argv, "--set", f"checkpoint.every={every}"], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == code, done.stderr
+
+
+def _wait_for_mapping(pid: int, fragment: str, timeout_s: float = 60) -> None:
+    """Return once process ``pid`` has a library whose path holds ``fragment`` mapped (its
+    import has begun)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                if fragment in f.read():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} never loaded {fragment}")
+
+
+def test_sigusr1_while_torch_is_imported_in_a_real_run_checkpoints_and_exits_75(tmp_path):
+    """The red team's case on the real command: the signal lands while torch's libraries are
+    being loaded (before the config is even read); the rank keeps it, checkpoints at the first
+    round end and exits 75, as a signal later does (it used to die of it: exit 138)."""
+    import os
+
+    from conftest import mpi_env, snake_mpi
+
+    out = tmp_path / "r.h5"
+    argv = snake_mpi(
+        "run", str(TINY), "--set", 'scheme="centralised"', "--set", "checkpoint.every=1",
+        "--out", str(out),
+    )  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=mpi_env())  # fmt: skip
+    try:
+        _wait_for_mapping(proc.pid, "libtorch")
+        os.kill(proc.pid, signal.SIGUSR1)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 75, stdout + stderr
+    assert "stopped on request after round 1 of 3" in stdout, stdout
+    assert (tmp_path / "r.h5.ckpt" / "round-000001" / "manifest.json").is_file()

@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    early_usr1 = _note_usr1() if argv[:1] == ["run"] else None
     if argv[:1] == ["compare"]:
         from snake_mpi.analysis.compare import main as compare_main
 
@@ -209,22 +210,15 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "validate":
         print(f"snake-mpi: {args.config}: {_validated(cfg, args, estimate)}")
         return 0
-    early: list[int] | None = None
-    if cfg.checkpoint.every > 0:
-        # SIGUSR1 (Slurm's --signal, passed on by the launcher) asks for a checkpoint at the
-        # next round end; one that comes while torch is imported, MPI starts or the data load
-        # is kept for the first round end instead of killing the rank (its default action)
-        import signal
-
-        early = []
-        signal.signal(signal.SIGUSR1, lambda _s, _f: early.append(1))
+    if early_usr1 is not None and cfg.checkpoint.every == 0:
+        _usr1_as_default(early_usr1)  # no checkpoints: SIGUSR1 ends the rank, as it would later
     from snake_mpi import run  # initialises MPI
 
-    if early is not None:
+    if early_usr1 is not None and cfg.checkpoint.every > 0:
         from snake_mpi.checkpoint import install_stop_handler, request_stop
 
         install_stop_handler()
-        if early:
+        if early_usr1:
             request_stop()
 
     return run.main(
@@ -278,6 +272,29 @@ def _validated(cfg: Any, args: argparse.Namespace, estimate: Any) -> str:
         f"valid ({memory}, the fewest scheme {cfg.scheme!r} runs on{data}); the checks that "
         f"depend on the number of ranks need --np N"
     )
+
+
+def _note_usr1() -> list[int]:
+    """Until the run knows whether it takes checkpoints, SIGUSR1 (Slurm's ``--signal``, passed
+    on by the launcher) is noted, not fatal: installed before torch and MPI are imported (the
+    first seconds of a rank's life), so that a signal then is kept for the first round end,
+    as one later is."""
+    import signal
+
+    noted: list[int] = []
+    signal.signal(signal.SIGUSR1, lambda _s, _f: noted.append(1))
+    return noted
+
+
+def _usr1_as_default(noted: list[int]) -> None:
+    """Without checkpoints SIGUSR1 has its default action again; one noted during start-up
+    takes it now."""
+    import os
+    import signal
+
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    if noted:
+        os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def _launched_size() -> int:
