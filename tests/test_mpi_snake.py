@@ -149,6 +149,8 @@ def test_a_peer_that_never_sends_trips_the_deadline_naming_it(tmp_path, rank):
         missing and rank in [int(k) for k in missing.group(1).split(",")]
     ), job.stderr
     assert f"deadline comm.deadline_s = {HANG_DEADLINE_S}" in first
+    assert "(set SNAKE_MPI_TRACEBACK=1 for the traceback)" in first
+    assert "Traceback" not in job.output, job.output  # the line says it all
     assert not out.exists()
 
 

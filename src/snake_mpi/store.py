@@ -15,6 +15,7 @@ HDF5 file locking fails on some cluster file systems (NFS, Lustre) with errors s
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -28,6 +29,7 @@ import h5py
 import numpy as np
 
 from snake_mpi import durable
+from snake_mpi.durable import as_storage_full, ensure_room, is_no_space
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -38,6 +40,10 @@ RESULT_SUFFIXES = (".h5", ".hdf5", PARTIAL_SUFFIX)
 """File names ``scan_results`` picks up when it is given a directory."""
 
 _CHUNK_TARGET_BYTES = 64 * 1024
+_NEW_FILE_BYTES = 256 * 1024
+"""Room a new result file's groups, datasets and attributes take (before any round)."""
+_METADATA_BYTES = 16 * 1024
+"""Room for the metadata a write updates, beyond its data (object headers, B-tree nodes)."""
 _RESERVED_GROUPS = ("rounds", "eval", "series", "provenance")
 _TABLE_KIND = "table"
 
@@ -98,8 +104,12 @@ class ResultWriter:
         if carried_over is not None:
             target = pathlib.Path(f"{self.partial}.new")
             target.unlink(missing_ok=True)
+            carried = carried_over[0].path.stat().st_size
+            kept = f"{self.partial} is kept as it was; free space, then run again with --resume"
+            ensure_room(target, carried + _NEW_FILE_BYTES, what="the resumed result", kept=kept)
         else:
             self.partial.unlink(missing_ok=True)
+            ensure_room(target, _NEW_FILE_BYTES, what="a new result file", kept="nothing yet")
         self._file: h5py.File | None = h5py.File(target, "w")
         f = self._file
         f.attrs["schema_version"] = SCHEMA_VERSION
@@ -179,12 +189,36 @@ class ResultWriter:
             raise RuntimeError(f"{self.partial}: result writer is already closed")
         return self._file
 
+    def _kept(self) -> str:
+        return (
+            f"{self.partial} keeps its {self.n_rounds} complete round(s) (a result in progress); "
+            "free space, then run again with --resume to continue after the last checkpoint"
+        )
+
+    @contextlib.contextmanager
+    def _writing(self, what: str, needed_bytes: int) -> Iterator[h5py.File]:
+        """A write that grows the file by up to ``needed_bytes``: refused before it starts
+        where the file system lacks the room (``durable.StorageFull``; the file keeps its last
+        flushed state), and an ``ENOSPC`` that happens anyway reported the same way, the file
+        closed without another write."""
+        f = self._f
+        ensure_room(self.partial, needed_bytes + _METADATA_BYTES, what=what, kept=self._kept())
+        try:
+            yield f
+        except (OSError, RuntimeError) as e:
+            if not is_no_space(e):
+                raise
+            self.close_incomplete()
+            raise as_storage_full(e, self.partial, what=what, kept=self._kept()) from None
+
     def write_provenance(self, prov: dict[str, str | int]) -> None:
         """Store the provenance dict as attributes of ``/provenance``."""
-        group = self._f.require_group("provenance")
-        for key, value in prov.items():
-            group.attrs[key] = _attr(value)
-        self._f.flush()
+        need = sum(len(str(v)) + len(k) for k, v in prov.items())
+        with self._writing("the provenance", need) as f:
+            group = f.require_group("provenance")
+            for key, value in prov.items():
+                group.attrs[key] = _attr(value)
+            f.flush()
 
     def write_table(self, name: str, columns: dict[str, np.ndarray]) -> None:
         """Store columns of equal length as datasets ``/<name>/<column>``.
@@ -197,18 +231,20 @@ class ResultWriter:
         lengths = {col: len(np.asarray(data)) for col, data in columns.items()}
         if len(set(lengths.values())) > 1:
             raise ValueError(f"table {name!r}: columns differ in length: {lengths}")
-        group = self._f.require_group(name)
-        group.attrs["kind"] = _TABLE_KIND
-        for col, data in columns.items():
-            _put(group, col, data)
-        self._f.flush()
+        with self._writing(f"the /{name} table", _nbytes(columns.values())) as f:
+            group = f.require_group(name)
+            group.attrs["kind"] = _TABLE_KIND
+            for col, data in columns.items():
+                _put(group, col, data)
+            f.flush()
 
     def write_array(self, path: str, data: np.ndarray, *, attrs: dict | None = None) -> None:
         """Store one dataset at ``path`` (e.g. ``"final_sync/bytes_sent"``), replacing any."""
-        ds = _put(self._f, path.strip("/"), data)
-        for key, value in (attrs or {}).items():
-            ds.attrs[key] = _attr(value)
-        self._f.flush()
+        with self._writing(f"/{path.strip('/')}", _nbytes([data])) as f:
+            ds = _put(f, path.strip("/"), data)
+            for key, value in (attrs or {}).items():
+                ds.attrs[key] = _attr(value)
+            f.flush()
 
     def append_round(
         self, per_rank: dict[str, np.ndarray], evaluation: Mapping[str, Any] | None = None
@@ -234,37 +270,52 @@ class ResultWriter:
                 if arr.shape != want:
                     raise ValueError(f"eval field {name!r}: shape {arr.shape}, expected {want}")
                 ev_values[name] = arr
-        f = self._f
-        for name, arr in values.items():
-            ds = f["rounds"][name]
-            ds.resize(self.n_rounds + 1, axis=0)
-            ds[self.n_rounds] = arr
+        need = self._new_chunk_bytes("rounds", self.n_rounds)
+        if evaluation is not None:
+            need += self._new_chunk_bytes("eval", self.n_evals)
+        with self._writing(f"round {self.n_rounds + 1}'s rows", need) as f:
+            for name, arr in values.items():
+                ds = f["rounds"][name]
+                ds.resize(self.n_rounds + 1, axis=0)
+                ds[self.n_rounds] = arr
+            if evaluation is not None:
+                for name, arr in ev_values.items():
+                    ds = f["eval"][name]
+                    ds.resize(self.n_evals + 1, axis=0)
+                    ds[self.n_evals] = arr
+            f.attrs["n_rounds"] = self.n_rounds + 1
+            f.flush()
         self.n_rounds += 1
         if evaluation is not None:
-            for name, arr in ev_values.items():
-                ds = f["eval"][name]
-                ds.resize(self.n_evals + 1, axis=0)
-                ds[self.n_evals] = arr
             self.n_evals += 1
-        f.attrs["n_rounds"] = self.n_rounds
-        f.flush()
+
+    def _new_chunk_bytes(self, group: str, row: int) -> int:
+        """Bytes HDF5 allocates to write row ``row`` of every dataset of ``group``: a chunk of
+        each that has none for that row yet."""
+        total = 0
+        for ds in self._f[group].values():
+            chunks = ds.chunks or ds.shape
+            if row % chunks[0] == 0:
+                total += math.prod(chunks) * ds.dtype.itemsize
+        return total
 
     def write_series(self, rank: int, series: dict[str, np.ndarray]) -> None:
         """Store one rank's time series as ``/series/rank_<rank>/<name>``."""
-        group = self._f.require_group(f"series/rank_{int(rank)}")
-        for name, data in series.items():
-            _put(group, name, data)
-        self._f.flush()
+        with self._writing(f"rank {rank}'s series", _nbytes(series.values())) as f:
+            group = f.require_group(f"series/rank_{int(rank)}")
+            for name, data in series.items():
+                _put(group, name, data)
+            f.flush()
 
     def complete(self) -> pathlib.Path:
         """Mark the file complete, close and fsync it, rename it to PATH; returns PATH."""
         if self._done:
             return self.path
-        f = self._f
-        f.attrs["n_rounds"] = self.n_rounds
-        f.attrs["status"] = "complete"
-        f.flush()
-        f.close()
+        with self._writing("its completion", 0) as f:
+            f.attrs["n_rounds"] = self.n_rounds
+            f.attrs["status"] = "complete"
+            f.flush()
+            f.close()
         self._file = None
         try:
             same = _identity(self.partial) == self._identity
@@ -282,12 +333,26 @@ class ResultWriter:
         return self.path
 
     def close_incomplete(self) -> None:
-        """Close without completing: PATH.partial stays, status "running" (error paths)."""
+        """Close without completing: PATH.partial stays, status "running" (error paths: an
+        error of the close itself, such as a full disk, does not hide the one being handled)."""
         if self._file is not None:
             try:
-                self._file.close()
+                with contextlib.suppress(OSError, RuntimeError):
+                    self._file.close()
             finally:
                 self._file = None
+
+
+def _nbytes(arrays: Iterable[Any]) -> int:
+    """Bytes the arrays (or lists of strings) take in the file, roughly: their data."""
+    total = 0
+    for data in arrays:
+        arr = np.asarray(data)
+        if arr.dtype.kind in "OUS":
+            total += sum(len(str(x).encode()) + 16 for x in arr.ravel())
+        else:
+            total += arr.nbytes
+    return total
 
 
 def _check_names(given: Mapping[str, Any], expected: dict[str, str], kind: str) -> None:

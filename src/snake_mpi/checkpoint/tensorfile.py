@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from snake_mpi.durable import fsync_dir
+from snake_mpi.durable import as_storage_full, ensure_room, fsync_dir, is_no_space
 
 _DTYPES = {
     "F64": np.float64,
@@ -98,15 +98,24 @@ def write(
     before the rename (the test-only fault hook ``debug.fail_kind = "kill_in_checkpoint"``)."""
     head, views = encode(arrays, metadata, bf16)
     tmp = path.with_name(path.name + ".tmp")
+    size = len(head) + sum(v.nbytes for v in views)
+    kept = "nothing of it was written, and the checkpoints before it are kept"
+    ensure_room(path, size, what="a checkpoint file", kept=kept)
     h = hashlib.sha256(head)
-    with open(tmp, "wb") as f:
-        f.write(head)
-        for v in views:
-            f.write(v.data)
-            h.update(v.data)
-        f.flush()
-        os.fsync(f.fileno())
-        nbytes = f.tell()
+    try:
+        with open(tmp, "wb") as f:
+            f.write(head)
+            for v in views:
+                f.write(v.data)
+                h.update(v.data)
+            f.flush()
+            os.fsync(f.fileno())
+            nbytes = f.tell()
+    except OSError as e:
+        tmp.unlink(missing_ok=True)  # no half-written file behind
+        if is_no_space(e):
+            raise as_storage_full(e, path, what="a checkpoint file", kept=kept) from None
+        raise
     if callable(before_rename):
         before_rename()
     os.replace(tmp, path)

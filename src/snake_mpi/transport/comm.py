@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 from mpi4py import MPI
 
+from snake_mpi.durable import StorageFull, is_no_space
 from snake_mpi.transport.protocol import RingPositions
 from snake_mpi.transport.wire import (
     HEADER_FIXED,
@@ -838,6 +839,32 @@ def abort_job(message: str, code: int = 1) -> NoReturn:
     os._exit(code)  # pragma: no cover - Abort does not return
 
 
+TRACEBACK_ENV = "SNAKE_MPI_TRACEBACK"
+"""Set (to anything but empty or 0), the job's own clear errors (a peer's deadline, a message
+not the one expected) are printed with their traceback too."""
+CLEAR_ERRORS = (PeerTimeout, ProtocolError, StorageFull)
+"""Errors whose message says all a user needs (which peer, which message, which deadline; which
+file had no room, and what was kept)."""
+
+
+def _error_text(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None, where: str
+) -> str:
+    """The abort's words: a clear error's own line (its traceback only with ``TRACEBACK_ENV``),
+    anything else as an unhandled exception with its traceback."""
+    wanted = os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+    if issubclass(exc_type, CLEAR_ERRORS) and not wanted:
+        return f"{exc}{where} (set {TRACEBACK_ENV}=1 for the traceback)"
+    if is_no_space(exc) and not wanted:  # a write no check foresaw (HDF5's own, say)
+        first = str(exc).splitlines()[0] if str(exc) else exc_type.__name__
+        return (
+            f"no space left on a file system{where}: {first} (free space, then run again "
+            f"with --resume; set {TRACEBACK_ENV}=1 for the traceback)"
+        )
+    text = "".join(traceback.format_exception(exc_type, exc, tb))
+    return f"unhandled {exc_type.__name__}{where}: {exc}\n{text}"
+
+
 def install_abort_on_error() -> None:
     """Make an uncaught exception in any thread end the whole job, naming the rank.
 
@@ -846,17 +873,14 @@ def install_abort_on_error() -> None:
     """
 
     def _hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
-        text = "".join(traceback.format_exception(exc_type, exc, tb))
-        abort_job(f"unhandled {exc_type.__name__}: {exc}\n{text}", 1)
+        abort_job(_error_text(exc_type, exc, tb, ""), 1)
 
     def _thread_hook(args: threading.ExceptHookArgs) -> None:
         if args.exc_type is SystemExit:
             return
         name = args.thread.name if args.thread else "?"
-        text = "".join(
-            traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)
-        )
-        abort_job(f"unhandled {args.exc_type.__name__} in thread {name}: {args.exc_value}\n{text}")
+        exc = args.exc_value if args.exc_value is not None else args.exc_type()
+        abort_job(_error_text(args.exc_type, exc, args.exc_traceback, f" in thread {name}"))
 
     sys.excepthook = _hook
     threading.excepthook = _thread_hook
