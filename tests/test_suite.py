@@ -244,3 +244,44 @@ def test_sigusr1_stops_the_cell_at_a_checkpoint_and_the_rerun_resumes_it(tmp_pat
     assert a["resumed_from_round"].tolist() == [0, done]
     assert read_result(out / "tiny-n2-s1.h5").tables["attempts"]["start_round"].tolist() == [0]
     assert processes_of(out) == []
+
+
+def one_cell_suite(tmp_path, seeds="[0, 1]"):
+    suite = tmp_path / "one.toml"
+    suite.write_text(f'configs = ["{TINY}"]\nranks = [2]\nseeds = {seeds}\ntime_limit_s = 60\n')
+    return suite
+
+
+def test_a_suite_directory_is_owned_by_one_suite_at_a_time(tmp_path, capsys):
+    """The red team's case: two suites on one --out both reported every cell FAILED with the
+    reason in neither log nor manifest. A whole suite holds OUT/suite.lock (the rules of a
+    run's output lock): a second is refused at once (exit 2, naming the holder) and touches
+    nothing; so is a --cell task while a whole suite runs."""
+    from snake_mpi.outlock import OutputLock
+
+    suite, out = one_cell_suite(tmp_path), tmp_path / "out"
+    out.mkdir()
+    with OutputLock(out / "suite", owner="suite"):  # a live suite (this process) holds it
+        assert main([str(suite), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"suite: {out}/suite is being written by another suite (host " in err
+        assert main([str(suite), "--out", str(out), "--cell", "0"]) == 2
+        assert f"{out} is being run by a whole suite (host " in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == []  # no log, no manifest, no result
+
+
+def test_a_cell_another_suite_process_runs_is_not_touched_and_says_why(tmp_path, capsys):
+    """A cell held by another process (a --cell task) is reported with the reason on the
+    suite's own output; its log and manifest record stay the other process's. Progress
+    counts a --cell task's cell within the whole suite ([2/2], not [1/1])."""
+    from snake_mpi.outlock import OutputLock
+
+    suite, out = one_cell_suite(tmp_path), tmp_path / "out"
+    out.mkdir()
+    with OutputLock(out / "tiny-n2-s1.cell", owner="suite"):
+        assert main([str(suite), "--out", str(out), "--cell", "1"]) == 1
+    text = capsys.readouterr().out
+    assert "[2/2] tiny-n2-s1: not run: " in text and "being written by another suite" in text
+    assert "suite: FAILED tiny-n2-s1: not run: " in text
+    assert not (out / "tiny-n2-s1.log").exists() and not (out / "manifest.json").exists()
+    assert not (out / "suite.lock").exists()  # a --cell task takes no directory lock

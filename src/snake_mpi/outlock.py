@@ -108,8 +108,11 @@ def stale_reason(h: Holder, me: Holder) -> str | None:
 class OutputLock:
     """``OUT.lock`` held by this process; ``release()`` (idempotent) removes it if still ours."""
 
-    def __init__(self, out: str | os.PathLike) -> None:
+    def __init__(self, out: str | os.PathLike, *, owner: str = "run") -> None:
+        """``owner``: what holds such a lock, for the refusal ("another run", "another
+        suite")."""
         self.path = lock_path(out)
+        self.owner = owner
         self.holder = Holder.me()
         self.took_over: str = ""
         """Set when a stale lock was taken over: whose, and why (for a message)."""
@@ -135,7 +138,7 @@ class OutputLock:
             why = stale_reason(holder, self.holder)
             if why is None:
                 raise LockError(
-                    f"{self.path.with_suffix('')} is being written by another run "
+                    f"{self.path.with_suffix('')} is being written by another {self.owner} "
                     f"({holder.describe()}); wait for it, or use another --out "
                     f"(if that run is dead, remove {self.path})"
                 )

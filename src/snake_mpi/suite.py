@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import tomllib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -358,6 +359,7 @@ def run_suite(
     Slurm array task does); update the manifest after each; print progress. After SIGUSR1 no
     further cell starts, and ``Stopped`` is raised if a cell is left undone."""
     cells, limit = load_suite(name)
+    total, first = len(cells), only or 0
     if only is not None:
         if not 0 <= only < len(cells):
             raise ConfigError(
@@ -366,10 +368,65 @@ def run_suite(
             )
         cells = [cells[only]]
     out_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        if not dry_run:
+            held.enter_context(_own_directory(out_dir, whole=only is None))
+        return _run_cells(name, cells, limit, out_dir, dry_run=dry_run, first=first, total=total)
+
+
+SUITE_LOCK = "suite"
+"""A whole suite owns its output directory by ``OUT/suite.lock`` (``outlock`` rules); a cell
+being run (by the whole suite or by ``--cell``) is owned by ``OUT/NAME.cell.lock``."""
+
+
+@contextlib.contextmanager
+def _own_directory(out_dir: Path, *, whole: bool) -> Iterator[None]:
+    """A whole suite takes ``OUT/suite.lock`` for its lifetime (``ConfigError`` naming the
+    holder if another suite has it); ``--cell K`` (a Slurm array task, beside other tasks)
+    takes no directory lock but refuses to run while a whole suite holds it."""
+    from snake_mpi.outlock import Holder, LockError, OutputLock, read_holder, stale_reason
+
+    lock = OutputLock(out_dir / SUITE_LOCK, owner="suite")
+    if not whole:
+        holder = read_holder(lock.path)
+        if holder is not None and stale_reason(holder, Holder.me()) is None:
+            raise ConfigError(
+                f"{out_dir} is being run by a whole suite ({holder.describe()}); a cell runs "
+                f"beside other cells only: wait for it, or use another --out"
+            )
+        yield
+        return
+    try:
+        lock.acquire()
+    except LockError as e:
+        raise ConfigError(str(e)) from None
+    if lock.took_over:
+        print(f"suite: took over the stale lock {lock.path} ({lock.took_over})", flush=True)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_cells(
+    name: str,
+    cells: list[Cell],
+    limit: float,
+    out_dir: Path,
+    *,
+    dry_run: bool,
+    first: int,
+    total: int,
+) -> dict[str, Outcome]:
+    """``run_suite``'s loop over its cells, the output directory owned; progress numbers the
+    cells within the whole suite (``first``: the suite number of ``cells[0]``, of ``total``)."""
+    from snake_mpi.outlock import LockError, OutputLock
+
     outcomes: dict[str, Outcome] = {}
     t_start = time.perf_counter()
     ran_s, ran_work = 0.0, 0  # seconds and size (ranks x rounds) of the cells run so far
     for i, cell in enumerate(cells, 1):
+        at_k = f"[{first + i}/{total}]"
         result = out_dir / f"{cell.name}.h5"
         if is_complete(result):
             outcomes[cell.name] = Outcome(
@@ -379,12 +436,23 @@ def run_suite(
             print(f"suite: would run {cell.name}: {' '.join(launcher(cell.ranks, ['...']))}")
             continue
         elif stop_requested():
-            at = f"suite: {time.strftime('%H:%M:%S')} [{i}/{len(cells)}] {cell.name}"
+            at = f"suite: {time.strftime('%H:%M:%S')} {at_k} {cell.name}"
             print(f"{at}: not started (SIGUSR1: the suite stops)", flush=True)
             raise Stopped(cell.name)
         else:
+            cell_lock = OutputLock(out_dir / f"{cell.name}.cell", owner="suite")
+            try:
+                cell_lock.acquire()
+            except LockError as e:  # another suite process runs this cell: not touched
+                print(f"suite: {time.strftime('%H:%M:%S')} {at_k} {cell.name}: not "
+                      f"run: {e}", flush=True)  # fmt: skip
+                outcomes[cell.name] = Outcome(
+                    "failed", result.name, cell.ranks, cell.seed, cell.config,
+                    stderr_tail=f"not run: {e}",
+                )  # fmt: skip
+                continue
             print(
-                f"suite: {time.strftime('%H:%M:%S')} [{i}/{len(cells)}] {cell.name}: started, "
+                f"suite: {time.strftime('%H:%M:%S')} {at_k} {cell.name}: started, "
                 f"{cell.ranks} rank(s) x {cell.rounds} round(s), log {out_dir / cell.name}.log",
                 flush=True,
             )
@@ -393,16 +461,18 @@ def run_suite(
             except Interrupted as e:
                 if e.outcome is not None:
                     update_manifest(out_dir, str(suite_path(name)), cell.name, e.outcome)
-                at = f"suite: {time.strftime('%H:%M:%S')} [{i}/{len(cells)}] {cell.name}"
+                at = f"suite: {time.strftime('%H:%M:%S')} {at_k} {cell.name}"
                 print(f"{at}: interrupted ({e})", flush=True)
                 raise
+            finally:
+                cell_lock.release()
             ran_s += outcomes[cell.name].elapsed_s
             ran_work += cell.ranks * cell.rounds
         o = outcomes[cell.name]
         left = sum(c.ranks * c.rounds for c in cells[i:])  # weighted by size, not a plain mean
         eta = f", about {left * ran_s / ran_work:.0f} s left" if ran_work and left else ""
         print(
-            f"suite: {time.strftime('%H:%M:%S')} [{i}/{len(cells)}] {cell.name}: {o.status}"
+            f"suite: {time.strftime('%H:%M:%S')} {at_k} {cell.name}: {o.status}"
             + (f" (exit {o.exit_code})" if o.status == "failed" else "")
             + f", {time.perf_counter() - t_start:.0f} s elapsed{eta}",
             flush=True,
@@ -472,7 +542,10 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(s, h)
     failed = [k for k, o in outcomes.items() if o.status == "failed"]
     for k in failed:
-        print(f"suite: FAILED {k}: see {Path(args.out) / (k + '.log')} and {MANIFEST}")
+        if outcomes[k].stderr_tail.startswith("not run: "):  # nothing of it in log or manifest
+            print(f"suite: FAILED {k}: {outcomes[k].stderr_tail}")
+        else:
+            print(f"suite: FAILED {k}: see {Path(args.out) / (k + '.log')} and {MANIFEST}")
     stopped = [k for k, o in outcomes.items() if o.status == "interrupted"]
     for k in stopped:  # its ranks got SIGUSR1 from elsewhere: it checkpointed, exit 75
         print(f"suite: {k} stopped after a checkpoint: run the suite again to resume it")
