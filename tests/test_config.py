@@ -131,6 +131,22 @@ def test_output_checks(tmp_path):
         check_output(tmp_path, overwrite=False)
 
 
+def test_an_output_that_is_a_symbolic_link_is_refused_and_left_alone(tmp_path):
+    """The red team's case: a dangling ``--out`` link was replaced by a regular file and its
+    target never written. Links are refused (dangling or not, with or without --overwrite)."""
+    dangling = tmp_path / "r.h5"
+    dangling.symlink_to(tmp_path / "elsewhere" / "target.h5")
+    with pytest.raises(ConfigError, match=r"is a symbolic link \(to .*target.h5, which does not"):
+        check_output(dangling, overwrite=True)
+    target = tmp_path / "old.h5"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.h5"
+    link.symlink_to(target)
+    with pytest.raises(ConfigError, match="give the path of the file itself"):
+        check_output(link, overwrite=True)
+    assert dangling.is_symlink() and link.is_symlink() and target.read_bytes() == b"old"
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only directories")
 def test_unwritable_output_dir(tmp_path):
     d = tmp_path / "ro"

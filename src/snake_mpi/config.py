@@ -792,6 +792,14 @@ def check_fedavg_world(c: RunConfig, world_size: int, holders: int) -> None:
 def check_output(out: str | os.PathLike[str], *, overwrite: bool) -> Path:
     """The result path must be new (or --overwrite) and its directory writable."""
     p = Path(out)
+    if p.is_symlink():
+        target = os.readlink(p)
+        state = "" if p.exists() else ", which does not exist"
+        raise ConfigError(
+            f"output {p} is a symbolic link (to {target}{state}); give the path of the file "
+            "itself: a result is written beside its name and renamed into place, which would "
+            "replace the link, not write its target"
+        )
     if p.is_dir():
         raise ConfigError(f"output {p} is a directory; give a file name such as {p / 'run.h5'}")
     if p.exists() and not overwrite:
