@@ -5,6 +5,8 @@ fatal: ``snake-mpi run`` notes it from the moment the config is read. Slurm's
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,3 +97,74 @@ def test_sigusr1_while_torch_is_imported_in_a_real_run_checkpoints_and_exits_75(
     assert proc.returncode == 75, stdout + stderr
     assert "stopped on request after round 1 of 3" in stdout, stdout
     assert (tmp_path / "r.h5.ckpt" / "round-000001" / "manifest.json").is_file()
+
+
+def _start(argv: list[str]) -> subprocess.Popen:
+    from conftest import mpi_env
+
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=mpi_env(), start_new_session=True)  # fmt: skip
+
+
+def _until_round(proc: subprocess.Popen, k: int) -> str:
+    """Read the run's output until rank 0 reports round ``k``."""
+    seen = ""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen += line
+        if f"round {k} of " in line:
+            return seen
+    raise AssertionError(f"the run ended before round {k}:\n{seen}")
+
+
+LONG = ["--set", "train.rounds=400", "--set", "checkpoint.every=2", "--set", "probes.enabled=false"]
+
+
+def test_sigterm_to_a_one_rank_run_says_what_was_kept(tmp_path):
+    """The red team's case: SIGTERM ended a 1-rank run with exit 143 and no word. The run now
+    says where it stopped and what it kept, also beside the result (``OUT.stopped``), which
+    ``snake-mpi show OUT.partial`` prints; it still dies of the signal (143 in a shell)."""
+    from conftest import snake_mpi
+
+    out = tmp_path / "r.h5"
+    proc = _start(snake_mpi("run", str(TINY), "--set", 'scheme="centralised"', *LONG,
+                            "--out", str(out)))  # fmt: skip
+    try:
+        _until_round(proc, 3)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGTERM, stderr
+    line = next(x for x in stderr.splitlines() if "stopped by SIGTERM" in x)
+    kept = r"r.h5.partial keeps \d+ complete round\(s\) of 400; the checkpoint after round \d+"
+    assert re.search(rf"stopped by SIGTERM in round \d+ of 400: .*{kept} is kept", line), line
+    assert "--resume continues from it" in line
+    assert (tmp_path / "r.h5.stopped").read_text().strip() == line
+    shown = subprocess.run(snake_mpi("show", str(tmp_path / "r.h5.partial")), capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    assert line in shown.stdout, shown.stdout + shown.stderr
+    assert not (tmp_path / "r.h5.lock").exists()
+
+
+@pytest.mark.mpi
+def test_sigterm_to_mpirun_leaves_the_line_beside_the_result(tmp_path):
+    """Open MPI's mpirun stops relaying the ranks' output once it is signalled, so the line
+    rank 0 writes cannot reach the terminal: it is in ``OUT.stopped``, and ``show`` says it."""
+    from conftest import mpi_command, snake_mpi
+
+    out = tmp_path / "r.h5"
+    proc = _start(mpi_command(2, snake_mpi("run", str(TINY), *LONG, "--out", str(out))))
+    try:
+        _until_round(proc, 3)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    note = (tmp_path / "r.h5.stopped").read_text()
+    assert re.search(r"stopped by SIGTERM in round \d+ of 400: ", note), note
+    assert not (tmp_path / "r.h5.lock").exists() and not out.exists()

@@ -180,6 +180,7 @@ def _main(argv: list[str] | None) -> int:
 
         try:
             print(format_summary(read_result(args.result, allow_incomplete=True)))
+            _print_stop_note(args.result)
         except ResultError as e:
             hint = ""
             if e.path.is_dir():
@@ -295,6 +296,16 @@ def _usr1_as_default(noted: list[int]) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     if noted:
         os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def _print_stop_note(result: str) -> None:
+    """The line a run stopped by a signal left beside its output (``run.stop_note_path``)."""
+    from pathlib import Path
+
+    out = result.removesuffix(".partial")
+    note = Path(f"{out}.stopped")
+    if Path(result).name.endswith(".partial") and note.is_file():
+        print(note.read_text().strip())
 
 
 def _launched_size() -> int:

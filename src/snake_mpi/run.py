@@ -8,6 +8,7 @@ once rank 0 has written everything.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -216,6 +217,7 @@ def main(
     if lock is not None:
         mpi.at_abort(lock.release)
         _release_on_signal(lock)
+        stop_note_path(out_path).unlink(missing_ok=True)  # of an earlier attempt
         if lock.took_over:
             print(f"snake-mpi: took over the stale lock {lock.path} ({lock.took_over})")
     mpi.install_abort_on_error()
@@ -366,14 +368,69 @@ def transfer_route(cfg: RunConfig, placement: Any, query: Any) -> tuple[str, str
     return choose_transfer(cfg.comm.gpu_transfer, placement.kind, support, how)
 
 
+@dataclasses.dataclass(slots=True)
+class _Written:
+    """What rank 0 has written so far, for the line a stopping signal prints."""
+
+    writer: Any = None
+    """The run's ``ResultWriter`` once it exists."""
+    checkpoints: Any = None
+    """The run's ``Checkpointer``."""
+    rounds: int = 0
+
+
+_WRITTEN = _Written()
+
+
+def stop_note_path(out: Path) -> Path:
+    """``OUT.stopped``: the line of the signal that stopped the run writing ``OUT`` (removed
+    when a run of ``OUT`` starts or completes)."""
+    return Path(f"{out}.stopped")
+
+
+def kept_line(signum: int, written: _Written = _WRITTEN) -> str:
+    """What a run stopped by ``signum`` leaves: the rounds its ``.partial`` holds, its newest
+    checkpoint, and how to go on."""
+    import signal
+
+    from snake_mpi.checkpoint import manifest as mf
+
+    name = signal.Signals(signum).name
+    w = written.writer
+    if w is None:
+        return f"snake-mpi: stopped by {name} before the first round: no result was written"
+    done = int(w.n_rounds)
+    what = f"{w.partial} keeps {done} complete round(s) of {written.rounds}"
+    ckpt = written.checkpoints
+    directory = getattr(ckpt, "directory", None)
+    found = mf.committed(directory) if directory is not None else []
+    if found:
+        k, folder = found[0]
+        go_on = f"the checkpoint after round {k} is kept ({folder}); --resume continues from it"
+    elif directory is not None:
+        go_on = "no checkpoint was taken yet; --resume starts again at round 1"
+    else:
+        go_on = "checkpoints are off (checkpoint.every = 0); --resume starts again at round 1"
+    return (
+        f"snake-mpi: stopped by {name} in round {done + 1} of {written.rounds}: {what}; {go_on} "
+        "(SIGUSR1 instead asks for a checkpoint at the round's end)"
+    )
+
+
 def _release_on_signal(lock: Any) -> None:
     """On SIGTERM/SIGINT/SIGHUP (the launcher ending the job after another rank failed, Slurm's
-    time limit, Ctrl-C) remove the output lock, then die of the signal as before: a rerun on
-    another host then finds no lock it cannot judge. A lock left by SIGKILL stays; a rerun on
-    the same host takes it over (``outlock``)."""
+    time limit, Ctrl-C) say what was kept (``kept_line``), remove the output lock, then die of
+    the signal as before: a rerun on another host then finds no lock it cannot judge. A lock
+    left by SIGKILL stays; a rerun on the same host takes it over (``outlock``)."""
     import signal
 
     def _handler(signum: int, _frame: object) -> None:
+        with contextlib.suppress(Exception):
+            line = kept_line(signum)
+            # Open MPI's mpirun stops relaying the ranks' output once it is signalled itself:
+            # the line is also kept beside the result (``snake-mpi show`` prints it)
+            stop_note_path(lock.path.with_suffix("")).write_text(line + "\n")
+            print(line, file=sys.stderr, flush=True)
         lock.release()
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
@@ -500,6 +557,8 @@ def execute(
         prov["torch_num_threads"] = threads
         prov |= gpu.versions() | {"gpu_transfer_reason": path_reason}
         writer.write_provenance(prov)
+        _WRITTEN.writer, _WRITTEN.checkpoints = writer, checkpoints
+        _WRITTEN.rounds = cfg.train.rounds
         print(
             f"snake-mpi: {cfg.scheme} on {n} ranks, {cfg.train.rounds} rounds, "
             f"writing {out_path} ({threads} torch thread(s) per rank; {describe_places(places)})",
