@@ -22,6 +22,10 @@ SESSION_MARK = "SNAKE_MPI_TEST_SESSION"
 """Set in this test process's environment, so every process a test starts (mpirun, its ranks,
 a suite's cells, Slurm jobs) carries it, even once reparented to PID 1."""
 os.environ[SESSION_MARK] = f"{os.getpid()}-{time.time_ns()}"
+os.environ.setdefault("OMPI_MCA_btl", "^ofi")
+"""Every MPI job the tests start (mpirun, suites, Slurm jobs) skips Open MPI's libfabric
+transport: on one host it is never chosen (shared memory is), and its probe adds a second of
+MPI_Init to every job here (``OMPI_MCA_btl=^ofi``; set it to something else to test another)."""
 settings.register_profile("default", deadline=None, derandomize=bool(os.environ.get("CI")))
 settings.register_profile("thorough", deadline=None, max_examples=2000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
@@ -227,6 +231,84 @@ def run_variants(config: Path, n: int, out_dir: Path, variants: dict[str, list[s
         run_in_threads(cfg, n, out_dir / f"{name}.h5")
         results[name] = read_result(out_dir / f"{name}.h5")
     return results
+
+
+@dataclass(frozen=True)
+class MpiRun:
+    """A run of the session's shared MPI job (``mpi_run``, ``mpi_runs``)."""
+
+    ranks: int
+    config: str
+    sets: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        import hashlib
+
+        digest = hashlib.sha256("\0".join([self.config, *self.sets]).encode()).hexdigest()
+        return f"n{self.ranks}-{Path(self.config).stem}-{digest[:12]}"
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    """What a run of the shared job left: its result and the lines rank 0 printed."""
+
+    result: Any
+    stdout: str
+    path: Path
+
+
+_DECLARED: dict[str, MpiRun] = {}
+
+
+def mpi_run(ranks: int, config: Path | str, *sets: str) -> MpiRun:
+    """Declare (when a test module is imported) a run that the session's one MPI job makes;
+    ``mpi_runs(run)`` in a test gives its output. Runs that only read a result share one
+    ``mpirun``: its start-up and every rank's imports are paid once (testing.md)."""
+    run = MpiRun(int(ranks), str(config), tuple(sets))
+    _DECLARED.setdefault(run.name, run)
+    return run
+
+
+@pytest.fixture(scope="session")
+def mpi_runs(tmp_path_factory):
+    """``get(run) -> RunOutput``. The first call makes every run declared so far, in one
+    ``mpirun -n N`` job (``tests/mpi_programs/runs.py``; N: the most ranks a run needs); a run
+    that failed fails the tests that read it, with the job's output."""
+    import json
+
+    from snake_mpi.store import read_result
+
+    root = tmp_path_factory.mktemp("mpi-runs")
+    made: dict[str, Job] = {}
+
+    def make(pending: list[MpiRun]) -> Job:
+        spec = root / f"runs-{len(made)}.json"
+        spec.write_text(json.dumps([
+            {"name": r.name, "ranks": r.ranks, "config": r.config, "sets": list(r.sets),
+             "out": str(root / f"{r.name}.h5")}
+            for r in pending
+        ]))  # fmt: skip
+        n = max(r.ranks for r in pending)
+        program = REPO / "tests" / "mpi_programs" / "runs.py"
+        return run_mpi(n, [sys.executable, str(program), str(spec)], timeout_s=900)
+
+    def get(run: MpiRun) -> RunOutput:
+        if run.name not in made:
+            pending = [r for r in _DECLARED.values() if r.name not in made]
+            if run.name not in {r.name for r in pending}:
+                pending.append(run)
+            job = make(pending)
+            for r in pending:
+                made[r.name] = job
+        out = root / f"{run.name}.h5"
+        if not Path(f"{out}.done").exists():
+            job = made[run.name]
+            pytest.fail(f"run {run} did not complete in the shared MPI job "
+                        f"(exit {job.returncode}):\n{job.output[-6000:]}")  # fmt: skip
+        return RunOutput(read_result(out), Path(f"{out}.stdout").read_text(), out)
+
+    return get
 
 
 def snake_mpi(*args: str) -> list[str]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_mpi, snake_mpi
+from conftest import REPO, mpi_run, run_mpi
 from snake_mpi.analysis.expected import expected_bytes
 from snake_mpi.blocks import model_hash
 from snake_mpi.config import ConfigError, ModelConfig, from_dict, load_config
@@ -216,16 +216,14 @@ def test_link_emulation_under_mpi_makes_every_transfer_last_the_formula():
         assert formula - 1e-3 <= float(seconds) <= formula + 0.02, (rank, nbytes, seconds)
 
 
+LINKS = mpi_run(
+    2, TINY, "emulate.bandwidth_bps=1e6", "emulate.latency_s=0.02", "probes.enabled=false"
+)
+
+
 @pytest.mark.mpi
-def test_a_run_with_emulated_links_records_the_stretch(tmp_path):
-    out = tmp_path / "links.h5"
-    sets = ["emulate.bandwidth_bps=1e6", "emulate.latency_s=0.02", "probes.enabled=false"]
-    args = [str(TINY), "--out", str(out)]
-    for s in sets:
-        args += ["--set", s]
-    job = run_mpi(2, snake_mpi("run", *args), timeout_s=120)
-    assert job.returncode == 0, job.output
-    r = read_result(out).rounds
+def test_a_run_with_emulated_links_records_the_stretch(mpi_runs):
+    r = mpi_runs(LINKS).result.rounds
     sent = r["messages_sent"] > 0
     formula = 0.02 + 8 * r["bytes_sent"] / 1e6  # one hop per rank per round here
     # a lower bound only (a stretch sleeps until the hop time has passed): load cannot break it

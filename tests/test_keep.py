@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_mpi, run_variants, snake_mpi
+from conftest import REPO, mpi_run, run_variants
 from snake_mpi.analysis import analytic
 from snake_mpi.analysis.expected import (
     expected_at_rest_bytes,
@@ -185,15 +185,12 @@ def test_an_unknown_keep_is_a_config_error():
         load_config(TINY, ['snake.keep="some"'])
 
 
+KEEP_OWN = mpi_run(4, TINY, "probes.enabled=false", 'snake.keep="own"', 'snake.mode="p2p"')
+
+
 @pytest.mark.mpi
-@pytest.mark.parametrize("mode", ["p2p"])
-def test_mpi_run_with_keep_own_counts_the_analytic_bytes(tmp_path, mode):
-    out = tmp_path / "own.h5"
-    sets = ["probes.enabled=false", 'snake.keep="own"', f'snake.mode="{mode}"']
-    argv = [str(TINY), "--out", str(out)] + [x for s in sets for x in ("--set", s)]
-    job = run_mpi(4, snake_mpi("run", *argv), timeout_s=120)
-    assert job.returncode == 0, job.output
-    res = read_result(out)
+def test_mpi_run_with_keep_own_counts_the_analytic_bytes(mpi_runs):
+    res = mpi_runs(KEEP_OWN).result
     check_against_analytic(res)
     total = int(res.tables["blocks"]["bytes"].sum())
     assert (res.rounds["model_at_rest_bytes"][:, :3] < total).all()

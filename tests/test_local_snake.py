@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import REPO, run_mpi, snake_mpi
+from conftest import REPO, mpi_run
 from snake_mpi.analysis import analytic
 from snake_mpi.blocks import block_nbytes, model_hash
 from snake_mpi.config import load_config
@@ -44,17 +44,13 @@ def test_exception_in_a_thread_rank_is_raised_not_hung(tmp_path):
         run_threads(3, tmp_path, "debug.fail_rank=1", "debug.fail_round=1", "comm.deadline_s=5")
 
 
+MPI_RUN = mpi_run(4, TINY, "probes.enabled=false")
+
+
 @pytest.mark.mpi
-def test_threads_and_mpi_give_bit_identical_models_and_counts(tmp_path):
+def test_threads_and_mpi_give_bit_identical_models_and_counts(tmp_path, mpi_runs):
     _cfg, ctxs, out_threads = run_threads(4, tmp_path)
-    out_mpi = tmp_path / "mpi.h5"
-    job = run_mpi(
-        4,
-        snake_mpi("run", str(TINY), "--out", str(out_mpi), "--set", "probes.enabled=false"),
-        timeout_s=120,
-    )
-    assert job.returncode == 0, job.output
-    a, b = read_result(out_threads), read_result(out_mpi)
+    a, b = read_result(out_threads), mpi_runs(MPI_RUN).result
     assert list(b.tables["ranks"]["model_sha256"]) == [model_hash(c.model) for c in ctxs]
     for field in ("bytes_sent", "bytes_received", "messages_sent", "loss", "samples", "steps"):
         np.testing.assert_array_equal(a.rounds[field], b.rounds[field], err_msg=field)

@@ -7,8 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import REPO, run_mpi, snake_mpi
-from snake_mpi.store import read_result
+from conftest import REPO, mpi_run
 
 SKEW = REPO / "tests" / "configs" / "skew.toml"
 MARGIN = 0.3
@@ -18,22 +17,18 @@ bench/label_skew_explore.py tests/configs/skew.toml --set seed=S [--set ... OLD]
 OLD = ["snake.logit_adjust=0", 'snake.ends="owner"', "snake.kd.weight=0", "snake.prox_mu=0"]
 
 
+RUNS = {
+    name: mpi_run(4, SKEW, "probes.enabled=false", *sets)
+    for name, sets in {"default": [], "old": OLD}.items()
+}
+
+
 @pytest.mark.mpi
-def test_default_snake_beats_the_old_default_under_label_skew(tmp_path):
+def test_default_snake_beats_the_old_default_under_label_skew(mpi_runs):
     """Snake P2P on 4 ranks (CS: tests/test_label_skew.py, in threads)."""
     final = {}
-    for name, sets in {"default": [], "old": OLD}.items():
-        out = tmp_path / f"{name}.h5"
-        argv = ["--set", "probes.enabled=false"]
-        for s in sets:
-            argv += ["--set", s]
-        job = run_mpi(
-            4,
-            snake_mpi("run", str(SKEW), "--out", str(out), *argv),
-            timeout_s=120,
-        )
-        assert job.returncode == 0, job.output
-        res = read_result(out)
+    for name, run in RUNS.items():
+        res = mpi_runs(run).result
         final[name] = float(res.evaluation["accuracy"][-1])
         if name == "old":  # what the old default does: the last trainers' classes only
             assert final[name] < 0.3, final

@@ -1,5 +1,6 @@
-"""Language-model fine-tuning as real MPI jobs: Snake lowers held-out perplexity on real text,
-and every scheme's measured bytes equal the analytic count with tied weights sent once."""
+"""Language-model fine-tuning under MPI (runs of the session's shared MPI job): Snake lowers
+held-out perplexity on real text, and every scheme's measured bytes equal the analytic count
+with tied weights sent once."""
 
 from __future__ import annotations
 
@@ -8,29 +9,35 @@ import math
 import numpy as np
 import pytest
 
-from conftest import REPO, run_mpi, snake_mpi
+from conftest import REPO, mpi_run
 
 pytest.importorskip("transformers")
 
 from snake_mpi.analysis.expected import expected_bytes  # noqa: E402
-from snake_mpi.store import read_result  # noqa: E402
 
 CONFIG = REPO / "tests" / "configs" / "lm-tiny.toml"
 
 
-def run(tmp_path, n, *sets):
-    out = tmp_path / "r.h5"
-    argv = snake_mpi("run", str(CONFIG), "--out", str(out))
-    for s in sets:
-        argv += ["--set", s]
-    job = run_mpi(n, argv, timeout_s=240)
-    assert job.returncode == 0, job.output
-    return job, read_result(out)
+SNAKE = mpi_run(3, CONFIG)
+OTHERS = {
+    "fedavg-opt-fp32": (3, ['scheme="fedavg"', "train.rounds=2"]),
+    "snake-cs-llama-bf16": (
+        3,
+        [
+            'snake.mode="cs"',
+            'model.preset="llama-tiny"',
+            'model.dtype="bfloat16"',
+            "train.rounds=2",
+        ],
+    ),
+}
+OTHER_RUNS = {name: mpi_run(n, CONFIG, *sets) for name, (n, sets) in OTHERS.items()}
 
 
 @pytest.mark.mpi
-def test_snake_fine_tuning_lowers_held_out_perplexity_on_real_text(tmp_path):
-    job, res = run(tmp_path, 3)
+def test_snake_fine_tuning_lowers_held_out_perplexity_on_real_text(mpi_runs):
+    made = mpi_runs(SNAKE)
+    res = made.result
     ppl = res.evaluation["perplexity"]
     assert len(ppl) == 4
     assert np.allclose(ppl, np.exp(res.evaluation["loss"]))
@@ -38,7 +45,7 @@ def test_snake_fine_tuning_lowers_held_out_perplexity_on_real_text(tmp_path):
     # and it keeps falling
     assert ppl[0] < 64 and ppl[-1] < 0.85 * ppl[0], ppl
     assert all(b < a for a, b in zip(ppl, ppl[1:], strict=False)), ppl
-    assert "test perplexity" in job.stdout and "final test perplexity" in job.stdout
+    assert "test perplexity" in made.stdout and "final test perplexity" in made.stdout
     sent, received = expected_bytes(res)
     assert np.array_equal(res.rounds["bytes_sent"], sent)
     assert np.array_equal(res.rounds["bytes_received"], received)
@@ -53,24 +60,10 @@ def test_snake_fine_tuning_lowers_held_out_perplexity_on_real_text(tmp_path):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize(
-    "n, sets",
-    [
-        (3, ['scheme="fedavg"', "train.rounds=2"]),
-        (
-            3,
-            [
-                'snake.mode="cs"',
-                'model.preset="llama-tiny"',
-                'model.dtype="bfloat16"',
-                "train.rounds=2",
-            ],
-        ),
-    ],
-    ids=["fedavg-opt-fp32", "snake-cs-llama-bf16"],
-)
-def test_measured_bytes_equal_the_analytic_count(tmp_path, n, sets):
-    _, res = run(tmp_path, n, *sets)
+@pytest.mark.parametrize("name", list(OTHERS))
+def test_measured_bytes_equal_the_analytic_count(mpi_runs, name):
+    res = mpi_runs(OTHER_RUNS[name]).result
+    sets = OTHERS[name][1]
     sent, received = expected_bytes(res)
     assert np.array_equal(res.rounds["bytes_sent"], sent)
     assert np.array_equal(res.rounds["bytes_received"], received)
@@ -80,20 +73,13 @@ def test_measured_bytes_equal_the_analytic_count(tmp_path, n, sets):
     assert all(math.isfinite(p) for p in res.evaluation["perplexity"])
 
 
-@pytest.mark.mpi
-def test_a_missing_checkpoint_ends_the_job_with_a_config_error(tmp_path):
-    out = tmp_path / "r.h5"
-    argv = snake_mpi(
-        "run",
-        str(CONFIG),
-        "--out",
-        str(out),
-        "--set",
-        'model.preset=""',
-        "--set",
-        f'model.checkpoint="{tmp_path / "no-such-model"}"',
-    )
-    job = run_mpi(2, argv, timeout_s=60)
-    assert job.returncode == 2
-    assert "config error: model.checkpoint" in job.stderr and "is not a directory" in job.stderr
-    assert not out.exists()
+def test_a_missing_checkpoint_is_a_config_error(tmp_path, capsys):
+    """Refused before any rank starts (``validate --np 2`` makes the checks ``run`` makes; a
+    config error's exit on every rank of a real job: tests/test_mpi_snake.py)."""
+    from snake_mpi.cli import main
+
+    code = main(["validate", str(CONFIG), "--np", "2", "--no-data", "--set", 'model.preset=""',
+                 "--set", f'model.checkpoint="{tmp_path / "no-such-model"}"'])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "config error: model.checkpoint" in err and "is not a directory" in err

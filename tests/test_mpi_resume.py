@@ -23,7 +23,17 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import REPO, _is_open_mpi, _mpirun, mpi_command, mpi_env, run_mpi, snake_mpi
+from conftest import (
+    REPO,
+    MpiRun,
+    _is_open_mpi,
+    _mpirun,
+    mpi_command,
+    mpi_env,
+    mpi_run,
+    run_mpi,
+    snake_mpi,
+)
 from snake_mpi.checkpoint import EXIT_CHECKPOINTED, tensorfile
 from snake_mpi.checkpoint import manifest as mf
 from snake_mpi.record import EVAL_FIELDS, ROUND_FIELDS
@@ -163,23 +173,26 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
     }
 
 
+BASELINE_RUNS: dict[tuple[str, int, tuple[str, ...]], MpiRun] = {}
+
+
+def declare_baseline(n: int, sets, config: Path = TINY) -> None:
+    """A run never interrupted, made by the session's shared MPI job (declared when this
+    module is imported, so that they all share its one launch)."""
+    BASELINE_RUNS[str(config), n, tuple(sets)] = mpi_run(n, config, *sets)
+
+
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    """``get(n, sets, config)``: the result of that run never interrupted (made once per
-    module); it removed its checkpoints on completing."""
-    cache = {}
+def baseline(mpi_runs):
+    """``get(n, sets, config)``: the result of that run never interrupted; it removed its
+    checkpoints on completing."""
 
     def get(n: int, sets, config: Path = TINY):
-        key = (str(config), n, tuple(sets))
-        if key not in cache:
-            out = tmp_path_factory.mktemp("baseline") / "r.h5"
-            job = run(n, out, sets, config=config)
-            assert job.returncode == 0, job.output
-            assert not ckpt_dir(out).exists() and not partial_path(out).exists()
-            res = read_result(out)
-            assert_attempts(res, [(0, res.n_rounds)])
-            cache[key] = res
-        return cache[key]
+        made = mpi_runs(BASELINE_RUNS[str(config), n, tuple(sets)])
+        assert not ckpt_dir(made.path).exists() and not partial_path(made.path).exists()
+        res = made.result
+        assert_attempts(res, [(0, res.n_rounds)])
+        return res
 
     return get
 
@@ -190,13 +203,15 @@ def baseline(tmp_path_factory):
 SCHEMES = {
     # name: (ranks, sets, killed rank, killed at round, ranks that carried a hop in)
     "snake-p2p": (3, ['scheme="snake"'], 1, 3, {0}),  # node 0 took in the wrap hop
-    "snake-cs": (3, ['snake.mode="cs"'], 0, 4, set()),  # the controller; 1 round left
     "snake-p2p-keep-own": (4, ['snake.keep="own"'], 0, 3, {0}),  # the node that carried
     "fedavg": (3, ['scheme="fedavg"'], 0, 2, set()),  # the server, right after its checkpoint
     "split": (3, ['scheme="split"'], 2, 3, {1}),  # client 1 took in the relay
-    "splitfed": (3, ['scheme="splitfed"'], 2, 3, set()),
-    "centralised": (1, ['scheme="centralised"'], 0, 4, set()),
 }
+"""Killed by a real SIGKILL under mpirun. Snake CS, SplitFed and centralised are killed and
+resumed with ranks as threads (tests/test_checkpoint.py), as every scheme is there."""
+for _n, _sets, *_ in SCHEMES.values():
+    declare_baseline(_n, [*BASE, *_sets])
+declare_baseline(3, [*BASE, 'scheme="snake"'])
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
@@ -335,6 +350,9 @@ SLOW = (
 )
 
 
+declare_baseline(3, [*SLOW, 'train.optimizer="adam"', "train.lr=0.01"])
+
+
 def run_signalled(n: int, argv: list[str], target: str, timeout_s: float = 180):
     """Run ``argv`` on ``n`` ranks; once rank 0 reports a round, send SIGUSR1 to every rank
     (``target = "ranks"``) or to the launcher only (``"launcher"``). Returns the exit status,
@@ -438,11 +456,15 @@ def test_sigusr1_checkpoints_exits_75_and_the_resumes_end_as_the_run_never_stopp
 # ------------------------------------------------------------------------ language models
 
 
+LM_SETS = ["train.rounds=3", "checkpoint.every=1", 'model.dtype="bfloat16"']
+declare_baseline(3, LM_SETS, LM)
+
+
 def test_a_language_model_killed_and_resumed_ends_identical(tmp_path, baseline):
     """OPT-shaped (its embedding tied to the head) in bfloat16: the checkpoint keeps its
     tensors as bfloat16 words."""
     pytest.importorskip("transformers")
-    n, sets = 3, ["train.rounds=3", "checkpoint.every=1", 'model.dtype="bfloat16"']
+    n, sets = 3, LM_SETS
     want = baseline(n, sets, LM)
     out = killed(tmp_path, n, sets, 0, 2, config=LM)
     assert committed_rounds(out) == [2, 1]

@@ -1,14 +1,15 @@
-"""Every scheme as a real MPI job on 3 and 4 ranks (centralised on 1): measured bytes equal the
-analytic count exactly, accuracy clears a bound, and the result file is complete."""
+"""Every scheme under MPI on 3 and 4 ranks (centralised on 1), runs of the session's shared MPI
+job (``conftest.mpi_run``): measured bytes equal the analytic count exactly, accuracy clears a
+bound, and the result file is complete. A second rank count for centralised is refused by a
+real ``snake-mpi run`` launch."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from conftest import REPO, run_mpi, snake_mpi
+from conftest import REPO, mpi_run, run_mpi, snake_mpi
 from snake_mpi.analysis.expected import expected_bytes
-from snake_mpi.store import read_result
 
 pytestmark = pytest.mark.mpi
 SMALL = REPO / "tests" / "configs" / "small.toml"
@@ -24,14 +25,8 @@ SCHEMES = {
 }
 
 
-def run_scheme(tmp_path, n, sets):
-    out = tmp_path / "r.h5"
-    args = [str(SMALL), "--out", str(out)]
-    for s in sets:
-        args += ["--set", s]
-    job = run_mpi(n, snake_mpi("run", *args), timeout_s=180)
-    assert job.returncode == 0, job.output
-    return read_result(out)
+RUNS = {(scheme, n): mpi_run(n, SMALL, *sets) for scheme, sets in SCHEMES.items() for n in (3, 4)}
+CENTRALISED = mpi_run(1, SMALL, 'scheme="centralised"')
 
 
 def check(res, n):
@@ -46,16 +41,15 @@ def check(res, n):
 
 @pytest.mark.parametrize("n", [3, 4])
 @pytest.mark.parametrize("scheme", list(SCHEMES))
-def test_scheme_counts_exact_bytes_learns_and_completes(tmp_path, scheme, n):
-    res = run_scheme(tmp_path, n, SCHEMES[scheme])
+def test_scheme_counts_exact_bytes_learns_and_completes(mpi_runs, scheme, n):
+    res = mpi_runs(RUNS[scheme, n]).result
     check(res, n)
     if scheme != "snake-p2p":  # client-server: rank 0 holds no data
         assert res.tables["ranks"]["data_samples"][0] == 0
 
 
-def test_centralised_runs_on_one_rank(tmp_path):
-    res = run_scheme(tmp_path, 1, ['scheme="centralised"'])
-    check(res, 1)
+def test_centralised_runs_on_one_rank(mpi_runs):
+    check(mpi_runs(CENTRALISED).result, 1)
 
 
 def test_centralised_refuses_several_ranks(tmp_path):

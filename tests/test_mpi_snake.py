@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, run_mpi, snake_mpi
+from conftest import REPO, mpi_run, run_mpi, snake_mpi
 from snake_mpi.analysis import analytic
 from snake_mpi.config import from_dict
 from snake_mpi.models import build_model
@@ -50,20 +50,21 @@ def plan_of(result):
     return cfg, plan_segments(model, cfg.snake, result.world_size)
 
 
-@pytest.mark.parametrize(
-    ("n", "transfer", "ends"),
-    [
-        (2, "delta", "owner"),
-        (3, "delta", "all"),
-        (4, "delta", "owner"),
-        (3, "full", "owner"),
-        (4, "full", "frozen"),
-    ],
-)
-def test_bytes_per_rank_per_round_equal_the_analytic_count(tmp_path, n, transfer, ends):
-    job, out = run_tiny(tmp_path, n, f"snake.transfer={transfer}", f"snake.ends={ends}")
-    assert job.returncode == 0, job.output
-    res = read_result(out)
+BYTES_CASES = [
+    (2, "delta", "owner"),
+    (3, "delta", "all"),
+    (4, "delta", "owner"),
+    (3, "full", "owner"),
+    (4, "full", "frozen"),
+]
+BYTES_RUNS = {
+    (n, t, e): mpi_run(n, TINY, f"snake.transfer={t}", f"snake.ends={e}") for n, t, e in BYTES_CASES
+}
+
+
+@pytest.mark.parametrize(("n", "transfer", "ends"), BYTES_CASES)
+def test_bytes_per_rank_per_round_equal_the_analytic_count(mpi_runs, n, transfer, ends):
+    res = mpi_runs(BYTES_RUNS[n, transfer, ends]).result
     cfg, plan = plan_of(res)
     block_bytes = [int(b) for b in res.tables["blocks"]["bytes"]]
     rounds = cfg.train.rounds
@@ -80,14 +81,13 @@ def test_bytes_per_rank_per_round_equal_the_analytic_count(tmp_path, n, transfer
         assert res.rounds["bytes_sent"][0].sum() == n * hop
 
 
-def test_final_sync_leaves_every_rank_with_the_last_nodes_model(tmp_path):
-    job, out = run_tiny(tmp_path, 4)
-    assert job.returncode == 0, job.output
-    hashes = list(read_result(out).tables["ranks"]["model_sha256"])
+SYNC, NO_SYNC = mpi_run(4, TINY), mpi_run(4, TINY, "snake.final_sync=false")
+
+
+def test_final_sync_leaves_every_rank_with_the_last_nodes_model(mpi_runs):
+    hashes = list(mpi_runs(SYNC).result.tables["ranks"]["model_sha256"])
     assert len(hashes) == 4 and len(set(hashes)) == 1, hashes
-    job, out = run_tiny(tmp_path, 4, "snake.final_sync=false", name="nosync.h5")
-    assert job.returncode == 0, job.output
-    hashes = list(read_result(out).tables["ranks"]["model_sha256"])
+    hashes = list(mpi_runs(NO_SYNC).result.tables["ranks"]["model_sha256"])
     assert hashes[0] != hashes[3]  # without the sync, node 0 lacks what later nodes trained
 
 
@@ -178,30 +178,46 @@ def test_sigkill_of_a_rank_ends_the_job_and_leaves_only_an_incomplete_partial(
         assert complete == [] and [p for p, _why in skipped] == [partial]
 
 
-def test_the_same_run_twice_gives_the_same_models_and_counts(tmp_path):
-    (job_a, a), (job_b, b) = (run_tiny(tmp_path, 3, name=f"{k}.h5") for k in "ab")
-    assert job_a.returncode == 0 and job_b.returncode == 0, job_a.output + job_b.output
-    ra, rb = read_result(a), read_result(b)
+TWICE = mpi_run(3, TINY)
+
+
+def test_the_same_run_twice_gives_the_same_models_and_counts(tmp_path, mpi_runs):
+    """The real ``snake-mpi run`` of the config, and the same run in the shared MPI job."""
+    job, a = run_tiny(tmp_path, 3, name="a.h5")
+    assert job.returncode == 0, job.output
+    ra, rb = read_result(a), mpi_runs(TWICE).result
     assert list(ra.tables["ranks"]["model_sha256"]) == list(rb.tables["ranks"]["model_sha256"])
     for field in ("bytes_sent", "bytes_received", "loss", "samples"):
         np.testing.assert_array_equal(ra.rounds[field], rb.rounds[field], err_msg=field)
     np.testing.assert_array_equal(ra.evaluation["accuracy"], rb.evaluation["accuracy"])
 
 
-@pytest.mark.parametrize(
-    ("n", "sets", "message"),
-    [
-        (3, ["train.rounds=0"], "train.rounds must be a positive"),
-        (3, ["data.alpha=-1"], "data.alpha"),
-        (3, ["model.middle_blocks=2"], "fewer than the 3 nodes"),
-        (3, ["bogus=1"], "unknown key 'bogus'"),
-        (1, [], "needs at least 2 MPI ranks, got 1"),
-    ],
-)
-def test_bad_config_exits_2_on_every_rank_with_no_output(tmp_path, n, sets, message):
-    job, out = run_tiny(tmp_path, n, *sets)
+BAD_CONFIGS = [
+    (3, ["train.rounds=0"], "train.rounds must be a positive"),
+    (3, ["data.alpha=-1"], "data.alpha"),
+    (3, ["model.middle_blocks=2"], "fewer than the 3 nodes"),
+    (3, ["bogus=1"], "unknown key 'bogus'"),
+    (1, [], "needs at least 2 MPI ranks, got 1"),
+]
+
+
+@pytest.mark.parametrize(("n", "sets", "message"), BAD_CONFIGS)
+def test_a_bad_config_is_refused_with_one_message(capsys, n, sets, message):
+    """The checks ``run`` makes on every rank before any message, made by ``validate --np``
+    in this process (every rank of a real job: the test below)."""
+    from snake_mpi.cli import main
+
+    code = main(["validate", str(TINY), "--np", str(n), *(x for s in sets for x in ("--set", s))])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("config error") == 1 and message in err, err
+
+
+def test_a_bad_config_exits_2_on_every_rank_with_no_output(tmp_path):
+    job, out = run_tiny(tmp_path, 3, "train.rounds=0")
     assert job.returncode == 2, job.output
-    assert job.stderr.count("config error") == 1 and message in job.stderr, job.stderr
+    assert job.stderr.count("config error") == 1, job.stderr
+    assert "train.rounds must be a positive" in job.stderr, job.stderr
     assert job.elapsed_s < PROMPT_S, job.elapsed_s
     assert list(tmp_path.iterdir()) == []
 
@@ -226,12 +242,13 @@ TIME_PARTS = (
 )
 
 
-def test_every_second_of_a_round_falls_in_one_recorded_column(tmp_path):
+TIMED = mpi_run(3, TINY, "train.rounds=4", "train.local_steps=40")
+
+
+def test_every_second_of_a_round_falls_in_one_recorded_column(mpi_runs):
     """The columns are disjoint parts of ``round_s``, and rank 0 of P2P, which waits for the
     others at each round's end, has that wait recorded (``gather_s``) instead of a short round."""
-    job, out = run_tiny(tmp_path, 3, "train.rounds=4", "train.local_steps=12")
-    assert job.returncode == 0, job.output
-    r = read_result(out).rounds
+    r = mpi_runs(TIMED).result.rounds
     parts = sum(r[k] for k in TIME_PARTS)
     other = r["round_s"] - parts
     assert (other > -0.01).all(), other  # no second counted twice
@@ -241,32 +258,33 @@ def test_every_second_of_a_round_falls_in_one_recorded_column(tmp_path):
     assert (other.sum(axis=0) < 0.2 * total).all(), (other.sum(axis=0), total)
 
 
-@pytest.mark.parametrize(
-    "sets",
-    [
-        ['model.family="vgg11"', "model.width=4", "data.sample_shape=[3, 32, 32]"],
-        ["snake.keep=own", "snake.ends=all", "checkpoint.every=1"],
-        ["scheme=fedavg"],
-    ],
-    ids=["p2p-vgg", "p2p-own-checkpoints", "fedavg"],
-)
-def test_hops_from_block_buffers_give_the_same_model_as_packed_hops(tmp_path, sets):
+HOP_SETS = {
+    "p2p-vgg": ['model.family="vgg11"', "model.width=4", "data.sample_shape=[3, 32, 32]"],
+    "p2p-own-checkpoints": ["snake.keep=own", "snake.ends=all", "checkpoint.every=1"],
+    "fedavg": ["scheme=fedavg"],
+}
+HOP_MODES = {
+    "copy": ['comm.hop_buffers="copy"', "comm.pipelined_min_bytes=0"],
+    "views": ['comm.hop_buffers="views"', "comm.pipelined_min_bytes=1024"],
+    "general": ['comm.hop_buffers="views"', "comm.hop_plans=false"],
+}
+HOP_RUNS = {
+    (case, mode): mpi_run(3, TINY, *sets, *how)
+    for case, sets in HOP_SETS.items()
+    for mode, how in HOP_MODES.items()
+}
+
+
+@pytest.mark.parametrize("case", list(HOP_SETS))
+def test_hops_from_block_buffers_give_the_same_model_as_packed_hops(mpi_runs, case):
     """``comm.hop_buffers = "views"`` (the blocks' own buffers on the wire, receives posted
     ahead and landing in the model; the ring's hops by hop plans) against ``"copy"`` (packed
     per hop, as before) and views without hop plans (``comm.hop_plans = false``): the same
     final model SHA-256 on every rank, the same losses and byte counts, and no time packing.
     The views run also sends every payload message of 1 KiB and more as swapped halves
     (``comm.pipelined_min_bytes``; the others send them plainly)."""
-    res = {}
-    modes = {
-        "copy": ['comm.hop_buffers="copy"', "comm.pipelined_min_bytes=0"],
-        "views": ['comm.hop_buffers="views"', "comm.pipelined_min_bytes=1024"],
-        "general": ['comm.hop_buffers="views"', "comm.hop_plans=false"],
-    }
-    for mode, how in modes.items():
-        job, out = run_tiny(tmp_path, 3, *sets, *how, name=f"{mode}.h5")
-        assert job.returncode == 0, job.output
-        res[mode] = read_result(out)
+    res = {mode: mpi_runs(HOP_RUNS[case, mode]).result for mode in HOP_MODES}
+    sets = HOP_SETS[case]
     c, v, g = res["copy"], res["views"], res["general"]
     assert list(g.tables["ranks"]["model_sha256"]) == list(v.tables["ranks"]["model_sha256"])
     for k in ("bytes_sent", "bytes_received", "messages_sent", "messages_received"):

@@ -8,7 +8,7 @@ import re
 import h5py
 import pytest
 
-from conftest import REPO, run_mpi, snake_mpi
+from conftest import REPO, mpi_run
 
 SCHEMA = REPO / "docs" / "results-schema.md"
 TINY = REPO / "tests" / "configs" / "tiny.toml"
@@ -61,15 +61,18 @@ def test_the_schema_document_has_the_sections_the_writer_uses():
 SNAKE_ONLY_ATTRS = {"mode", "transfer", "ends", "keep"}  # documented as "Snake runs only"
 
 
+SCHEMA_RUNS = {
+    # Snake with measured capabilities: every /assignment dataset is written
+    "snake": mpi_run(3, TINY, 'scheme="snake"', 'snake.capability="measure"'),
+    "fedavg": mpi_run(3, TINY, 'scheme="fedavg"'),
+    "split": mpi_run(3, TINY, 'scheme="split"'),
+}
+
+
 @pytest.mark.mpi
-@pytest.mark.parametrize("scheme", ["snake", "fedavg", "split"])
-def test_a_result_file_has_exactly_the_documented_datasets_and_attributes(tmp_path, scheme):
-    out = tmp_path / "r.h5"
-    argv = snake_mpi("run", str(TINY), "--out", str(out), "--set", f'scheme="{scheme}"')
-    if scheme == "snake":  # measured capabilities: every /assignment dataset is written
-        argv += ["--set", 'snake.capability="measure"']
-    job = run_mpi(3, argv, timeout_s=120)
-    assert job.returncode == 0, job.output
+@pytest.mark.parametrize("scheme", list(SCHEMA_RUNS))
+def test_a_result_file_has_exactly_the_documented_datasets_and_attributes(mpi_runs, scheme):
+    out = mpi_runs(SCHEMA_RUNS[scheme]).path
     doc = documented()
     snake = scheme == "snake"
     with h5py.File(out, "r") as f:

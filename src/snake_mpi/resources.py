@@ -248,6 +248,12 @@ def _file_bytes(path: str) -> int:
     return 0
 
 
+_REAL_FORWARD_BYTES = 64 * 2**20
+"""Up to these model and sample sizes the model whose outputs are measured is built and run on
+the CPU (milliseconds); a larger one on torch's ``meta`` device, which holds no data but takes
+seconds to set up on first use."""
+
+
 def _model_figures(cfg: RunConfig) -> tuple[list[int], int, str, float]:
     """(parameters and buffers per block, activation bytes of a training step, words, the
     head's share of the model and of a sample's activations, whichever is larger)."""
@@ -266,6 +272,12 @@ def _model_figures(cfg: RunConfig) -> tuple[list[int], int, str, float]:
                 cfg.model, sample_shape=tuple(d.sample_shape), n_classes=d.n_classes, seed=0
             )
         blocks = [sum(t.numel() for t in block_tensors(model, b)) for b in range(model.n_blocks)]
+        small = sum(blocks) * FLOAT_BYTES <= _REAL_FORWARD_BYTES
+        if small and math.prod(d.sample_shape) * FLOAT_BYTES <= _REAL_FORWARD_BYTES:
+            # meta tensors' first use costs seconds of set-up; a small model is built for real
+            model = build_model(
+                cfg.model, sample_shape=tuple(d.sample_shape), n_classes=d.n_classes, seed=0
+            )
         act, outputs_share = _activation_bytes(model, cfg)
     except (RuntimeError, ValueError, OverflowError, TypeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -293,12 +305,14 @@ def _activation_bytes(model: object, cfg: RunConfig) -> tuple[int, float]:
         if isinstance(out, torch.Tensor):
             sizes.append(out.numel() * out.element_size())
 
+    shape = tuple(cfg.data.sample_shape)
+    device = next(model.parameters()).device
+    model.eval()  # shapes only: batch norm takes a batch of one
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]
     try:
-        shape = tuple(cfg.data.sample_shape)
         with torch.no_grad():
-            out = model(torch.empty((1, *shape), device="meta"))
+            out = model(torch.zeros((1, *shape), device=device))
     finally:
         for h in handles:
             h.remove()
