@@ -58,8 +58,10 @@ demo: install
 	  $(BIN)/snake-mpi run $(DEMO_CONFIG) --out $(DEMO_OUT) --overwrite
 	$(BIN)/snake-mpi show $(DEMO_OUT)
 
+# The whole suite (every tier: MPI jobs, Slurm, Chromium, the C build); prints its wall time.
 test: install
-	$(BIN)/python -m pytest -q
+	@start=$$(date +%s); $(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	  echo "make test: $$(( $$(date +%s) - start )) s wall time (exit $$rc)"; exit $$rc
 
 # Lint, format check and type check (mypy's settings: [tool.mypy] in pyproject.toml); CI runs it.
 lint: install

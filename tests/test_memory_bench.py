@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, bench_script, run_mpi, snake_mpi
+from conftest import REPO, bench_script, mpi_run
 from snake_mpi.analysis.memory import GIB, measured_table
 
 TINY = REPO / "tests" / "configs" / "tiny.toml"
@@ -32,13 +32,15 @@ def bench_module(name: str):
     return bench_script(name)
 
 
+CPU_RUN = mpi_run(2, TINY, "train.rounds=2")
+
+
 @pytest.fixture(scope="module")
-def cpu_result(tmp_path_factory) -> Path:
-    """A real 2-rank Snake run of the tiny config (two rounds)."""
+def cpu_result(mpi_runs, tmp_path_factory) -> Path:
+    """A 2-rank Snake run of the tiny config (two rounds; the shared MPI job's), as
+    ``cpu.h5`` in a folder of its own."""
     out = tmp_path_factory.mktemp("cpu") / "cpu.h5"
-    argv = snake_mpi("run", str(TINY), "--out", str(out), "--set", "train.rounds=2")
-    job = run_mpi(2, argv, timeout_s=120)
-    assert job.returncode == 0, job.output
+    shutil.copyfile(mpi_runs(CPU_RUN).path, out)
     return out
 
 

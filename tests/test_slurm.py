@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import REPO
+from conftest import REPO, mpi_run
 from snake_mpi.store import read_result
 
 CLUSTER = REPO / "slurm" / "local-cluster.sh"
@@ -51,14 +50,14 @@ def sbatch(*args: str, env: dict[str, str], timeout_s: float = 600) -> str:
 
 
 def test_run_sbatch_writes_a_complete_result_carrying_the_job_id(slurm, tmp_path):
-    out = tmp_path / "demo.h5"
+    out = tmp_path / "tiny.h5"
     log = tmp_path / "job.log"
     job_id = sbatch(
         "--ntasks=4",
         "--cpus-per-task=1",
         f"--output={log}",
         "slurm/run.sbatch",
-        env={"CONFIG": "bench/configs/demo.toml", "OUT": str(out), "SET": "train.rounds=2"},
+        env={"CONFIG": "tests/configs/tiny.toml", "OUT": str(out), "SET": "train.rounds=2"},
     )
     text = log.read_text()
     assert "snake-mpi launch:" in text, text
@@ -104,16 +103,15 @@ def job_fields(job_id: str) -> dict[str, str]:
     return dict(f.split("=", 1) for f in shown.stdout.split() if "=" in f)
 
 
-def launch_uninterrupted(out: Path, config: str, sets: list[str]) -> None:
-    """The same run without Slurm, never stopped (``snake-mpi launch``: mpirun here)."""
-    exe = str(Path(sys.executable).parent / "snake-mpi")
-    argv = [exe, "launch", "-n", "2", "--", exe, "run", config, "--out", str(out)]
-    for s in sets:
-        argv += ["--set", s]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env |= {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
-    assert done.returncode == 0, done.stdout + done.stderr
+PREEMPTED_ROUNDS = 12
+PREEMPTED_SETS = [
+    f"train.rounds={PREEMPTED_ROUNDS}",
+    "checkpoint.every=100",  # no periodic checkpoint: the resume point is the USR1 one
+    "emulate.latency_s=0.2",  # rounds long enough to signal one mid-run
+    "probes.enabled=false",
+]
+UNINTERRUPTED = mpi_run(2, REPO / "tests" / "configs" / "tiny.toml", *PREEMPTED_SETS)
+"""The preempted run never stopped, without Slurm (a run of the session's shared MPI job)."""
 
 
 def submit(*args: str, env: dict[str, str]) -> str:
@@ -176,24 +174,18 @@ def preempt_once(job_id: str, *, watch: Path, marker: str, log: Path) -> dict[st
     return fields
 
 
-def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes_to_the_same_result(slurm, tmp_path):
+def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes_to_the_same_result(
+    slurm, tmp_path, mpi_runs
+):
     """Preemption as run.sbatch submits itself (--requeue --signal=B:USR1@T): USR1 to the batch
     shell only (``scancel --batch``, what Slurm sends at T) is passed on to the ranks, which
     checkpoint at the end of their round and exit 75; the script requeues the job (not held),
     the requeued job (restart 1, same job id) resumes from that checkpoint and completes. The
     result equals a run never interrupted (model hashes, per-round bytes and messages, losses,
     evaluations) and records both attempts with their restart counts and rounds."""
-    rounds = 12
-    sets = [
-        f"train.rounds={rounds}",
-        "checkpoint.every=100",  # no periodic checkpoint: the resume point is the USR1 one
-        "emulate.latency_s=0.2",  # rounds long enough to signal one mid-run
-        "probes.enabled=false",
-    ]
+    rounds, sets = PREEMPTED_ROUNDS, PREEMPTED_SETS
     config = "tests/configs/tiny.toml"
-    want_path = tmp_path / "uninterrupted.h5"
-    launch_uninterrupted(want_path, config, sets)
-    want = read_result(want_path)
+    want = mpi_runs(UNINTERRUPTED).result
 
     out = tmp_path / "pre.h5"
     log = tmp_path / "job.log"
@@ -229,7 +221,7 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes_to_the_same_resu
     for name in ("round", "accuracy", "loss", "cum_bytes_sent"):
         np.testing.assert_array_equal(got.evaluation[name], want.evaluation[name], err_msg=name)
     # nothing left behind: no partial result, checkpoint, lock or process
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.log", "pre.h5", "uninterrupted.h5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.log", "pre.h5"]
     assert not [
         p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])
     ]
