@@ -58,9 +58,13 @@ demo: install
 	  $(BIN)/snake-mpi run $(DEMO_CONFIG) --out $(DEMO_OUT) --overwrite
 	$(BIN)/snake-mpi show $(DEMO_OUT)
 
-# The whole suite (every tier: MPI jobs, Slurm, Chromium, the C build); prints its wall time.
+# The whole suite (every tier: MPI jobs, Slurm, Chromium, the C build) on TEST_WORKERS
+# pytest-xdist workers (tests that must not overlap are grouped: tests/conftest.py); prints its
+# wall time. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: install
-	@start=$$(date +%s); $(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	@start=$$(date +%s); \
+	  $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS); rc=$$?; \
 	  echo "make test: $$(( $$(date +%s) - start )) s wall time (exit $$rc)"; exit $$rc
 
 # Lint, format check and type check (mypy's settings: [tool.mypy] in pyproject.toml); CI runs it.

@@ -274,16 +274,20 @@ def mpi_run(ranks: int, config: Path | str, *sets: str) -> MpiRun:
 def mpi_runs(tmp_path_factory):
     """``get(run) -> RunOutput``. The first call makes every run declared so far, in one
     ``mpirun -n N`` job (``tests/mpi_programs/runs.py``; N: the most ranks a run needs); a run
-    that failed fails the tests that read it, with the job's output."""
+    that failed fails the tests that read it, with the job's output. Under pytest-xdist the
+    workers share the runs: the first to need them makes them, under a file lock, and the
+    others read what it made."""
+    import fcntl
     import json
 
     from snake_mpi.store import read_result
 
-    root = tmp_path_factory.mktemp("mpi-runs")
-    made: dict[str, Job] = {}
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "mpi-runs"
+    root.mkdir(exist_ok=True)
 
-    def make(pending: list[MpiRun]) -> Job:
-        spec = root / f"runs-{len(made)}.json"
+    def make(pending: list[MpiRun]) -> None:
+        spec = root / f"runs-{time.time_ns()}.json"
         spec.write_text(json.dumps([
             {"name": r.name, "ranks": r.ranks, "config": r.config, "sets": list(r.sets),
              "out": str(root / f"{r.name}.h5")}
@@ -291,24 +295,49 @@ def mpi_runs(tmp_path_factory):
         ]))  # fmt: skip
         n = max(r.ranks for r in pending)
         program = REPO / "tests" / "mpi_programs" / "runs.py"
-        return run_mpi(n, [sys.executable, str(program), str(spec)], timeout_s=900)
+        job = run_mpi(n, [sys.executable, str(program), str(spec)], timeout_s=900)
+        for r in pending:  # what the job said, for a run that did not complete
+            Path(root / f"{r.name}.job").write_text(f"exit {job.returncode}:\n{job.output[-6000:]}")
 
     def get(run: MpiRun) -> RunOutput:
-        if run.name not in made:
-            pending = [r for r in _DECLARED.values() if r.name not in made]
-            if run.name not in {r.name for r in pending}:
-                pending.append(run)
-            job = make(pending)
-            for r in pending:
-                made[r.name] = job
         out = root / f"{run.name}.h5"
+        if not Path(f"{out}.job").exists():
+            with open(root / "lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be making them now
+                pending = [
+                    r for r in _DECLARED.values() if not Path(root / f"{r.name}.job").exists()
+                ]
+                if run.name not in {r.name for r in pending} and not Path(f"{out}.job").exists():
+                    pending.append(run)
+                if pending:
+                    make(pending)
         if not Path(f"{out}.done").exists():
-            job = made[run.name]
-            pytest.fail(f"run {run} did not complete in the shared MPI job "
-                        f"(exit {job.returncode}):\n{job.output[-6000:]}")  # fmt: skip
+            said = Path(f"{out}.job").read_text()
+            pytest.fail(f"run {run} did not complete in the shared MPI job ({said})")
         return RunOutput(read_result(out), Path(f"{out}.stdout").read_text(), out)
 
     return get
+
+
+XDIST_GROUPS = {
+    "system": ("test_slurm.py", "test_report_browser.py"),
+}
+"""Tests that must not run beside each other under pytest-xdist (``make test`` runs ``-n 2
+--dist loadgroup``): those that install Debian packages (apt holds one lock) or start
+machine-wide daemons (the local Slurm cluster)."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist the tests of each ``XDIST_GROUPS`` group go to one worker, one after
+    another; every other test to whichever worker is free (a module-scoped fixture is then
+    made once per worker that needs it)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        module = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
+        group = next((g for g, mods in XDIST_GROUPS.items() if module in mods), None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def snake_mpi(*args: str) -> list[str]:

@@ -457,14 +457,14 @@ def test_sigusr1_checkpoints_exits_75_and_the_resumes_end_as_the_run_never_stopp
 
 
 LM_SETS = ["train.rounds=3", "checkpoint.every=1", 'model.dtype="bfloat16"']
-declare_baseline(3, LM_SETS, LM)
+declare_baseline(2, LM_SETS, LM)
 
 
 def test_a_language_model_killed_and_resumed_ends_identical(tmp_path, baseline):
     """OPT-shaped (its embedding tied to the head) in bfloat16: the checkpoint keeps its
     tensors as bfloat16 words."""
     pytest.importorskip("transformers")
-    n, sets = 3, LM_SETS
+    n, sets = 2, LM_SETS
     want = baseline(n, sets, LM)
     out = killed(tmp_path, n, sets, 0, 2, config=LM)
     assert committed_rounds(out) == [2, 1]
