@@ -297,23 +297,20 @@ def mpi_runs(tmp_path_factory):
         program = REPO / "tests" / "mpi_programs" / "runs.py"
         job = run_mpi(n, [sys.executable, str(program), str(spec)], timeout_s=900)
         for r in pending:  # what the job said, for a run that did not complete
-            Path(root / f"{r.name}.job").write_text(f"exit {job.returncode}:\n{job.output[-6000:]}")
+            (root / f"{r.name}.job").write_text(f"exit {job.returncode}:\n{job.output[-6000:]}")
 
     def get(run: MpiRun) -> RunOutput:
-        out = root / f"{run.name}.h5"
-        if not Path(f"{out}.job").exists():
+        out, said = root / f"{run.name}.h5", root / f"{run.name}.job"
+        if not said.exists():
             with open(root / "lock", "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be making them now
-                pending = [
-                    r for r in _DECLARED.values() if not Path(root / f"{r.name}.job").exists()
-                ]
-                if run.name not in {r.name for r in pending} and not Path(f"{out}.job").exists():
+                pending = [r for r in _DECLARED.values() if not (root / f"{r.name}.job").exists()]
+                if not said.exists() and run.name not in {r.name for r in pending}:
                     pending.append(run)
                 if pending:
                     make(pending)
         if not Path(f"{out}.done").exists():
-            said = Path(f"{out}.job").read_text()
-            pytest.fail(f"run {run} did not complete in the shared MPI job ({said})")
+            pytest.fail(f"run {run} did not complete in the shared MPI job ({said.read_text()})")
         return RunOutput(read_result(out), Path(f"{out}.stdout").read_text(), out)
 
     return get
@@ -328,9 +325,21 @@ machine-wide daemons (the local Slurm cluster)."""
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist the tests of each ``XDIST_GROUPS`` group go to one worker, one after
-    another; every other test to whichever worker is free (a module-scoped fixture is then
-    made once per worker that needs it)."""
+    """Order and group the tests for the two pytest-xdist workers of ``make test`` (in one
+    process the order changes nothing but the wall time):
+
+    - first, one reader of the shared MPI job, so that the job starts at once;
+    - then the modules that start MPI jobs of their own, long tests first (the grouped
+      ``XDIST_GROUPS`` among them, each group to one worker, one test after another);
+    - then the tests that run in this process;
+    - last, the other readers of the shared job, made by then.
+
+    A module's tests stay together within each part (a module-scoped fixture is made once
+    per part and worker that needs it)."""
+    readers = [i for i in items if "mpi_runs" in i.fixturenames]
+    own_jobs = [i for i in items if i not in readers and i.get_closest_marker("mpi")]
+    rest = [i for i in items if i not in readers and i not in own_jobs]
+    items[:] = readers[:1] + own_jobs + rest + readers[1:]
     for item in items:
         if item.get_closest_marker("xdist_group"):
             continue
