@@ -88,6 +88,11 @@ start_munge() {
         fi
         mkdir -p "$STATE" && touch "$STATE/munged.ours" # so that `down` stops it again
     fi
+    for _ in $(seq 1 40); do # its socket answers before anything needs a credential
+        munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1 && return 0
+        sleep 0.25
+    done
+    die "munged does not answer on its socket (/run/munge/munge.socket.2)"
 }
 
 ours_or_none() { # never touch a Slurm this script did not set up
@@ -130,6 +135,10 @@ down() {
     rm -rf "$STATE/ctld"
     if [ -e "$STATE/munged.ours" ]; then # only a munged this script started
         pkill -x munged 2>/dev/null || true
+        for _ in $(seq 1 20); do # gone, so that `up` right after starts a new one
+            pgrep -x munged >/dev/null || break
+            sleep 0.25
+        done
         rm -f "$STATE/munged.ours"
     fi
     [ "${1:-}" = quiet ] || echo "local-cluster: stopped"

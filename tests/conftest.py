@@ -329,23 +329,27 @@ def pytest_collection_modifyitems(config, items):
     process the order changes nothing but the wall time):
 
     - first, one reader of the shared MPI job, so that the job starts at once;
-    - then the modules that start MPI jobs of their own, long tests first (the grouped
-      ``XDIST_GROUPS`` among them, each group to one worker, one test after another);
+    - then the tests that start MPI jobs of their own, and the ``XDIST_GROUPS`` modules
+      whole (each group to one worker, one test after another);
     - then the tests that run in this process;
     - last, the other readers of the shared job, made by then.
 
     A module's tests stay together within each part (a module-scoped fixture is made once
     per part and worker that needs it)."""
-    readers = [i for i in items if "mpi_runs" in i.fixturenames]
-    own_jobs = [i for i in items if i not in readers and i.get_closest_marker("mpi")]
+
+    def group_of(item) -> str | None:
+        module = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
+        return next((g for g, mods in XDIST_GROUPS.items() if module in mods), None)
+
+    readers = [i for i in items if "mpi_runs" in i.fixturenames and group_of(i) is None]
+    own_jobs = [
+        i for i in items if i not in readers and (i.get_closest_marker("mpi") or group_of(i))
+    ]
     rest = [i for i in items if i not in readers and i not in own_jobs]
     items[:] = readers[:1] + own_jobs + rest + readers[1:]
     for item in items:
-        if item.get_closest_marker("xdist_group"):
-            continue
-        module = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
-        group = next((g for g, mods in XDIST_GROUPS.items() if module in mods), None)
-        if group is not None:
+        group = group_of(item)
+        if group is not None and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(group))
 
 
