@@ -67,6 +67,9 @@ MEASURED_RANK_COLUMNS = frozenset(
         "rss_before_model_bytes",
         "rss_model_built_bytes",
         "disk_write_bytes",
+        # where the launcher put each rank: Open MPI numbers the ranks of a host by its own
+        # mapping (a 3-rank job's local ranks are 0, 2, 1 here), not by the run
+        "local_rank",
     }
 )
 

@@ -288,7 +288,7 @@ TIME_PARTS = (
 )
 
 
-TIMED = mpi_run(3, TINY, "train.rounds=4", "train.local_steps=40")
+TIMED = mpi_run(3, TINY, "train.rounds=4", "train.local_steps=120")
 
 
 def test_every_second_of_a_round_falls_in_one_recorded_column(mpi_runs):

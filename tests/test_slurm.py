@@ -22,8 +22,9 @@ CLUSTER = REPO / "slurm" / "local-cluster.sh"
 pytestmark = pytest.mark.mpi
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def slurm():
+    """The local cluster, up once for the session (or pytest-xdist worker) that needs it."""
     if os.geteuid() != 0:
         pytest.skip("the local Slurm cluster needs root (it writes /etc/slurm and starts daemons)")
     if shutil.which("sbatch") is None and shutil.which("apt-get") is None:

@@ -21,7 +21,6 @@ import numpy as np
 from mpi4py import MPI
 
 from snake_mpi.config import load_config, validate_for_world
-from snake_mpi.device import LOCAL_RANK_VARS
 from snake_mpi.run import execute, place_before_mpi, prepare_checkpoints, transfer_route
 from snake_mpi.transport import comm as mpi
 
@@ -32,18 +31,6 @@ def idle(world: MPI.Comm) -> None:
     req = world.Ibarrier()
     while not req.Test():
         time.sleep(0.002)
-
-
-def as_launched(sub: MPI.Comm) -> None:
-    """The launcher's local-rank variables as a job of ``sub``'s ranks alone would have them
-    (this rank's index among ``sub``'s ranks on its host), for the placement to read."""
-    local = sub.Split_type(MPI.COMM_TYPE_SHARED)
-    try:
-        for var in LOCAL_RANK_VARS:
-            if var in os.environ:
-                os.environ[var] = str(local.Get_rank())
-    finally:
-        local.Free()
 
 
 def main(spec: Path) -> None:
@@ -66,7 +53,6 @@ def main(spec: Path) -> None:
             def agree(code: int, beside: mpi.Comm = beside) -> list[int]:
                 return [int(c) for c in beside.allgather_row(np.array([float(code)]))[:, 0]]
 
-            as_launched(sub)
             placement = place_before_mpi(cfg)  # the launcher's local rank, as run.main
             route = transfer_route(cfg, placement, mpi.cuda_support)
             printed = Path(f"{out}.stdout") if rank == 0 else Path(os.devnull)
