@@ -204,16 +204,17 @@ def test_link_emulation_stretches_a_transfer_to_the_formula():
 def test_link_emulation_under_mpi_makes_every_transfer_last_the_formula():
     """Sender: from the start of the send; receiver: from the header's arrival; both to the end
     of the (stretched) transfer: latency + 8 bytes / bandwidth. Never shorter (to 1 ms); longer
-    by at most 20 ms of a process's wake-up on a loaded host (0.6 ms seen with a core busy),
-    which is below the 30 ms latency that a latency counted twice would add."""
+    by at most 100 ms of a process's wake-up on a loaded host (0.6 ms seen with a core busy,
+    35 ms with the test suite's two workers and another job), which is below the 200 ms
+    latency that a latency counted twice would add."""
     program = REPO / "tests" / "mpi_programs" / "link_hops.py"
-    job = run_mpi(2, [sys.executable, str(program), "4e6", "0.03"], timeout_s=60)
+    job = run_mpi(2, [sys.executable, str(program), "4e6", "0.2"], timeout_s=60)
     assert job.returncode == 0, job.output
     rows = [line.split(",") for line in job.stdout.split() if line.count(",") == 2]
     assert len(rows) == 6, job.output
     for rank, nbytes, seconds in rows:
-        formula = 0.03 + 8 * int(nbytes) / 4e6
-        assert formula - 1e-3 <= float(seconds) <= formula + 0.02, (rank, nbytes, seconds)
+        formula = 0.2 + 8 * int(nbytes) / 4e6
+        assert formula - 1e-3 <= float(seconds) <= formula + 0.1, (rank, nbytes, seconds)
 
 
 LINKS = mpi_run(

@@ -47,7 +47,23 @@ def sbatch(*args: str, env: dict[str, str], timeout_s: float = 600) -> str:
         env=dict(os.environ, **env),
     )
     assert job.returncode == 0, f"sbatch {' '.join(args)}: {job.stdout}\n{job.stderr}"
-    return job.stdout.strip().split(";")[0]
+    job_id = job.stdout.strip().split(";")[0]
+    wait_until_gone(job_id)
+    return job_id
+
+
+def wait_until_gone(job_id: str, timeout_s: float = 120) -> None:
+    """Until no task of ``job_id`` is queued or running (``sbatch --wait`` on a job array can
+    return while a task is still ending)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        queued = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%i %T"],
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        gone = queued.returncode != 0 and "Invalid job id" in queued.stderr  # purged already
+        if gone or (queued.returncode == 0 and not queued.stdout.strip()):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} still queued or running after {timeout_s:g} s")
 
 
 def test_run_sbatch_writes_a_complete_result_carrying_the_job_id(slurm, tmp_path):
