@@ -729,14 +729,20 @@ def test_an_interrupted_run_resumes_to_the_same_models_and_rounds(tmp_path, name
     assert list(attempts["resumed_from_round"]) == [0, 2]
 
 
-def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, capsys):
-    n = 3
+def cut_after_three_rounds(tmp_path, n: int = 3):
+    """A run never interrupted (``whole``) and the same run failing as round 4 starts
+    (``out``), checkpointed after rounds 1, 2 and 3: ``(cfg, whole, out, checkpoint dir)``."""
     cfg = tiny(f"train.rounds={ROUNDS}", "checkpoint.every=1", "checkpoint.keep=3")
     whole, out = tmp_path / "whole.h5", tmp_path / "cut.h5"
     run_world(n, cfg, whole)
-    ckpt = mf.checkpoint_dir(cfg, out)
     with pytest.raises(RuntimeError):
         run_world(n, with_fault(cfg, 0, 3), out)
+    return cfg, whole, out, mf.checkpoint_dir(cfg, out)
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, capsys):
+    n = 3
+    cfg, whole, out, ckpt = cut_after_three_rounds(tmp_path, n)
     assert [k for k, _ in mf.committed(ckpt)] == [3, 2, 1]
     damaged = mf.round_dir(ckpt, 3) / mf.rank_file(2)
     raw = bytearray(damaged.read_bytes())
@@ -755,17 +761,10 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, cap
 
 
 EDITS = {
-    "name-leaves-the-folder": (
-        lambda m: _entry(m, 1, name="../../x"),
-        "files[1] names '../../x'",
-    ),
-    "rounds-not-the-folder": (
-        lambda m: m | {"rounds_done": 2},
-        "says rounds_done = 2, but its folder is the checkpoint after round 3",
-    ),
-    "files-a-string": (lambda m: m | {"files": "x"}, "files is not a list of entries"),
-    "rank-not-an-integer": (lambda m: _entry(m, 1, rank="one"), "files[1] has rank 'one'"),
-}
+    name: MALFORMED[name]
+    for name in ("name-leaves-the-folder", "rounds-not-the-folder", "files-a-string",
+                 "rank-not-an-integer")
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(EDITS))
@@ -775,12 +774,7 @@ def test_a_newest_checkpoint_with_a_bad_manifest_is_skipped_and_removed(tmp_path
     run resumed at round 3 with round 6's model), a malformed entry (a traceback). Each is
     skipped for the one before, removed, and the result equals an uninterrupted run's."""
     n = 3
-    cfg = tiny(f"train.rounds={ROUNDS}", "checkpoint.every=1", "checkpoint.keep=3")
-    whole, out = tmp_path / "whole.h5", tmp_path / "cut.h5"
-    run_world(n, cfg, whole)
-    ckpt = mf.checkpoint_dir(cfg, out)
-    with pytest.raises(RuntimeError):
-        run_world(n, with_fault(cfg, 0, 3), out)
+    cfg, whole, out, ckpt = cut_after_three_rounds(tmp_path, n)
     newest = mf.round_dir(ckpt, 3)
     edit, message = EDITS[name]
     (newest / mf.MANIFEST).write_text(json.dumps(edit(mf.read_manifest(newest))))
