@@ -829,6 +829,7 @@ def hostname() -> str:
 def abort_job(message: str, code: int = 1) -> NoReturn:
     """Print ``snake-mpi: rank R of N: message`` to stderr and MPI-Abort the whole job."""
     rank, size = world_rank_size()
+    message = message.removeprefix(f"rank {rank}: ")  # errors that name the rank already
     sys.stderr.write(f"snake-mpi: rank {rank} of {size}: {message}\n")
     sys.stderr.flush()
     sys.stdout.flush()
