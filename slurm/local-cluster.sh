@@ -27,8 +27,8 @@ install_packages() {
     command -v apt-get >/dev/null || die "no apt-get: install slurmctld, slurmd, slurm-client and munge by hand"
     [ "$(id -u)" = 0 ] || die "installing Slurm needs root"
     echo "local-cluster: installing slurmctld slurmd slurm-client munge (apt-get)" >&2
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null
+    apt-get -o DPkg::Lock::Timeout=300 update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq slurmctld slurmd slurm-client munge >/dev/null
 }
 
 write_config() {

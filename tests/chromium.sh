@@ -20,6 +20,6 @@ find_chromium && exit 0
 command -v apt-get >/dev/null || { echo "chromium.sh: no Chromium and no apt-get to install it" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "chromium.sh: installing Chromium needs root" >&2; exit 1; }
 echo "chromium.sh: installing chromium (apt-get)" >&2
-apt-get update -qq
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+apt-get -o DPkg::Lock::Timeout=300 update -qq
+DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends chromium >/dev/null
 find_chromium || { echo "chromium.sh: apt-get installed no chromium binary" >&2; exit 1; }

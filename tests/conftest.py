@@ -324,6 +324,7 @@ XDIST_GROUPS = {
 machine-wide daemons (the local Slurm cluster)."""
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the group markers
 def pytest_collection_modifyitems(config, items):
     """Order and group the tests for the two pytest-xdist workers of ``make test`` (in one
     process the order changes nothing but the wall time):
@@ -351,6 +352,21 @@ def pytest_collection_modifyitems(config, items):
         group = group_of(item)
         if group is not None and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_collection_finish(session):
+    """Under pytest-xdist's ``loadgroup`` the grouped tests must carry their group in their
+    node id (how xdist sends a group to one worker): a pytest/xdist pair that drops it would
+    let two workers set up the Slurm cluster at once, so it stops the session instead."""
+    if not (os.environ.get("PYTEST_XDIST_WORKER") and session.config.getvalue("loadgroup")):
+        return
+    lost = [i.nodeid for i in session.items
+            if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]  # fmt: skip
+    if lost:
+        raise pytest.UsageError(
+            f"pytest-xdist did not apply the test groups ({lost[0]} has no @group; pytest "
+            f"{pytest.__version__}): install pytest<9 (pyproject.toml's test extra)"
+        )
 
 
 def snake_mpi(*args: str) -> list[str]:
