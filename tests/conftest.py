@@ -198,6 +198,16 @@ def run_mpi(n: int, argv: list[str], *, timeout_s: float = 180, cwd: Path | None
     return Job(proc.returncode, out, err, time.perf_counter() - t0)
 
 
+def assert_written_ratio(ratio: str, num: str, den: str, decimals: int = 4) -> None:
+    """A bench CSV's ``ratio`` cell is ``num / den``, each written to ``decimals`` decimals:
+    equal within what that rounding allows (a slow transfer's few digits make it more than
+    0.1 %)."""
+    a, b, got = float(num), float(den), float(ratio)
+    half = 0.5 * 10.0**-decimals
+    rel = 1.01 * (half / a + half / b + half / got)
+    assert got == pytest.approx(a / b, rel=rel), (ratio, num, den)
+
+
 def bench_script(name: str) -> ModuleType:
     """``bench/NAME.py`` imported as a module (``bench/`` is a folder of scripts, not a
     package), registered in ``sys.modules`` as ``bench_NAME``."""

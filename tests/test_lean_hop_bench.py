@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_mpi
+from conftest import REPO, assert_written_ratio, run_mpi
 
 pytestmark = pytest.mark.mpi
 SCRIPT = str(REPO / "bench" / "lean_hop.py")
@@ -25,7 +25,7 @@ def test_the_lean_hop_moves_the_bytes_and_writes_a_row_per_size(tmp_path):
     assert [int(r[0]) for r in rows] == [64 << 10, 256 << 10]
     for _, bare, lean, ratio in rows:
         assert float(bare) > 0 and float(lean) > 0
-        assert float(ratio) == pytest.approx(float(lean) / float(bare), rel=1e-3)
+        assert_written_ratio(ratio, lean, bare)
 
 
 def test_a_header_of_the_wrong_round_ends_the_job_naming_the_rank():
