@@ -299,7 +299,10 @@ def test_every_second_of_a_round_falls_in_one_recorded_column(mpi_runs):
     other = r["round_s"] - parts
     assert (other > -0.01).all(), other  # no second counted twice
     total = r["round_s"].sum(axis=0)  # the rounds tile each rank's time, start to last round
-    assert total.min() > 0.8 * total.max(), total  # so the ranks of one ring spend the same
+    # so the ranks of one ring spend the same, but for when each started round 1: rank 0 sets
+    # up the result file first (0.3 s later than the others on a loaded 2-core machine); a
+    # wait left out of round_s would be most of a round (rank 2 waits 2/3 of round 1)
+    assert total.max() - total.min() < 0.2 * total.max() + 0.5, total
     assert (r["gather_s"][1:, 0] > 0).all()  # rank 0's wait for the others is recorded
     assert (other.sum(axis=0) < 0.2 * total).all(), (other.sum(axis=0), total)
 
