@@ -4,11 +4,16 @@ Every class has a prototype in a small latent space; a sample is its class proto
 jitter, mapped to the sample shape by one fixed random linear map, plus isotropic pixel noise.
 For image shapes the map's patterns are spatially smooth (upsampled coarse patterns), so that
 convolutions help. Nothing is downloaded, and the test set does not depend on ``n_train``.
+
+The tensors are the same bits on every machine: every random number comes from numpy's seeded
+generators, and every sum is taken element-wise in a fixed order (no BLAS call, whose result
+depends on its thread count and on the CPU's kernel: docs/reproducibility.md).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,7 +99,12 @@ def _mapping(rng: np.random.Generator, sample_shape: tuple[int, ...]) -> np.ndar
         coarse_h, coarse_w = min(COARSE_SIDE, height), min(COARSE_SIDE, width)
         coarse = rng.standard_normal((LATENT_DIM, channels, coarse_h, coarse_w))
         up_h, up_w = _upsampler(height, coarse_h), _upsampler(width, coarse_w)
-        patterns = np.einsum("hp,lcpq,wq->lchw", up_h, coarse, up_w)
+        rows = _sum_in_order(  # (l, c, h, q): sum over p of up_h[h, p] * coarse[l, c, p, q]
+            up_h[None, None, :, p, None] * coarse[:, :, None, p, :] for p in range(coarse_h)
+        )
+        patterns = _sum_in_order(  # (l, c, h, w): sum over q of rows[..., q] * up_w[w, q]
+            rows[:, :, :, q, None] * up_w[None, None, None, :, q] for q in range(coarse_w)
+        )
         patterns = patterns.reshape(LATENT_DIM, -1)
     else:
         patterns = rng.standard_normal((LATENT_DIM, math.prod(sample_shape)))
@@ -121,11 +131,40 @@ def _samples(
     labels = rng.permutation(np.arange(n, dtype=np.int64) % n_classes)
     jitter = rng.standard_normal((n, LATENT_DIM), dtype=np.float32)
     latent = (prototypes[labels] + np.float32(noise * JITTER) * jitter).astype(np.float32)
-    x = latent @ mapping
+    x = _project(latent, mapping)
     pixel = rng.standard_normal(x.shape, dtype=np.float32)
     pixel *= np.float32(noise * PIXEL_NOISE)
     x += pixel
     return x, labels
+
+
+def _sum_in_order(terms: Iterable[np.ndarray]) -> np.ndarray:
+    """The terms added one after another (float64): the same bits whatever the machine."""
+    total: np.ndarray | None = None
+    for term in terms:
+        total = term if total is None else total + term
+    assert total is not None
+    return total
+
+
+def _project(latent: np.ndarray, mapping: np.ndarray, block_bytes: int = 1 << 20) -> np.ndarray:
+    """``latent @ mapping`` in float32 without BLAS: for each output element the products
+    ``latent[i, k] * mapping[k, j]`` added in the order of ``k``, each step rounded as IEEE
+    float32 (numpy's element-wise ufuncs: no fused multiply-add, no threads). A BLAS ``sgemm``
+    gave other bits with one thread than with two, and with each CPU kernel. Rows are taken a
+    block at a time so that the temporary stays in cache."""
+    n, width = latent.shape[0], mapping.shape[1]
+    x = np.empty((n, width), dtype=np.float32)
+    rows = max(1, block_bytes // (4 * width))
+    term = np.empty((min(n, rows), width), dtype=np.float32)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        out, t = x[start:stop], term[: stop - start]
+        np.multiply(latent[start:stop, 0, None], mapping[0], out=out)
+        for k in range(1, mapping.shape[0]):
+            np.multiply(latent[start:stop, k, None], mapping[k], out=t)
+            out += t
+    return x
 
 
 def _tensor(x: np.ndarray, sample_shape: tuple[int, ...]) -> torch.Tensor:
