@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from snake_mpi import provenance
+from snake_mpi import numerics, provenance
 from snake_mpi.blocks import block_table, flat_storage, model_bytes_held, model_hash
 from snake_mpi.config import (
     ConfigError,
@@ -530,14 +531,20 @@ def execute(
         + f"|{placement.local_rank}|{placement.local_rank_source}"
         + f"|{provenance.cpu_ranges(provenance.cpu_affinity())}|{os.cpu_count() or 0}"
     )
+    numeric = comm.gather_str(
+        json.dumps(
+            numerics.settings_dict(numerics.current(threads))
+            | {"data_sha256": numerics.dataset_sha256(dataset)}
+        )
+    )
     checkpoints = checkpoints or Checkpointer()
     resume = checkpoints.resume
     # classification: per-class accuracy (a language model's targets are tokens)
     n_classes = dataset.n_classes if dataset.y_train.dim() == 1 else 0
     writer, places = None, None
     if rank == 0:
-        assert hosts is not None and where is not None  # rank 0 has gathered them
-        places = rank_places(hosts, where)
+        assert hosts is not None and where is not None and numeric is not None  # gathered
+        places = rank_places(hosts, where) | numeric_columns(numeric)
         from snake_mpi.store import ResultWriter
 
         eval_fields, eval_widths = eval_layout(n_classes)
@@ -555,6 +562,8 @@ def execute(
             mpi_library_version=comm.library_version(), hosts=hosts, world_size=n, seeds=seeds
         )
         prov["torch_num_threads"] = threads
+        mine = numerics.current(threads)  # rank 0's; every rank's in /ranks
+        prov |= {"cpu_capability": mine.cpu_capability, "numeric_env": mine.numeric_env}
         prov |= gpu.versions() | {"gpu_transfer_reason": path_reason}
         writer.write_provenance(prov)
         _WRITTEN.writer, _WRITTEN.checkpoints = writer, checkpoints
@@ -664,6 +673,22 @@ def rank_places(hosts: list[str], where: list[str]) -> dict[str, np.ndarray]:
         "cpu_affinity": np.array([r[6] for r in rows], dtype=object),
         "host_cpu_count": np.array([int(r[7]) for r in rows], dtype=np.int64),
     }
+
+
+def numeric_columns(gathered: list[str]) -> dict[str, np.ndarray]:
+    """The ``/ranks`` columns of each rank's numeric settings and dataset hash, from the
+    gathered JSON objects; ``numerics.DataMismatch`` when the ranks hold different data."""
+    rows = [json.loads(g) for g in gathered]
+    hashes = [str(r["data_sha256"]) for r in rows]
+    problem = numerics.data_mismatch(hashes)
+    if problem:
+        raise numerics.DataMismatch(problem)
+    out: dict[str, np.ndarray] = {"data_sha256": np.array(hashes, dtype=object)}
+    for key in numerics.SETTING_COLUMNS:
+        values = [r[key] for r in rows]
+        kind = np.int64 if all(isinstance(v, int) for v in values) else object
+        out[key] = np.array(values, dtype=kind)
+    return out
 
 
 def run_device_attrs(places: dict[str, np.ndarray]) -> dict[str, str]:

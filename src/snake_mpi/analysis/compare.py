@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from snake_mpi import numerics
 from snake_mpi.analysis.expected import expected_bytes, run_config
 from snake_mpi.config import (
     LM_ENDS,
@@ -237,6 +238,27 @@ def row_of(res: Result, target: float) -> Row:
     )
 
 
+def settings_differences(results: Sequence[Result], labels: Sequence[str]) -> list[str]:
+    """One phrase per numeric setting (``numerics``: torch threads, CPU kernels, math-library
+    variables, torch and numpy versions) in which the runs differ; empty when they agree. Runs
+    that differ in one may differ in their last digits for that alone."""
+    runs = []
+    for res, name in zip(results, labels, strict=True):
+        ranks = res.tables.get("ranks", {})
+        columns: dict[str, list[object]] = {
+            k: list(ranks[k]) for k in numerics.SETTING_COLUMNS if k in ranks
+        }
+        columns |= {k: [res.provenance.get(k, "")] for k in numerics.PROVENANCE_KEYS}
+        runs.append((name, columns))
+    return numerics.run_differences(runs)
+
+
+SETTINGS_NOTE = (
+    "note: these runs differ in settings that change the last digits of their numbers "
+    "(docs/reproducibility.md), so equal configs and seeds need not give equal figures here:"
+)
+
+
 def default_target(results: Sequence[Result]) -> float:
     """90 % of the best accuracy any of the runs reached."""
     best = [
@@ -351,6 +373,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     md = format_markdown(rows)
     print(f"{len(rows)} run(s); target accuracy {target:.4f}")
     print(md if args.markdown else format_text(rows))
+    differ = settings_differences(results, [r.label for r in rows])
+    note = "\n".join([SETTINGS_NOTE, *(f"  {d}" for d in differ)]) if differ else ""
+    if note:
+        print(f"\n{note}")
     found = paper_claims(results, target)
     claim_md = format_claims(found) if found else ""
     if found:
@@ -358,6 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(claim_md)
     if args.out:
         text = f"Target accuracy {target:.4f}.\n\n{md}\n"
+        if note:
+            text += f"\n{note}\n"
         if found:
             text += f"\n{CLAIMS_HEADING}\n\n{claim_md}\n"
         Path(args.out).write_text(text)

@@ -79,6 +79,9 @@ def _header(r: Result) -> str:
     device = _device(r)
     if device:
         items.append(("device", device))
+    settings = _numerics(r)
+    if settings:
+        items.append(("numerics", settings))
     mpi = str(prov.get("mpi_library_version", "")).strip()
     if mpi:
         items.append(("MPI", mpi.splitlines()[0].strip()))
@@ -113,6 +116,25 @@ def _device(r: Result) -> str:
     n_gpus = len(set(uuids))
     what = f"{len(uuids)} rank(s) on {n_gpus} GPU(s) ({', '.join(names)}){shared}"
     return f"{kind}: {what}; weights {path}"
+
+
+def _numerics(r: Result) -> str:
+    """What the run's bits depend on besides config and seed (docs/reproducibility.md), e.g.
+    "torch threads 1, CPU kernels AVX2, OMP_NUM_THREADS=1; data sha256 f51fd0f1a4c3"; each
+    value once, "/" between values that differ among the ranks; "" for older files."""
+    ranks = r.tables.get("ranks", {})
+    if "torch_threads" not in ranks:
+        return ""
+
+    def values(key: str) -> str:
+        return "/".join(dict.fromkeys(str(v) for v in ranks.get(key, [])))
+
+    env = values("numeric_env") or "no math-library variable set"
+    data = "/".join(dict.fromkeys(str(h)[:12] for h in ranks.get("data_sha256", [])))
+    return (
+        f"torch threads {values('torch_threads')}, CPU kernels {values('cpu_capability')}, "
+        f"{env}; data sha256 {data}"
+    )
 
 
 def _hosts(r: Result) -> str:

@@ -26,6 +26,7 @@ import numpy as np
 from mpi4py import MPI
 
 from snake_mpi.durable import StorageFull, is_no_space
+from snake_mpi.numerics import DataMismatch
 from snake_mpi.transport.protocol import RingPositions
 from snake_mpi.transport.wire import (
     HEADER_FIXED,
@@ -843,7 +844,7 @@ def abort_job(message: str, code: int = 1) -> NoReturn:
 TRACEBACK_ENV = "SNAKE_MPI_TRACEBACK"
 """Set (to anything but empty or 0), the job's own clear errors (a peer's deadline, a message
 not the one expected) are printed with their traceback too."""
-CLEAR_ERRORS = (PeerTimeout, ProtocolError, StorageFull)
+CLEAR_ERRORS = (PeerTimeout, ProtocolError, StorageFull, DataMismatch)
 """Errors whose message says all a user needs (which peer, which message, which deadline; which
 file had no room, and what was kept)."""
 
