@@ -49,15 +49,18 @@ print(f"{'placement':<10} {'MPI':<16} {'hosts':<22} {'model sha256 (rank 0..)':<
 for name in names:
     res = read_result(out / f"{name}.h5")
     r = res.tables["ranks"]
+    n = res.world_size
+    col = {k: [str(v) for v in r.get(k, ["-"] * n)] for k in (
+        "data_sha256", "torch_threads", "cpu_capability", "cpu_affinity")}  # "-": not recorded
     models = sorted(set(r["model_sha256"]))
     acc = float(res.evaluation["accuracy"][-1])
     hosts = ",".join(f"{h} x{list(r['host']).count(h)}" for h in dict.fromkeys(r["host"]))
-    rows.append((tuple(r["model_sha256"]), acc, tuple(r["data_sha256"])))
+    rows.append((tuple(r["model_sha256"]), acc, tuple(col["data_sha256"])))
     words = str(res.provenance["mpi_library_version"]).replace(",", " ").split()
     mpi = f"MPICH {words[2]}" if words[0] == "MPICH" else " ".join(words[:3])
-    print(f"{name:<10} {mpi:<16} {hosts:<22} {'+'.join(m[:12] for m in models):<30} {acc:>8.4f}  "
-          f"{r['data_sha256'][0][:12]:<12}  {','.join(str(t) for t in r['torch_threads']):<7}  "
-          f"{'+'.join(sorted(set(r['cpu_capability']))):<11}  {' '.join(r['cpu_affinity'])}")
+    print(f"{name:<10} {mpi:<16} {hosts:<22} {'+'.join(m[:12] for m in models):<30} "
+          f"{acc:>8.4f}  {col['data_sha256'][0][:12]:<12}  {','.join(col['torch_threads']):<7}  "
+          f"{'+'.join(sorted(set(col['cpu_capability']))):<11}  {' '.join(col['cpu_affinity'])}")
 same = len(set(rows)) == 1
 print("placement: " + ("the same models, accuracy and data in every placement" if same else
       "the placements DIFFER (compare their threads and CPU kernels above)"))

@@ -174,10 +174,17 @@ def mpi_env() -> dict[str, str]:
 
 def run_mpi(n: int, argv: list[str], *, timeout_s: float = 180, cwd: Path | None = None) -> Job:
     """Run ``argv`` on ``n`` ranks; fail the test (not hang) if it outlives ``timeout_s``."""
+    return run_job(mpi_command(n, argv), timeout_s=timeout_s, cwd=cwd)
+
+
+def run_job(cmd: list[str], *, timeout_s: float = 180, cwd: Path | None = None) -> Job:
+    """Run a launcher command line (``mpirun ...``, a script that starts one) with the tests'
+    MPI environment; fail the test (not hang) if it outlives ``timeout_s``, ending the launcher
+    and every process it started."""
     env = mpi_env()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        mpi_command(n, argv),
+        cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -192,9 +199,7 @@ def run_mpi(n: int, argv: list[str], *, timeout_s: float = 180, cwd: Path | None
 
         end_job(proc, grace_s=1.0)  # the launcher and every rank, in whatever process group
         out, err = proc.communicate()
-        pytest.fail(
-            f"mpirun -n {n} {' '.join(argv)} did not finish within {timeout_s} s:\n{out}\n{err}"
-        )
+        pytest.fail(f"{' '.join(cmd)} did not finish within {timeout_s} s:\n{out}\n{err}")
     return Job(proc.returncode, out, err, time.perf_counter() - t0)
 
 

@@ -13,12 +13,11 @@ import json
 import os
 import shutil
 import subprocess
-import time
 
 import numpy as np
 import pytest
 
-from conftest import REPO, Job, mpi_env, mpi_run, snake_mpi
+from conftest import REPO, Job, mpi_run, run_job, snake_mpi
 from snake_mpi.analysis.expected import expected_bytes
 from snake_mpi.provenance import parse_cpu_ranges
 from snake_mpi.store import read_result
@@ -48,29 +47,12 @@ pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_rea
 
 def two_hosts(n: int, argv: list[str], *, timeout_s: float = 240) -> Job:
     """``argv`` on ``n`` ranks laid out as ``LAYOUT``, through ``bench/two_hosts.sh``."""
-    from snake_mpi.proctree import end_job
-
     slots = f"{LAYOUT['nodeA']},{LAYOUT['nodeB']}"
     cmd = [str(LAUNCH), "--slots", slots, "--", "-n", str(n), "--bind-to", "none", *argv]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=mpi_env(),
-        cwd=REPO,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        end_job(proc, grace_s=1.0)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} did not finish within {timeout_s} s:\n{out}\n{err}")
-    if proc.returncode == 77:
-        pytest.skip(err.strip())
-    return Job(proc.returncode, out, err, time.perf_counter() - t0)
+    job = run_job(cmd, timeout_s=timeout_s)
+    if job.returncode == 77:
+        pytest.skip(job.stderr.strip())
+    return job
 
 
 def test_a_run_across_two_hosts_matches_the_one_host_run(tmp_path, mpi_runs):
