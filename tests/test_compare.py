@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from snake_mpi.analysis import claims, compare
+from snake_mpi.analysis import claims, compare, runs
 from snake_mpi.config import load_config
 from snake_mpi.run import execute
 from snake_mpi.store import read_result
@@ -206,7 +206,7 @@ def test_hand_made_files_with_parts_missing_are_skipped_with_the_reason(
     assert [ln.split()[2].rstrip(":") for ln in skipped] == [str(tmp_path / n) for n in sorted(why)]
     for name, reason in why.items():
         assert f"compare: skipped {tmp_path / name}: {reason}" in captured.err
-    results, left_out = compare.scan([tmp_path])
+    results, left_out = runs.scan([tmp_path])
     assert [r.path.name for r in results] == ["fedavg.h5"] and len(left_out) == len(why)
     assert compare.main([str(tmp_path / n) for n in why]) == 1
     assert "no complete result files" in capsys.readouterr().err

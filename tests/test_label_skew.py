@@ -290,7 +290,7 @@ def test_a_language_model_keeps_distillation_and_prox_off_unless_set():
 
 
 def test_labels_name_each_option_away_from_its_default():
-    from snake_mpi.analysis.compare import remedy_tags
+    from snake_mpi.analysis.runs import remedy_tags
 
     lm = REPO / "tests" / "configs" / "lm-tiny.toml"
     assert remedy_tags(load_config(lm)) == []  # owner and no KD are an LM's defaults

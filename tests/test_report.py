@@ -12,7 +12,8 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from conftest import REPO  # noqa: E402
-from snake_mpi.analysis import claims, compare, figures, report  # noqa: E402
+from snake_mpi.analysis import claims, figures, report  # noqa: E402
+from snake_mpi.analysis import runs as analysis_runs  # noqa: E402
 from snake_mpi.config import load_config  # noqa: E402
 from snake_mpi.run import execute  # noqa: E402
 from snake_mpi.store import read_result  # noqa: E402
@@ -76,7 +77,7 @@ def test_the_report_has_every_figure_table_and_claim(results_dir, tmp_path, caps
     # the claims: Snake with 2 data holders against FedAvg with 2 clients (3 ranks), the same
     # table compare prints; Snake with 3 data holders has no partner
     runs = [read_result(results_dir / f"{name}.h5") for name in RUNS]
-    table = claims.format_claims(claims.paper_claims(runs, compare.default_target(runs)))
+    table = claims.format_claims(claims.paper_claims(runs, analysis_runs.default_target(runs)))
     for line in table.splitlines()[2:]:
         assert line in md, line
     fed = read_result(results_dir / "fedavg-n3.h5").rounds["bytes_sent"].sum(axis=1).mean()
@@ -135,7 +136,7 @@ def test_only_bad_files_is_exit_1_with_every_reason(results_dir, tmp_path, capsy
 def test_the_page_shows_what_differs_where_it_ran_and_only_the_keys_that_apply(
     results_dir, tmp_path
 ):
-    from snake_mpi.analysis.compare import COLUMNS
+    from snake_mpi.analysis.runs import COLUMNS
 
     out = tmp_path / "report"
     assert report.main([str(results_dir), "--out", str(out)]) == 0

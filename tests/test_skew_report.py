@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO
 from snake_mpi.analysis import skew
-from snake_mpi.analysis.compare import label
+from snake_mpi.analysis.runs import label
 from snake_mpi.config import load_config
 from snake_mpi.run import execute
 from snake_mpi.store import read_result

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from snake_mpi.analysis.compare import label, workload
 from snake_mpi.analysis.expected import run_config
+from snake_mpi.analysis.runs import label, workload
 from snake_mpi.store import Result
 
 PAPER_MEMORY_RATIO = 19.37 / 3.13

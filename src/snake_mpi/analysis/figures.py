@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from snake_mpi.analysis.compare import Row, label
 from snake_mpi.analysis.expected import run_config
+from snake_mpi.analysis.runs import Row, label
 from snake_mpi.analysis.summary import trained_ranks
 from snake_mpi.store import Result
 

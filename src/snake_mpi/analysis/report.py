@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from snake_mpi.analysis.claims import HEAD, claim_rows, paper_claims
-from snake_mpi.analysis.compare import cells, default_target, label, row_of, scan, workload
 from snake_mpi.analysis.expected import run_config
 from snake_mpi.analysis.figures import (
     MIB,
@@ -45,6 +44,7 @@ from snake_mpi.analysis.figures import (
     turn_accuracy_of,
 )
 from snake_mpi.analysis.render import Doc
+from snake_mpi.analysis.runs import cells, default_target, label, row_of, scan, workload
 from snake_mpi.analysis.summary import _device, _hosts
 from snake_mpi.config import RunConfig
 from snake_mpi.provenance import parse_cpu_ranges
@@ -67,7 +67,7 @@ TABLE_GROUPS = (
     ),
     ("accuracy", ("final acc", "best acc", "rounds to target", "MiB to target")),
 )
-"""The comparison table (``compare.cells``) as three narrower tables of related columns, each
+"""The comparison table (``runs.cells``) as three narrower tables of related columns, each
 led by the run's name; a column of no group (a new one) joins the last table."""
 
 
@@ -241,7 +241,7 @@ def build(
 ) -> Path:
     """Write ``report.md``, ``report.html`` and ``figures/*.png`` into ``out_dir``.
 
-    ``scanned`` is ``compare.scan(paths)`` where the caller has it already."""
+    ``scanned`` is ``runs.scan(paths)`` where the caller has it already."""
     results, skipped = scanned if scanned is not None else scan(paths)
     figs = out_dir / "figures"
     figs.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """Label skew across runs (docs/label-skew.md): final accuracy against the Dirichlet alpha for
-each variant (scheme, mode and label-skew options: ``compare.label``), as mean [min–max] over
+each variant (scheme, mode and label-skew options: ``runs.label``), as mean [min–max] over
 seeds, next to plain FedAvg's at the same alpha; bytes per round beside it; the goal of
 issue 14 checked; the paper's claims at each alpha. ``python analysis/label_skew.py DIR --out
 OUT`` (``bench/label_skew.sh`` runs it after the suite ``label-skew``)."""
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from snake_mpi.analysis.claims import HEAD, claim_rows, paper_claims
-from snake_mpi.analysis.compare import default_target, label, scan
 from snake_mpi.analysis.expected import run_config
 from snake_mpi.analysis.render import Doc
+from snake_mpi.analysis.runs import default_target, label, scan
 from snake_mpi.config import RunConfig, to_toml
 from snake_mpi.store import Result
 

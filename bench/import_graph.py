@@ -1,0 +1,118 @@
+"""The package's import graph and its circles (issue 28: goal none).
+
+Reads every module of ``src/snake_mpi`` as text (nothing is imported), takes each import of
+another ``snake_mpi`` module, at the top or inside a function (a deferred import still ties the
+two modules together), and prints the groups of modules that import each other in a circle
+(strongly connected components of two or more).
+
+    .venv/bin/python bench/import_graph.py [--edges]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import itertools
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def modules(src: Path = SRC) -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the ``snake_mpi`` package."""
+    out = {}
+    for f in sorted((src / "snake_mpi").rglob("*.py")):
+        parts = f.relative_to(src).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = f
+    return out
+
+
+def graph(src: Path = SRC) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (anywhere in its file)."""
+    mods = modules(src)
+    edges: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join([*up, base] if base else up)
+                targets = [f"{base}.{a.name}" for a in node.names] + [base]
+            else:
+                continue
+            for t in targets:
+                while t and t not in mods:
+                    t = t.rpartition(".")[0]
+                if t and t != name:
+                    found.add(t)
+        edges[name] = found
+    return edges
+
+
+def circles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Groups of two or more modules that reach each other (Tarjan's strongly connected
+    components), each sorted, the groups in order of their first module."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    counter = itertools.count()
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = next(counter)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 10 * len(edges) + 100))
+    try:
+        for v in sorted(edges):
+            if v not in index:
+                visit(v)
+    finally:
+        sys.setrecursionlimit(limit)
+    return sorted(found)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--edges", action="store_true", help="also print every module's imports")
+    args = p.parse_args(argv)
+    edges = graph()
+    if args.edges:
+        for name in sorted(edges):
+            print(f"{name} -> {', '.join(sorted(edges[name])) or '-'}")
+    found = circles(edges)
+    print(f"{len(edges)} modules, {sum(map(len, edges.values()))} imports, {len(found)} circle(s)")
+    for group in found:
+        print(f"  circle of {len(group)}: {', '.join(group)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
