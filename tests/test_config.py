@@ -69,6 +69,8 @@ def test_overrides_parse_toml_values_and_bare_strings():
         ({"data": {"alpha": -1.0}}, "data.alpha"),
         ({"data": {"alpha": math.nan}}, "NaN"),
         ({"data": {"alpha": math.inf}}, "infinite"),
+        ({"data": {"noise": 1.7e308}}, "data.noise must be a number from 0 to 1e"),  # overflows
+        ({"data": {"noise": -1.0}}, "data.noise must be a number from 0 to 1e"),
         ({"train": {"rounds": 0}}, "train.rounds must be a positive"),
         ({"train": {"rounds": -2}}, "train.rounds must be a positive"),
         ({"train": {"local_epochs": 0}}, "train.local_epochs"),

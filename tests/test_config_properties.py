@@ -174,6 +174,8 @@ DEMO_LIKE = {
 @example(table=(DEMO_LIKE, ["data.n_train=1000000000000"]), ranks=4)
 @example(table=(DEMO_LIKE, ["data.sample_shape=[3,100000,100000]"]), ranks=4)
 @example(table=(BASE, ["data.n_test=18446744073709551616"]), ranks=2)
+# accepted, then its samples overflowed float32 (numpy's RuntimeWarning, a diverged run)
+@example(table=(BASE, ["data.noise=1.7e308"]), ranks=2)
 def test_validation_either_refuses_with_a_config_error_or_the_run_starts(tmp_path, table, ranks):
     raw, overrides = table
     path = _toml_file(tmp_path, raw)

@@ -117,6 +117,7 @@ def test_more_noise_is_harder() -> None:
         ({"noise": -0.1}, "noise is -0.1"),
         ({"noise": math.nan}, "noise is nan"),
         ({"noise": math.inf}, "noise is inf"),
+        ({"noise": 1e7}, "noise is 10000000.0: must be between 0 and 1e"),
         ({"seed": -1}, "seed is -1"),
     ],
 )

@@ -21,6 +21,10 @@ import tomli_w
 
 from snake_mpi.schemes.registry import resolve, scheme_names, scheme_spec
 
+MAX_NOISE = 1e6
+"""The largest ``data.noise``: far past where synthetic data are noise alone (about 10), far
+below where their float32 samples overflow to infinity (about 1e37)."""
+
 MODEL_FAMILIES = ("cnn", "mlp", "vgg11", "lm")
 DATASETS = ("synthetic", "cifar10", "arrays", "text")
 PARTITIONS = ("iid", "dirichlet", "shards")
@@ -90,7 +94,7 @@ class DataConfig:
     sample_shape: tuple[int, ...] = (3, 32, 32)
     """Shape of one sample, e.g. [3, 32, 32] (image) or [64] (vector)."""
     noise: float = 1.0
-    """Synthetic data: noise scale; larger is harder."""
+    """Synthetic data: noise scale; larger is harder (0 to ``MAX_NOISE``)."""
     partition: str = "iid"
     """How training samples are shared over nodes: ``iid``, ``dirichlet`` (label skew, by
     ``alpha``) or ``shards`` (label-sorted shards, ``shards_per_node`` per node)."""
@@ -567,8 +571,11 @@ def _validate(c: RunConfig) -> None:
         )
     if c.data.augment and len(c.data.sample_shape) != 3:
         raise ConfigError("data.augment needs image-shaped samples [C, H, W]")
-    if not (math.isfinite(c.data.noise) and c.data.noise >= 0):
-        raise ConfigError(f"data.noise must be a finite number >= 0, got {c.data.noise!r}")
+    if not (math.isfinite(c.data.noise) and 0 <= c.data.noise <= MAX_NOISE):
+        raise ConfigError(
+            f"data.noise must be a number from 0 to {MAX_NOISE:g} (past about 10 the data are "
+            f"noise alone; far past it they overflow float32), got {c.data.noise!r}"
+        )
     a = c.data.alpha
     if math.isnan(a) or math.isinf(a) or a <= 0:
         what = "NaN" if math.isnan(a) else ("infinite" if math.isinf(a) else "not positive")

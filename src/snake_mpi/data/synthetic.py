@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from snake_mpi.config import MAX_NOISE
+
 LATENT_DIM = 16
 """Dimension of the latent space that holds the class prototypes."""
 COARSE_SIDE = 4
@@ -187,7 +189,7 @@ def _check(
         raise ValueError(f"n_classes is {n_classes}: must be >= 2")
     if len(sample_shape) == 0 or any(d < 1 for d in sample_shape):
         raise ValueError(f"sample_shape is {sample_shape}: needs at least one dimension, all >= 1")
-    if not math.isfinite(noise) or noise < 0:
-        raise ValueError(f"noise is {noise}: must be finite and >= 0")
+    if not math.isfinite(noise) or not 0 <= noise <= MAX_NOISE:
+        raise ValueError(f"noise is {noise}: must be between 0 and {MAX_NOISE:g}")
     if seed < 0:
         raise ValueError(f"seed is {seed}: must be >= 0")
