@@ -45,7 +45,11 @@ def graph(src: Path = SRC) -> dict[str, set[str]]:
                 if node.level:
                     up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                     base = ".".join([*up, base] if base else up)
-                targets = [f"{base}.{a.name}" for a in node.names] + [base]
+                # a submodule named in the list is the import (its package's __init__ runs
+                # first, but importing a sibling from inside the package is not a circle)
+                targets = [
+                    f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names
+                ]
             else:
                 continue
             for t in targets:

@@ -1,4 +1,4 @@
-"""analysis/export.py / snake-mpi export / Result.to_frame: the long table, checked against the
+"""analysis/export.py / snake-mpi export / export.to_frame: the long table, checked against the
 files it was made from and against docs/results-schema.md ("Long-format export")."""
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def test_the_cli_writes_a_csv_with_the_documented_header(results_dir, tmp_path, 
 def test_to_frame_has_the_same_rows(results_dir):
     pd = pytest.importorskip("pandas", reason="pandas (the analysis extra) is not installed")
     res = read_result(results_dir / "snake.h5")
-    frame = res.to_frame()
+    frame = export.to_frame([res])
     assert isinstance(frame, pd.DataFrame)
     assert list(frame.columns) == list(export.COLUMNS)
     assert str(frame["value"].dtype) == "float64" and str(frame["round"].dtype) == "int64"
@@ -185,7 +185,7 @@ def test_to_frame_has_the_same_rows(results_dir):
 def test_to_frame_without_pandas_names_the_extra(results_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas raises ImportError
     with pytest.raises(ImportError, match=r"snake-mpi\[analysis\]"):
-        read_result(results_dir / "fedavg.h5").to_frame()
+        export.to_frame([read_result(results_dir / "fedavg.h5")])
 
 
 def test_incomplete_and_unreadable_files_are_skipped_and_named(results_dir, tmp_path, capsys):

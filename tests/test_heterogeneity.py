@@ -16,9 +16,9 @@ from conftest import REPO, mpi_run, run_mpi
 from snake_mpi.analysis.expected import expected_bytes
 from snake_mpi.blocks import model_hash
 from snake_mpi.config import ConfigError, ModelConfig, from_dict, load_config
+from snake_mpi.context import Context, NodeData
 from snake_mpi.models import build_model
 from snake_mpi.run import execute
-from snake_mpi.schemes import Context, NodeData
 from snake_mpi.schemes.capability import BlockMeter, summarise
 from snake_mpi.store import read_result
 from snake_mpi.train import KDSpec, train_local

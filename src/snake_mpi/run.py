@@ -30,6 +30,7 @@ from snake_mpi.config import (
     to_toml,
     validate_for_world,
 )
+from snake_mpi.context import Context, NodeData
 from snake_mpi.data import DataError, load_dataset
 from snake_mpi.data.augment import crop_flip
 from snake_mpi.data.partition import (
@@ -45,7 +46,7 @@ from snake_mpi.probes.memory import MemorySampler, ru_maxrss_bytes
 from snake_mpi.probes.storage import DiskWriteCounter
 from snake_mpi.record import ROUND_FIELDS, Recorder, eval_layout
 from snake_mpi.resources import check_memory
-from snake_mpi.schemes import Context, NodeData, scheme_spec
+from snake_mpi.schemes import scheme_spec
 from snake_mpi.transport.protocol import Communicator
 from snake_mpi.transport.wire import LinkModel
 

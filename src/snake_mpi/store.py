@@ -23,16 +23,13 @@ import pathlib
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h5py
 import numpy as np
 
 from snake_mpi import durable
 from snake_mpi.durable import as_storage_full, ensure_room, is_no_space
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 SCHEMA_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
@@ -481,13 +478,6 @@ class Result:
     def status(self) -> str:
         """ "complete" or "running" (a run that did not finish)."""
         return str(self.attrs.get("status", ""))
-
-    def to_frame(self) -> pd.DataFrame:
-        """This result as the long-format table of ``snake-mpi export`` (a pandas DataFrame;
-        docs/results-schema.md, "Long-format export"). Needs pandas (the ``analysis`` extra)."""
-        from snake_mpi.analysis.export import to_frame
-
-        return to_frame([self])
 
 
 _READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError)

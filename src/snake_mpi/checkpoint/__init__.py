@@ -33,7 +33,7 @@ from snake_mpi.checkpoint import state, tensorfile
 from snake_mpi.config import ConfigError, RunConfig, to_toml
 
 if TYPE_CHECKING:
-    from snake_mpi.schemes import Context
+    from snake_mpi.context import Context
     from snake_mpi.transport.protocol import Communicator
 
 EXIT_CHECKPOINTED = 75

@@ -31,7 +31,7 @@ from snake_mpi.blocks import (
 from snake_mpi.transport.wire import CommStats
 
 if TYPE_CHECKING:
-    from snake_mpi.schemes import Context
+    from snake_mpi.context import Context
 
 PLAN_INPUTS = ("capabilities", "block_time_s", "block_time_spread")
 """``ctx.info`` entries a run decides once at its start (``snake.capability = "measure"``

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from snake_mpi.blocks import BlockModel, model_device, set_trainable
-from snake_mpi.schemes import Context
+from snake_mpi.context import Context
 
 ROUNDS = 8
 """Turns per rank; the ranks take them in rotation."""

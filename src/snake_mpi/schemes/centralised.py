@@ -4,7 +4,7 @@ the workload and the memory of plain training; a round is ``train.local_epochs``
 
 from __future__ import annotations
 
-from snake_mpi.schemes import Context
+from snake_mpi.context import Context
 from snake_mpi.schemes.common import evaluate_and_record, train_and_record
 
 

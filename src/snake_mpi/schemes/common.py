@@ -9,7 +9,7 @@ from typing import NoReturn
 import numpy as np
 
 from snake_mpi.blocks import BlockModel
-from snake_mpi.schemes import Context
+from snake_mpi.context import Context
 from snake_mpi.train import (
     KDSpec,
     NonFiniteLoss,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from snake_mpi.blocks import BlockModel, block_tensors
-from snake_mpi.schemes import Context
+from snake_mpi.context import Context
 from snake_mpi.schemes.common import (
     evaluate_and_record,
     receive_blocks,

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from snake_mpi.config import RunConfig
-    from snake_mpi.schemes import Context
+    from snake_mpi.context import Context
     from snake_mpi.store import Result
 
 Ref = str | Callable[..., Any]

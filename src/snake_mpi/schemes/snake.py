@@ -30,8 +30,8 @@ from snake_mpi.blocks import (
 )
 from snake_mpi.checkpoint import CheckpointStop
 from snake_mpi.config import RunConfig, SnakeConfig
+from snake_mpi.context import Context
 from snake_mpi.probes.memory import release_free_memory
-from snake_mpi.schemes import Context
 from snake_mpi.schemes.capability import measure_in_turn
 from snake_mpi.schemes.common import (
     evaluate_and_record,

@@ -8,7 +8,7 @@ server after each round, so that the server can evaluate the whole model.
 from __future__ import annotations
 
 from snake_mpi.blocks import block_nbytes, drop_blocks
-from snake_mpi.schemes import Context
+from snake_mpi.context import Context
 from snake_mpi.schemes.common import evaluate_and_record, receive_blocks, send_blocks
 from snake_mpi.schemes.splitnet import ClientTurn, ServerPart, record_server, steps_of
 from snake_mpi.transport.wire import KIND_MODEL, KIND_UPDATE, TransferSpec

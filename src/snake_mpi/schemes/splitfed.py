@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 
 from snake_mpi.blocks import drop_blocks, module_tensors
-from snake_mpi.schemes import Context
+from snake_mpi.context import Context
 from snake_mpi.schemes.common import (
     evaluate_and_record,
     receive_blocks,

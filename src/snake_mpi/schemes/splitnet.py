@@ -28,7 +28,7 @@ from snake_mpi.blocks import (
     training_state_bytes,
 )
 from snake_mpi.config import RunConfig
-from snake_mpi.schemes import Context
+from snake_mpi.context import Context
 from snake_mpi.schemes.common import abort_non_finite, slowdown
 from snake_mpi.train import (
     NonFiniteLoss,
