@@ -141,6 +141,8 @@ def test_sigterm_to_a_one_rank_run_says_what_was_kept(tmp_path):
     kept = r"r.h5.partial keeps \d+ complete round\(s\) of 400; the checkpoint after round \d+"
     assert re.search(rf"stopped by SIGTERM in round \d+ of 400: .*{kept} is kept", line), line
     assert "--resume continues from it" in line
+    assert "or the launcher ending the job after another rank failed" in line  # as after a
+    # peer's timeout, when the launcher sends SIGTERM to the ranks still running
     assert (tmp_path / "r.h5.stopped").read_text().strip() == line
     shown = subprocess.run(snake_mpi("show", str(tmp_path / "r.h5.partial")), capture_output=True,
                            text=True, timeout=60)  # fmt: skip

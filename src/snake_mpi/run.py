@@ -413,9 +413,17 @@ def kept_line(signum: int, written: _Written = _WRITTEN) -> str:
         go_on = "no checkpoint was taken yet; --resume starts again at round 1"
     else:
         go_on = "checkpoints are off (checkpoint.every = 0); --resume starts again at round 1"
+    # a SIGTERM may be the launcher ending the job after another rank's error: say so, or the
+    # line reads as if a user had stopped a run that a peer's timeout ended
+    cause = (
+        " (SIGTERM comes from a user, a batch system's time limit, or the launcher ending the "
+        "job after another rank failed: see that rank's line)"
+        if signum == signal.SIGTERM
+        else ""
+    )
     return (
         f"snake-mpi: stopped by {name} in round {done + 1} of {written.rounds}: {what}; {go_on} "
-        "(SIGUSR1 instead asks for a checkpoint at the round's end)"
+        f"(SIGUSR1 instead asks for a checkpoint at the round's end){cause}"
     )
 
 
