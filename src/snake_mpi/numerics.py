@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 NUMERIC_ENV_VARS = (
@@ -64,11 +64,6 @@ def current(torch_threads: int, environ: Mapping[str, str] | None = None) -> Num
         cpu_capability=str(torch.backends.cpu.get_cpu_capability()),
         numeric_env=",".join(f"{k}={env[k]}" for k in NUMERIC_ENV_VARS if k in env),
     )
-
-
-def settings_dict(s: NumericSettings) -> dict[str, str | int]:
-    """The settings as a flat dict (for gathering and for ``/ranks``)."""
-    return asdict(s)
 
 
 def dataset_sha256(dataset: Any) -> str:

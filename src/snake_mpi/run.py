@@ -540,11 +540,9 @@ def execute(
         + f"|{placement.local_rank}|{placement.local_rank_source}"
         + f"|{provenance.cpu_ranges(provenance.cpu_affinity())}|{os.cpu_count() or 0}"
     )
+    settings = numerics.current(threads)
     numeric = comm.gather_str(
-        json.dumps(
-            numerics.settings_dict(numerics.current(threads))
-            | {"data_sha256": numerics.dataset_sha256(dataset)}
-        )
+        json.dumps(dataclasses.asdict(settings) | {"data_sha256": numerics.dataset_sha256(dataset)})
     )
     checkpoints = checkpoints or Checkpointer()
     resume = checkpoints.resume
@@ -571,8 +569,8 @@ def execute(
             mpi_library_version=comm.library_version(), hosts=hosts, world_size=n, seeds=seeds
         )
         prov["torch_num_threads"] = threads
-        mine = numerics.current(threads)  # rank 0's; every rank's in /ranks
-        prov |= {"cpu_capability": mine.cpu_capability, "numeric_env": mine.numeric_env}
+        # rank 0's; every rank's in /ranks
+        prov |= {"cpu_capability": settings.cpu_capability, "numeric_env": settings.numeric_env}
         prov |= gpu.versions() | {"gpu_transfer_reason": path_reason}
         writer.write_provenance(prov)
         _WRITTEN.writer, _WRITTEN.checkpoints = writer, checkpoints

@@ -12,8 +12,9 @@ depends on its thread count and on the CPU's kernel: docs/reproducibility.md).
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,11 +102,14 @@ def _mapping(rng: np.random.Generator, sample_shape: tuple[int, ...]) -> np.ndar
         coarse_h, coarse_w = min(COARSE_SIDE, height), min(COARSE_SIDE, width)
         coarse = rng.standard_normal((LATENT_DIM, channels, coarse_h, coarse_w))
         up_h, up_w = _upsampler(height, coarse_h), _upsampler(width, coarse_w)
-        rows = _sum_in_order(  # (l, c, h, q): sum over p of up_h[h, p] * coarse[l, c, p, q]
-            up_h[None, None, :, p, None] * coarse[:, :, None, p, :] for p in range(coarse_h)
+        # sums taken one term after another (float64), the same bits whatever the machine
+        rows = functools.reduce(  # (l, c, h, q): sum over p of up_h[h, p] * coarse[l, c, p, q]
+            operator.add,
+            (up_h[None, None, :, p, None] * coarse[:, :, None, p, :] for p in range(coarse_h)),
         )
-        patterns = _sum_in_order(  # (l, c, h, w): sum over q of rows[..., q] * up_w[w, q]
-            rows[:, :, :, q, None] * up_w[None, None, None, :, q] for q in range(coarse_w)
+        patterns = functools.reduce(  # (l, c, h, w): sum over q of rows[..., q] * up_w[w, q]
+            operator.add,
+            (rows[:, :, :, q, None] * up_w[None, None, None, :, q] for q in range(coarse_w)),
         )
         patterns = patterns.reshape(LATENT_DIM, -1)
     else:
@@ -138,15 +142,6 @@ def _samples(
     pixel *= np.float32(noise * PIXEL_NOISE)
     x += pixel
     return x, labels
-
-
-def _sum_in_order(terms: Iterable[np.ndarray]) -> np.ndarray:
-    """The terms added one after another (float64): the same bits whatever the machine."""
-    total: np.ndarray | None = None
-    for term in terms:
-        total = term if total is None else total + term
-    assert total is not None
-    return total
 
 
 def _project(latent: np.ndarray, mapping: np.ndarray, block_bytes: int = 1 << 20) -> np.ndarray:
