@@ -9,12 +9,15 @@ dimensions, each dimension as a big-endian int32, then the values: images ``(N, 
 labels ``(N,)``. Every file is read and checked in full (magic, dimensions, length, counts of
 images against labels, labels in ``[0, data.n_classes)``, the image size against
 ``data.sample_shape``) before any message, and a ``DataError`` names the file and what is wrong.
+Images are kept as stored (EMNIST's are transposed; a model learns them either way), and
+``data.n_classes`` must exceed the largest label (EMNIST letters: 1-26, so 27).
 
 ``data.path`` empty: ``$IDX_DIR``, else ``DEBIAN_DIR`` (where the Debian package
 ``dataset-fashion-mnist`` puts Fashion-MNIST; ``make fashion-mnist`` installs it).
-Images are one channel, scaled to [0, 1], optionally zero-padded (``data.pad_to``: 32 gives the
-32x32 images VGG-11 needs), then standardised by the mean and standard deviation of the whole
-training file's pixels.
+Images are one channel, scaled to [0, 1], optionally zero-padded in a centred border
+(``data.pad_to = 32`` with ``data.sample_shape = [1, 32, 32]``: the 32x32 images VGG-11 needs;
+0, the default: ``[1, 28, 28]`` as stored), then standardised by the mean and standard
+deviation of the whole training file's pixels (the same on every rank, whatever is drawn).
 """
 
 from __future__ import annotations
