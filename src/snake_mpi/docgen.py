@@ -1,8 +1,10 @@
-"""Reference pages generated from the code: the configuration (the config dataclasses) and the
-command line (the argparse parsers), so that no table of keys or options is copied by hand.
+"""Pages generated from the code: the configuration (the config dataclasses) and the command
+line (the argparse parsers), so that no table of keys or options is copied by hand, and the
+site's home page (the README, its links made relative to ``docs/``).
 
     python -m snake_mpi.docgen config [--out docs/reference/configuration.md] [--check]
     python -m snake_mpi.docgen cli    [--out docs/reference/cli.md] [--check]
+    python -m snake_mpi.docgen home   [--out docs/index.md] [--check]
 
 Without ``--out`` the page goes to stdout; ``--check`` compares it with ``--out`` instead of
 writing it (exit 1 and a diff where they differ). ``make docs`` writes both; the tests
@@ -208,10 +210,24 @@ def cli_page() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+# ---------------------------------------------------------------- home page
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+"""The checkout's README (``src/snake_mpi/docgen.py`` -> the repository root)."""
+
+
+def home_page() -> str:
+    """The site's home page: the README, its links made relative to ``docs/``."""
+    text = README.read_text()
+    text = re.sub(r"\]\(docs/", "](", text)
+    return GENERATED.format(kind="home") + "\n\n" + text
+
+
 # ---------------------------------------------------------------- command
 
 
-PAGES: dict[str, Callable[[], str]] = {"config": config_page, "cli": cli_page}
+PAGES: dict[str, Callable[[], str]] = {"config": config_page, "cli": cli_page, "home": home_page}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
