@@ -79,8 +79,8 @@ def type_name(tp: Any) -> str:
 
 def toml_value(value: Any) -> str:
     """``value`` as it is written in a TOML file."""
-    if isinstance(value, tuple):
-        value = list(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return tomli_w.dumps({"v": value}).strip()[len("v = ") :]
 
 
@@ -113,7 +113,8 @@ CONFIG_INTRO = """\
 
 A run is one TOML file (e.g. `bench/configs/demo.toml`); every key has a default, so a file
 names only what it changes. `--set section.key=value` overrides any key from the command line
-(the value is TOML: `--set snake.capabilities=[1,2,1,1]`, `--set model.preset='"opt-1.3b"'`).
+(the value is TOML, `--set snake.capabilities=[1,2,1,1]`; a bare word is a string,
+`--set scheme=fedavg`).
 A key this page does not list is an error, and so is a value outside its choices or range:
 `snake-mpi validate CONFIG` says which (exit 2), as every rank of `snake-mpi run` does before
 anything is sent or written.
@@ -166,8 +167,14 @@ SIGUSR1 after a checkpoint (run again with `--resume`); anything else a failure,
 naming the rank.
 
 This page is generated from the argparse parsers by `python -m snake_mpi.docgen cli` (help
-wrapped at {columns} columns); a test fails when it and the code differ.
+wrapped at {columns} columns, as Python {python}'s argparse prints it); a test fails when it and
+the code differ.
 """
+
+
+def python_version() -> str:
+    """``3.11``: argparse's layout changes between Python versions, so the page names its own."""
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
 def captured_help(main: Callable[[list[str]], Any], argv: list[str]) -> str:
@@ -199,7 +206,11 @@ def cli_page() -> str:
     from snake_mpi import cli
 
     parser = cli._parser()
-    out = [GENERATED.format(kind="cli"), "", CLI_INTRO.format(columns=HELP_COLUMNS)]
+    out = [
+        GENERATED.format(kind="cli"),
+        "",
+        CLI_INTRO.format(columns=HELP_COLUMNS, python=python_version()),
+    ]
     out += ["| command | what it does |", "| --- | --- |"]
     commands = subcommands(parser)
     out += [f"| [`{name}`](#{name}) | {markdown(text)} |" for name, text in commands]
