@@ -23,8 +23,6 @@ from conftest import REPO
 pytest.importorskip("mkdocs", reason="the docs extra (mkdocs) is not installed")
 yaml = pytest.importorskip("yaml")
 
-pytestmark = pytest.mark.xdist_group("system")  # Chromium may be installed with apt-get
-
 HARNESS = """<!doctype html><html><body><pre id="site-check"></pre>
 <iframe id="page" style="width:1280px;height:900px"></iframe>
 <script>
@@ -157,6 +155,7 @@ def chromium() -> str:
     return find()
 
 
+@pytest.mark.xdist_group("system")  # Chromium may be installed with apt-get (one apt lock)
 def test_every_page_loads_in_headless_chromium(site, tmp_path):
     binary = chromium()
     pages = [p.relative_to(site).as_posix() for p in built_pages(site)]
