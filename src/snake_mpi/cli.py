@@ -6,9 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from snake_mpi.config import ConfigError, load_config, validate_for_world
-
-EXIT_CONFIG = 2
+from snake_mpi.config import EXIT_CONFIG, ConfigError
+from snake_mpi.schemes.rules import checked_config, validate_for_world
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -197,7 +196,7 @@ def _main(argv: list[str] | None) -> int:
     from snake_mpi.data import DataError
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = checked_config(args.config, args.overrides)
         if args.command == "validate":
             estimate = _validate(cfg, args)
     except (ConfigError, DataError) as e:
