@@ -109,7 +109,7 @@ def link_model(cfg: RunConfig) -> LinkModel:
 
 def result_attrs(cfg: RunConfig) -> dict[str, str]:
     """Root attributes that tell runs apart: scheme, model, dataset (+ Snake's options)."""
-    model = cfg.model.family
+    model: str = cfg.model.family
     if model == "lm":
         model = cfg.model.preset or f"checkpoint:{Path(cfg.model.checkpoint).name}"
     attrs = {"scheme": cfg.scheme, "model": model, "dataset": cfg.data.name}
