@@ -1,7 +1,11 @@
 """Run configuration: TOML file + ``--set key=value`` overrides -> frozen, validated dataclasses.
 
-Every rank loads and validates the same file, so a bad config gives the same answer
-everywhere before any message is sent (exit 2 on every rank, see ``run.py``).
+Pure data: each section checks its own fields (a ``Literal`` field its choices) in
+``__post_init__``, ``RunConfig`` the settings that go together across sections. What needs more
+than the config (the scheme registry, the model presets, the number of ranks) is checked by
+``schemes/rules.py``, through which every run loads its config. Every rank loads and checks the
+same file, so a bad config gives the same answer everywhere before any message is sent
+(``EXIT_CONFIG`` on every rank, see ``run.py``). Imports nothing else of the package.
 """
 
 from __future__ import annotations
