@@ -82,13 +82,17 @@ class ModelConfig:
 
 @_cfg()
 class DataConfig:
-    name: Literal["synthetic", "cifar10", "arrays", "text"] = "synthetic"
+    name: Literal["synthetic", "cifar10", "arrays", "text", "idx"] = "synthetic"
     """Dataset: ``synthetic`` (generated from the seed, learnable), ``cifar10`` (the binary
     release from ``path`` or $CIFAR10_DIR), ``arrays`` (an .npz file at ``path``), ``text``
     (local text files at ``path``, packed into sequences; empty path: Python's standard library
-    sources)."""
+    sources), ``idx`` (the MNIST family's IDX files, plain or gzipped, in the directory ``path``,
+    else $IDX_DIR, else Debian's Fashion-MNIST: ``make fashion-mnist``)."""
     path: str = ""
-    """Where ``cifar10``, ``arrays`` or ``text`` data lie (never downloaded)."""
+    """Where ``cifar10``, ``arrays``, ``text`` or ``idx`` data lie (never downloaded)."""
+    pad_to: int = 0
+    """``idx``: zero-pad the images to ``pad_to`` x ``pad_to`` (32: 28x28 images for VGG-11,
+    with ``sample_shape = [1, 32, 32]``); 0: as stored (``[1, 28, 28]``)."""
     augment: bool = False
     """Images: random crop (padding 4) and horizontal flip of every training batch."""
     n_train: int = 4096
