@@ -38,13 +38,12 @@ def _check_lm(c: RunConfig) -> None:
     if c.model.family != "lm":
         return
     if c.model.preset:
-        from snake_mpi.models.lm_presets import PRESETS
+        from snake_mpi.models.lm_presets import ModelSpecError, preset
 
-        if c.model.preset not in PRESETS:
-            raise ConfigError(
-                f"unknown model.preset {c.model.preset!r}; known presets: "
-                f"{', '.join(sorted(PRESETS))}"
-            )
+        try:
+            preset(c.model.preset)
+        except ModelSpecError as e:
+            raise ConfigError(str(e)) from None
     if not scheme_spec(c.scheme).supports_lm:
         lm_schemes = [name for name in scheme_names() if scheme_spec(name).supports_lm]
         raise ConfigError(
