@@ -433,7 +433,8 @@ class RunConfig:
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a TOML file (defaults if ``path`` is None), apply ``key=value`` overrides, validate."""
+    """Read a TOML file (defaults if ``path`` is None), apply ``key=value`` overrides, validate
+    what the config alone says (a run's config: ``schemes.rules.checked_config``)."""
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read_toml(Path(path))
@@ -501,7 +502,8 @@ copy of the trained blocks (the same reasons as ``LM_KD_WEIGHT``)."""
 
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:
-    """Build a validated RunConfig from nested dicts; unknown keys are errors. A language model
+    """Build a RunConfig from nested dicts, checked as far as the config alone tells (the rest:
+    ``schemes.rules.check``); unknown keys are errors. A language model
     (``model.family = "lm"``) gets ``LM_ENDS``, ``LM_KD_WEIGHT`` and ``LM_PROX_MU`` for the
     ``[snake]`` settings it does not set, not the classifiers' defaults (the resolved values
     are what the result file stores)."""
