@@ -26,6 +26,14 @@ def test_no_import_circle():
     assert ig.circles(edges) == []
 
 
+def test_config_imports_nothing_of_the_package():
+    """Pure data at the bottom: the checks that need a scheme, the model presets or the world
+    are ``schemes/rules.py``'s."""
+    edges = bench_script("import_graph").graph()
+    assert edges["snake_mpi.config"] == set()
+    assert {"snake_mpi.config", "snake_mpi.schemes.registry"} <= edges["snake_mpi.schemes.rules"]
+
+
 def test_every_module_has_a_layer_and_no_new_import_runs_upward():
     ig = bench_script("import_graph")
     edges = ig.graph()
