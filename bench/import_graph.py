@@ -21,7 +21,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("cli", ("snake_mpi.cli",)),
+    ("cli", ("snake_mpi.cli", "snake_mpi.docgen")),
     (
         "entry points",
         ("snake_mpi.run", "snake_mpi.suite", "snake_mpi.launch", "snake_mpi.resources",
