@@ -177,11 +177,11 @@ elif [[ -z $SNAKE ]]; then
   skip demo-check "the demo did not run"
 else
   run_step demo "${T_DEMO:-80}" "$OUT/demo.log" \
-    "$PY" bench/gpu_demo_check.py --watch "$OUT/demo-nvml.json" -- \
+    "$PY" -m bench.gpu_demo_check --watch "$OUT/demo-nvml.json" -- \
     "$MPIRUN" -n 4 ${OVERSUB[@]+"${OVERSUB[@]}"} "$SNAKE" run bench/configs/demo.toml \
     --out "$OUT/demo-gpu.h5" --overwrite --set 'device="cuda"'
   run_step demo-check "${T_DEMO_CHECK:-30}" "$OUT/demo-check.log" \
-    "$PY" bench/gpu_demo_check.py "$OUT/demo-gpu.h5" --nvml-log "$OUT/demo-nvml.json"
+    "$PY" -m bench.gpu_demo_check "$OUT/demo-gpu.h5" --nvml-log "$OUT/demo-nvml.json"
 fi
 
 # c. hop throughput from GPU memory
@@ -191,7 +191,7 @@ elif [[ -z $MPIRUN ]]; then
   skip transfer "$NO_MPI"
 else
   run_step transfer "${T_TRANSFER:-100}" "$OUT/transfer.txt" \
-    "$MPIRUN" -n 2 ${OVERSUB[@]+"${OVERSUB[@]}"} "$PY" bench/transfer.py --device cuda --max-mib 256 \
+    "$MPIRUN" -n 2 ${OVERSUB[@]+"${OVERSUB[@]}"} "$PY" -m bench.transfer --device cuda --max-mib 256 \
     --trials 3 --probe-pairs 2
 fi
 
@@ -201,7 +201,7 @@ if ((N_GPU == 0)); then
   skip memory "$NO_GPU"
 else
   run_step memory "${T_MEMORY:-180}" "$OUT/memory.log" \
-    "$PY" bench/memory.py --device cuda --steps 2 --only opt-full-bf16,opt-snake-bf16-n6 \
+    "$PY" -m bench.memory --device cuda --steps 2 --only opt-full-bf16,opt-snake-bf16-n6 \
     --out "$OUT/memory" --table "$OUT/memory.md"
   if [[ -z $MPIRUN && ${RESULTS[-1]} == ok ]]; then
     RESULTS[-1]="ok (the 6-rank Snake run skipped: $NO_MPI)"
@@ -214,7 +214,7 @@ if ((N_GPU == 0)); then
   skip train-step "$NO_GPU"
 else
   run_step train-step "${T_TRAIN_STEP:-45}" "$OUT/train-step.log" \
-    "$PY" bench/train_step.py --device cuda --out-table "$OUT/train_step.md"
+    "$PY" -m bench.train_step --device cuda --out-table "$OUT/train_step.md"
 fi
 
 FAILED=0

@@ -8,9 +8,9 @@ checked both ways in one job:
    built (baseline) and its peak, and the ratio of the largest per-node increase; on a GPU
    (``--device cuda``) each rank's peak GPU memory too, from torch's allocator and from NVML.
 
-    python bench/memory.py --out results/memory          # OPT-1.3B on the CPU: ~22 GiB, ~15 min
-    python bench/memory.py --out results/memory --tiny   # the tiny model, a minute
-    python bench/memory.py --out results/mem-gpu --device cuda --steps 2 --table mem-gpu.md
+    python -m bench.memory --out results/memory          # OPT-1.3B on the CPU: ~22 GiB, ~15 min
+    python -m bench.memory --out results/memory --tiny   # the tiny model, a minute
+    python -m bench.memory --out results/mem-gpu --device cuda --steps 2 --table mem-gpu.md
 
 ``--device cuda`` runs OPT-1.3B full fine-tuning with fp32 and with bf16 weights (fp32 master
 copies and AdamW state) against a Snake node at the paper's share (6 nodes of 4 decoder layers,
