@@ -5,7 +5,7 @@
 #      status, bytes = analytic count, final accuracy, GPU fields finite, no stray contexts
 #   c. hop throughput from GPU memory per transfer path, and the probes' overhead on the GPU
 #      (bench/transfer.py --device cuda, 2 ranks: sampler + GPU probe on vs off)
-#   d. the OPT-1.3B memory benchmark      (bench/memory.py --device cuda --steps 2, bf16 runs)
+#   d. the OPT-1.3B memory benchmark      (bench/memory_claim.py --device cuda --steps 2, bf16 runs)
 #   e. training-step throughput           (bench/train_step.py --device cuda)
 # The step limits add up to 480 s (45+80+30+100+180+45; a step that ignores TERM gets 10 s
 # more), so no hung step can push the check much past 8 minutes.
@@ -196,12 +196,12 @@ else
 fi
 
 # d. OPT-1.3B memory on the GPU, bf16 weights (fp32 master and AdamW state): full fine-tuning
-#    against a Snake node of the paper's share (the fp32 full run: bench/memory.py alone)
+#    against a Snake node of the paper's share (the fp32 full run: bench/memory_claim.py alone)
 if ((N_GPU == 0)); then
   skip memory "$NO_GPU"
 else
   run_step memory "${T_MEMORY:-180}" "$OUT/memory.log" \
-    "$PY" -m bench.memory --device cuda --steps 2 --only opt-full-bf16,opt-snake-bf16-n6 \
+    "$PY" -m bench.memory_claim --device cuda --steps 2 --only opt-full-bf16,opt-snake-bf16-n6 \
     --out "$OUT/memory" --table "$OUT/memory.md"
   if [[ -z $MPIRUN && ${RESULTS[-1]} == ok ]]; then
     RESULTS[-1]="ok (the 6-rank Snake run skipped: $NO_MPI)"

@@ -162,7 +162,7 @@ def _main(argv: list[str] | None) -> int:
 
         return report_main(argv[1:])
     if argv[:1] == ["memory"]:
-        from snake_mpi.analysis.memory import main as memory_main
+        from snake_mpi.analysis.memory_accounting import main as memory_main
 
         return memory_main(argv[1:])
     if argv[:1] == ["export"]:

@@ -1,4 +1,4 @@
-"""bench/checkpoint.py's figures on synthetic results: the analytic bytes a Snake P2P
+"""bench/checkpoint_cost.py's figures on synthetic results: the analytic bytes a Snake P2P
 checkpoint file must hold, and the tables (no MPI)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import checkpoint as ck
+from bench import checkpoint_cost as ck
 from snake_mpi.config import RunConfig, to_toml
 from snake_mpi.store import ResultWriter, read_result
 

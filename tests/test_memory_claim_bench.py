@@ -1,5 +1,5 @@
 """The memory and GPU benchmarks' tooling, on the CPU: ``snake-mpi memory --measured`` with and
-without GPU fields, bench/memory.py's summary table, bench/gpu_demo_check.py's checks,
+without GPU fields, bench/memory_claim.py's summary table, bench/gpu_demo_check.py's checks,
 bench/train_step.py, and bench/gpu_check.sh on a machine without a GPU."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from bench import gpu_demo_check as check
-from bench import memory as mem
+from bench import memory_claim as mem
 from conftest import REPO, mpi_run
-from snake_mpi.analysis.memory import GIB, measured_table
+from snake_mpi.analysis.memory_accounting import GIB, measured_table
 
 TINY = REPO / "tests" / "configs" / "tiny.toml"
 CPU_HEADER = (
@@ -141,7 +141,7 @@ def test_a_cuda_file_without_gpu_figures_shows_them_unavailable(cpu_result, tmp_
 
 
 @pytest.mark.mpi
-def test_memory_bench_summary_table_has_gpu_and_accounting_columns(cpu_result, tmp_path):
+def test_memory_claim_bench_summary_table_has_gpu_and_accounting_columns(cpu_result, tmp_path):
     gpu = as_gpu_run(cpu_result, tmp_path / "gpu.h5")
     outcomes = [
         mem.Outcome(mem.Run("tiny-gpu", TINY, 2), gpu, "done"),
@@ -166,8 +166,8 @@ def test_memory_bench_summary_table_has_gpu_and_accounting_columns(cpu_result, t
     assert f",{5 * GIB},{6 * GIB},{8 * GIB},{int(2.5 * GIB)},done" in lines[1]
 
 
-def test_memory_bench_paper_figures_and_run_lists():
-    from snake_mpi.analysis.memory import run_accounting
+def test_memory_claim_bench_paper_figures_and_run_lists():
+    from snake_mpi.analysis.memory_accounting import run_accounting
     from snake_mpi.config import load_config
 
     assert [r.name for r in mem.OPT_GPU] == ["opt-full", "opt-full-bf16", "opt-snake-bf16-n6"]
@@ -184,9 +184,18 @@ def test_memory_bench_paper_figures_and_run_lists():
     assert mem.result_name(mem.OPT[0], "cpu", 0) == "opt-full"
 
 
-def test_memory_bench_runs_one_tiny_run_and_writes_its_table(tmp_path):
+def test_memory_claim_bench_runs_one_tiny_run_and_writes_its_table(tmp_path):
     job = subprocess.run(
-        [sys.executable, "-m", "bench.memory", "--tiny", "--steps", "1", "--only", "tiny-full"]
+        [
+            sys.executable,
+            "-m",
+            "bench.memory_claim",
+            "--tiny",
+            "--steps",
+            "1",
+            "--only",
+            "tiny-full",
+        ]
         + ["--out", str(tmp_path), "--table", str(tmp_path / "t.md")],
         cwd=REPO,
         capture_output=True,
@@ -313,7 +322,7 @@ def test_gpu_check_script_parses_and_says_when_no_gpu_is_present(tmp_path):
 def test_memory_table_of_a_small_model_uses_a_readable_unit_and_says_which_nodes_it_drops(
     capsys,
 ):
-    from snake_mpi.analysis.memory import main
+    from snake_mpi.analysis.memory_accounting import main
 
     tiny = str(REPO / "tests" / "configs" / "tiny.toml")
     assert main([tiny, "--nodes", "2,4,6,8"]) == 0
