@@ -1,8 +1,8 @@
 """Label skew across runs (docs/label-skew.md): final accuracy against the Dirichlet alpha for
 each variant (scheme, mode and label-skew options: ``runs.label``), as mean [min–max] over
 seeds, next to plain FedAvg's at the same alpha; bytes per round beside it; the goal of
-issue 14 checked; the paper's claims at each alpha. ``python analysis/label_skew.py DIR --out
-OUT`` (``bench/label_skew.sh`` runs it after the suite ``label-skew``)."""
+issue 14 checked; the paper's claims at each alpha. ``python -m snake_mpi.analysis.skew DIR
+--out OUT`` (``bench/label_skew.sh`` runs it after the suite ``label-skew``)."""
 
 from __future__ import annotations
 
@@ -283,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(
-        prog="label_skew.py", description="Accuracy against label skew, per variant."
+        prog="python -m snake_mpi.analysis.skew",
+        description="Accuracy against label skew, per variant.",
     )
     p.add_argument("results", nargs="+", help="result files, or directories of them")
     p.add_argument("--out", required=True, help="directory for label-skew.md/.html and figures")
@@ -292,3 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(md.read_text())
     print(f"wrote {md} and {md.with_suffix('.html')}")
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
