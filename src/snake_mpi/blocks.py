@@ -24,8 +24,8 @@ import functools
 import hashlib
 import itertools
 import mmap
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -77,7 +77,8 @@ class BlockModel(nn.Module):
         """Number of tensors that appear in more than one block (0 for most models)."""
         return len(self.shared_owners())
 
-    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ...: tensors may be new objects
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Self:
+        # .to(), .float(), ...: tensors may be new objects
         self._owners = None
         out = super()._apply(fn, *args, **kwargs)
         if self._flat is not None:  # the moved tensors get block buffers on their new device
