@@ -1,8 +1,9 @@
 """Label skew across runs (docs/label-skew.md): final accuracy against the Dirichlet alpha for
 each variant (scheme, mode and label-skew options: ``runs.label``), as mean [min–max] over
-seeds, next to plain FedAvg's at the same alpha; bytes per round beside it; the goal of
-issue 14 checked; the paper's claims at each alpha. ``python -m snake_mpi.analysis.skew DIR
---out OUT`` (``bench/label_skew.sh`` runs it after the suite ``label-skew``)."""
+seeds, next to plain FedAvg's at the same alpha; bytes per round beside it; the label-skew
+goal (``GOAL_*``) checked; the paper's claims at each alpha.
+``python -m snake_mpi.analysis.skew DIR --out OUT`` (``bench/label_skew.sh`` runs it after the
+suite ``label-skew``)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ MIB = 2**20
 BASELINE = "fedavg"
 """Plain FedAvg: the paper's baseline, what every variant's accuracy is set against."""
 GOAL_RATIO = 0.95
-"""Issue 14: Snake P2P with the defaults reaches this fraction of plain FedAvg's accuracy."""
+"""The goal: Snake P2P with the defaults reaches this fraction of plain FedAvg's accuracy."""
 GOAL_BYTES = 0.5
 """... while sending at most this fraction of FedAvg's bytes per round."""
 GOAL_IID_DROP = 0.01
@@ -153,7 +154,7 @@ def accuracy_table(w: Workload) -> tuple[list[str], list[list[str]]]:
 
 
 def goal_lines(w: Workload, alpha: str = "0.5") -> list[str]:
-    """Issue 14's goal for this workload, each part with its figures and verdict."""
+    """The label-skew goal for this workload, each part with its figures and verdict."""
     out = []
     d, f = w.cell(DEFAULT, alpha), w.cell(BASELINE, alpha)
     if d is None or f is None:
