@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -228,6 +229,14 @@ def assert_written_ratio(ratio: str, num: str, den: str, decimals: int = 4) -> N
     half = 0.5 * 10.0**-decimals
     rel = 1.01 * (half / a + half / b + half / got)
     assert got == pytest.approx(a / b, rel=rel), (ratio, num, den)
+
+
+def bench_script(name: str) -> ModuleType:
+    """``bench.NAME`` (for tests/test_architecture.py until it imports ``bench`` itself; other
+    tests write ``from bench import NAME``)."""
+    import importlib
+
+    return importlib.import_module(f"bench.{name}")
 
 
 def run_in_threads(cfg: Any, n: int, out: Path, deadline_s: float = 120) -> None:
