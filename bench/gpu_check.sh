@@ -4,9 +4,9 @@
 #   b. the demo on 4 ranks sharing the GPU, watched through NVML, then checked:
 #      status, bytes = analytic count, final accuracy, GPU fields finite, no stray contexts
 #   c. hop throughput from GPU memory per transfer path, and the probes' overhead on the GPU
-#      (bench/transfer.py --device cuda, 2 ranks: sampler + GPU probe on vs off)
-#   d. the OPT-1.3B memory benchmark      (bench/memory_claim.py --device cuda --steps 2, bf16 runs)
-#   e. training-step throughput           (bench/train_step.py --device cuda)
+#      (python -m bench.transfer --device cuda, 2 ranks: sampler + GPU probe on vs off)
+#   d. the OPT-1.3B memory benchmark (python -m bench.memory_claim --device cuda --steps 2, bf16)
+#   e. training-step throughput           (python -m bench.train_step --device cuda)
 # The step limits add up to 480 s (45+80+30+100+180+45; a step that ignores TERM gets 10 s
 # more), so no hung step can push the check much past 8 minutes.
 #
