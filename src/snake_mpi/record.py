@@ -38,7 +38,7 @@ _UNSET = {m.name: m.unset for m in schema.ROUNDS if m.unset != 0.0}
 """``/eval/class_accuracy``, shape (n_evals, n_classes): test accuracy on each class, for
 classifiers only (a language model's "classes" are its vocabulary: the dataset is absent)."""
 
-EVAL_FIELDS: dict[str, str] = {m.name: m.dtype for m in schema.EVAL if not m.columns}
+EVAL_FIELDS: dict[str, str] = schema.dtypes(schema.EVAL, one_per_row=True)
 """Datasets ``/eval/<name>``, shape (n_evals,): ``schema.EVAL`` less its per-class columns."""
 
 _EVAL_SLOTS = ("eval_accuracy", "eval_loss", "eval_wall_s")

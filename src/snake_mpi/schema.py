@@ -870,9 +870,9 @@ def names(metrics: Sequence[Metric]) -> tuple[str, ...]:
     return tuple(m.name for m in metrics)
 
 
-def dtypes(metrics: Sequence[Metric]) -> dict[str, str]:
-    """Name -> dtype, in order."""
-    return {m.name: m.dtype for m in metrics}
+def dtypes(metrics: Sequence[Metric], *, one_per_row: bool = False) -> dict[str, str]:
+    """Name -> dtype, in order; ``one_per_row``: only the metrics without ``columns``."""
+    return {m.name: m.dtype for m in metrics if not (one_per_row and m.columns)}
 
 
 def path(key: str, name: str) -> str:
