@@ -22,6 +22,7 @@ from snake_mpi.checkpoint import find_resume, tensorfile
 from snake_mpi.checkpoint import manifest as mf
 from snake_mpi.checkpoint.tensorfile import TensorFileError
 from snake_mpi.config import ConfigError, load_config, to_toml
+from snake_mpi.context import SchemeReport
 from snake_mpi.run import execute, prepare_checkpoints, seeds_for
 from snake_mpi.schemes.fedavg import sampled_clients
 from snake_mpi.schemes.snake import plan_segments
@@ -277,7 +278,7 @@ def fake_ctx(model, seed: int):
         record=FakeRecorder(4, 9999, 5, 12.5),
         generator=torch.Generator().manual_seed(seed),
         comm=SimpleNamespace(rank=2, stats=stats),
-        info={"capabilities": [1.0, 2.0], "plan": [[0], [1, 2, 3]]},
+        report=SchemeReport(capabilities=[1.0, 2.0], plan=[[0], [1, 2, 3]]),
         cfg=None,
     )
 
@@ -321,7 +322,7 @@ def test_state_capture_and_restore_round_trip_through_a_file(tmp_path):
     fresh = norm_model(1)  # another init: everything written must come back
     ctx2 = fake_ctx(fresh, 99)
     ctx2.comm.stats.bytes_sent = 0
-    ctx2.info = {}
+    ctx2.report = SchemeReport()
     back, meta2, bf16_2 = tensorfile.read(path)
     state.restore(ctx2, back, meta2, bf16_2)
     for b in (0, 1):
@@ -335,7 +336,7 @@ def test_state_capture_and_restore_round_trip_through_a_file(tmp_path):
     assert model_hash(fresh) != model_hash(norm_model(1))  # (reseeds torch)
     assert (ctx2.comm.stats.bytes_sent, ctx2.comm.stats.wait_s) == (123, 0.5)
     assert ctx2.comm.stats.control_bytes_sent == 77
-    assert ctx2.info == {"capabilities": [1.0, 2.0]}
+    assert ctx2.report == SchemeReport(capabilities=[1.0, 2.0])
     rec = ctx2.record
     assert (rec.cum_bytes_sent, rec.n_rounds_written, rec.elapsed) == (9999, 5, 12.5)
     assert meta2["carried"] == "1" and meta2["rank"] == "2" and meta2["round"] == "4"
@@ -820,7 +821,7 @@ def test_a_measured_plan_is_kept_on_resume_not_measured_again(tmp_path):
         costs=list(times[:, mids].mean(axis=0)),
         capabilities=list(saved[0]["info.capabilities"]),
     )
-    assert all(c.info["plan"] == plan for c in ctxs)
+    assert all(c.report.plan == plan for c in ctxs)
 
 
 def test_find_resume_refuses_a_checkpoint_of_another_run(tmp_path):
@@ -906,7 +907,7 @@ def test_checkpoint_files_hold_the_analytic_block_bytes_and_bounded_overhead(tmp
             k,
             scheme=cfg.scheme,
             world_size=n,
-            plan=ctxs[0].info.get("plan"),
+            plan=ctxs[0].report.plan,
             mode=cfg.snake.mode,
             keep=cfg.snake.keep,
             schedule=schedule,
@@ -916,7 +917,7 @@ def test_checkpoint_files_hold_the_analytic_block_bytes_and_bounded_overhead(tmp
             k,
             scheme=cfg.scheme,
             world_size=n,
-            plan=ctxs[0].info.get("plan"),
+            plan=ctxs[0].report.plan,
             mode=cfg.snake.mode,
             keep=cfg.snake.keep,
             schedule=schedule,

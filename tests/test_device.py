@@ -160,13 +160,15 @@ def test_a_cpu_rank_takes_the_host_path_without_asking_mpi():
 
 def test_ranks_sharing_a_gpu_on_one_host_are_marked_shared():
     hosts = ["a", "a", "a", "b", "b"]
+    place = run_module.RankPlace
     where = [
-        "cuda:0|staged|H100|GPU-1|0|SLURM_LOCALID|0-3|16",
-        "cuda:0|staged|H100|GPU-1|1|SLURM_LOCALID|4-7|16",
-        "cuda:1|staged|H100|GPU-2|2|SLURM_LOCALID|8-11|16",
-        "cuda:0|direct|H100|GPU-3|0|SLURM_LOCALID|0-7|8",
-        "cpu|host|||1|SLURM_LOCALID|0-7|8",
+        place("cuda:0", "staged", "H100", "GPU-1", 0, "SLURM_LOCALID", "0-3", 16),
+        place("cuda:0", "staged", "H100", "GPU-1", 1, "SLURM_LOCALID", "4-7", 16),
+        place("cuda:1", "staged", "H100", "GPU-2", 2, "SLURM_LOCALID", "8-11", 16),
+        place("cuda:0", "direct", "H100", "GPU-3", 0, "SLURM_LOCALID", "0-7", 8),
+        place("cpu", "host", "", "", 1, "SLURM_LOCALID", "0-7", 8),
     ]
+    assert [place.decode(p.encode()) for p in where] == where  # as gathered to rank 0
     places = run_module.rank_places(hosts, where)
     assert places["gpu_shared"].tolist() == [1, 1, 0, 0, 0]
     assert places["cpu_affinity"].tolist() == ["0-3", "4-7", "8-11", "0-7", "0-7"]

@@ -88,14 +88,14 @@ def test_a_slow_node_measured_as_slow_gets_fewer_blocks(tmp_path):
         ],
     )
     ctxs = ThreadWorld(3).run(lambda c: execute(cfg, c, tmp_path / "cap.h5"))
-    plan = ctxs[0].info["plan"]
+    plan = ctxs[0].report.plan
     mids = [[b for b in ids if 0 < b < 11] for ids in plan]
     assert len(mids[1]) < min(len(mids[0]), len(mids[2])), mids
     res = read_result(tmp_path / "cap.h5")
     caps = res.arrays["assignment/capability"]
     assert caps[1] < 0.5 * min(caps[0], caps[2]), caps
     assert res.arrays["assignment/block_time_s"].shape == (3, 12)
-    spread = ctxs[0].info["block_time_spread"]
+    spread = ctxs[0].report.block_time_spread
     assert spread.shape == (3, 12) and (spread >= 0).all(), spread
     assert res.rounds["slowdown_s"][0, 1] > 0 and res.rounds["slowdown_s"][0, 0] == 0
     sent, received = expected_bytes(res)  # rebuilt from the recorded measurement
@@ -122,7 +122,6 @@ def meter_context(cfg, model, x) -> Context:
         data=data,
         record=None,
         generator=torch.Generator(),
-        info={},
     )
 
 

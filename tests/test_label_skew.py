@@ -169,7 +169,7 @@ def test_snake_remedies_add_no_traffic(tmp_path, mode):
         'train.lr_schedule="cosine"',
     )
     cfg, ctxs, res = _threads(3, tmp_path, *sets)
-    model, plan = ctxs[0].model, ctxs[0].info["plan"]
+    model, plan = ctxs[0].model, ctxs[0].report.plan
     sizes = [block_nbytes(model, b) for b in range(model.n_blocks)]
     if mode == "p2p":
         want = analytic.snake_p2p_bytes_sent(plan, sizes, cfg.train.rounds, "delta")

@@ -42,7 +42,7 @@ def test_snake_cs_bytes_equal_the_analytic_count_and_all_ranks_end_in_sync(
 ):
     sets = ['snake.mode="cs"', f"snake.transfer={transfer}", f"snake.ends={ends}"]
     cfg, ctxs, res = run_threads(n, tmp_path, *sets)
-    plan, sizes = ctxs[0].info["plan"], block_sizes(ctxs[0])
+    plan, sizes = ctxs[0].report.plan, block_sizes(ctxs[0])
     assert len(plan) == n - 1  # the controller trains nothing
     rounds = cfg.train.rounds
     np.testing.assert_array_equal(
@@ -251,7 +251,7 @@ def test_training_state_matches_the_analytic_accounting(tmp_path):
     for kd, mu in ((0, 0), (1, 0.01)):  # (1, 0.01): the defaults, two copies
         sets = [f"snake.kd.weight={kd}", f"snake.prox_mu={mu}"]
         _cfg, snake, snake_res = run_threads(4, tmp_path, 'scheme="snake"', *sets, name=f"{kd}.h5")
-        for k, ids in enumerate(snake[0].info["plan"]):
+        for k, ids in enumerate(snake[0].report.plan):
             params = [p for b in ids for p in snake[0].model.blocks[b].parameters()]
             trainable = sum(p.numel() for p in params)
             copies = kd + (mu > 0)

@@ -28,7 +28,7 @@ def run_threads(n, tmp_path, *sets):
 def test_threaded_run_counts_analytic_bytes_and_syncs_models(tmp_path, transfer):
     cfg, ctxs, out = run_threads(3, tmp_path, f"snake.transfer={transfer}")
     model = ctxs[0].model
-    plan = ctxs[0].info["plan"]
+    plan = ctxs[0].report.plan
     sizes = [block_nbytes(model, b) for b in range(model.n_blocks)]
     res = read_result(out)
     np.testing.assert_array_equal(

@@ -85,7 +85,7 @@ def test_a_duplicate_name_or_bad_rank_range_is_refused():
 
 def _toy_run(ctx) -> None:
     """Rounds with no messages and no training: the recorder's figures only."""
-    ctx.info["owners"] = [0] * ctx.model.n_blocks
+    ctx.report.owners = [0] * ctx.model.n_blocks
     for r in range(ctx.cfg.train.rounds):
         ctx.record.begin_round(r)
         ctx.record.end_round()

@@ -104,3 +104,23 @@ def test_a_result_file_has_exactly_the_documented_datasets_and_attributes(mpi_ru
             assert len(series["t_s"]) > 0  # probes on: the sampler took samples
         expected_groups = {"provenance", "rounds", "eval", "blocks", "ranks", "series", "attempts"}
         assert set(f) == expected_groups | ({"final_sync", "assignment"} if snake else set())
+
+
+def test_the_metric_tables_are_generated_from_schema_py():
+    """The page's metric tables are exactly what ``python -m snake_mpi.schema --write`` makes."""
+    from snake_mpi import schema
+
+    page = SCHEMA.read_text()
+    assert schema.render(page) == page, (
+        "docs/results-schema.md differs from src/snake_mpi/schema.py; run "
+        "python -m snake_mpi.schema --write docs/results-schema.md"
+    )
+
+
+def test_every_group_of_the_schema_has_its_section_on_the_page():
+    from snake_mpi import schema
+
+    doc = documented()
+    for g in schema.GROUPS:
+        (section,) = [s for s in doc if s.startswith(f"/{g.key}/")]
+        assert doc[section] == list(schema.names(g.metrics)), g.key

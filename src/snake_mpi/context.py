@@ -1,5 +1,6 @@
 """What a scheme is given (``Context``: config, communicator, model, data, recorder, random
-stream, transfer buffers, checkpoints) and what it trains on (``NodeData``).
+stream, transfer buffers, checkpoints), what it trains on (``NodeData``) and what it hands
+back for the result file (``SchemeReport``).
 
 A scheme module imports this and its helpers, never ``run`` or the checkpoint package:
 ``Context.checkpoint`` is anything with the ``RoundCheckpoints`` methods (``checkpoint.
@@ -8,9 +9,11 @@ Checkpointer`` in a run; ``NoCheckpoints`` by default).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
 
 if TYPE_CHECKING:
     import torch
@@ -56,6 +59,69 @@ def _hop_buffers() -> HopBuffers:
     return HopBuffers()
 
 
+@dataclass(frozen=True, slots=True)
+class FinalSync:
+    """This rank's bytes in the pass after the last round that leaves every rank holding the
+    final model (``/final_sync``)."""
+
+    bytes_sent: int
+    bytes_received: int
+
+    @classmethod
+    def of(cls, counters: dict[str, float]) -> FinalSync:
+        """From the counters ``CommStats.take`` returns over the pass."""
+        return cls(int(counters["bytes_sent"]), int(counters["bytes_received"]))
+
+
+PLAN_INPUTS = ("capabilities", "block_time_s", "block_time_spread")
+"""The ``SchemeReport`` fields a run decides once at its start (``snake.capability =
+"measure"`` times every rank's blocks): a checkpoint keeps them, so that a resumed run trains
+on the same plan."""
+
+
+@dataclass(slots=True)
+class SchemeReport:
+    """What a scheme hands back for the result file; every field stays None where the scheme
+    has nothing to say (the writer then leaves the dataset out, or writes its default)."""
+
+    owners: Sequence[int] | np.ndarray | None = None
+    """Rank that trains each block (``/blocks/owner``: -1 several ranks, -2 never trained)."""
+    plan: list[list[int]] | None = None
+    """Snake: the block ids each node trains (node ``k``: ``plan[k]``)."""
+    capabilities: list[float] | None = None
+    """Snake: the capability of each node the plan used (``/assignment/capability``)."""
+    block_time_s: np.ndarray | None = None
+    """Snake with ``capability = "measure"``: (ranks, blocks) step times the plan used."""
+    block_time_spread: np.ndarray | None = None
+    """The same measurement's noise (``/assignment/block_time_spread``)."""
+    final_sync: FinalSync | None = None
+    """This rank's final-sync bytes; None when the run did no final sync."""
+
+    def block_owners(self, n_blocks: int) -> np.ndarray:
+        """``/blocks/owner``: ``owners``, or -2 (never trained) for every block."""
+        if self.owners is None:
+            return np.full(n_blocks, -2, dtype=np.int64)
+        return np.asarray(self.owners, dtype=np.int64)
+
+    def plan_inputs(self) -> dict[str, np.ndarray]:
+        """The ``PLAN_INPUTS`` that are set, as float64 arrays (what a checkpoint keeps)."""
+        out = {}
+        for key in PLAN_INPUTS:
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = np.asarray(value, dtype=np.float64)
+        return out
+
+    def restore_plan_inputs(self, arrays: dict[str, np.ndarray]) -> None:
+        """Put back what ``plan_inputs`` gave (capabilities as a list, the times as arrays)."""
+        if "capabilities" in arrays:
+            self.capabilities = [float(x) for x in arrays["capabilities"]]
+        if "block_time_s" in arrays:
+            self.block_time_s = np.array(arrays["block_time_s"])
+        if "block_time_spread" in arrays:
+            self.block_time_spread = np.array(arrays["block_time_spread"])
+
+
 @dataclass(slots=True)
 class NodeData:
     """This rank's training shard and (where it evaluates) the test set."""
@@ -80,8 +146,8 @@ class Context:
     record: Recorder
     generator: torch.Generator
     """This rank's own random stream (batch order)."""
-    info: dict[str, Any]
-    """What the scheme reports back for the result file (e.g. the block owners)."""
+    report: SchemeReport = field(default_factory=SchemeReport)
+    """What the scheme hands back for the result file (block owners, plan, final sync)."""
     shard_sizes: list[int] = field(default_factory=list)
     """Training samples of every rank (0 for a server or controller), for weighted averages."""
     seeds: dict[str, int] = field(default_factory=dict)

@@ -18,69 +18,31 @@ from typing import Any
 
 import numpy as np
 
+from snake_mpi import schema
 from snake_mpi.blocks import BlockModel, model_bytes_held
 from snake_mpi.config import DebugConfig
 from snake_mpi.probes import RoundProbe
-from snake_mpi.probes.gpu import ROUND_KEYS as GPU_ROUND_KEYS
 from snake_mpi.transport.protocol import Communicator
 
 STEP_PROGRESS_S = 30.0
 """A turn longer than this prints a progress line (steps done, elapsed) this often."""
 
-ROUND_FIELDS: dict[str, str] = {
-    "bytes_sent": "int64",
-    "bytes_received": "int64",
-    "messages_sent": "int64",
-    "messages_received": "int64",
-    "compute_s": "float64",
-    "eval_s": "float64",
-    "send_s": "float64",
-    "wait_s": "float64",
-    "recv_s": "float64",
-    "pack_s": "float64",
-    "link_emulated_s": "float64",
-    "slowdown_s": "float64",
-    "round_s": "float64",
-    "gather_s": "float64",
-    "checkpoint_s": "float64",
-    "checkpoint_bytes": "int64",
-    "peak_rss_bytes": "int64",
-    "train_state_bytes": "int64",
-    "trainable_params": "int64",
-    "model_at_rest_bytes": "int64",
-    "disk_write_bytes": "int64",
-    "loss": "float64",
-    "kd_loss": "float64",
-    "turn_accuracy": "float64",
-    "samples": "int64",
-    "steps": "int64",
-    **dict.fromkeys(GPU_ROUND_KEYS, "float64"),
-    "host_cpu_energy_j": "float64",
-}
-"""Datasets ``/rounds/<name>``, shape (n_rounds, world_size); see docs/results-schema.md.
-The GPU and energy figures are float64 so that NaN can say "unavailable" (a CPU rank, a
-driver that does not report it, a rank that is not its host's energy reader)."""
+ROUND_FIELDS: dict[str, str] = schema.dtypes(schema.ROUNDS)
+"""Datasets ``/rounds/<name>`` -> dtype, shape (n_rounds, world_size): ``schema.ROUNDS``. The
+GPU and energy figures are float64 so that NaN can say "unavailable"."""
 
-_UNAVAILABLE_UNLESS_MEASURED = (*GPU_ROUND_KEYS, "host_cpu_energy_j")
-_NAN_UNLESS_SET = ("loss", "kd_loss", "turn_accuracy")
+_UNSET = {m.name: m.unset for m in schema.ROUNDS if m.unset != 0.0}
+"""Figures whose value in a round nothing set is not 0 (NaN: not measured, not trained)."""
 
-EVAL_FIELDS: dict[str, str] = {
-    "round": "int64",
-    "rank": "int64",
-    "accuracy": "float64",
-    "loss": "float64",
-    "perplexity": "float64",
-    "wall_s": "float64",
-    "cum_bytes_sent": "int64",
-}
-"""Datasets ``/eval/<name>``, shape (n_evals,)."""
-
-CLASS_ACCURACY = "class_accuracy"
+(CLASS_ACCURACY,) = (m.name for m in schema.EVAL if m.columns == "n_classes")
 """``/eval/class_accuracy``, shape (n_evals, n_classes): test accuracy on each class, for
 classifiers only (a language model's "classes" are its vocabulary: the dataset is absent)."""
 
+EVAL_FIELDS: dict[str, str] = schema.dtypes(schema.EVAL, one_per_row=True)
+"""Datasets ``/eval/<name>``, shape (n_evals,): ``schema.EVAL`` less its per-class columns."""
+
 _EVAL_SLOTS = ("eval_accuracy", "eval_loss", "eval_wall_s")
-_ADDITIVE = ("compute_s", "eval_s", "pack_s", "slowdown_s", "samples", "steps")
+_ADDITIVE = tuple(m.name for m in schema.ROUNDS if m.additive)
 
 
 def eval_layout(n_classes: int) -> tuple[dict[str, str], dict[str, int]]:
@@ -88,7 +50,7 @@ def eval_layout(n_classes: int) -> tuple[dict[str, str], dict[str, int]]:
     per-class figures) as ``ResultWriter`` takes them: dtypes, and widths of the 2-D ones."""
     if n_classes <= 0:
         return dict(EVAL_FIELDS), {}
-    return {**EVAL_FIELDS, CLASS_ACCURACY: "float64"}, {CLASS_ACCURACY: n_classes}
+    return schema.dtypes(schema.EVAL), {CLASS_ACCURACY: n_classes}
 
 
 class InjectedFault(RuntimeError):
@@ -164,7 +126,8 @@ class Recorder:
             self._values[k] += value
         self._carried = {}
         self._open = True
-        for k in (*_NAN_UNLESS_SET, *_EVAL_SLOTS, *_UNAVAILABLE_UNLESS_MEASURED):
+        self._values.update(_UNSET)
+        for k in _EVAL_SLOTS:
             self._values[k] = math.nan
         self._class_accuracy = np.full(self.n_classes, np.nan)
         for probe in self.probes:

@@ -13,17 +13,18 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from snake_mpi import numerics, provenance
+from snake_mpi import numerics, provenance, schema
 from snake_mpi.blocks import block_table, flat_storage, model_bytes_held, model_hash
 from snake_mpi.config import EXIT_CONFIG, ConfigError, RunConfig, check_output, parse_edge, to_toml
-from snake_mpi.context import Context, NodeData
-from snake_mpi.data import DataError, load_dataset
+from snake_mpi.context import Context, FinalSync, NodeData, SchemeReport
+from snake_mpi.data import load_dataset
 from snake_mpi.data.augment import crop_flip
 from snake_mpi.data.partition import (
     label_histogram,
@@ -33,7 +34,6 @@ from snake_mpi.data.partition import (
 )
 from snake_mpi.models import build_model
 from snake_mpi.probes import RoundProbe
-from snake_mpi.probes.gpu import SERIES_KEYS as GPU_SERIES
 from snake_mpi.probes.memory import MemorySampler, ru_maxrss_bytes
 from snake_mpi.probes.storage import DiskWriteCounter
 from snake_mpi.record import ROUND_FIELDS, Recorder, eval_layout
@@ -42,6 +42,14 @@ from snake_mpi.schemes import scheme_spec
 from snake_mpi.schemes.rules import data_ranks, validate_for_world
 from snake_mpi.transport.protocol import Communicator
 from snake_mpi.transport.wire import LinkModel
+
+if TYPE_CHECKING:
+    from snake_mpi.blocks import BlockModel
+    from snake_mpi.checkpoint import Checkpointer
+    from snake_mpi.device import Placement
+    from snake_mpi.outlock import OutputLock
+    from snake_mpi.probes.gpu import GpuProbe
+    from snake_mpi.store import ResultWriter
 
 
 def seeds_for(root_seed: int, world_size: int) -> tuple[dict[str, int], list[int]]:
@@ -76,7 +84,9 @@ def torch_threads(cfg: RunConfig, comm: Communicator) -> int:
     return max(1, (cores or 1) // comm.ranks_on_host())
 
 
-def build_shards(cfg: RunConfig, seeds: dict[str, int], world_size: int, dataset: Any = None):
+def build_shards(
+    cfg: RunConfig, seeds: dict[str, int], world_size: int, dataset: Any = None
+) -> tuple[Any, list[np.ndarray]]:
     """The dataset (loaded unless given) and every rank's training indices (identical on every
     rank); a server or controller rank gets an empty shard."""
     d = cfg.data
@@ -142,8 +152,7 @@ def main(
     start from round 0 when there is none; a result that is complete already ends every rank
     with 0 at once. A checkpoint taken on SIGUSR1 ends every rank with ``EXIT_CHECKPOINTED``.
     """
-    from snake_mpi.checkpoint import EXIT_CHECKPOINTED, CheckpointStop
-    from snake_mpi.device import SPLIT_SOURCE, DeviceError, local_rank_from_env
+    from snake_mpi.device import DeviceError, local_rank_from_env
     from snake_mpi.store import is_complete
 
     error, placement = "", None
@@ -151,21 +160,72 @@ def main(
         placement = place_before_mpi(cfg)
     except DeviceError as e:
         error = str(e)
-    from snake_mpi.outlock import LockError, OutputLock
     from snake_mpi.transport import comm as mpi  # initialises MPI; execute() itself needs no MPI
 
-    rank, size = mpi.world_rank_size()
+    start = Start(error=error, placement=placement, out=out, out_path=Path(out))
+    start.rank, start.size = mpi.world_rank_size()
     on_host = mpi.world_ranks_on_host()  # collective: every rank, before any check can fail
     # a collective: every rank or none (a launcher sets its variable for all ranks or none)
     split = mpi.local_rank_by_split() if local_rank_from_env()[0] is None else None
-    dataset, lock, route = None, None, None
     if resume and is_complete(out):  # every rank can see it (one shared file system)
-        if rank == 0:
+        if start.rank == 0:
             print(f"snake-mpi: {out} is complete already: nothing to resume", flush=True)
         mpi.settle()
         return 0
+    check_start(cfg, start, on_host, split, overwrite=overwrite or resume, max_memory=max_memory)
+    if any_failed(start):
+        return EXIT_CONFIG
+    try:  # the checkpoints: only once every rank has passed its own checks
+        checkpoints = prepare_checkpoints(
+            cfg, start.out_path, start.size, start.rank, mpi.agree, resume=resume
+        )
+    except (ConfigError, OSError) as e:
+        start.error = str(e)
+    if any_failed(start):
+        return EXIT_CONFIG
+    return launch(cfg, start, checkpoints)
+
+
+@dataclasses.dataclass(slots=True)
+class Start:
+    """This rank's start-up, as ``main`` checks it: the first problem found (``error``), and
+    what the checks made for the run."""
+
+    error: str
+    placement: Placement | None
+    out: str
+    """The output as given (``--out``)."""
+    out_path: Path
+    """The output as checked (``config.check_output``)."""
+    rank: int = 0
+    size: int = 1
+    route: tuple[str, str] | None = None
+    dataset: Any = None
+    lock: OutputLock | None = None
+    """Rank 0's lock on the output, once taken."""
+
+
+def check_start(
+    cfg: RunConfig,
+    start: Start,
+    on_host: int,
+    split: int | None,
+    *,
+    overwrite: bool,
+    max_memory: int | None,
+) -> None:
+    """Every check a rank makes before any training message (device and transfer path, world
+    size, output, memory, the data read in full, rank 0's output lock); the first problem goes
+    into ``start.error``. ``on_host``: ranks on this host; ``split``: the local rank from a
+    split of the world communicator, where no launcher variable names it."""
+    from snake_mpi.data import DataError
+    from snake_mpi.device import SPLIT_SOURCE
+    from snake_mpi.outlock import LockError, OutputLock
+    from snake_mpi.transport import comm as mpi
+
     try:
-        if not error:
+        if not start.error:
+            placement = start.placement
             if placement is None:  # several GPUs and no launcher variable: chosen now
                 assert split is not None  # no launcher variable: the split was made
                 placement = place_after_mpi(cfg, split)
@@ -173,44 +233,52 @@ def main(
                 placement = dataclasses.replace(
                     placement, local_rank=split, local_rank_source=SPLIT_SOURCE
                 )
-            route = transfer_route(cfg, placement, mpi.cuda_support)
-        validate_for_world(cfg, size)
-        out_path = check_output(out, overwrite=overwrite or resume)
+            start.placement = placement
+            start.route = transfer_route(cfg, placement, mpi.cuda_support)
+        validate_for_world(cfg, start.size)
+        start.out_path = check_output(start.out, overwrite=overwrite)
         check_memory(
-            cfg, size, ranks_on_host=on_host, max_memory_bytes=max_memory, hostname=mpi.hostname()
+            cfg,
+            start.size,
+            ranks_on_host=on_host,
+            max_memory_bytes=max_memory,
+            hostname=mpi.hostname(),
         )
-        dataset = load_checked(cfg, size)
-        if rank == 0:
-            lock = OutputLock(out_path).acquire()
+        start.dataset = load_checked(cfg, start.size)
+        if start.rank == 0:
+            start.lock = OutputLock(start.out_path).acquire()
     except (ConfigError, DataError, LockError) as e:
-        error = error or str(e)
+        start.error = start.error or str(e)
 
-    def any_failed() -> bool:
-        """Whether some rank's check failed (collective): the first such rank says why, and
-        every rank lets go and settles, to return ``EXIT_CONFIG``."""
-        codes = mpi.agree(EXIT_CONFIG if error else 0)
-        if not any(codes):
-            return False
-        if error and rank == codes.index(EXIT_CONFIG):
-            who = "" if rank == 0 else f"rank {rank}: "
-            print(f"snake-mpi: config error: {who}{error}", file=sys.stderr, flush=True)
-        if lock is not None:
-            lock.release()
-        mpi.settle()
-        return True
 
-    if any_failed():
-        return EXIT_CONFIG
-    try:  # the checkpoints: only once every rank has passed its own checks
-        checkpoints = prepare_checkpoints(cfg, out_path, size, rank, mpi.agree, resume=resume)
-    except (ConfigError, OSError) as e:
-        error = str(e)
-    if any_failed():
-        return EXIT_CONFIG
+def any_failed(start: Start) -> bool:
+    """Whether some rank's check failed (collective): the first such rank says why, and every
+    rank lets go and settles, to return ``EXIT_CONFIG``."""
+    from snake_mpi.transport import comm as mpi
+
+    codes = mpi.agree(EXIT_CONFIG if start.error else 0)
+    if not any(codes):
+        return False
+    if start.error and start.rank == codes.index(EXIT_CONFIG):
+        who = "" if start.rank == 0 else f"rank {start.rank}: "
+        print(f"snake-mpi: config error: {who}{start.error}", file=sys.stderr, flush=True)
+    if start.lock is not None:
+        start.lock.release()
+    mpi.settle()
+    return True
+
+
+def launch(cfg: RunConfig, start: Start, checkpoints: Checkpointer) -> int:
+    """Run over the world communicator once every rank passed its checks; the exit status
+    (``EXIT_CHECKPOINTED`` when stopped at a checkpoint on request)."""
+    from snake_mpi.checkpoint import EXIT_CHECKPOINTED, CheckpointStop
+    from snake_mpi.transport import comm as mpi
+
+    lock = start.lock
     if lock is not None:
         mpi.at_abort(lock.release)
         _release_on_signal(lock)
-        stop_note_path(out_path).unlink(missing_ok=True)  # of an earlier attempt
+        stop_note_path(start.out_path).unlink(missing_ok=True)  # of an earlier attempt
         if lock.took_over:
             print(f"snake-mpi: took over the stale lock {lock.path} ({lock.took_over})")
     mpi.install_abort_on_error()
@@ -218,14 +286,14 @@ def main(
         execute(
             cfg,
             mpi.Comm.world(deadline_s=cfg.comm.deadline_s),
-            out_path,
-            dataset=dataset,
-            placement=placement,
-            route=route,
+            start.out_path,
+            dataset=start.dataset,
+            placement=start.placement,
+            route=start.route,
             checkpoints=checkpoints,
         )
     except CheckpointStop as e:
-        if rank == 0:
+        if start.rank == 0:
             print(
                 f"snake-mpi: stopped on request after round {e.rounds_done} of "
                 f"{cfg.train.rounds}: checkpoint {e.folder} committed; run again with "
@@ -304,7 +372,7 @@ def prepare_checkpoints(
     return Checkpointer(cfg=cfg, directory=directory, resume=point, attempts=attempts)
 
 
-def place_before_mpi(cfg: RunConfig, environ: Any = None) -> Any:
+def place_before_mpi(cfg: RunConfig, environ: Any = None) -> Placement | None:
     """This rank's device from the launcher's local-rank variable, made current (before MPI
     starts, so that no CUDA context lands on another GPU); None when no variable names the
     local rank and a GPU may be used (the caller splits the communicator instead)."""
@@ -333,7 +401,7 @@ def place_before_mpi(cfg: RunConfig, environ: Any = None) -> Any:
     return placement
 
 
-def place_after_mpi(cfg: RunConfig, local_rank: int) -> Any:
+def place_after_mpi(cfg: RunConfig, local_rank: int) -> Placement:
     """``place_before_mpi`` with the local rank from a split of the world communicator."""
     from snake_mpi import device
     from snake_mpi.device import SPLIT_SOURCE
@@ -350,7 +418,9 @@ def place_after_mpi(cfg: RunConfig, local_rank: int) -> Any:
     return placement
 
 
-def transfer_route(cfg: RunConfig, placement: Any, query: Any) -> tuple[str, str]:
+def transfer_route(
+    cfg: RunConfig, placement: Placement, query: Callable[[], tuple[bool | None, str]]
+) -> tuple[str, str]:
     """``(path, reason)`` of this rank's weights (``device.choose_transfer``); ``query`` asks
     the MPI library about CUDA support, only on a GPU rank."""
     from snake_mpi.device import choose_transfer
@@ -441,12 +511,76 @@ def _release_on_signal(lock: Any) -> None:
             signal.signal(sig, _handler)
 
 
-def load_checked(cfg: RunConfig, world_size: int):
+def load_checked(cfg: RunConfig, world_size: int) -> Any:
     """The configured dataset, read and checked in full (``DataError`` before any message:
     paths, formats, label ranges, finite features, enough samples); the loaders make the
     checks of ``check_data`` themselves, so the data are read once."""
     seeds, _ = seeds_for(cfg.seed, world_size)
     return load_dataset(cfg.data, seeds["data"], checkpoint=cfg.model.checkpoint)
+
+
+@dataclasses.dataclass(slots=True)
+class Probes:
+    """This rank's probes: memory sampler, disk counter, GPU and (one rank per host) RAPL."""
+
+    sampler: MemorySampler
+    disk: DiskWriteCounter
+    gpu: GpuProbe
+    every: list[RoundProbe]
+    """Every probe, the sampler first (started in this order, stopped in this order)."""
+    probing: bool
+    """``probes.enabled``: off, no GPU or energy figures either (NaN), only identity."""
+
+    def for_rounds(self) -> list[RoundProbe]:
+        """The probes whose figures each round takes (not the GPU's when probes are off)."""
+        return [p for p in self.every if self.probing or p is not self.gpu]
+
+    def stop(self) -> None:
+        """Stop every probe, the sampler first: no tick reads a stopped probe."""
+        for probe in self.every:
+            probe.stop()
+
+
+@dataclasses.dataclass(slots=True)
+class Built:
+    """What the build step made on this rank, before any rank-to-rank message."""
+
+    placement: Placement
+    route: tuple[str, str]
+    """``(path, reason)``: how this rank's weights travel (host, staged, direct)."""
+    device: torch.device
+    threads: int
+    seeds: dict[str, int]
+    probes: Probes
+    dataset: Any
+    parts: list[np.ndarray]
+    """Every rank's training indices (identical on every rank)."""
+    data: NodeData
+    model: BlockModel
+    rss: tuple[int, int]
+    """This rank's RSS just before and just after the model was built."""
+    generator: torch.Generator
+
+
+@dataclasses.dataclass(slots=True)
+class Gathered:
+    """What rank 0 gathered of every rank at the start (None on the other ranks)."""
+
+    settings: numerics.NumericSettings
+    """This rank's numeric settings (rank 0's go into the provenance)."""
+    hosts: list[str] | None
+    places: dict[str, np.ndarray] | None
+    """The ``/ranks`` columns of where each rank ran and its numeric settings."""
+
+
+@dataclasses.dataclass(slots=True)
+class Finish:
+    """What writing the result needs once the scheme has run (``_finish``)."""
+
+    ctx: Context
+    built: Built
+    gathered: Gathered
+    writer: ResultWriter | None
 
 
 def execute(
@@ -455,34 +589,101 @@ def execute(
     out_path: Path,
     *,
     dataset: Any = None,
-    placement: Any = None,
+    placement: Placement | None = None,
     route: tuple[str, str] | None = None,
-    checkpoints: Any = None,
+    checkpoints: Checkpointer | None = None,
 ) -> Context:
-    """The run on this rank over ``comm`` (``comm.Comm``, or an in-process ``LocalComm``).
+    """The run on this rank over ``comm`` (``comm.Comm``, or an in-process ``LocalComm``):
+    build, run the scheme, write.
 
-    Rank 0 writes ``out_path``; returns the scheme's context (model, recorder, info).
+    Rank 0 writes ``out_path``; returns the scheme's context (model, recorder, report).
     ``dataset``: the configured dataset if already loaded (``load_checked``); ``placement``
     and ``route``: this rank's device and transfer path (default: the CPU, host path);
     ``checkpoints``: this run's ``checkpoint.Checkpointer`` (default: none taken).
     """
     from snake_mpi.checkpoint import Checkpointer
-    from snake_mpi.device import PATH_HOST, Placement, activate
-    from snake_mpi.probes.gpu import GpuProbe
-    from snake_mpi.probes.rapl import RaplCounter
-    from snake_mpi.transport.payloads import HopBuffers
+    from snake_mpi.device import PATH_HOST, Placement
 
-    rank, n = comm.rank, comm.size
-    placement = placement or Placement("cpu", local_rank=rank)
-    path, path_reason = route or (PATH_HOST, "CPU rank: weights travel from host memory")
+    placement = placement or Placement("cpu", local_rank=comm.rank)
+    route = route or (PATH_HOST, "CPU rank: weights travel from host memory")
+    checkpoints = checkpoints or Checkpointer()
+    built = build(cfg, comm, placement, route, dataset)
+    gathered = gather_start(comm, built)
+    writer = open_result(cfg, comm, out_path, built, gathered, checkpoints)
+    ctx = scheme_context(cfg, comm, built, writer, checkpoints)
+    run_scheme(ctx, writer, built.probes)
+    _finish(Finish(ctx, built, gathered, writer))
+    if writer is not None and checkpoints.directory is not None:
+        from snake_mpi.checkpoint import manifest as mf
+
+        mf.clear(checkpoints.directory)  # the result is complete: they are of no more use
+    return ctx
+
+
+def build(
+    cfg: RunConfig,
+    comm: Communicator,
+    placement: Placement,
+    route: tuple[str, str],
+    dataset: Any,
+) -> Built:
+    """This rank's device, links, threads, probes (started), data shard and model."""
+    from snake_mpi.device import activate
+
     device = activate(placement)
     link = link_model(cfg)
     comm.link = link if link.active else None
     threads = torch_threads(cfg, comm)
     torch.set_num_threads(threads)
-    seeds, rank_seeds = seeds_for(cfg.seed, n)
+    seeds, rank_seeds = seeds_for(cfg.seed, comm.size)
+    probes = start_probes(cfg, placement)
+    dataset, parts = build_shards(cfg, seeds, comm.size, dataset)
+    idx = torch.from_numpy(parts[comm.rank])
+    data = NodeData(
+        x_train=dataset.x_train[idx].contiguous(),
+        y_train=dataset.y_train[idx].contiguous(),
+        x_test=dataset.x_test,
+        y_test=dataset.y_test,
+        augment=crop_flip if cfg.data.augment else None,
+    )
+    if cfg.model.family == "lm":
+        from snake_mpi.models.lm import preload
 
-    probing = cfg.probes.enabled  # off: no GPU or energy figures either (NaN), only identity
+        preload()  # the libraries count as baseline memory, not as the model
+    rss_before_model = probes.sampler.sample_now()
+    model = build_model(
+        cfg.model,
+        sample_shape=tuple(cfg.data.sample_shape),
+        n_classes=dataset.n_classes,
+        seed=seeds["model"],
+    ).to(device)
+    if cfg.comm.hop_buffers == "views":  # each block's state in one buffer that hops send
+        flat_storage(model)
+    rss_model_built = probes.sampler.sample_now()
+    generator = torch.Generator().manual_seed(rank_seeds[comm.rank])
+    return Built(
+        placement=placement,
+        route=route,
+        device=device,
+        threads=threads,
+        seeds=seeds,
+        probes=probes,
+        dataset=dataset,
+        parts=parts,
+        data=data,
+        model=model,
+        rss=(rss_before_model, rss_model_built),
+        generator=generator,
+    )
+
+
+def start_probes(cfg: RunConfig, placement: Placement) -> Probes:
+    """This rank's probes, started: memory sampler (ticking the GPU and RAPL), disk, GPU, and
+    RAPL on the host's local rank 0."""
+    from snake_mpi.probes.gpu import GpuProbe
+    from snake_mpi.probes.rapl import RaplCounter
+
+    probing = cfg.probes.enabled
     gpu = GpuProbe(placement.index if placement.kind == "cuda" else None)
     rapl = RaplCounter() if placement.local_rank == 0 and probing else None  # one per host
     ticking = [p for p in (rapl, gpu) if p is not None and p.available()]
@@ -498,130 +699,140 @@ def execute(
     every: list[RoundProbe] = [p for p in (sampler, disk, gpu, rapl) if p is not None]
     for probe in every:
         probe.start()
+    return Probes(sampler=sampler, disk=disk, gpu=gpu, every=every, probing=probing)
 
-    dataset, parts = build_shards(cfg, seeds, n, dataset)
-    idx = torch.from_numpy(parts[rank])
-    data = NodeData(
-        x_train=dataset.x_train[idx].contiguous(),
-        y_train=dataset.y_train[idx].contiguous(),
-        x_test=dataset.x_test,
-        y_test=dataset.y_test,
-        augment=crop_flip if cfg.data.augment else None,
-    )
-    if cfg.model.family == "lm":
-        from snake_mpi.models.lm import preload
 
-        preload()  # the libraries count as baseline memory, not as the model
-    rss_before_model = sampler.sample_now()
-    model = build_model(
-        cfg.model,
-        sample_shape=tuple(cfg.data.sample_shape),
-        n_classes=dataset.n_classes,
-        seed=seeds["model"],
-    ).to(device)
-    if cfg.comm.hop_buffers == "views":  # each block's state in one buffer that hops send
-        flat_storage(model)
-    rss_model_built = sampler.sample_now()
-    generator = torch.Generator().manual_seed(rank_seeds[rank])
-
+def gather_start(comm: Communicator, built: Built) -> Gathered:
+    """Rank 0 gathers every rank's host, place (``RankPlace``) and numeric settings
+    (collective; ``numerics.DataMismatch`` on rank 0 when the ranks hold different data)."""
     hosts = comm.gather_str(comm.hostname())
-    ident = gpu.identity()
-    where = comm.gather_str(
-        "|".join([placement.name, path, ident["gpu_name"], ident["gpu_uuid"]])
-        + f"|{placement.local_rank}|{placement.local_rank_source}"
-        + f"|{provenance.cpu_ranges(provenance.cpu_affinity())}|{os.cpu_count() or 0}"
-    )
-    settings = numerics.current(threads)
+    place = RankPlace.of(built.placement, built.route[0], built.probes.gpu.identity())
+    where = comm.gather_str(place.encode())
+    settings = numerics.current(built.threads)
     numeric = comm.gather_str(
-        json.dumps(dataclasses.asdict(settings) | {"data_sha256": numerics.dataset_sha256(dataset)})
+        json.dumps(
+            dataclasses.asdict(settings) | {"data_sha256": numerics.dataset_sha256(built.dataset)}
+        )
     )
-    checkpoints = checkpoints or Checkpointer()
-    resume = checkpoints.resume
-    # classification: per-class accuracy (a language model's targets are tokens)
-    n_classes = dataset.n_classes if dataset.y_train.dim() == 1 else 0
-    writer, places = None, None
-    if rank == 0:
-        assert hosts is not None and where is not None and numeric is not None  # gathered
-        places = rank_places(hosts, where) | numeric_columns(numeric)
-        from snake_mpi.store import ResultWriter
+    if hosts is None or where is None or numeric is None:
+        return Gathered(settings=settings, hosts=None, places=None)
+    places = rank_places(hosts, [RankPlace.decode(w) for w in where])
+    return Gathered(settings=settings, hosts=hosts, places=places | numeric_columns(numeric))
 
-        eval_fields, eval_widths = eval_layout(n_classes)
-        writer = ResultWriter(
-            out_path,
-            world_size=n,
-            round_fields=ROUND_FIELDS,
-            eval_fields=eval_fields,
-            eval_widths=eval_widths,
-            attrs=result_attrs(cfg) | run_device_attrs(places),
-            config_toml=to_toml(cfg),
-            carried_over=(resume.rows, resume.rounds_done) if resume is not None else None,
-        )
-        prov = provenance.collect(
-            mpi_library_version=comm.library_version(), hosts=hosts, world_size=n, seeds=seeds
-        )
-        prov["torch_num_threads"] = threads
-        # rank 0's; every rank's in /ranks
-        prov |= {"cpu_capability": settings.cpu_capability, "numeric_env": settings.numeric_env}
-        prov |= gpu.versions() | {"gpu_transfer_reason": path_reason}
-        writer.write_provenance(prov)
-        _WRITTEN.writer, _WRITTEN.checkpoints = writer, checkpoints
-        _WRITTEN.rounds = cfg.train.rounds
-        print(
-            f"snake-mpi: {cfg.scheme} on {n} ranks, {cfg.train.rounds} rounds, "
-            f"writing {out_path} ({threads} torch thread(s) per rank; {describe_places(places)})",
-            flush=True,
-        )
+
+def open_result(
+    cfg: RunConfig,
+    comm: Communicator,
+    out_path: Path,
+    built: Built,
+    gathered: Gathered,
+    checkpoints: Checkpointer,
+) -> ResultWriter | None:
+    """Rank 0: the result file's writer, its provenance written and the start line printed;
+    None on the other ranks."""
+    if gathered.hosts is None or gathered.places is None:
+        return None
+    from snake_mpi.store import ResultWriter
+
+    n, places, resume = comm.size, gathered.places, checkpoints.resume
+    eval_fields, eval_widths = eval_layout(n_classes_of(built.dataset))
+    writer = ResultWriter(
+        out_path,
+        world_size=n,
+        round_fields=ROUND_FIELDS,
+        eval_fields=eval_fields,
+        eval_widths=eval_widths,
+        attrs=result_attrs(cfg) | run_device_attrs(places),
+        config_toml=to_toml(cfg),
+        carried_over=(resume.rows, resume.rounds_done) if resume is not None else None,
+    )
+    prov = provenance.collect(
+        mpi_library_version=comm.library_version(),
+        hosts=gathered.hosts,
+        world_size=n,
+        seeds=built.seeds,
+    )
+    prov["torch_num_threads"] = built.threads
+    settings = gathered.settings  # rank 0's; every rank's in /ranks
+    prov |= {"cpu_capability": settings.cpu_capability, "numeric_env": settings.numeric_env}
+    prov |= built.probes.gpu.versions() | {"gpu_transfer_reason": built.route[1]}
+    writer.write_provenance(prov)
+    _WRITTEN.writer, _WRITTEN.checkpoints = writer, checkpoints
+    _WRITTEN.rounds = cfg.train.rounds
+    print(
+        f"snake-mpi: {cfg.scheme} on {n} ranks, {cfg.train.rounds} rounds, writing {out_path} "
+        f"({built.threads} torch thread(s) per rank; {describe_places(places)})",
+        flush=True,
+    )
+    return writer
+
+
+def n_classes_of(dataset: Any) -> int:
+    """Classes whose per-class accuracy is recorded: a classifier's; 0 for a language model
+    (its targets are tokens)."""
+    return int(dataset.n_classes) if dataset.y_train.dim() == 1 else 0
+
+
+def scheme_context(
+    cfg: RunConfig,
+    comm: Communicator,
+    built: Built,
+    writer: ResultWriter | None,
+    checkpoints: Checkpointer,
+) -> Context:
+    """The scheme's ``Context``: a recorder, the hop buffers of this rank's path, and the state
+    of the checkpoint resumed from (if any) put back."""
+    from snake_mpi.device import PATH_HOST
+    from snake_mpi.transport.payloads import HopBuffers
 
     rec = Recorder(
         comm=comm,
-        model=model,
+        model=built.model,
         # a rank that measures no GPU or energy figure records NaN there
-        probes=[p for p in every if probing or p is not gpu],
+        probes=built.probes.for_rounds(),
         writer=writer,
         debug=cfg.debug,
         n_rounds=cfg.train.rounds,
-        progress=rank == 0,
+        progress=comm.rank == 0,
         perplexity=cfg.model.family == "lm",
-        n_classes=n_classes,
+        n_classes=n_classes_of(built.dataset),
     )
-    hop_buffers = HopBuffers(path, device)
+    path = built.route[0]
+    hop_buffers = HopBuffers(path, built.device)
     hop_buffers.plans = cfg.comm.hop_plans
     comm.use_pipelined_copy(cfg.comm.pipelined_min_bytes, host=path == PATH_HOST)
     ctx = Context(
         cfg=cfg,
         comm=comm,
-        model=model,
-        data=data,
+        model=built.model,
+        data=built.data,
         record=rec,
-        generator=generator,
-        info={},
-        shard_sizes=[len(p) for p in parts],
-        seeds=seeds,
+        generator=built.generator,
+        shard_sizes=[len(p) for p in built.parts],
+        seeds=built.seeds,
         hop=hop_buffers,
         checkpoint=checkpoints,
     )
     checkpoints.restore(ctx)
     if writer is not None and checkpoints.attempts:  # at once: an attempt that dies is listed
         writer.write_table("attempts", attempt_columns(checkpoints.attempts))
-    if writer is not None and resume is not None:
+    if writer is not None and checkpoints.resume is not None:
         rec.last_evaluation = _last_evaluation(writer)
+    return ctx
+
+
+def run_scheme(ctx: Context, writer: ResultWriter | None, probes: Probes) -> None:
+    """The configured scheme's rounds; the probes stop after it, the file is marked incomplete
+    if it fails."""
     try:
-        scheme_spec(cfg.scheme).run_function()(ctx)
+        scheme_spec(ctx.cfg.scheme).run_function()(ctx)
     except BaseException:
         if writer is not None:
             writer.close_incomplete()
         raise
     finally:
-        for probe in every:  # the sampler first: no tick reads a stopped probe
-            probe.stop()
+        probes.stop()
     ctx.hop.free_plans()  # the hops are over: their persistent requests go
-    rss = (rss_before_model, rss_model_built)
-    _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss, places)
-    if writer is not None and checkpoints.directory is not None:
-        from snake_mpi.checkpoint import manifest as mf
-
-        mf.clear(checkpoints.directory)  # the result is complete: they are of no more use
-    return ctx
 
 
 def _last_evaluation(writer: Any) -> dict[str, Any] | None:
@@ -653,23 +864,65 @@ def attempt_columns(attempts: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return cols
 
 
-def rank_places(hosts: list[str], where: list[str]) -> dict[str, np.ndarray]:
-    """The ``/ranks`` columns of where each rank ran, from the gathered ``device|path|GPU
-    name|GPU UUID|local rank|its source|CPU affinity|host CPUs`` strings; a GPU is shared when
-    several ranks of one host have the same UUID."""
-    rows = [w.split("|") for w in where]
-    keys = [(h, r[3]) for h, r in zip(hosts, rows, strict=True)]
-    shared = [int(bool(r[3]) and keys.count(k) > 1) for k, r in zip(keys, rows, strict=True)]
+@dataclasses.dataclass(frozen=True, slots=True)
+class RankPlace:
+    """Where one rank ran: its device, transfer path, GPU, local rank and CPUs."""
+
+    device: str
+    """``cpu`` or ``cuda:<index>``."""
+    path: str
+    """How its weights travel: ``host``, ``staged`` or ``direct``."""
+    gpu_name: str
+    gpu_uuid: str
+    """NVML UUID ("" on a CPU rank): ranks of one host with the same UUID share the GPU."""
+    local_rank: int
+    local_rank_source: str
+    cpu_affinity: str
+    """The CPUs the rank may run on, as ranges (``0-3,8``)."""
+    host_cpu_count: int
+
+    @classmethod
+    def of(cls, placement: Placement, path: str, gpu: dict[str, str]) -> RankPlace:
+        """This rank's place: ``gpu`` is ``GpuProbe.identity()``."""
+        return cls(
+            device=placement.name,
+            path=path,
+            gpu_name=gpu["gpu_name"],
+            gpu_uuid=gpu["gpu_uuid"],
+            local_rank=placement.local_rank,
+            local_rank_source=placement.local_rank_source,
+            cpu_affinity=provenance.cpu_ranges(provenance.cpu_affinity()),
+            host_cpu_count=os.cpu_count() or 0,
+        )
+
+    def encode(self) -> str:
+        """As gathered to rank 0: a compact JSON list of the fields in order (a gathered string
+        has room for 256 bytes)."""
+        return json.dumps(dataclasses.astuple(self), separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, text: str) -> RankPlace:
+        """``encode`` read back."""
+        return cls(*json.loads(text))
+
+
+def rank_places(hosts: list[str], places: Sequence[RankPlace]) -> dict[str, np.ndarray]:
+    """The ``/ranks`` columns of where each rank ran; a GPU is shared when several ranks of one
+    host have the same UUID."""
+    keys = [(h, p.gpu_uuid) for h, p in zip(hosts, places, strict=True)]
+    shared = [
+        int(bool(p.gpu_uuid) and keys.count(k) > 1) for k, p in zip(keys, places, strict=True)
+    ]
     return {
-        "device": np.array([r[0] for r in rows], dtype=object),
-        "local_rank": np.array([int(r[4]) for r in rows], dtype=np.int64),
-        "local_rank_source": np.array([r[5] for r in rows], dtype=object),
-        "gpu_name": np.array([r[2] for r in rows], dtype=object),
-        "gpu_uuid": np.array([r[3] for r in rows], dtype=object),
+        "device": np.array([p.device for p in places], dtype=object),
+        "local_rank": np.array([p.local_rank for p in places], dtype=np.int64),
+        "local_rank_source": np.array([p.local_rank_source for p in places], dtype=object),
+        "gpu_name": np.array([p.gpu_name for p in places], dtype=object),
+        "gpu_uuid": np.array([p.gpu_uuid for p in places], dtype=object),
         "gpu_shared": np.array(shared, dtype=np.int64),
-        "gpu_transfer": np.array([r[1] for r in rows], dtype=object),
-        "cpu_affinity": np.array([r[6] for r in rows], dtype=object),
-        "host_cpu_count": np.array([int(r[7]) for r in rows], dtype=np.int64),
+        "gpu_transfer": np.array([p.path for p in places], dtype=object),
+        "cpu_affinity": np.array([p.cpu_affinity for p in places], dtype=object),
+        "host_cpu_count": np.array([p.host_cpu_count for p in places], dtype=np.int64),
     }
 
 
@@ -709,80 +962,106 @@ def describe_places(places: dict[str, np.ndarray]) -> str:
     return f"{n_gpu} rank(s) on {len({u for _, u in gpus})} GPU(s){shared}, weights {paths}"
 
 
-def _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss, places) -> None:
-    """Gather the whole-run, per-rank figures and the series; rank 0 completes the file.
+def _finish(f: Finish) -> None:
+    """Gather the whole-run, per-rank figures and the series (collective); rank 0 writes them
+    and completes the file."""
+    figures, final_sync = _gather_run_figures(f.ctx, f.built)
+    hashes = f.ctx.comm.gather_str(model_hash(f.ctx.model))
+    mine = f.built.probes.sampler.series()
+    series = {  # every rank gathers every series, in the schema's order
+        name: f.ctx.comm.gatherv(mine.get(name, np.zeros(0)), name)
+        for name in schema.names(schema.SERIES)
+    }
+    if f.writer is None:
+        return
+    assert hashes is not None and f.gathered.hosts is not None and f.gathered.places is not None
+    _write_tables(f, figures, hashes)
+    _write_assignment(f.writer, f.ctx.report)
+    if f.ctx.report.final_sync is not None:
+        for name, per_rank in final_sync.items():
+            f.writer.write_array(schema.path("final_sync", name), per_rank)
+    dtypes = schema.dtypes(schema.SERIES)
+    for k in range(f.ctx.comm.size):
+        f.writer.write_series(
+            k, {name: _as(got[k], dtypes[name]) for name, got in series.items() if got is not None}
+        )
+    path = f.writer.complete()
+    ev = f.ctx.record.last_evaluation
+    acc = f", final test accuracy {ev['accuracy']:.4f}" if ev else ""
+    if ev and f.ctx.cfg.model.family == "lm":
+        acc = f", final test perplexity {ev['perplexity']:.3f}"
+    print(f"snake-mpi: wrote {path}{acc}", flush=True)
 
-    ``rss``: this rank's RSS just before and just after the model was built."""
+
+def _as(values: np.ndarray, dtype: str) -> np.ndarray:
+    """A gathered (float64) series in its schema dtype."""
+    return values.astype(np.int64) if dtype == "int64" else values
+
+
+def _gather_run_figures(
+    ctx: Context, built: Built
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """This rank's whole-run figures (``/ranks``, all int64 counts of bytes or samples) and
+    final-sync bytes (0 without one), gathered to rank 0 in one row: ``(ranks, final_sync)``
+    columns by name there, empty dicts elsewhere."""
     comm, model = ctx.comm, ctx.model
-    sync = ctx.info.get("final_sync", {})
-    mine_run = {  # this rank's whole-run figures, by name (all int64 counts of bytes or samples)
-        "peak_rss_bytes": sampler.peak_rss_bytes(),
+    probes = built.probes
+    mine = {
+        "peak_rss_bytes": probes.sampler.peak_rss_bytes(),
         "ru_maxrss_bytes": ru_maxrss_bytes(),
-        "rss_before_model_bytes": rss[0],
-        "rss_model_built_bytes": rss[1],
-        "disk_write_bytes": disk.total_bytes(),
-        "data_samples": len(parts[comm.rank]),
+        "rss_before_model_bytes": built.rss[0],
+        "rss_model_built_bytes": built.rss[1],
+        "disk_write_bytes": probes.disk.total_bytes(),
+        "data_samples": len(built.parts[comm.rank]),
         "control_bytes_sent": comm.stats.control_bytes_sent,
         "transfer_buffer_bytes": ctx.hop.buffer_bytes(),
         "model_end_held_bytes": model_bytes_held(model),
-        "final_sync_bytes_sent": sync.get("bytes_sent", 0),
-        "final_sync_bytes_received": sync.get("bytes_received", 0),
     }
-    table = comm.gather_row(np.array(list(mine_run.values()), dtype=np.float64))
-    per_rank = (
-        {k: table[:, i].astype(np.int64) for i, k in enumerate(mine_run)}
-        if table is not None
-        else {}
-    )
-    hashes = comm.gather_str(model_hash(model))
-    mine = sampler.series()
-    names = ("t_s", "rss_bytes", "cpu_percent", *GPU_SERIES)  # the same on every rank
-    series = {k: comm.gatherv(mine.get(k, np.zeros(0)), k) for k in names}
-    if writer is None:
-        return
-    attempts = ctx.checkpoint.attempts
+    for name in mine:
+        schema.path("ranks", name)  # KeyError for a figure the schema does not know
+    sync = dataclasses.asdict(ctx.report.final_sync or FinalSync(0, 0))
+    names = [*mine, *(f"final_sync/{k}" for k in sync)]
+    table = comm.gather_row(np.array([*mine.values(), *sync.values()], dtype=np.float64))
+    if table is None:
+        return {}, {}
+    columns = {k: table[:, i].astype(np.int64) for i, k in enumerate(names)}
+    ranks = {k: columns[k] for k in mine}
+    return ranks, {k: columns[f"final_sync/{k}"] for k in sync}
+
+
+def _write_tables(f: Finish, figures: dict[str, np.ndarray], hashes: list[str]) -> None:
+    """Rank 0: the ``/attempts``, ``/blocks`` and ``/ranks`` tables (and the label histogram)."""
+    writer, model, parts = f.writer, f.ctx.model, f.built.parts
+    assert writer is not None and f.gathered.places is not None
+    attempts = f.ctx.checkpoint.attempts
     if attempts:
-        attempts[-1]["end_round"] = ctx.cfg.train.rounds
+        attempts[-1]["end_round"] = f.ctx.cfg.train.rounds
         writer.write_table("attempts", attempt_columns(attempts))
     blocks = block_table(model)
-    blocks["owner"] = np.asarray(ctx.info.get("owners", np.full(model.n_blocks, -2)), np.int64)
+    blocks["owner"] = f.ctx.report.block_owners(model.n_blocks)
     writer.write_table("blocks", blocks)
     writer.write_table(
         "ranks",
         {
-            "host": np.array(hosts, dtype=object),
-            **{k: v for k, v in per_rank.items() if not k.startswith("final_sync_")},
+            "host": np.array(f.gathered.hosts, dtype=object),
+            **figures,
             "model_sha256": np.array(hashes, dtype=object),
-            **places,
+            **f.gathered.places,
         },
     )
+    dataset = f.built.dataset
     if dataset.y_train.dim() == 1:  # classification (a language model's targets are tokens)
         hist = label_histogram(dataset.y_train.numpy(), parts, dataset.n_classes)
         writer.write_array("ranks/label_histogram", hist)
-    if "capabilities" in ctx.info:
-        caps = np.asarray(ctx.info["capabilities"], dtype=np.float64)
-        writer.write_array("assignment/capability", caps)
-    if "block_time_s" in ctx.info:
-        writer.write_array("assignment/block_time_s", np.asarray(ctx.info["block_time_s"]))
-        spread = np.asarray(ctx.info["block_time_spread"])
-        writer.write_array("assignment/block_time_spread", spread)
-    if "final_sync" in ctx.info:
-        writer.write_array("final_sync/bytes_sent", per_rank["final_sync_bytes_sent"])
-        writer.write_array("final_sync/bytes_received", per_rank["final_sync_bytes_received"])
-    for k in range(comm.size):
-        extra = {name: series[name][k] for name in GPU_SERIES}
-        writer.write_series(
-            k,
-            {
-                "t_s": series["t_s"][k],
-                "rss_bytes": series["rss_bytes"][k].astype(np.int64),
-                "cpu_percent": series["cpu_percent"][k],
-                **extra,
-            },
-        )
-    path = writer.complete()
-    ev = ctx.record.last_evaluation
-    acc = f", final test accuracy {ev['accuracy']:.4f}" if ev else ""
-    if ev and ctx.cfg.model.family == "lm":
-        acc = f", final test perplexity {ev['perplexity']:.3f}"
-    print(f"snake-mpi: wrote {path}{acc}", flush=True)
+
+
+def _write_assignment(writer: ResultWriter, report: SchemeReport) -> None:
+    """Rank 0: ``/assignment``, what the scheme reported of how it shared out the blocks."""
+    if report.capabilities is not None:
+        caps = np.asarray(report.capabilities, dtype=np.float64)
+        writer.write_array(schema.path("assignment", "capability"), caps)
+    if report.block_time_s is not None:
+        times = np.asarray(report.block_time_s)
+        writer.write_array(schema.path("assignment", "block_time_s"), times)
+        spread = np.asarray(report.block_time_spread)
+        writer.write_array(schema.path("assignment", "block_time_spread"), spread)

@@ -6,7 +6,7 @@ renames the file to ``PATH``, so a run that dies leaves no file that looks compl
 refuse (or, in ``scan_results``, list) anything incomplete, truncated, foreign or damaged with
 a message naming the file; asked for incomplete data (``snake-mpi show``), they read what
 they can and list the objects they could not read. The layout is described in
-docs/results-schema.md.
+docs/results-schema.md, its metrics in ``schema.py``.
 
 HDF5 file locking fails on some cluster file systems (NFS, Lustre) with errors such as
 "unable to lock file"; set ``HDF5_USE_FILE_LOCKING=FALSE`` in the job's environment (e.g.
@@ -28,7 +28,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from snake_mpi import durable
+from snake_mpi import durable, schema
 from snake_mpi.durable import as_storage_full, ensure_room, is_no_space
 
 SCHEMA_VERSION = 1
@@ -71,8 +71,8 @@ class ResultWriter:
         path: str | os.PathLike,
         *,
         world_size: int,
-        round_fields: dict[str, str],
-        eval_fields: dict[str, str],
+        round_fields: Mapping[str, str] | None = None,
+        eval_fields: Mapping[str, str] | None = None,
         attrs: Mapping[str, str | int | float],
         config_toml: str,
         carried_over: tuple[Result, int] | None = None,
@@ -81,6 +81,8 @@ class ResultWriter:
         """``carried_over = (result, k)``: a resumed run's file starts with the first ``k``
         rounds (and their evaluations) of ``result`` (its ``.partial``); it is built under a
         temporary name and then replaces that ``.partial``, so a kill leaves the old one.
+        ``round_fields`` and ``eval_fields``: name -> dtype of the ``/rounds`` and ``/eval``
+        datasets, by default every ``schema.ROUNDS`` and 1-D ``schema.EVAL`` metric.
         ``eval_widths``: eval fields that hold a row of that many values per evaluation
         (shape (n_evals, width), e.g. ``class_accuracy``); the others are 1-D."""
         if world_size < 1:
@@ -88,6 +90,10 @@ class ResultWriter:
         self.path = pathlib.Path(path)
         self.partial = partial_path(self.path)
         self.world_size = int(world_size)
+        if round_fields is None:
+            round_fields = schema.dtypes(schema.ROUNDS)
+        if eval_fields is None:
+            eval_fields = schema.dtypes(schema.EVAL, one_per_row=True)
         self.round_fields = dict(round_fields)
         self.eval_fields = dict(eval_fields)
         self.eval_widths = {k: int(w) for k, w in (eval_widths or {}).items()}

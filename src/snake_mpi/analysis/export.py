@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from snake_mpi import schema
 from snake_mpi.config import RunConfig, stored_config
 from snake_mpi.schemes.rules import check, data_ranks
 from snake_mpi.store import Result, ResultError, ResultFormatError, read_result, result_paths
@@ -33,8 +34,8 @@ RUN_ROUND = -1
 """The ``round`` of whole-run figures (``/ranks``, ``/final_sync``)."""
 NO_RANK = -1
 """The ``rank`` of an evaluation whose file does not say which rank evaluated."""
-SOURCES = ("rounds", "eval", "ranks", "final_sync")
-"""Values of the ``source`` column: the HDF5 group a row's number comes from."""
+SOURCES: tuple[str, ...] = schema.EXPORTED
+"""Values of the ``source`` column: the HDF5 group a row's number comes from (``schema``)."""
 
 Row = tuple[Any, ...]
 """One row, its values in ``COLUMNS`` order."""
@@ -149,7 +150,11 @@ def result_rows(res: Result) -> Iterator[Row]:
         for metric, values in ev_metrics.items():
             yield (*run, "eval", int(ev_round[i]), int(ev_rank[i]), metric, values[i])
     ranks = _per_rank(res.tables.get("ranks", {}), n)
-    sync = {k.split("/", 1)[1]: v for k, v in res.arrays.items() if k.startswith("final_sync/")}
+    sync = {
+        m.name: res.arrays[p]
+        for m in schema.FINAL_SYNC
+        if (p := f"final_sync/{m.name}") in res.arrays
+    }
     final = _per_rank(sync, n)
     for source, figures in (("ranks", ranks), ("final_sync", final)):
         for k in range(n):

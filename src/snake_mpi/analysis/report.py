@@ -44,7 +44,7 @@ from snake_mpi.analysis.figures import (
     turn_accuracy_of,
 )
 from snake_mpi.analysis.render import Doc
-from snake_mpi.analysis.runs import cells, default_target, label, row_of, scan, workload
+from snake_mpi.analysis.runs import Row, cells, default_target, label, row_of, scan, workload
 from snake_mpi.analysis.summary import _device, _hosts
 from snake_mpi.config import RunConfig
 from snake_mpi.provenance import parse_cpu_ranges
@@ -259,115 +259,9 @@ def build(
         groups[workload(r)].append(r)
     all_claims: list[list[str]] = []
     for gi, runs in enumerate(groups.values(), 1):
-        runs.sort(key=lambda r: (label(r), r.world_size, run_config(r).seed))
-        cfg = run_config(runs[0])
-        model = cfg.model.preset or cfg.model.family
-        doc.h(2, f"Workload {gi}: {model} on {cfg.data.name} ({len(runs)} runs)")
-        doc.p(workload_text(cfg))
-        target = default_target(runs)
-        rows = [row_of(r, target) for r in runs]
-        names = [run_name(r) for r in runs]
-        provenance_section(doc, names, runs)
-        doc.p(
-            f"Comparison (target accuracy {target:.4f}: 90 % of the best run's), in three "
-            "tables: bytes, memory and time, accuracy. Runs are named scheme, N ranks, seed."
-        )
-        for what, head, body in comparison_tables(names, *cells(rows)):
-            doc.p(f"Comparison: {what}.")
-            doc.table(head, body)
-        prefix = f"w{gi}"
-        fig_bytes(rows, names, figs / f"{prefix}_bytes.png")
-        doc.img(
-            f"figures/{prefix}_bytes.png",
-            "Bytes per round by run: measured (bars), analytic (black dashes). A run that "
-            "sends no model bytes (centralised) is a red marker labelled 0 B at the bottom.",
-        )
-        caption = fig_memory(runs, rows, names, figs / f"{prefix}_memory.png")
-        doc.img(f"figures/{prefix}_memory.png", caption)
-        fig_time_split(runs, figs / f"{prefix}_time.png")
-        doc.img(
-            f"figures/{prefix}_time.png",
-            "Time per round per rank: compute, send, wait for a peer, and the rest.",
-        )
-        metric = fig_metric(runs, figs / f"{prefix}_{'ppl' if is_lm(runs[0]) else 'acc'}.png")
-        doc.img(
-            f"figures/{prefix}_{'ppl' if is_lm(runs[0]) else 'acc'}.png",
-            f"Test {metric} against rounds, wall time and bytes (log). A run that sends no "
-            "model bytes (centralised) has its points on the dotted line marked 0 bytes.",
-        )
-        label_skew_figures(doc, runs, figs, prefix)
-        scal = scaling_groups(runs, rows)
-        if scal:
-            fig_scaling(scal, figs / f"{prefix}_scaling.png")
-            doc.img(
-                f"figures/{prefix}_scaling.png",
-                "Scaling against the number of ranks: bytes (analytic lines, measured points), "
-                "round time, peak RSS and training state.",
-            )
-            doc.table(
-                ["run", "N", "MiB/round", "analytic MiB/round", "round s", "peak RSS MiB max"],
-                [
-                    [
-                        name,
-                        str(r.ranks),
-                        f"{r.bytes_per_round / MIB:.3f}",
-                        f"{r.analytic_bytes_per_round / MIB:.3f}",
-                        f"{r.round_s:.3f}",
-                        f"{r.peak_rss_max_bytes / MIB:.1f}",
-                    ]
-                    for name, rs in scal.items()
-                    for r in rs
-                ],
-            )
-        found = claim_rows(paper_claims(runs, target))
-        if found:
-            doc.p(
-                "The paper's claims, measured on this workload: each Snake configuration "
-                "against FedAvg with as many data holders, on the seeds both have; figures are "
-                "means over seeds [min–max, seeds] (rules: docs/compare.md):"
-            )
-            doc.table(HEAD, found)
-            all_claims += [[f"workload {gi}", *c] for c in found]
-    hop_dirs = [Path(p) for p in paths if Path(p).is_dir()]
-    for d in hop_dirs:
-        ring_csv, hop_csv = d / "ring_bw.csv", d / "transfer.csv"
-        if ring_csv.exists() and hop_csv.exists():
-            ring, hops = read_csv(ring_csv), read_csv(hop_csv)
-            both = d / "ring_bw_sendrecv.csv"
-            fig_hops(ring, hops, figs / "hops.png", read_csv(both) if both.exists() else None)
-            doc.h(2, "Hop throughput against the machine's limit")
-            doc.p(
-                "ring_bw (bench/c/ring_bw.c) in token mode passes one message round the ring, "
-                "hop after hop, as Snake's weights travel; snake_mpi's comm layer is timed with "
-                "the same pattern (token) and one way (bench/transfer.py, in the same job: "
-                "bench/hop_vs_ring.sh)."
-            )
-            doc.img("figures/hops.png", "Throughput against message size; comm / ring_bw ratio.")
-            doc.table(
-                [
-                    "bytes",
-                    "ring_bw token GB/s",
-                    "bare GB/s",
-                    "comm GB/s",
-                    "comm token GB/s",
-                    "comm token / ring_bw",
-                ],
-                [
-                    [f"{int(b):,}", f"{r:.2f}", f"{bb:.2f}", f"{c:.2f}", f"{t:.2f}", f"{t / r:.3f}"]
-                    for b, bb, c, t, r in zip(
-                        hops["bytes"],
-                        hops["bare_GBps"],
-                        hops["comm_GBps"],
-                        hops["comm_token_GBps"],
-                        hops["ring_bw_GBps"],
-                        strict=True,
-                    )
-                ],
-            )
-            e2e_csv = d / "e2e.csv"
-            if e2e_csv.exists():
-                e2e_table(doc, e2e_csv)
-            break
+        found = workload_section(doc, gi, runs, figs)
+        all_claims += [[f"workload {gi}", *c] for c in found]
+    hops_section(doc, [Path(p) for p in paths if Path(p).is_dir()], figs)
     if all_claims:
         doc.h(2, "All claims")
         doc.table(["workload", *HEAD], all_claims)
@@ -375,6 +269,133 @@ def build(
     (out_dir / "report.md").write_text(doc.markdown())
     (out_dir / "report.html").write_text(doc.html(title))
     return out_dir / "report.md"
+
+
+def workload_section(doc: Doc, gi: int, runs: list[Result], figs: Path) -> list[list[str]]:
+    """Workload ``gi``'s section (its runs sorted in place): keys, provenance, comparison
+    tables, figures, scaling and claims; returns its claim rows."""
+    runs.sort(key=lambda r: (label(r), r.world_size, run_config(r).seed))
+    cfg = run_config(runs[0])
+    model = cfg.model.preset or cfg.model.family
+    doc.h(2, f"Workload {gi}: {model} on {cfg.data.name} ({len(runs)} runs)")
+    doc.p(workload_text(cfg))
+    target = default_target(runs)
+    rows = [row_of(r, target) for r in runs]
+    names = [run_name(r) for r in runs]
+    provenance_section(doc, names, runs)
+    doc.p(
+        f"Comparison (target accuracy {target:.4f}: 90 % of the best run's), in three "
+        "tables: bytes, memory and time, accuracy. Runs are named scheme, N ranks, seed."
+    )
+    for what, head, body in comparison_tables(names, *cells(rows)):
+        doc.p(f"Comparison: {what}.")
+        doc.table(head, body)
+    prefix = f"w{gi}"
+    fig_bytes(rows, names, figs / f"{prefix}_bytes.png")
+    doc.img(
+        f"figures/{prefix}_bytes.png",
+        "Bytes per round by run: measured (bars), analytic (black dashes). A run that "
+        "sends no model bytes (centralised) is a red marker labelled 0 B at the bottom.",
+    )
+    caption = fig_memory(runs, rows, names, figs / f"{prefix}_memory.png")
+    doc.img(f"figures/{prefix}_memory.png", caption)
+    fig_time_split(runs, figs / f"{prefix}_time.png")
+    doc.img(
+        f"figures/{prefix}_time.png",
+        "Time per round per rank: compute, send, wait for a peer, and the rest.",
+    )
+    metric = fig_metric(runs, figs / f"{prefix}_{'ppl' if is_lm(runs[0]) else 'acc'}.png")
+    doc.img(
+        f"figures/{prefix}_{'ppl' if is_lm(runs[0]) else 'acc'}.png",
+        f"Test {metric} against rounds, wall time and bytes (log). A run that sends no "
+        "model bytes (centralised) has its points on the dotted line marked 0 bytes.",
+    )
+    label_skew_figures(doc, runs, figs, prefix)
+    scaling_section(doc, runs, rows, figs, prefix)
+    found = claim_rows(paper_claims(runs, target))
+    if found:
+        doc.p(
+            "The paper's claims, measured on this workload: each Snake configuration "
+            "against FedAvg with as many data holders, on the seeds both have; figures are "
+            "means over seeds [min–max, seeds] (rules: docs/compare.md):"
+        )
+        doc.table(HEAD, found)
+    return found
+
+
+def scaling_section(
+    doc: Doc, runs: Sequence[Result], rows: Sequence[Row], figs: Path, prefix: str
+) -> None:
+    """Where a scheme ran at several N: the scaling figure and its table."""
+    scal = scaling_groups(runs, rows)
+    if not scal:
+        return
+    fig_scaling(scal, figs / f"{prefix}_scaling.png")
+    doc.img(
+        f"figures/{prefix}_scaling.png",
+        "Scaling against the number of ranks: bytes (analytic lines, measured points), "
+        "round time, peak RSS and training state.",
+    )
+    doc.table(
+        ["run", "N", "MiB/round", "analytic MiB/round", "round s", "peak RSS MiB max"],
+        [
+            [
+                name,
+                str(r.ranks),
+                f"{r.bytes_per_round / MIB:.3f}",
+                f"{r.analytic_bytes_per_round / MIB:.3f}",
+                f"{r.round_s:.3f}",
+                f"{r.peak_rss_max_bytes / MIB:.1f}",
+            ]
+            for name, rs in scal.items()
+            for r in rs
+        ],
+    )
+
+
+def hops_section(doc: Doc, dirs: Sequence[Path], figs: Path) -> None:
+    """The hop throughput against ring_bw, from the first of ``dirs`` that holds
+    ``ring_bw.csv`` and ``transfer.csv`` (``bench/hop_vs_ring.sh``); nothing without one."""
+    for d in dirs:
+        ring_csv, hop_csv = d / "ring_bw.csv", d / "transfer.csv"
+        if not (ring_csv.exists() and hop_csv.exists()):
+            continue
+        ring, hops = read_csv(ring_csv), read_csv(hop_csv)
+        both = d / "ring_bw_sendrecv.csv"
+        fig_hops(ring, hops, figs / "hops.png", read_csv(both) if both.exists() else None)
+        doc.h(2, "Hop throughput against the machine's limit")
+        doc.p(
+            "ring_bw (bench/c/ring_bw.c) in token mode passes one message round the ring, "
+            "hop after hop, as Snake's weights travel; snake_mpi's comm layer is timed with "
+            "the same pattern (token) and one way (bench/transfer.py, in the same job: "
+            "bench/hop_vs_ring.sh)."
+        )
+        doc.img("figures/hops.png", "Throughput against message size; comm / ring_bw ratio.")
+        doc.table(
+            [
+                "bytes",
+                "ring_bw token GB/s",
+                "bare GB/s",
+                "comm GB/s",
+                "comm token GB/s",
+                "comm token / ring_bw",
+            ],
+            [
+                [f"{int(b):,}", f"{r:.2f}", f"{bb:.2f}", f"{c:.2f}", f"{t:.2f}", f"{t / r:.3f}"]
+                for b, bb, c, t, r in zip(
+                    hops["bytes"],
+                    hops["bare_GBps"],
+                    hops["comm_GBps"],
+                    hops["comm_token_GBps"],
+                    hops["ring_bw_GBps"],
+                    strict=True,
+                )
+            ],
+        )
+        e2e_csv = d / "e2e.csv"
+        if e2e_csv.exists():
+            e2e_table(doc, e2e_csv)
+        return
 
 
 def e2e_table(doc: Doc, path: Path) -> None:

@@ -5,7 +5,8 @@ above 0 (trained or received since the model was built; a block at version 0 is 
 built), the version of every block, which blocks are freed (``snake.keep = "own"``), every
 random state (this rank's generator, torch's global CPU and CUDA generators, numpy's and
 Python's global ones), the communication counters of the round under way and the cumulative
-control bytes, the recorder's running totals, and the plan inputs a ``measure`` run timed.
+control bytes, the recorder's running totals, and the plan inputs a ``measure`` run timed
+(``SchemeReport.plan_inputs``, stored as ``info.<name>``).
 Optimisers live for one turn in every scheme (``train.optimizer``), so none outlives a round
 boundary, and data order is the generator's state.
 """
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import TYPE_CHECKING, Any
+from collections.abc import Set
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,14 +30,12 @@ from snake_mpi.blocks import (
     release_blocks,
     released_blocks,
 )
+from snake_mpi.context import PLAN_INPUTS
 from snake_mpi.transport.wire import CommStats
 
 if TYPE_CHECKING:
     from snake_mpi.context import Context
 
-PLAN_INPUTS = ("capabilities", "block_time_s", "block_time_spread")
-"""``ctx.info`` entries a run decides once at its start (``snake.capability = "measure"``
-times every rank's blocks): kept, so that a resumed run trains on the same plan."""
 _STATS = tuple(f.name for f in dataclasses.fields(CommStats))
 
 
@@ -62,7 +62,7 @@ def _host(t: torch.Tensor) -> tuple[np.ndarray, bool]:
     return t.numpy(), False
 
 
-def capture(ctx: Context, carried: bool) -> tuple[dict[str, np.ndarray], dict[str, str], set]:
+def capture(ctx: Context, carried: bool) -> tuple[dict[str, np.ndarray], dict[str, str], set[str]]:
     """This rank's state at a round boundary: ``(arrays, metadata, names of bf16 arrays)``.
 
     ``carried``: whether this rank has already received the next round's first hop (taken in
@@ -88,9 +88,8 @@ def capture(ctx: Context, carried: bool) -> tuple[dict[str, np.ndarray], dict[st
     version, internal, gauss_next = random.getstate()
     arrays["rng.python"] = np.asarray(internal, dtype=np.uint64)
     arrays["stats"] = np.array([getattr(ctx.comm.stats, k) for k in _STATS], dtype=np.float64)
-    for key in PLAN_INPUTS:
-        if key in ctx.info:
-            arrays[f"info.{key}"] = np.asarray(ctx.info[key], dtype=np.float64)
+    for key, value in ctx.report.plan_inputs().items():
+        arrays[f"info.{key}"] = value
     meta = {
         "rank": str(ctx.comm.rank),
         "round": str(rec.round),
@@ -104,7 +103,9 @@ def capture(ctx: Context, carried: bool) -> tuple[dict[str, np.ndarray], dict[st
     return arrays, meta, bf16
 
 
-def restore(ctx: Context, arrays: dict[str, np.ndarray], meta: dict[str, str], bf16) -> None:
+def restore(
+    ctx: Context, arrays: dict[str, np.ndarray], meta: dict[str, str], bf16: Set[str]
+) -> None:
     """Put a state ``capture`` took back into ``ctx`` (a model as built from the same config
     and seed, the scheme's set-up done)."""
     model = ctx.model
@@ -147,15 +148,10 @@ def restore(ctx: Context, arrays: dict[str, np.ndarray], meta: dict[str, str], b
     for k, v in zip(_STATS, arrays["stats"], strict=True):
         current = getattr(ctx.comm.stats, k)
         setattr(ctx.comm.stats, k, type(current)(v))
-    for key in PLAN_INPUTS:
-        if f"info.{key}" in arrays:
-            ctx.info[key] = _plain(arrays[f"info.{key}"], key)
+    ctx.report.restore_plan_inputs(
+        {key: arrays[f"info.{key}"] for key in PLAN_INPUTS if f"info.{key}" in arrays}
+    )
     cum, written, elapsed = meta["recorder"].split("|")
     ctx.record.resume(
         cum_bytes_sent=int(cum), n_rounds_written=int(written), elapsed_s=float(elapsed)
     )
-
-
-def _plain(arr: np.ndarray, key: str) -> Any:
-    """A restored plan input in the form the scheme keeps it (capabilities: a list)."""
-    return [float(x) for x in arr] if key == "capabilities" else np.array(arr)

@@ -11,7 +11,7 @@ from snake_mpi.schemes.common import evaluate_and_record, train_and_record
 def run(ctx: Context) -> None:
     """Train the whole model on this (only) rank for ``train.rounds`` rounds."""
     everything = list(range(ctx.model.n_blocks))
-    ctx.info["owners"] = [0] * ctx.model.n_blocks
+    ctx.report.owners = [0] * ctx.model.n_blocks
     for r in range(ctx.checkpoint.first_round, ctx.cfg.train.rounds):
         ctx.record.begin_round(r)
         train_and_record(ctx, everything)

@@ -108,7 +108,7 @@ def run(ctx: Context) -> None:
     """Run ``train.rounds`` rounds of FedAvg on this rank (server or client)."""
     cfg, comm, model, rec = ctx.cfg, ctx.comm, ctx.model, ctx.record
     everything = list(range(model.n_blocks))
-    ctx.info["owners"] = np.full(model.n_blocks, -1, dtype=np.int64)  # every client trains all
+    ctx.report.owners = np.full(model.n_blocks, -1, dtype=np.int64)  # every client trains all
     schedule = sampled_clients(
         ctx.seeds.get("sampling", cfg.seed),
         comm.size - 1,

@@ -30,7 +30,7 @@ from snake_mpi.blocks import (
 )
 from snake_mpi.checkpoint import CheckpointStop
 from snake_mpi.config import RunConfig, SnakeConfig
-from snake_mpi.context import Context
+from snake_mpi.context import Context, FinalSync
 from snake_mpi.probes.memory import release_free_memory
 from snake_mpi.schemes.capability import measure_in_turn
 from snake_mpi.schemes.common import (
@@ -64,17 +64,18 @@ def plan_segments(
 def plan_for_run(ctx: Context, nodes: Sequence[int]) -> list[list[int]]:
     """The plan of this run over the node ranks ``nodes``: by declared capabilities, or by
     measuring every rank's block times now (``snake.capability = "measure"``); the figures
-    used (and the measurement's spread) are put in ``ctx.info`` for the result file."""
+    used (and the measurement's spread) are put in ``ctx.report`` for the result file."""
     cfg = ctx.cfg.snake
-    if cfg.capability == "measure" and "block_time_s" in ctx.info:  # resumed: as measured then
-        times = np.asarray(ctx.info["block_time_s"])
+    report = ctx.report
+    if cfg.capability == "measure" and report.block_time_s is not None:  # resumed: as then
+        times = np.asarray(report.block_time_s)
         node_times = times[list(nodes)][:, ctx.model.middle_ids]
-        caps = [float(c) for c in ctx.info["capabilities"]]
+        caps = [float(c) for c in report.capabilities or ()]
         costs = list(node_times.mean(axis=0))
         return plan_segments(ctx.model, cfg, len(nodes), costs=costs, capabilities=caps)
     if cfg.capability != "measure":
         caps = list(cfg.capabilities) or [1.0] * len(nodes)
-        ctx.info["capabilities"] = caps
+        report.capabilities = caps
         return plan_segments(ctx.model, cfg, len(nodes))
     nb = ctx.model.n_blocks
     table = ctx.comm.allgather_row(np.concatenate(measure_in_turn(ctx)), "the block times")
@@ -84,9 +85,9 @@ def plan_for_run(ctx: Context, nodes: Sequence[int]) -> list[list[int]]:
     costs = node_times.mean(axis=0)
     totals = node_times.sum(axis=1)
     caps = [float(c) for c in totals.mean() / totals]
-    ctx.info["capabilities"] = caps
-    ctx.info["block_time_s"] = times  # exactly what the plan used (expected.py rebuilds it)
-    ctx.info["block_time_spread"] = spread
+    report.capabilities = caps
+    report.block_time_s = times  # exactly what the plan used (expected.py rebuilds it)
+    report.block_time_spread = spread
     return plan_segments(ctx.model, cfg, len(nodes), costs=list(costs), capabilities=caps)
 
 
@@ -245,8 +246,8 @@ def run_p2p(ctx: Context) -> None:
     n, node = comm.size, comm.rank
     last = n - 1
     plan = plan_for_run(ctx, range(n))
-    ctx.info["owners"] = block_owners(plan, model.n_blocks)
-    ctx.info["plan"] = plan
+    ctx.report.owners = block_owners(plan, model.n_blocks)
+    ctx.report.plan = plan
     mine = plan[node]
     rounds, transfer, keep = cfg.train.rounds, cfg.snake.transfer, cfg.snake.keep
     nb = model.n_blocks
@@ -302,8 +303,8 @@ def run_cs(ctx: Context) -> None:
     n_nodes = comm.size - 1
     plan = plan_for_run(ctx, range(1, n_nodes + 1))
     owners = block_owners(plan, model.n_blocks)
-    ctx.info["owners"] = np.where(owners >= 0, owners + 1, owners)  # as ranks
-    ctx.info["plan"] = plan
+    ctx.report.owners = np.where(owners >= 0, owners + 1, owners)  # as ranks
+    ctx.report.plan = plan
     rounds, transfer, keep = cfg.train.rounds, cfg.snake.transfer, cfg.snake.keep
     nb = model.n_blocks
     for r in range(ctx.checkpoint.first_round, rounds):
@@ -339,7 +340,7 @@ def final_sync_cs(ctx: Context, rounds: int, n_nodes: int) -> None:
     comm, model, cfg = ctx.comm, ctx.model, ctx.cfg.snake
     comm.stats.take()
     r = rounds - 1
-    plan = ctx.info["plan"]
+    plan = ctx.report.plan or []
     for k in range(n_nodes if cfg.keep == "own" else n_nodes - 1):
         if comm.rank == 0:
             freed = freed_blocks(plan[k], model.n_blocks, cfg.keep, True)
@@ -347,7 +348,7 @@ def final_sync_cs(ctx: Context, rounds: int, n_nodes: int) -> None:
             send_blocks(ctx, k + 1, KIND_SYNC, r, k, ids)
         elif comm.rank == k + 1:
             receive_blocks(ctx, 0, KIND_SYNC, r, k)
-    ctx.info["final_sync"] = comm.stats.take()
+    ctx.report.final_sync = FinalSync.of(comm.stats.take())
 
 
 def final_sync(ctx: Context, rounds: int) -> None:
@@ -369,7 +370,8 @@ def final_sync(ctx: Context, rounds: int) -> None:
     if comm.succ != last:
         dest = comm.succ
         receiver_stamp = stamp(r, dest, n)  # every receiver's last turn was in the last round
-        freed = freed_blocks(ctx.info["plan"][dest], model.n_blocks, ctx.cfg.snake.keep, True)
+        plan = ctx.report.plan or []
+        freed = freed_blocks(plan[dest], model.n_blocks, ctx.cfg.snake.keep, True)
         ids = blocks_to_send(model.versions, receiver_stamp, ctx.cfg.snake.transfer, freed)
         send_blocks(ctx, dest, KIND_SYNC, r, node, ids)
-    ctx.info["final_sync"] = comm.stats.take()
+    ctx.report.final_sync = FinalSync.of(comm.stats.take())

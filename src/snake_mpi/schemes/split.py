@@ -19,7 +19,7 @@ def run(ctx: Context) -> None:
     cfg, comm, model, rec = ctx.cfg, ctx.comm, ctx.model, ctx.record
     cut, last, rounds = cfg.split.cut, comm.size - 1, cfg.train.rounds
     client_ids = list(range(cut))
-    ctx.info["owners"] = [-1] * cut + [0] * (model.n_blocks - cut)
+    ctx.report.owners = [-1] * cut + [0] * (model.n_blocks - cut)
     if comm.rank > 0:
         drop_blocks(model, range(cut, model.n_blocks))
     for r in range(ctx.checkpoint.first_round, rounds):

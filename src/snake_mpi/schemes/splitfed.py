@@ -29,7 +29,7 @@ def run(ctx: Context) -> None:
     clients = list(range(1, comm.size))
     client_ids = list(range(cut))
     server_ids = list(range(cut, model.n_blocks))
-    ctx.info["owners"] = [-1] * cut + [0] * len(server_ids)
+    ctx.report.owners = [-1] * cut + [0] * len(server_ids)
     if comm.rank > 0:
         drop_blocks(model, server_ids)
     for r in range(ctx.checkpoint.first_round, cfg.train.rounds):
