@@ -91,11 +91,13 @@ lint: install
 	$(BIN)/mypy
 
 # The documentation site (mkdocs.yml) into site/: first the pages generated from the code
-# (configuration, command line, the home page from README.md), then `mkdocs build --strict`
+# (configuration, command line, the results schema's metric tables, the home page from
+# README.md), then `mkdocs build --strict`
 # (a broken link or a page outside the nav fails). `.venv/bin/mkdocs serve` to browse it.
 docs: install
 	$(BIN)/python -m snake_mpi.docgen config --out docs/reference/configuration.md
 	$(BIN)/python -m snake_mpi.docgen cli --out docs/reference/cli.md
+	$(BIN)/python -m snake_mpi.schema --write docs/results-schema.md
 	$(BIN)/python -m snake_mpi.docgen home --out docs/index.md
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
