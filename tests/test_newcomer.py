@@ -26,3 +26,17 @@ def test_make_install_says_what_it_is_doing(tmp_path: Path) -> None:
     assert any("[4/4]" in s for s in steps)
     assert "--quiet" not in out
     assert "--progress-bar on" in out
+
+
+def test_validate_says_for_how_many_ranks_and_what_np_changes(capsys) -> None:
+    """Without ``--np`` the verdict names the rank count it checked and says what ``--np``
+    adds; with it, the count given."""
+    from snake_mpi import cli
+
+    demo = str(ROOT / "bench" / "configs" / "demo.toml")
+    assert cli.main(["validate", demo, "--no-data"]) == 0
+    out = capsys.readouterr().out
+    assert "valid for 2 ranks, the fewest scheme 'snake' runs on" in out
+    assert "--np N checks it for N ranks" in out
+    assert cli.main(["validate", demo, "--no-data", "--np", "4"]) == 0
+    assert "valid for 4 ranks (about " in capsys.readouterr().out

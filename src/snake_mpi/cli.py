@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         "--np",
         type=int,
         default=None,
-        help="check it for this many ranks, all on this host (default 1)",
+        help="check it for this many ranks, all on this host, with the checks that depend on "
+        "the rank count (default: only the memory and data checks, for the fewest ranks the "
+        "scheme runs on)",
     )
     _memory_argument(val)
     val.add_argument(
@@ -270,8 +272,8 @@ def _validated(cfg: Any, args: argparse.Namespace, estimate: Any) -> str:
     if args.np is not None:
         return f"valid for {ranks} ({memory}{data})"
     return (
-        f"valid ({memory}, the fewest scheme {cfg.scheme!r} runs on{data}); the checks that "
-        f"depend on the number of ranks need --np N"
+        f"valid for {ranks}, the fewest scheme {cfg.scheme!r} runs on ({memory}{data}); the "
+        f"checks that depend on the number of ranks were not made: --np N checks it for N ranks"
     )
 
 
