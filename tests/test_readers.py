@@ -267,3 +267,28 @@ def test_a_corpus_with_no_held_out_file_says_how_they_are_chosen(tmp_path):
     assert "0 of its 3" in msg and "point data.path at one file" in msg
     train = load_text(str(tmp_path), n_train=4, n_test=0, seq_len=16, tokenizer=Tokenizer())
     assert train.x_train.shape == (4, 16)
+
+
+def test_show_on_a_partial_whose_writer_is_gone_says_stopped(tmp_path, capsys, monkeypatch):
+    """A ``.partial`` that no job holds locked is a run that stopped, not one running."""
+    monkeypatch.delenv("HDF5_USE_FILE_LOCKING", raising=False)
+    partial = _partial(tmp_path)
+    assert cli.main(["show", str(partial)]) == 0
+    status = next(
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("status")
+    )
+    assert "stopped, incomplete" in status and "no job holds its HDF5 lock" in status
+    assert not status.split()[1].startswith("running")
+    monkeypatch.setenv("HDF5_USE_FILE_LOCKING", "FALSE")  # then the lock tells nothing
+    assert cli.main(["show", str(partial)]) == 0
+    assert "incomplete: running or stopped" in capsys.readouterr().out
+
+
+def test_show_out_while_only_its_partial_exists_points_at_it(tmp_path, capsys):
+    partial = _partial(tmp_path)
+    out = tmp_path / "run.h5"
+    assert cli.main(["show", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "no such file" in err
+    assert f"{partial} is there (a run still writing it, or one that stopped)" in err
+    assert f"`snake-mpi show {partial}`" in err

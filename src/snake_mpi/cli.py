@@ -178,7 +178,7 @@ def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "show":
         from snake_mpi.analysis.summary import format_summary
-        from snake_mpi.store import ResultError, read_result, result_paths
+        from snake_mpi.store import ResultError, partial_path, read_result, result_paths
 
         try:
             print(format_summary(read_result(args.result, allow_incomplete=True)))
@@ -192,6 +192,11 @@ def _main(argv: list[str] | None) -> int:
                     f"compare them with `snake-mpi compare {e.path}`"
                     if found
                     else "; it holds no result files (*.h5, *.hdf5, *.partial)"
+                )
+            elif not e.path.exists() and partial_path(e.path).is_file():
+                hint = (
+                    f"; {partial_path(e.path)} is there (a run still writing it, or one that"
+                    f" stopped): `snake-mpi show {partial_path(e.path)}`"
                 )
             print(f"snake-mpi: {e}{hint}", file=sys.stderr)
             return 1

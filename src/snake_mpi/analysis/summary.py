@@ -8,6 +8,7 @@ as in the run's progress lines.
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -60,6 +61,17 @@ def _header(r: Result) -> str:
         status += (
             " (in use by a running job: HDF5 file lock held; read without the lock, so the"
             " round being written may be missing)"
+        )
+    elif status == "running" and os.environ.get("HDF5_USE_FILE_LOCKING", "").upper() == "FALSE":
+        status = (
+            "incomplete: running or stopped (HDF5_USE_FILE_LOCKING=FALSE here, so whether a job"
+            " still writes it cannot be told from its lock)"
+        )
+    elif status == "running":  # stored while writing; no lock held: its writer is gone
+        status = (
+            "stopped, incomplete (the file says 'running', but no job holds its HDF5 lock: the"
+            " run that wrote it ended before finishing; a writer started with"
+            " HDF5_USE_FILE_LOCKING=FALSE holds no lock and may still be writing)"
         )
     elif status != "complete":
         status += " (incomplete: the run did not finish)"
