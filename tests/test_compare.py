@@ -108,8 +108,7 @@ def test_the_target_says_where_it_comes_from_and_text_has_no_pipes(results_dir, 
     assert compare.main([str(results_dir)]) == 0
     out = capsys.readouterr().out
     best = max(
-        float(read_result(results_dir / f"{name}.h5").evaluation["accuracy"].max())
-        for name in RUNS
+        float(read_result(results_dir / f"{name}.h5").evaluation["accuracy"].max()) for name in RUNS
     )
     first = out.splitlines()[0]
     assert first == (
