@@ -40,3 +40,14 @@ def test_validate_says_for_how_many_ranks_and_what_np_changes(capsys) -> None:
     assert "--np N checks it for N ranks" in out
     assert cli.main(["validate", demo, "--no-data", "--np", "4"]) == 0
     assert "valid for 4 ranks (about " in capsys.readouterr().out
+
+
+def test_suite_cell_help_says_how_progress_counts_it(capsys) -> None:
+    """``--cell K`` is 0-based (Slurm's array index) and its progress reads ``[K+1/N]``
+    (tests/test_suite.py runs it: ``--cell 1`` of 2 prints ``[2/2]``)."""
+    from snake_mpi.suite import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "0-based, as --list numbers them" in text and "[K+1/N]" in text
