@@ -284,11 +284,8 @@ def build(
         )
         caption = fig_memory(runs, rows, names, figs / f"{prefix}_memory.png")
         doc.img(f"figures/{prefix}_memory.png", caption)
-        fig_time_split(runs, figs / f"{prefix}_time.png")
-        doc.img(
-            f"figures/{prefix}_time.png",
-            "Time per round per rank: compute, send, wait for a peer, and the rest.",
-        )
+        caption = fig_time_split(runs, figs / f"{prefix}_time.png")
+        doc.img(f"figures/{prefix}_time.png", caption)
         metric = fig_metric(runs, figs / f"{prefix}_{'ppl' if is_lm(runs[0]) else 'acc'}.png")
         doc.img(
             f"figures/{prefix}_{'ppl' if is_lm(runs[0]) else 'acc'}.png",
