@@ -270,18 +270,38 @@ def test_a_corpus_with_no_held_out_file_says_how_they_are_chosen(tmp_path):
 
 
 def test_show_on_a_partial_whose_writer_is_gone_says_stopped(tmp_path, capsys, monkeypatch):
-    """A ``.partial`` that no job holds locked is a run that stopped, not one running."""
-    monkeypatch.delenv("HDF5_USE_FILE_LOCKING", raising=False)
+    """A ``.partial`` says "running" inside; ``show`` tells from ``OUT.lock`` (host, pid)
+    whether its run is still there: stopped without a lock or with a dead holder, running with
+    a live one, and "running or stopped" where the holder is on another host."""
+    import dataclasses
+    import json
+
+    from snake_mpi.outlock import Holder, lock_path
+
     partial = _partial(tmp_path)
-    assert cli.main(["show", str(partial)]) == 0
-    status = next(
-        line for line in capsys.readouterr().out.splitlines() if line.startswith("status")
+
+    def status() -> str:
+        assert cli.main(["show", str(partial)]) == 0
+        out = capsys.readouterr().out.splitlines()
+        return next(line for line in out if line.startswith("status")).split(None, 1)[1]
+
+    assert status() == (
+        "stopped, incomplete (the run that wrote it ended before finishing: no run.h5.lock is "
+        "held; the file still says 'running')"
     )
-    assert "stopped, incomplete" in status and "no job holds its HDF5 lock" in status
-    assert not status.split()[1].startswith("running")
-    monkeypatch.setenv("HDF5_USE_FILE_LOCKING", "FALSE")  # then the lock tells nothing
-    assert cli.main(["show", str(partial)]) == 0
-    assert "incomplete: running or stopped" in capsys.readouterr().out
+    me = Holder.me()
+    lock = lock_path(tmp_path / "run.h5")
+    lock.write_text(json.dumps(dataclasses.asdict(me)))
+    assert status() == f"running (its run holds run.h5.lock: {me.describe()})"
+    dead = dataclasses.replace(me, pid=2**22 + 12345)  # above Linux's pid_max: no such process
+    lock.write_text(json.dumps(dataclasses.asdict(dead)))
+    assert status().startswith(
+        f"stopped, incomplete (the run that wrote it ended before finishing: run.h5.lock is "
+        f"left over: its process {dead.pid} is gone;"
+    )
+    elsewhere = dataclasses.replace(me, host="another-host")
+    lock.write_text(json.dumps(dataclasses.asdict(elsewhere)))
+    assert status().startswith("incomplete: running or stopped (run.h5.lock names host another-")
 
 
 def test_show_out_while_only_its_partial_exists_points_at_it(tmp_path, capsys):
