@@ -1,4 +1,4 @@
-"""analysis/report.py / snake-mpi report: a results directory becomes report.md and
+"""snake-mpi report: a results directory becomes report.md and
 report.html with the figures the issue names, the scaling table and the claims table."""
 
 from __future__ import annotations
@@ -210,9 +210,8 @@ def test_every_legend_fits_its_figure_and_the_time_caption_names_each_colour(
     caption = figures.fig_time_split(one, results_dir / "unused.png")
     (fig,) = kept
     (legend,) = fig.legends
-    renderer = fig.canvas.get_renderer()
-    fig.draw(renderer)  # constrained layout places the legend
-    box, page = legend.get_window_extent(renderer), fig.bbox
+    fig.canvas.draw()  # constrained layout places the legend
+    box, page = legend.get_window_extent(), fig.bbox
     assert page.x0 <= box.x0 and box.x1 <= page.x1, (box, page)
     labels = [t.get_text() for t in legend.get_texts()]
     assert labels[:4] == ["compute", "send", "wait", "gather"]
