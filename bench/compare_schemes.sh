@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every scheme on the demo's workload (bench/configs/schemes/), 4 ranks (centralised: 1), then
-# the side-by-side table. About 4 minutes on 2 cores.
+# the side-by-side table. About 5 minutes on 2 cores (the development machine,
+# 2026-11-25: docs/benchmarks/2026-11-25-schemes.md).
 #   bench/compare_schemes.sh [OUT_DIR]        (default results/schemes)
 set -euo pipefail
 cd "$(dirname "$0")/.."

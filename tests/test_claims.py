@@ -196,8 +196,8 @@ def test_fewer_than_three_seeds_is_indicative(seeds_dir):
 
 def test_each_claim_line_names_its_files(seeds_dir, capsys, tmp_path):
     out_md = tmp_path / "table.md"
-    assert compare.main([str(seeds_dir), "--out", str(out_md)]) == 0
-    text = capsys.readouterr().out
+    assert compare.main([str(seeds_dir), "--markdown", "--out", str(out_md)]) == 0
+    text = capsys.readouterr().out.split(compare.CLAIMS_HEADING, 1)[1]
     lines = [ln for ln in text.splitlines() if ln.startswith("| snake-p2p")]
     assert len(lines) == 6  # 3 bytes, accuracy, 2 storage: one row each, seeds averaged
     files = ", ".join([*(f"snake-s{s}.h5" for s in SEEDS), *(f"fedavg5-s{s}.h5" for s in SEEDS)])

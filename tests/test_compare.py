@@ -102,6 +102,29 @@ def test_incomplete_files_are_listed_not_read(results_dir, tmp_path, capsys):
     assert compare.main([str(partial)]) == 1
 
 
+def test_the_target_says_where_it_comes_from_and_text_has_no_pipes(results_dir, capsys):
+    """The default target names its fraction (``runs.TARGET_FRACTION``) of the best run's
+    accuracy; without ``--markdown`` neither table is Markdown, with it both are."""
+    assert compare.main([str(results_dir)]) == 0
+    out = capsys.readouterr().out
+    best = max(
+        float(read_result(results_dir / f"{name}.h5").evaluation["accuracy"].max()) for name in RUNS
+    )
+    first = out.splitlines()[0]
+    assert first == (
+        f"{len(RUNS)} run(s); target accuracy {runs.TARGET_FRACTION * best:.4f} "
+        f"(90 % of the best run's accuracy, {best:.4f})"
+    )
+    assert compare.CLAIMS_HEADING in out
+    assert not any(line.lstrip().startswith("|") for line in out.splitlines())
+    claims_text = out.split(compare.CLAIMS_HEADING, 1)[1]
+    assert "snake-p2p N=4 (4 data holders, 3 rounds)  (files: snake-p2p.h5)" in claims_text
+    assert "  bytes per round / FedAvg's  " in claims_text
+    assert compare.main([str(results_dir), "--markdown"]) == 0
+    md = capsys.readouterr().out
+    assert "| run | claim | Snake |" in md and "| snake-p2p |" in md
+
+
 def test_the_command_and_the_cli_function_print_the_same_table(results_dir):
     script = subprocess.run(
         [sys.executable, "-m", "snake_mpi.cli", "compare", str(results_dir), "--markdown"],
@@ -129,7 +152,7 @@ def test_the_paper_claims_table_divides_snake_by_fedavg_with_as_many_data_holder
     results_dir, capsys, tmp_path
 ):
     out_md = tmp_path / "table.md"
-    assert compare.main([str(results_dir), "--out", str(out_md)]) == 0
+    assert compare.main([str(results_dir), "--markdown", "--out", str(out_md)]) == 0
     text = capsys.readouterr().out
     assert compare.CLAIMS_HEADING in text and compare.CLAIMS_HEADING in out_md.read_text()
     fed = read_result(results_dir / "fedavg.h5")

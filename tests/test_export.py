@@ -82,21 +82,22 @@ def test_every_figure_of_the_file_is_a_row_with_the_right_keys(results_dir):
         assert run["seed"] == 3 and run["model_family"] == "mlp" and run["train_rounds"] == 2
         assert run["fedavg_clients_per_round"] == (1 if name == "fedavg" else None)
         assert run["split_cut"] is None and run["data_alpha"] is None
-        # /rounds: every value of every field, round and rank
+        # /rounds: every value of every field, round (numbered from 1, as `show` does) and rank
         sent = res.rounds["bytes_sent"]
         assert sent.shape == (2, n) and sent.sum() > 0
         for field, arr in res.rounds.items():
             for r in range(res.n_rounds):
                 for k in range(n):
-                    row = by_key[(f, "rounds", r, k, field)]
+                    row = by_key[(f, "rounds", r + 1, k, field)]
                     assert same(col(row, "value"), arr[r, k].item()), (field, r, k)
         n_round_rows = sum(col(r, "source") == "rounds" for r in mine)
         assert n_round_rows == res.n_rounds * n * len(res.rounds)
-        # /eval: by its round and the rank that evaluated
+        assert {col(r, "round") for r in mine if col(r, "source") == "rounds"} == {1, 2}
+        # /eval: by its round (from 1: the stored 0-based index + 1) and the rank that evaluated
         ev = res.evaluation
         assert len(ev["accuracy"]) == 2
         for i in range(len(ev["accuracy"])):
-            key = (f, "eval", int(ev["round"][i]), int(ev["rank"][i]))
+            key = (f, "eval", int(ev["round"][i]) + 1, int(ev["rank"][i]))
             assert col(by_key[(*key, "accuracy")], "value") == ev["accuracy"][i].item()
             assert col(by_key[(*key, "cum_bytes_sent")], "value") == ev["cum_bytes_sent"][i]
             assert (*key, "round") not in by_key and (*key, "rank") not in by_key

@@ -267,3 +267,48 @@ def test_a_corpus_with_no_held_out_file_says_how_they_are_chosen(tmp_path):
     assert "0 of its 3" in msg and "point data.path at one file" in msg
     train = load_text(str(tmp_path), n_train=4, n_test=0, seq_len=16, tokenizer=Tokenizer())
     assert train.x_train.shape == (4, 16)
+
+
+def test_show_on_a_partial_whose_writer_is_gone_says_stopped(tmp_path, capsys, monkeypatch):
+    """A ``.partial`` says "running" inside; ``show`` tells from ``OUT.lock`` (host, pid)
+    whether its run is still there: stopped without a lock or with a dead holder, running with
+    a live one, and "running or stopped" where the holder is on another host."""
+    import dataclasses
+    import json
+
+    from snake_mpi.outlock import Holder, lock_path
+
+    partial = _partial(tmp_path)
+
+    def status() -> str:
+        assert cli.main(["show", str(partial)]) == 0
+        out = capsys.readouterr().out.splitlines()
+        return next(line for line in out if line.startswith("status")).split(None, 1)[1]
+
+    assert status() == (
+        "stopped, incomplete (the run that wrote it ended before finishing: no run.h5.lock is "
+        "held; the file still says 'running')"
+    )
+    me = Holder.me()
+    lock = lock_path(tmp_path / "run.h5")
+    lock.write_text(json.dumps(dataclasses.asdict(me)))
+    assert status() == f"running (its run holds run.h5.lock: {me.describe()})"
+    dead = dataclasses.replace(me, pid=2**22 + 12345)  # above Linux's pid_max: no such process
+    lock.write_text(json.dumps(dataclasses.asdict(dead)))
+    assert status().startswith(
+        f"stopped, incomplete (the run that wrote it ended before finishing: run.h5.lock is "
+        f"left over: its process {dead.pid} is gone;"
+    )
+    elsewhere = dataclasses.replace(me, host="another-host")
+    lock.write_text(json.dumps(dataclasses.asdict(elsewhere)))
+    assert status().startswith("incomplete: running or stopped (run.h5.lock names host another-")
+
+
+def test_show_out_while_only_its_partial_exists_points_at_it(tmp_path, capsys):
+    partial = _partial(tmp_path)
+    out = tmp_path / "run.h5"
+    assert cli.main(["show", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "no such file" in err
+    assert f"{partial} is there (a run still writing it, or one that stopped)" in err
+    assert f"`snake-mpi show {partial}`" in err

@@ -197,3 +197,28 @@ def test_byte_units_show_small_states():
     assert figures.byte_unit(1688 * 2**10) == (2**20, "MiB")
     assert figures.byte_unit(500 * 2**10) == (2**10, "KiB")
     assert figures.byte_unit(3 * 2**30) == (2**30, "GiB")
+
+
+def test_every_legend_fits_its_figure_and_the_time_caption_names_each_colour(
+    results_dir, monkeypatch
+):
+    """A one-run time figure is narrow: its legend wraps instead of being cut at both edges,
+    and the caption names every part drawn (gather included), in the legend's words."""
+    kept = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: kept.append(fig))
+    one = [read_result(results_dir / "snake-n3.h5")]
+    caption = figures.fig_time_split(one, results_dir / "unused.png")
+    (fig,) = kept
+    (legend,) = fig.legends
+    fig.canvas.draw()  # constrained layout places the legend
+    box, page = legend.get_window_extent(), fig.bbox
+    assert page.x0 <= box.x0 and box.x1 <= page.x1, (box, page)
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels[:4] == ["compute", "send", "wait", "gather"]
+    assert labels[-1] == figures.OTHER_TIME
+    assert "checkpoint" not in labels  # 0 in every run: not drawn, not named
+    for label in labels[:-1]:
+        assert f"; {label} (" in caption or caption.split(": ", 1)[1].startswith(f"{label} (")
+    assert "gather (the end-of-round gather of figures to rank 0" in caption
+    assert "in grey other (evaluation" in caption
+    figures._pyplot().close(fig)

@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
         "--np",
         type=int,
         default=None,
-        help="check it for this many ranks, all on this host (default 1)",
+        help="check it for this many ranks, all on this host, with the checks that depend on "
+        "the rank count (default: only the memory and data checks, for the fewest ranks the "
+        "scheme runs on)",
     )
     _memory_argument(val)
     val.add_argument(
@@ -185,7 +187,7 @@ def _show(argv: list[str]) -> int:
     """``snake-mpi show``: a readable summary of one result file (exit 1 if it is none)."""
     args = _parser().parse_args(["show", *argv])
     from snake_mpi.analysis.summary import format_summary
-    from snake_mpi.store import ResultError, read_result, result_paths
+    from snake_mpi.store import ResultError, partial_path, read_result, result_paths
 
     try:
         print(format_summary(read_result(args.result, allow_incomplete=True)))
@@ -199,6 +201,11 @@ def _show(argv: list[str]) -> int:
                 f"compare them with `snake-mpi compare {e.path}`"
                 if found
                 else "; it holds no result files (*.h5, *.hdf5, *.partial)"
+            )
+        elif not e.path.exists() and partial_path(e.path).is_file():
+            hint = (
+                f"; {partial_path(e.path)} is there (a run still writing it, or one that"
+                f" stopped): `snake-mpi show {partial_path(e.path)}`"
             )
         print(f"snake-mpi: {e}{hint}", file=sys.stderr)
         return 1
@@ -284,8 +291,8 @@ def _validated(cfg: Any, args: argparse.Namespace, estimate: Any) -> str:
     if args.np is not None:
         return f"valid for {ranks} ({memory}{data})"
     return (
-        f"valid ({memory}, the fewest scheme {cfg.scheme!r} runs on{data}); the checks that "
-        f"depend on the number of ranks need --np N"
+        f"valid for {ranks}, the fewest scheme {cfg.scheme!r} runs on ({memory}{data}); the "
+        f"checks that depend on the number of ranks were not made: --np N checks it for N ranks"
     )
 
 

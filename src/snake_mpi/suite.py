@@ -500,7 +500,9 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         metavar="K",
-        help="run only cell K (0-based; a Slurm array task: --cell $SLURM_ARRAY_TASK_ID)",
+        help="run only cell K (0-based, as --list numbers them; a Slurm array task: --cell "
+        "$SLURM_ARRAY_TASK_ID); its progress lines count it within the whole suite, from 1: "
+        "[K+1/N]",
     )
     p.add_argument("--count", action="store_true", help="print the number of cells and exit")
     p.add_argument("--list", action="store_true", help="print the cells, numbered, and exit")

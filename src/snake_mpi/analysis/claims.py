@@ -572,3 +572,23 @@ def format_claims(items: Sequence[Claim]) -> str:
     lines = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
     lines += ["| " + " | ".join(row) + " |" for row in claim_rows(items)]
     return "\n".join(lines)
+
+
+def format_claims_text(items: Sequence[Claim]) -> str:
+    """The claims table for a terminal: a heading line per run (pair) with its files, then its
+    claims in columns aligned across the whole table (no Markdown pipes)."""
+    rows = claim_rows(items)
+    run, files = HEAD.index("run"), HEAD.index("files")
+    cols = [c for c in range(len(HEAD)) if c not in (run, files)]
+    widths = {c: max(len(HEAD[c]), *(len(r[c]) for r in rows)) for c in cols}
+
+    def line(cells: Sequence[str]) -> str:
+        return "  " + "  ".join(f"{cells[c]:<{widths[c]}}" for c in cols).rstrip()
+
+    out: list[str] = [line(HEAD)]
+    for name in dict.fromkeys(r[run] for r in rows):
+        mine = [r for r in rows if r[run] == name]
+        used = dict.fromkeys(f.strip() for r in mine for f in r[files].split(","))
+        out.append(f"{name}  (files: {', '.join(used)})")
+        out += [line(r) for r in mine]
+    return "\n".join(out)

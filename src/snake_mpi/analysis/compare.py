@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from snake_mpi.analysis.runs import (
+    TARGET_FRACTION,
     WorkloadMismatch,
     check_same_workload,
     default_target,
@@ -20,6 +21,7 @@ from snake_mpi.analysis.runs import (
     row_of,
     scan,
     settings_differences,
+    target_text,
 )
 
 SETTINGS_NOTE = (
@@ -48,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--target",
         type=float,
         default=None,
-        help="accuracy to reach (default: 90 %% of the best accuracy among the runs)",
+        help=f"accuracy to reach (default: {TARGET_FRACTION * 100:g} %% of the best accuracy "
+        "among the runs)",
     )
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.add_argument("--out", default=None, help="also write the Markdown table to this file")
@@ -62,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="write accuracy against rounds, bytes and time as PNG into DIR",
     )
     args = p.parse_args(argv)
-    from snake_mpi.analysis.claims import format_claims, paper_claims
+    from snake_mpi.analysis.claims import format_claims, format_claims_text, paper_claims
 
     results, skipped = scan(args.results)
     for path, why in skipped:
@@ -79,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     target = args.target if args.target is not None else default_target(results)
     rows = [row_of(r, target) for r in results]
     md = format_markdown(rows)
-    print(f"{len(rows)} run(s); target accuracy {target:.4f}")
+    where = target_text(results, args.target)
+    print(f"{len(rows)} run(s); {where}")
     print(md if args.markdown else format_text(rows))
     differ = settings_differences(results, [r.label for r in rows])
     note = "\n".join([SETTINGS_NOTE, *(f"  {d}" for d in differ)]) if differ else ""
@@ -89,9 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     claim_md = format_claims(found) if found else ""
     if found:
         print(f"\n{CLAIMS_HEADING}")
-        print(claim_md)
+        print(claim_md if args.markdown else format_claims_text(found))
     if args.out:
-        text = f"Target accuracy {target:.4f}.\n\n{md}\n"
+        text = f"{where[0].upper()}{where[1:]}.\n\n{md}\n"
         if note:
             text += f"\n{note}\n"
         if found:

@@ -3,8 +3,10 @@
 A row is ``(file, per-run columns from the config, source, round, rank, metric, value)``:
 every ``/rounds`` figure of every round and rank, every ``/eval`` figure (rank = the rank that
 evaluated), and the numeric per-rank whole-run figures of ``/ranks`` and ``/final_sync`` (round
-= ``RUN_ROUND``). ``COLUMNS`` is the header; docs/results-schema.md ("Long-format export") says
-what each column means. ``rows`` yields the rows of many files (reading one file at a time),
+= ``RUN_ROUND``). Rounds are numbered from 1, as ``snake-mpi show``, the progress lines and the
+report's figures number them (the file's ``/eval/round`` stores the 0-based row index).
+``COLUMNS`` is the header; docs/results-schema.md ("Long-format export") says what each column
+means. ``rows`` yields the rows of many files (reading one file at a time),
 ``write_csv`` needs only the standard library, ``write_parquet`` needs pyarrow and ``to_frame``
 pandas. ``snake-mpi export`` is ``main``.
 """
@@ -140,7 +142,7 @@ def result_rows(res: Result) -> Iterator[Row]:
     for r in range(res.n_rounds):
         for k in range(n):
             for metric, values in rounds.items():
-                yield (*run, "rounds", r, k, metric, values[r][k])
+                yield (*run, "rounds", r + 1, k, metric, values[r][k])
     ev = res.evaluation
     n_evals = min((len(v) for v in ev.values()), default=0)
     ev_round = ev["round"].tolist() if "round" in ev else list(range(n_evals))
@@ -148,7 +150,7 @@ def result_rows(res: Result) -> Iterator[Row]:
     ev_metrics = _per_row({k: v for k, v in ev.items() if k not in ("round", "rank")})
     for i in range(n_evals):
         for metric, values in ev_metrics.items():
-            yield (*run, "eval", int(ev_round[i]), int(ev_rank[i]), metric, values[i])
+            yield (*run, "eval", int(ev_round[i]) + 1, int(ev_rank[i]), metric, values[i])
     ranks = _per_rank(res.tables.get("ranks", {}), n)
     sync = {
         m.name: res.arrays[p]

@@ -107,9 +107,14 @@ def _legend_below(
         labels, handles = list(found), list(found.values())
     if labels:
         ncol = min(len(labels), 4 if max(len(s) for s in labels) > 24 else 6)
-        fig.legend(
-            handles, labels, loc="outside lower center", ncol=ncol, fontsize=8, frameon=False
-        )
+        while True:  # as many columns as fit the figure's width: no entry cut at its edges
+            legend = fig.legend(
+                handles, labels, loc="outside lower center", ncol=ncol, fontsize=8, frameon=False
+            )
+            if ncol == 1 or legend.get_window_extent().width <= 0.98 * fig.bbox.width:
+                break
+            legend.remove()
+            ncol -= 1
 
 
 def _integer_ticks(ax: Axes, axis: str = "x") -> None:
@@ -274,26 +279,46 @@ def _span(values: Sequence[float]) -> str:
     return f"{lo} MiB" if lo == hi else f"{lo}–{hi} MiB"
 
 
-def fig_time_split(results: Sequence[Result], path: Path) -> None:
+TIME_PARTS = {
+    "compute_s": "compute (local training)",
+    "send_s": "send (time inside sends)",
+    "wait_s": "wait (for a peer's message to start)",
+    "gather_s": (
+        "gather (the end-of-round gather of figures to rank 0, waiting there for the slowest "
+        "rank: Snake P2P's rank 0 waits here while the others train)"
+    ),
+    "checkpoint_s": "checkpoint (writing it)",
+}
+"""``/rounds`` time fields that ``fig_time_split`` stacks, and their caption words."""
+OTHER_TIME = "other (eval, recv, ...)"
+
+
+def fig_time_split(results: Sequence[Result], path: Path) -> str:
     """Per run, per rank: mean seconds per round in compute, send, wait, the round-end gather
-    (waiting for the slowest rank), checkpoints and the rest."""
+    (waiting for the slowest rank), checkpoints and the rest. Parts that are 0 in every run are
+    not drawn. Returns the caption, which names every part drawn, in the legend's order."""
     n = len(results)
     cols = min(3, n)
     rows = math.ceil(n / cols)
     fig, axes = _figure(cols, rows, width=4.2 * cols, height=3.0 * rows + 0.6)
-    parts = ["compute_s", "send_s", "wait_s", "gather_s", "checkpoint_s"]
+    parts = list(TIME_PARTS)
+    drawn = [  # absent from files from before gather_s (checkpoint_s) was recorded
+        key
+        for key in parts
+        if any(key in res.rounds and np.any(res.rounds[key] > 0) for res in results)
+    ]
     for ax, res in zip(axes.flat, results, strict=False):
         r = res.rounds
         ranks = np.arange(res.world_size)
         bottom = np.zeros(res.world_size)
-        for i, key in enumerate(parts):
-            if key not in r:  # files from before gather_s (checkpoint_s) was recorded
+        for key in drawn:
+            if key not in r:
                 continue
             v = r[key].mean(axis=0)
-            ax.bar(ranks, v, bottom=bottom, label=key[:-2], color=f"C{i}")
+            ax.bar(ranks, v, bottom=bottom, label=key[:-2], color=f"C{parts.index(key)}")
             bottom += v
         other = np.maximum(r["round_s"].mean(axis=0) - bottom, 0)
-        ax.bar(ranks, other, bottom=bottom, label="other (eval, recv, ...)", color="lightgrey")
+        ax.bar(ranks, other, bottom=bottom, label=OTHER_TIME, color="lightgrey")
         ax.set_title(run_name(res), fontsize=9)
         ax.set_xlabel("rank")
         ax.set_ylabel("seconds per round")
@@ -302,6 +327,12 @@ def fig_time_split(results: Sequence[Result], path: Path) -> None:
         ax.axis("off")
     _legend_below(fig)
     _save(fig, path)
+    named = [TIME_PARTS[k] for k in drawn]
+    return (
+        "Time per round per rank (mean over rounds), stacked from the bottom: "
+        + "; ".join(named)
+        + "; and in grey other (evaluation, receiving, the rest of round_s)."
+    )
 
 
 def fig_metric(results: Sequence[Result], path: Path) -> str:
@@ -344,7 +375,13 @@ def fig_metric(results: Sequence[Result], path: Path) -> str:
         from matplotlib.ticker import NullFormatter
 
         axes[2].set_xscale("log")
-        axes[2].xaxis.set_minor_formatter(NullFormatter())
+        lo, hi = floor if min(cum) <= 0 else min(v for v in cum if v > 0), max(cum)
+        if math.floor(math.log10(hi)) > math.floor(math.log10(lo)) or math.log10(lo) % 1 == 0:
+            axes[2].xaxis.set_minor_formatter(NullFormatter())  # a power of 10 is labelled
+        else:  # no power of 10 in range, so no major tick: label the minor ones
+            from matplotlib.ticker import FuncFormatter
+
+            axes[2].xaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: f"{v:.3g}"))
         axes[2].set_xlabel("cumulative bytes sent (MiB, log)")
         if any(v <= 0 for v in cum):
             axes[2].axvline(floor, color="grey", ls=":", lw=1)

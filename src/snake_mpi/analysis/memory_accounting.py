@@ -44,6 +44,9 @@ class PaperMemory(TypedDict):
 PAPER: PaperMemory = {"full_gb": 19.37, "snake_node_gb": 3.13, "model": "OPT-1.3B"}
 """The paper's memory figures for fine-tuning OPT-1.3B (GB as printed; they equal GiB of
 1.3e9 x 16 bytes and about 210 M x 16 bytes)."""
+PAPER_PARAMS = 1.3e9
+"""The parameter count the paper's full fine-tuning figure is of: OPT-1.3B's name, not its exact
+count (``19.37 = 16 x 1.3e9 / 2**30``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +198,11 @@ def format_table(
     lines.append(
         f"paper ({PAPER['model']}): {PAPER['full_gb']} GB full fine-tuning, "
         f"{PAPER['snake_node_gb']} GB per Snake node (ratio {ratio:.1f}x)"
+    )
+    lines.append(
+        f"  (its {PAPER['full_gb']} GB is 16 bytes x {PAPER_PARAMS / 1e9:g} x 10^9 parameters,"
+        f" in GiB: {16 * PAPER_PARAMS / GIB:.2f}; the paper column above is 16 bytes x this"
+        f" model's exact count, {counts.total:,}: {16 * counts.total / GIB:.2f} GiB)"
     )
     full = rows[0].paper_bytes
     for r in rows[1:]:

@@ -44,7 +44,16 @@ from snake_mpi.analysis.figures import (
     turn_accuracy_of,
 )
 from snake_mpi.analysis.render import Doc
-from snake_mpi.analysis.runs import Row, cells, default_target, label, row_of, scan, workload
+from snake_mpi.analysis.runs import (
+    TARGET_FRACTION,
+    Row,
+    cells,
+    default_target,
+    label,
+    row_of,
+    scan,
+    workload,
+)
 from snake_mpi.analysis.summary import _device, _hosts
 from snake_mpi.config import RunConfig
 from snake_mpi.provenance import parse_cpu_ranges
@@ -284,7 +293,8 @@ def workload_section(doc: Doc, gi: int, runs: list[Result], figs: Path) -> list[
     names = [run_name(r) for r in runs]
     provenance_section(doc, names, runs)
     doc.p(
-        f"Comparison (target accuracy {target:.4f}: 90 % of the best run's), in three "
+        f"Comparison (target accuracy {target:.4f}: {TARGET_FRACTION * 100:g} % of the best "
+        "run's), in three "
         "tables: bytes, memory and time, accuracy. Runs are named scheme, N ranks, seed."
     )
     for what, head, body in comparison_tables(names, *cells(rows)):
@@ -299,11 +309,8 @@ def workload_section(doc: Doc, gi: int, runs: list[Result], figs: Path) -> list[
     )
     caption = fig_memory(runs, rows, names, figs / f"{prefix}_memory.png")
     doc.img(f"figures/{prefix}_memory.png", caption)
-    fig_time_split(runs, figs / f"{prefix}_time.png")
-    doc.img(
-        f"figures/{prefix}_time.png",
-        "Time per round per rank: compute, send, wait for a peer, and the rest.",
-    )
+    caption = fig_time_split(runs, figs / f"{prefix}_time.png")
+    doc.img(f"figures/{prefix}_time.png", caption)
     metric = fig_metric(runs, figs / f"{prefix}_{'ppl' if is_lm(runs[0]) else 'acc'}.png")
     doc.img(
         f"figures/{prefix}_{'ppl' if is_lm(runs[0]) else 'acc'}.png",

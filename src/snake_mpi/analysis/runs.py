@@ -254,14 +254,39 @@ def settings_differences(results: Sequence[Result], labels: Sequence[str]) -> li
     return numerics.run_differences(runs)
 
 
-def default_target(results: Sequence[Result]) -> float:
-    """90 % of the best accuracy any of the runs reached."""
+TARGET_FRACTION = 0.9
+"""The default target accuracy is this fraction of the best accuracy any of the runs reached."""
+
+
+def best_accuracy(results: Sequence[Result]) -> float | None:
+    """The best accuracy any of the runs reached; None where none was evaluated."""
     best = [
         float(r.evaluation["accuracy"].max())
         for r in results
         if r.evaluation.get("accuracy") is not None and r.evaluation["accuracy"].size
     ]
-    return 0.9 * max(best) if best else 1.0
+    return max(best) if best else None
+
+
+def default_target(results: Sequence[Result]) -> float:
+    """``TARGET_FRACTION`` (90 %) of the best accuracy any of the runs reached (1.0 if none)."""
+    best = best_accuracy(results)
+    return TARGET_FRACTION * best if best is not None else 1.0
+
+
+def target_text(results: Sequence[Result], target: float | None) -> str:
+    """Where the target accuracy comes from, e.g. "target accuracy 0.7242 (90 % of the best
+    run's accuracy, 0.8047)"; ``target``: the one given with ``--target``, None for the
+    default."""
+    if target is not None:
+        return f"target accuracy {target:.4f} (--target)"
+    best = best_accuracy(results)
+    if best is None:
+        return f"target accuracy {default_target(results):.4f} (no run has an evaluation)"
+    return (
+        f"target accuracy {default_target(results):.4f} ({TARGET_FRACTION * 100:g} % of the "
+        f"best run's accuracy, {best:.4f})"
+    )
 
 
 COLUMNS = [

@@ -61,6 +61,8 @@ def _header(r: Result) -> str:
             " (in use by a running job: HDF5 file lock held; read without the lock, so the"
             " round being written may be missing)"
         )
+    elif status == "running":  # stored while writing: is its writer still there?
+        status = _writer_state(r)
     elif status != "complete":
         status += " (incomplete: the run did not finish)"
     items: list[tuple[str, str]] = [
@@ -98,6 +100,33 @@ def _header(r: Result) -> str:
         items.append(("created", str(prov["created_utc"])))
     width = max(len(k) for k, _ in items)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in items)
+
+
+def _writer_state(r: Result) -> str:
+    """The status of a file that says "running" and no job holds locked for HDF5, from the
+    run's output lock ``OUT.lock`` (host, pid: ``outlock``), which rank 0 holds from start to
+    end: a live holder is a run still writing; none, or a dead one, is a run that stopped."""
+    from snake_mpi.outlock import Holder, lock_path, read_holder, stale_reason
+
+    lock = lock_path(str(r.path).removesuffix(".partial"))
+    holder = read_holder(lock)
+    if holder is None:
+        why = f"no {lock.name} is held"
+    else:
+        me = Holder.me()
+        gone = stale_reason(holder, me)
+        if gone is None and holder.host == me.host:
+            return f"running (its run holds {lock.name}: {holder.describe()})"
+        if gone is None:
+            return (
+                f"incomplete: running or stopped ({lock.name} names {holder.describe()}, on "
+                "another host: whether that run still writes cannot be told from here)"
+            )
+        why = f"{lock.name} is left over: {gone}"
+    return (
+        f"stopped, incomplete (the run that wrote it ended before finishing: {why}; the file"
+        " still says 'running')"
+    )
 
 
 def _device(r: Result) -> str:
