@@ -771,31 +771,6 @@ def _check_rank_count(scheme: str, least: int, most: int | None, world_size: int
         raise ConfigError(f"scheme {scheme!r} runs on at most {most} MPI ranks, got {world_size}")
 
 
-def check_snake_world(c: RunConfig, world_size: int, holders: int) -> None:
-    """Snake's world-size checks: a middle block per node, a capability per node."""
-    mids = n_middle_blocks(c)
-    if mids < holders:
-        what = "decoder layers" if c.model.family == "lm" else "model.middle_blocks"
-        raise ConfigError(
-            f"{what} = {mids} is fewer than the {holders} "
-            f"nodes: every node needs at least one middle block to train"
-        )
-    if c.snake.capabilities and len(c.snake.capabilities) != holders:
-        raise ConfigError(
-            f"snake.capabilities has {len(c.snake.capabilities)} entries but there are "
-            f"{holders} nodes"
-        )
-
-
-def check_fedavg_world(c: RunConfig, world_size: int, holders: int) -> None:
-    """FedAvg's world-size check: no more clients per round than clients."""
-    if c.fedavg.clients_per_round > holders:
-        raise ConfigError(
-            f"fedavg.clients_per_round = {c.fedavg.clients_per_round} but there are only "
-            f"{holders} clients (ranks 1..{world_size - 1})"
-        )
-
-
 def check_output(out: str | os.PathLike[str], *, overwrite: bool) -> Path:
     """The result path must be new (or --overwrite) and its directory writable."""
     p = Path(out)

@@ -9,10 +9,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from snake_mpi.transport.wire import CommStats, header_nbytes
+
+
+def result_block_bytes(res: Any) -> list[int]:
+    """Bytes of each block of a finished run (``/blocks/bytes`` of a ``store.Result``)."""
+    return [int(b) for b in res.tables["blocks"]["bytes"]]
 
 
 def _hop_bytes(block_bytes: Sequence[int], ids: set[int]) -> int:
