@@ -29,4 +29,5 @@ SPEC = SchemeSpec(
     expected_bytes=expected_bytes,
     min_ranks=1,
     max_ranks=1,
+    checkpoint_blocks="snake_mpi.analysis.analytic:centralised_checkpoint_blocks",
 )

@@ -61,4 +61,5 @@ SPEC = SchemeSpec(
     check_world=check_world,
     tags=tags,
     sections=("fedavg",),
+    checkpoint_blocks="snake_mpi.analysis.analytic:fedavg_checkpoint_blocks",
 )

@@ -90,6 +90,10 @@ class SchemeSpec:
     """Result columns (``"table/column"``) that comparing its runs needs beyond every run's."""
     judged: bool = False
     """The paper's claims judge its runs against FedAvg's (and full fine-tuning's)."""
+    checkpoint_blocks: Ref | None = None
+    """``f(n_blocks, rounds_done, *, world_size, plan, mode, keep, schedule) -> list[set]``:
+    the blocks each rank's checkpoint file holds after ``rounds_done >= 1`` rounds
+    (``analysis.analytic.checkpoint_blocks``); None: no analytic model."""
 
     def is_client_server(self, cfg: RunConfig) -> bool:
         """True where rank 0 holds no training data under ``cfg``."""

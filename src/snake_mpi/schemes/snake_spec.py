@@ -110,4 +110,5 @@ SPEC = SchemeSpec(
     result_attrs=result_attrs,
     needs=("blocks/params",),
     judged=True,
+    checkpoint_blocks="snake_mpi.analysis.analytic:snake_checkpoint_blocks",
 )
