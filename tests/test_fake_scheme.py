@@ -18,6 +18,8 @@ from snake_mpi.schemes import registry
 from snake_mpi.store import read_result
 from snake_mpi.transport.localcomm import ThreadWorld
 
+pytestmark = pytest.mark.xdist_group("fake_scheme")  # one worker: its two runs made once
+
 SMALL = REPO / "tests" / "configs" / "small.toml"
 RUNS = {"relay.h5": (3, 'scheme="relay"'), "fedavg.h5": (4, 'scheme="fedavg"')}
 """The fake scheme on 3 ranks (3 data holders) and its FedAvg partner with as many clients."""
