@@ -12,9 +12,10 @@ import pytest
 from conftest import REPO
 from snake_mpi.analysis import compare, export, runs
 from snake_mpi.analysis.claims import paper_claims
-from snake_mpi.config import ConfigError, load_config, validate_for_world
+from snake_mpi.config import ConfigError
 from snake_mpi.run import execute
 from snake_mpi.schemes import registry
+from snake_mpi.schemes.rules import checked_config, validate_for_world
 from snake_mpi.store import read_result
 from snake_mpi.transport.localcomm import ThreadWorld
 
@@ -37,13 +38,13 @@ def relay():
 def results_dir(relay, tmp_path_factory):
     d = tmp_path_factory.mktemp("relay")
     for name, (n, scheme) in RUNS.items():
-        cfg = load_config(SMALL, ["probes.enabled=false", "train.rounds=4", scheme])
+        cfg = checked_config(SMALL, ["probes.enabled=false", "train.rounds=4", scheme])
         ThreadWorld(n).run(lambda c, cfg=cfg, name=name: execute(cfg, c, d / name), deadline_s=120)
     return d
 
 
 def test_the_config_takes_the_fake_scheme_and_its_world_check(relay):
-    cfg = load_config(SMALL, ['scheme="relay"'])
+    cfg = checked_config(SMALL, ['scheme="relay"'])
     validate_for_world(cfg, 3)
     with pytest.raises(ConfigError, match="relay: at most 8 ranks"):
         validate_for_world(cfg, 9)

@@ -16,15 +16,7 @@ import pytest
 from conftest import REPO
 from snake_mpi import config as config_module
 from snake_mpi.analysis.expected import expected_bytes
-from snake_mpi.config import (
-    ConfigError,
-    data_ranks,
-    from_dict,
-    is_client_server,
-    load_config,
-    to_toml,
-    validate_for_world,
-)
+from snake_mpi.config import ConfigError, from_dict, load_config, to_toml
 from snake_mpi.schemes import (
     REGISTRY,
     SCHEMES,
@@ -35,6 +27,7 @@ from snake_mpi.schemes import (
     scheme_spec,
     unregister,
 )
+from snake_mpi.schemes.rules import check, data_ranks, is_client_server, validate_for_world
 
 BUILT_IN = ("snake", "fedavg", "split", "splitfed", "centralised")
 SMALL = REPO / "tests" / "configs" / "small.toml"
@@ -84,9 +77,9 @@ def test_the_registry_is_one_line_per_scheme_and_its_modules_import_no_torch():
     assert not hasattr(config_module, "check_snake_world")
     assert not hasattr(config_module, "check_fedavg_world")
     code = (
-        "import sys; from snake_mpi.config import load_config, validate_for_world\n"
+        "import sys; from snake_mpi.schemes.rules import checked_config, validate_for_world\n"
         "for name in ('snake', 'fedavg', 'split', 'splitfed'):\n"
-        "    validate_for_world(load_config(None, [f'scheme=\"{name}\"']), 4)\n"
+        "    validate_for_world(checked_config(None, [f'scheme=\"{name}\"']), 4)\n"
         "sys.exit('torch' in sys.modules)"
     )
     src = str(REPO / "src")
@@ -163,13 +156,13 @@ def test_a_registered_scheme_is_accepted_by_the_config(toy):
         "data": {"name": "text"},
     }
     with pytest.raises(ConfigError, match="'toy' does not support language models"):
-        from_dict(lm)
+        check(from_dict(lm))
 
 
 def test_an_unregistered_scheme_is_refused_again(toy):
     unregister("toy")
     with pytest.raises(ConfigError, match="unknown scheme 'toy'"):
-        from_dict({"scheme": "toy"})
+        check(from_dict({"scheme": "toy"}))
     register(toy)  # the fixture removes it
 
 

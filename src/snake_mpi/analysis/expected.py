@@ -8,25 +8,63 @@ import numpy as np
 
 from snake_mpi.analysis import analytic
 from snake_mpi.config import RunConfig, stored_config
-from snake_mpi.schemes import snake_spec
+from snake_mpi.schemes import snake_spec, split_spec
 from snake_mpi.schemes.registry import scheme_spec
+from snake_mpi.schemes.rules import check
 from snake_mpi.store import Result
 
 
 def run_config(res: Result) -> RunConfig:
-    """The resolved config stored in the result."""
-    return stored_config(res.config_toml)
+    """The resolved config stored in the result (checked as a run's is: ``schemes.rules``)."""
+    return check(stored_config(res.config_toml))
 
 
 def expected_bytes(res: Result) -> tuple[np.ndarray, np.ndarray]:
     """(sent, received) model-transfer bytes per round per rank, shape (n_rounds, world_size),
-    that the run's scheme must have moved: its ``SchemeSpec.expected_bytes`` (built in: by the
-    formulas of ``snake_mpi.analysis.analytic``)."""
+    that the run's scheme must have moved: its ``SchemeSpec.expected_bytes`` (built in: the
+    functions below, by the formulas of ``snake_mpi.analysis.analytic``)."""
     cfg = run_config(res)
     formula = scheme_spec(cfg.scheme).expected_bytes_function()
     if formula is None:
         raise ValueError(f"no analytic model for scheme {cfg.scheme!r}")
     return formula(cfg, res)
+
+
+def snake_bytes(cfg: RunConfig, res: Result) -> tuple[np.ndarray, np.ndarray]:
+    """Snake (P2P or CS): the hops of the rebuilt plan (``snake_spec.plan_of``); with
+    ``snake.keep = "own"`` hops also carry what the receiver freed."""
+    plan, block_bytes = snake_spec.plan_of(cfg, res), analytic.result_block_bytes(res)
+    rounds, transfer, keep = res.n_rounds, cfg.snake.transfer, cfg.snake.keep
+    if cfg.snake.mode == "cs":
+        return (
+            analytic.snake_cs_bytes_sent(plan, block_bytes, rounds, transfer, keep=keep),
+            analytic.snake_cs_bytes_received(plan, block_bytes, rounds, transfer, keep=keep),
+        )
+    return (
+        analytic.snake_p2p_bytes_sent(plan, block_bytes, rounds, transfer, keep=keep),
+        analytic.snake_p2p_bytes_received(plan, block_bytes, rounds, transfer, keep=keep),
+    )
+
+
+def fedavg_bytes(cfg: RunConfig, res: Result) -> tuple[np.ndarray, np.ndarray]:
+    """FedAvg: the whole model to each sampled client and back (the seeded schedule)."""
+    from snake_mpi.schemes.fedavg import sampled_clients
+
+    n = res.world_size
+    seed = int(res.provenance.get("seed_sampling", cfg.seed))
+    schedule = sampled_clients(seed, n - 1, cfg.fedavg.clients_per_round, res.n_rounds)
+    sent = analytic.fedavg_bytes_sent(analytic.result_block_bytes(res), schedule, n)
+    return sent, sent.copy()
+
+
+def split_bytes(cfg: RunConfig, res: Result) -> tuple[np.ndarray, np.ndarray]:
+    """Split learning: cut activations and gradients per batch, client blocks relayed."""
+    return analytic.split_bytes(*split_spec.split_inputs(cfg, res))
+
+
+def splitfed_bytes(cfg: RunConfig, res: Result) -> tuple[np.ndarray, np.ndarray]:
+    """SplitFed: as split learning, every client at once, client blocks averaged."""
+    return analytic.splitfed_bytes(*split_spec.split_inputs(cfg, res))
 
 
 def _snake_storage(res: Result) -> tuple[RunConfig, list[list[int]], list[int]]:

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
-from snake_mpi.config import ConfigError, RunConfig, load_config, stored_config
+from snake_mpi.config import ConfigError, RunConfig, stored_config
 from snake_mpi.schemes.registry import scheme_spec
+from snake_mpi.schemes.rules import checked_config
 
 if TYPE_CHECKING:
     from snake_mpi.store import Result
@@ -370,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = checked_config(args.config, args.set)
         nodes = [int(x) for x in args.nodes.split(",") if x.strip()]
         if not nodes or min(nodes) < 1:
             raise ConfigError(f"--nodes must be positive integers, got {args.nodes!r}")

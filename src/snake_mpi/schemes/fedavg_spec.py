@@ -1,5 +1,5 @@
 """Federated averaging's declaration (``SPEC``): its world check, its tags, its analytic byte
-count. Light (no torch): the round loop is ``snake_mpi.schemes.fedavg``."""
+count (by dotted path). Light (no torch): the round loop is ``snake_mpi.schemes.fedavg``."""
 
 from __future__ import annotations
 
@@ -8,10 +8,7 @@ from typing import TYPE_CHECKING
 from snake_mpi.schemes.registry import SchemeSpec
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from snake_mpi.config import RunConfig
-    from snake_mpi.store import Result
 
 
 def check_world(c: RunConfig, world_size: int, holders: int) -> None:
@@ -39,25 +36,13 @@ def tags(cfg: RunConfig) -> list[str]:
     return out
 
 
-def expected_bytes(cfg: RunConfig, res: Result) -> tuple[np.ndarray, np.ndarray]:
-    """FedAvg: the whole model to each sampled client and back (the seeded schedule)."""
-    from snake_mpi.analysis import analytic
-    from snake_mpi.schemes.fedavg import sampled_clients
-
-    n = res.world_size
-    seed = int(res.provenance.get("seed_sampling", cfg.seed))
-    schedule = sampled_clients(seed, n - 1, cfg.fedavg.clients_per_round, res.n_rounds)
-    sent = analytic.fedavg_bytes_sent(analytic.result_block_bytes(res), schedule, n)
-    return sent, sent.copy()
-
-
 SPEC = SchemeSpec(
     name="fedavg",
     run="snake_mpi.schemes.fedavg:run",
     whole_model_turns=True,
     client_server=True,
     supports_lm=True,
-    expected_bytes=expected_bytes,
+    expected_bytes="snake_mpi.analysis.expected:fedavg_bytes",
     check_world=check_world,
     tags=tags,
     sections=("fedavg",),

@@ -1,5 +1,6 @@
-"""Snake Learning's declaration (``SPEC``): its world checks, its label and tags, its analytic
-byte count. Light (no torch): the round loop is ``snake_mpi.schemes.snake``."""
+"""Snake Learning's declaration (``SPEC``): its world checks, its label and tags, the plan its
+analytic byte count rebuilds. Light (no torch): the round loop is ``snake_mpi.schemes.snake``;
+the analytic formulas are ``snake_mpi.analysis.analytic``'s (named by dotted path)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,14 @@ from typing import TYPE_CHECKING
 from snake_mpi.schemes.registry import SchemeSpec
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from snake_mpi.config import RunConfig
     from snake_mpi.store import Result
 
 
 def check_world(c: RunConfig, world_size: int, holders: int) -> None:
     """Snake's world-size checks: a middle block per node, a capability per node."""
-    from snake_mpi.config import ConfigError, n_middle_blocks
+    from snake_mpi.config import ConfigError
+    from snake_mpi.schemes.rules import n_middle_blocks
 
     mids = n_middle_blocks(c)
     if mids < holders:
@@ -77,31 +77,13 @@ def plan_of(cfg: RunConfig, res: Result) -> list[list[int]]:
     return plan_from_params(params, cfg.snake, len(nodes), costs=costs, capabilities=caps)
 
 
-def expected_bytes(cfg: RunConfig, res: Result) -> tuple[np.ndarray, np.ndarray]:
-    """Snake (P2P or CS): the hops of the rebuilt plan; with ``snake.keep = "own"`` hops also
-    carry what the receiver freed."""
-    from snake_mpi.analysis import analytic
-
-    plan, block_bytes = plan_of(cfg, res), analytic.result_block_bytes(res)
-    rounds, transfer, keep = res.n_rounds, cfg.snake.transfer, cfg.snake.keep
-    if cfg.snake.mode == "cs":
-        return (
-            analytic.snake_cs_bytes_sent(plan, block_bytes, rounds, transfer, keep=keep),
-            analytic.snake_cs_bytes_received(plan, block_bytes, rounds, transfer, keep=keep),
-        )
-    return (
-        analytic.snake_p2p_bytes_sent(plan, block_bytes, rounds, transfer, keep=keep),
-        analytic.snake_p2p_bytes_received(plan, block_bytes, rounds, transfer, keep=keep),
-    )
-
-
 SPEC = SchemeSpec(
     name="snake",
     run="snake_mpi.schemes.snake:run",
     whole_model_turns=True,
     client_server=lambda cfg: cfg.snake.mode == "cs",
     supports_lm=True,
-    expected_bytes=expected_bytes,
+    expected_bytes="snake_mpi.analysis.expected:snake_bytes",
     data_role="nodes",
     check_world=check_world,
     label=label,

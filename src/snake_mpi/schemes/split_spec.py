@@ -1,16 +1,14 @@
-"""Sequential split learning's declaration (``SPEC``) and its analytic byte count. Light (no
-torch): the round loop is ``snake_mpi.schemes.split``."""
+"""Sequential split learning's declaration (``SPEC``) and what its analytic byte count reads
+from a result. Light (no torch): the round loop is ``snake_mpi.schemes.split``; the formula is
+``snake_mpi.analysis.analytic``'s (named by dotted path)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from snake_mpi.schemes.registry import SchemeSpec
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from snake_mpi.config import RunConfig
     from snake_mpi.store import Result
 
@@ -26,26 +24,16 @@ def activation_bytes_per_sample_of(cfg: RunConfig) -> int:
     return activation_bytes_per_sample(cut_shape(model, cfg.split.cut, cfg.data.sample_shape))
 
 
-def split_formula(
-    formula: Callable[..., tuple[np.ndarray, np.ndarray]], cfg: RunConfig, res: Result
-) -> tuple[np.ndarray, np.ndarray]:
-    """``formula`` (``analytic.split_bytes`` or ``splitfed_bytes``) of the run's client
-    blocks, batches and cut activation size."""
-    from snake_mpi.analysis import analytic
+def split_inputs(cfg: RunConfig, res: Result) -> tuple[list[int], list[list[int]], int, int]:
+    """The arguments of ``analytic.split_bytes`` / ``splitfed_bytes`` for a finished run: the
+    client blocks' bytes, each rank's batch sizes per turn, the cut activation bytes per
+    sample, the rounds."""
     from snake_mpi.train import turn_batch_sizes
 
     samples = [int(s) for s in res.tables["ranks"]["data_samples"]]
     batches = [turn_batch_sizes(s, cfg.train) for s in samples]
-    act = activation_bytes_per_sample_of(cfg)
-    client_blocks = analytic.result_block_bytes(res)[: cfg.split.cut]
-    return formula(client_blocks, batches, act, res.n_rounds)
-
-
-def expected_bytes(cfg: RunConfig, res: Result) -> tuple[np.ndarray, np.ndarray]:
-    """Split learning: cut activations and gradients per batch, client blocks relayed."""
-    from snake_mpi.analysis import analytic
-
-    return split_formula(analytic.split_bytes, cfg, res)
+    client_blocks = [int(b) for b in res.tables["blocks"]["bytes"]][: cfg.split.cut]
+    return client_blocks, batches, activation_bytes_per_sample_of(cfg), res.n_rounds
 
 
 SPEC = SchemeSpec(
@@ -53,6 +41,6 @@ SPEC = SchemeSpec(
     run="snake_mpi.schemes.split:run",
     client_server=True,
     supports_lm=False,
-    expected_bytes=expected_bytes,
+    expected_bytes="snake_mpi.analysis.expected:split_bytes",
     sections=("split",),
 )
