@@ -30,7 +30,7 @@ while read -r name n overrides; do
       --out "$out/$name.$side.h5" --overwrite $overrides < /dev/null > "$out/$name.$side.log" 2>&1 ||
       { echo "$name ($side) failed: see $out/$name.$side.log"; status=1; continue 2; }
   done
-  "$py" bench/same_results.py "$out/$name.before.h5" "$out/$name.after.h5" "$@" < /dev/null || status=1
+  "$py" -m bench.same_results "$out/$name.before.h5" "$out/$name.after.h5" "$@" < /dev/null || status=1
 done <<'RUNS'
 snake_p2p 4 --set snake.mode="p2p"
 snake_cs 4 --set snake.mode="cs"

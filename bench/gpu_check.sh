@@ -4,9 +4,9 @@
 #   b. the demo on 4 ranks sharing the GPU, watched through NVML, then checked:
 #      status, bytes = analytic count, final accuracy, GPU fields finite, no stray contexts
 #   c. hop throughput from GPU memory per transfer path, and the probes' overhead on the GPU
-#      (bench/transfer.py --device cuda, 2 ranks: sampler + GPU probe on vs off)
-#   d. the OPT-1.3B memory benchmark      (bench/memory.py --device cuda --steps 2, bf16 runs)
-#   e. training-step throughput           (bench/train_step.py --device cuda)
+#      (python -m bench.transfer --device cuda, 2 ranks: sampler + GPU probe on vs off)
+#   d. the OPT-1.3B memory benchmark (python -m bench.memory_claim --device cuda --steps 2, bf16)
+#   e. training-step throughput           (python -m bench.train_step --device cuda)
 # The step limits add up to 480 s (45+80+30+100+180+45; a step that ignores TERM gets 10 s
 # more), so no hung step can push the check much past 8 minutes.
 #
@@ -177,11 +177,11 @@ elif [[ -z $SNAKE ]]; then
   skip demo-check "the demo did not run"
 else
   run_step demo "${T_DEMO:-80}" "$OUT/demo.log" \
-    "$PY" bench/gpu_demo_check.py --watch "$OUT/demo-nvml.json" -- \
+    "$PY" -m bench.gpu_demo_check --watch "$OUT/demo-nvml.json" -- \
     "$MPIRUN" -n 4 ${OVERSUB[@]+"${OVERSUB[@]}"} "$SNAKE" run bench/configs/demo.toml \
     --out "$OUT/demo-gpu.h5" --overwrite --set 'device="cuda"'
   run_step demo-check "${T_DEMO_CHECK:-30}" "$OUT/demo-check.log" \
-    "$PY" bench/gpu_demo_check.py "$OUT/demo-gpu.h5" --nvml-log "$OUT/demo-nvml.json"
+    "$PY" -m bench.gpu_demo_check "$OUT/demo-gpu.h5" --nvml-log "$OUT/demo-nvml.json"
 fi
 
 # c. hop throughput from GPU memory
@@ -191,17 +191,17 @@ elif [[ -z $MPIRUN ]]; then
   skip transfer "$NO_MPI"
 else
   run_step transfer "${T_TRANSFER:-100}" "$OUT/transfer.txt" \
-    "$MPIRUN" -n 2 ${OVERSUB[@]+"${OVERSUB[@]}"} "$PY" bench/transfer.py --device cuda --max-mib 256 \
+    "$MPIRUN" -n 2 ${OVERSUB[@]+"${OVERSUB[@]}"} "$PY" -m bench.transfer --device cuda --max-mib 256 \
     --trials 3 --probe-pairs 2
 fi
 
 # d. OPT-1.3B memory on the GPU, bf16 weights (fp32 master and AdamW state): full fine-tuning
-#    against a Snake node of the paper's share (the fp32 full run: bench/memory.py alone)
+#    against a Snake node of the paper's share (the fp32 full run: bench/memory_claim.py alone)
 if ((N_GPU == 0)); then
   skip memory "$NO_GPU"
 else
   run_step memory "${T_MEMORY:-180}" "$OUT/memory.log" \
-    "$PY" bench/memory.py --device cuda --steps 2 --only opt-full-bf16,opt-snake-bf16-n6 \
+    "$PY" -m bench.memory_claim --device cuda --steps 2 --only opt-full-bf16,opt-snake-bf16-n6 \
     --out "$OUT/memory" --table "$OUT/memory.md"
   if [[ -z $MPIRUN && ${RESULTS[-1]} == ok ]]; then
     RESULTS[-1]="ok (the 6-rank Snake run skipped: $NO_MPI)"
@@ -214,7 +214,7 @@ if ((N_GPU == 0)); then
   skip train-step "$NO_GPU"
 else
   run_step train-step "${T_TRAIN_STEP:-45}" "$OUT/train-step.log" \
-    "$PY" bench/train_step.py --device cuda --out-table "$OUT/train_step.md"
+    "$PY" -m bench.train_step --device cuda --out-table "$OUT/train_step.md"
 fi
 
 FAILED=0

@@ -1,8 +1,8 @@
 """Checks of a GPU run's result file (the demo on ranks that share or own GPUs), and a watcher
 that records NVML's compute-process list while the run goes.
 
-    python bench/gpu_demo_check.py --watch OUT/demo-nvml.json -- mpirun -n 4 snake-mpi run ...
-    python bench/gpu_demo_check.py OUT/demo-gpu.h5 --nvml-log OUT/demo-nvml.json
+    python -m bench.gpu_demo_check --watch OUT/demo-nvml.json -- mpirun -n 4 snake-mpi run ...
+    python -m bench.gpu_demo_check OUT/demo-gpu.h5 --nvml-log OUT/demo-nvml.json
 
 Watch mode runs the command, and until it ends polls, every ``--interval-s``, each GPU's
 compute processes (pid, used bytes) from NVML and the command's process tree with each

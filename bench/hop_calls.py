@@ -15,7 +15,7 @@ The sender and the receiver use separate ``HopBuffers`` (as two ranks would), so
 not refused a plan whose receive is posted. The model: a tiny stem and head and one middle
 ``nn.Linear`` of ``--kib`` KiB.
 
-    python bench/hop_calls.py [--kib 64] [--hops 20000] [--csv calls.csv]
+    python -m bench.hop_calls [--kib 64] [--hops 20000] [--csv calls.csv]
 
 Prints one row per mode: microseconds per expect, send and receive call, and their sum.
 """
@@ -30,13 +30,13 @@ from types import SimpleNamespace
 import numpy as np
 from mpi4py import MPI
 
+from bench.transfer import e2e_ctx, expect_hop
 from snake_mpi.blocks import block_buffer
 from snake_mpi.device import PATH_HOST
 from snake_mpi.schemes.common import receive_blocks, send_blocks
 from snake_mpi.transport.comm import Comm
 from snake_mpi.transport.payloads import HopBuffers, host_view
 from snake_mpi.transport.wire import HEADER_FIXED, HEADER_MAX_BLOCKS, KIND_MODEL
-from transfer import e2e_ctx, expect_hop  # bench/transfer.py (the script's own directory)
 
 MODES = ("plans", "general", "lean")
 

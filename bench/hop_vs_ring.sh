@@ -55,7 +55,7 @@ for _ in 1 2 3; do
         | tee -a "$OUT/pingpong_written.txt"
 done
 echo "== the limit: the best of ring_bw token (with and without single copy), sendrecv and the pingpong per size =="
-python bench/limit.py "$OUT"
+python -m bench.limit "$OUT"
 echo "== snake_mpi hops against the limit: the comm layer, then model -> model (end to end) =="
-snake-mpi launch -n 2 -- python bench/transfer.py --skip-probes --trials 5 \
+snake-mpi launch -n 2 -- python -m bench.transfer --skip-probes --trials 5 \
     --limit-csv "$OUT/limit.csv" --csv "$OUT/transfer.csv" --e2e-csv "$OUT/e2e.csv"

@@ -30,11 +30,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("schemes", ("snake_mpi.schemes",)),
     (
         "transport, blocks, train, assign",
-        ("snake_mpi.transport", "snake_mpi.blocks", "snake_mpi.train", "snake_mpi.assign",
+        ("snake_mpi.transport", "snake_mpi.train", "snake_mpi.assign",
          "snake_mpi.context", "snake_mpi.checkpoint", "snake_mpi.record", "snake_mpi.probes",
          "snake_mpi.device"),
     ),
-    ("models, data", ("snake_mpi.models", "snake_mpi.data")),
+    ("models, blocks, data", ("snake_mpi.models", "snake_mpi.blocks", "snake_mpi.data")),
     ("config", ("snake_mpi.config",)),
     (
         "results and utilities",
@@ -45,7 +45,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 """The layers, top first: ``cli -> run -> schemes -> (transport, blocks, train, assign) ->
 models, data -> config`` (architecture.md), with analysis beside run (it reads results through
 store and schema, below everything), and the services a scheme is handed (its context,
-checkpoints, recorder, probes, device) beside transport. A module belongs to the layer of the
+checkpoints, recorder, probes, device) beside transport. ``blocks`` (the ``BlockModel`` every
+family builds, and its buffers; it imports only numpy and torch) sits with the models that
+subclass its contract. A module belongs to the layer of the
 longest prefix that names it or its package; importing a module of a higher layer is upward."""
 
 

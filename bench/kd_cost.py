@@ -5,8 +5,8 @@ two workloads — the demo CNN (bench/configs/demo.toml) and the narrow VGG-11
 logit adjustment, and the segment a middle node trains by default (``ends = "all"``: stem,
 its share of the middle blocks, head).
 
-    python bench/kd_cost.py                 # CPU, ~1 minute on 2 cores
-    python bench/kd_cost.py --device cuda
+    python -m bench.kd_cost                 # CPU, ~1 minute on 2 cores
+    python -m bench.kd_cost --device cuda
 
 A trial times one turn of ``--steps`` optimiser steps from the same weights and batch order;
 trials alternate which variant goes first and the best of ``--trials`` is kept. Memory: the
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [measure(name, device, args.steps, args.trials) for name in CONFIGS]
     head = (
         f"Distillation's cost per Snake turn ({args.device}, {torch.get_num_threads()} thread, "
-        f"best of {args.trials} interleaved trials; python bench/kd_cost.py):"
+        f"best of {args.trials} interleaved trials; python -m bench.kd_cost):"
     )
     table = format_table(rows, head)
     print(table)

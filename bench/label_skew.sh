@@ -26,4 +26,4 @@ for ((w = 0; w < workers; w++)); do
   pids+=($!)
 done
 wait
-python analysis/label_skew.py "$out" --out "$out/report"
+python -m snake_mpi.analysis.skew "$out" --out "$out/report"

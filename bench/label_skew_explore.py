@@ -5,10 +5,10 @@ printing after every round the test accuracy, the accuracy per class and, with
 ``--after-each-turn``, after every node's turn. Options that the MPI run does not have are
 tried here first (``--order shuffle``: the ring reshuffled every round).
 
-    python bench/label_skew_explore.py bench/configs/demo.toml --set 'data.partition="dirichlet"'
-    python bench/label_skew_explore.py CFG --set snake.logit_adjust=0 --set 'snake.ends="owner"' \
+    python -m bench.label_skew_explore bench/configs/demo.toml --set 'data.partition="dirichlet"'
+    python -m bench.label_skew_explore CFG --set snake.logit_adjust=0 --set 'snake.ends="owner"' \
         --set snake.kd.weight=0 --set snake.prox_mu=0          # the defaults before issue 14
-    python bench/label_skew_explore.py CFG --scheme fedavg --nodes 4
+    python -m bench.label_skew_explore CFG --scheme fedavg --nodes 4
 
 The MPI suite ``bench/suites/label-skew.toml`` measures what this finds (docs/label-skew.md).
 """

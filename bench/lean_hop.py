@@ -17,7 +17,7 @@ Both move a block buffer as snake_mpi allocates it (``blocks.block_empty``). Bef
 one round trip proves the bytes arrive (a pattern from each side). Modes interleaved per
 trial, best of ``--trials``; GB/s = bytes per one-way hop / seconds (GB = 1e9 bytes).
 
-    mpirun -n 2 python bench/lean_hop.py [--max-mib 16] [--trials 5] [--csv lean.csv]
+    mpirun -n 2 python -m bench.lean_hop [--max-mib 16] [--trials 5] [--csv lean.csv]
 
 Prints one row per size (64 KiB, 256 KiB, ... up to ``--max-mib``): bytes, bare GB/s,
 lean GB/s, lean / bare. ``--wrong-round`` makes rank 0 announce a wrong round in the check
@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
+from bench.transfer import bare_token, host_buffer  # the same bare reference
 from snake_mpi.transport.wire import HEADER_FIXED, KIND_MODEL, MAGIC, Transfer, pack_header
-from transfer import bare_token, host_buffer  # bench/transfer.py: the same bare reference
 
 TAG_HEADER, TAG_PAYLOAD = 21, 22
 DEADLINE_S = 60.0
@@ -161,7 +161,7 @@ def main() -> None:
     args = p.parse_args()
     world = MPI.COMM_WORLD.Dup()
     if world.size != 2:
-        raise SystemExit("run on 2 ranks: mpirun -n 2 python bench/lean_hop.py")
+        raise SystemExit("run on 2 ranks: mpirun -n 2 python -m bench.lean_hop")
     rows = []
     nbytes = 64 << 10
     try:

@@ -27,7 +27,7 @@ show it last. Its distance below the default pingpong is mostly the zero-page ef
 with mpi4py's own benchmark (partly 4 KiB pages too: ``bytearray``s come from ``malloc``
 without huge pages).
 
-    python bench/limit.py OUT_DIR   # reads OUT_DIR/ring_bw.csv (token), ring_bw_sendrecv.csv,
+    python -m bench.limit OUT_DIR   # reads OUT_DIR/ring_bw.csv (token), ring_bw_sendrecv.csv,
                                     # pingpong.txt [, pingpong_written.txt,
                                     # ring_bw_pipelined.csv]; writes OUT_DIR/limit.csv
                                     # and prints it

@@ -22,7 +22,7 @@ from rank 0 to rank 1 and another one back (a wrong byte ends the job with exit 
 rank). Modes interleaved per trial, best of ``--trials``; GB/s = bytes of all K blocks per
 one-way hop / seconds (GB = 1e9 bytes).
 
-    mpirun -n 2 python bench/one_message.py [--blocks 4] [--max-mib 64] [--trials 5]
+    mpirun -n 2 python -m bench.one_message [--blocks 4] [--max-mib 64] [--trials 5]
         [--csv one_message.csv]
 
 Prints one row per hop size (64 KiB, 256 KiB, ... up to ``--max-mib``, split evenly over the
@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
+from bench.transfer import host_buffer  # buffers allocated as block buffers are
 from snake_mpi.transport.comm import halves_swapped
-from transfer import host_buffer  # bench/transfer.py: buffers allocated as block buffers are
 
 TAG_MESSAGES, TAG_DATATYPE, TAG_SWAPPED = 31, 32, 33
 DEADLINE_S = 60.0
@@ -137,7 +137,7 @@ def main() -> None:
     args = p.parse_args()
     world = MPI.COMM_WORLD.Dup()
     if world.size != 2:
-        raise SystemExit("run on 2 ranks: mpirun -n 2 python bench/one_message.py")
+        raise SystemExit("run on 2 ranks: mpirun -n 2 python -m bench.one_message")
     rows = []
     nbytes = 64 << 10
     try:

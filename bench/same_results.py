@@ -1,4 +1,4 @@
-"""Are two result files the same run? ``python bench/same_results.py BEFORE.h5 AFTER.h5``.
+"""Are two result files the same run? ``python -m bench.same_results BEFORE.h5 AFTER.h5``.
 
 Compares every dataset and attribute of two result files, except what a machine cannot repeat:
 timing columns (names ending ``_s``), memory and energy readings (``rss``, ``peak_``, ``gpu_``,

@@ -2,8 +2,8 @@
 the same model, the same data, the same trainable blocks (a Snake node's segment), the same
 optimiser and the same batch indices, on one device. Target: ratio >= 0.95.
 
-    python bench/train_step.py                        # CPU, both models, ~30 s on 2 cores
-    python bench/train_step.py --device cuda --out-table results/train_step.md
+    python -m bench.train_step                        # CPU, both models, ~30 s on 2 cores
+    python -m bench.train_step --device cuda --out-table results/train_step.md
 
 Models: ``opt-tiny`` (the decoder LM of bench/configs/llm/tiny-snake.toml, fp32, byte vocabulary,
 sequence 64) and ``cnn`` (the CNN of bench/configs/demo.toml on CIFAR-shaped input), each with

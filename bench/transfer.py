@@ -4,7 +4,7 @@ Also the probes' overhead, and with ``--device cuda`` the GPU transfer paths.
 
 Run under MPI with 2 ranks (more ranks only add idle processes that compete for cores):
 
-    mpirun -n 2 python bench/transfer.py [--max-mib 256] [--trials 5] [--skip-probes]
+    mpirun -n 2 python -m bench.transfer [--max-mib 256] [--trials 5] [--skip-probes]
         [--limit-csv OUT/limit.csv] [--csv transfer.csv] [--skip-e2e] [--e2e-blocks 4]
         [--e2e-csv e2e.csv]
 
@@ -66,7 +66,7 @@ memory on rank 1 over each transfer path (``staged``: device -> pinned host buff
 pinned buffer -> device; ``direct``: device buffers to MPI, only where the library reports
 CUDA support), against a bare mpi4py ``Send``/``Recv`` of the same bytes between host buffers.
 
-    mpirun -n 2 python bench/transfer.py --device cuda --max-mib 256 --trials 3
+    mpirun -n 2 python -m bench.transfer --device cuda --max-mib 256 --trials 3
 
 Part 4 (``--skip-probes`` skips it): the same Snake run (the demo's workload, 2 rounds) with
 the memory sampler on and off, alternating, and the wall-time overhead of the probes (target
@@ -112,6 +112,7 @@ from mpi4py import MPI  # noqa: E402 - after the device is chosen
 from torch import nn  # noqa: E402
 from torch.nn.utils import skip_init  # noqa: E402
 
+from bench import limit  # noqa: E402
 from snake_mpi.blocks import (  # noqa: E402
     BlockModel,
     block_empty,
@@ -133,8 +134,6 @@ from snake_mpi.transport.wire import (  # noqa: E402
 )
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))  # bench/limit.py, run as a script from anywhere
-import limit  # noqa: E402
 
 
 def host_buffer(nbytes: int) -> np.ndarray:
@@ -828,7 +827,7 @@ def main() -> None:
     p.add_argument("--paths-csv", help="write part 3's table as CSV here")
     args = p.parse_args()
     if MPI.COMM_WORLD.Get_size() < 2:
-        raise SystemExit("run under MPI with 2 ranks: mpirun -n 2 python bench/transfer.py")
+        raise SystemExit("run under MPI with 2 ranks: mpirun -n 2 python -m bench.transfer")
     t0 = time.perf_counter()
     if args.e2e_blocks < 1:
         raise SystemExit("--e2e-blocks must be at least 1")

@@ -160,9 +160,12 @@ def mpi_command(n: int, argv: list[str]) -> list[str]:
 
 def mpi_env() -> dict[str, str]:
     """This environment plus what an ``mpirun`` job of the tests needs (root, one thread per
-    rank, the venv's binaries first, unbuffered output)."""
+    rank, the venv's binaries first, unbuffered output, the repository root importable so that
+    ``python -m bench.NAME`` runs from any folder)."""
     env = dict(os.environ)
+    path = env.get("PYTHONPATH")
     env.update(
+        PYTHONPATH=os.pathsep.join([path, str(REPO)] if path else [str(REPO)]),
         OMPI_ALLOW_RUN_AS_ROOT="1",
         OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
         OMP_NUM_THREADS="1",
@@ -229,16 +232,11 @@ def assert_written_ratio(ratio: str, num: str, den: str, decimals: int = 4) -> N
 
 
 def bench_script(name: str) -> ModuleType:
-    """``bench/NAME.py`` imported as a module (``bench/`` is a folder of scripts, not a
-    package), registered in ``sys.modules`` as ``bench_NAME``."""
-    import importlib.util
+    """``bench.NAME`` (for tests/test_architecture.py until it imports ``bench`` itself; other
+    tests write ``from bench import NAME``)."""
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"bench.{name}")
 
 
 def run_in_threads(cfg: Any, n: int, out: Path, deadline_s: float = 120) -> None:

@@ -1,4 +1,4 @@
-"""analysis/compare.py: the side-by-side table, its figures checked against the files."""
+"""snake-mpi compare: the side-by-side table, its figures checked against the files."""
 
 from __future__ import annotations
 
@@ -102,9 +102,9 @@ def test_incomplete_files_are_listed_not_read(results_dir, tmp_path, capsys):
     assert compare.main([str(partial)]) == 1
 
 
-def test_the_script_and_the_subcommand_print_the_same_table(results_dir):
+def test_the_command_and_the_cli_function_print_the_same_table(results_dir):
     script = subprocess.run(
-        [sys.executable, str(REPO / "analysis" / "compare.py"), str(results_dir), "--markdown"],
+        [sys.executable, "-m", "snake_mpi.cli", "compare", str(results_dir), "--markdown"],
         capture_output=True,
         text=True,
         check=True,

@@ -1,4 +1,4 @@
-"""analysis/export.py / snake-mpi export / export.to_frame: the long table, checked against the
+"""snake-mpi export / export.to_frame: the long table, checked against the
 files it was made from and against docs/results-schema.md ("Long-format export")."""
 
 from __future__ import annotations

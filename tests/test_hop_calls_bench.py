@@ -7,14 +7,23 @@ import csv
 import subprocess
 import sys
 
-from conftest import REPO, mpi_env
+from conftest import mpi_env
 
 
 def test_hop_calls_times_every_mode_and_writes_a_row_each(tmp_path):
     out = tmp_path / "calls.csv"
-    script = str(REPO / "bench" / "hop_calls.py")
     job = subprocess.run(
-        [sys.executable, script, "--hops", "300", "--kib", "16", "--csv", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "bench.hop_calls",
+            "--hops",
+            "300",
+            "--kib",
+            "16",
+            "--csv",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         env=mpi_env(),

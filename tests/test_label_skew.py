@@ -205,13 +205,8 @@ def test_default_snake_cs_beats_the_old_default_under_label_skew(tmp_path):
 
 def test_the_explorer_reproduces_the_snake_run_bit_for_bit(tmp_path, capsys):
     """bench/label_skew_explore.py runs the turns in one process: the same accuracies."""
-    import importlib.util
+    from bench import label_skew_explore as explore
 
-    path = REPO / "bench" / "label_skew_explore.py"
-    spec = importlib.util.spec_from_file_location("label_skew_explore", path)
-    assert spec is not None and spec.loader is not None
-    explore = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(explore)
     skew = REPO / "tests" / "configs" / "skew.toml"
     assert explore.main([str(skew), "--set", "train.rounds=3", "--nodes", "4"]) == 0
     printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("round ")]

@@ -7,16 +7,16 @@ import sys
 
 import pytest
 
-from conftest import REPO, assert_written_ratio, run_mpi
+from conftest import assert_written_ratio, run_mpi
 
 pytestmark = pytest.mark.mpi
-SCRIPT = str(REPO / "bench" / "lean_hop.py")
+SCRIPT = ["-m", "bench.lean_hop"]
 
 
 def test_the_lean_hop_moves_the_bytes_and_writes_a_row_per_size(tmp_path):
     csv = tmp_path / "lean.csv"
     job = run_mpi(
-        2, [sys.executable, SCRIPT, "--max-mib", "0.25", "--trials", "1", "--csv", str(csv)]
+        2, [sys.executable, *SCRIPT, "--max-mib", "0.25", "--trials", "1", "--csv", str(csv)]
     )
     assert job.returncode == 0, job.stderr
     lines = csv.read_text().splitlines()
@@ -29,7 +29,7 @@ def test_the_lean_hop_moves_the_bytes_and_writes_a_row_per_size(tmp_path):
 
 
 def test_a_header_of_the_wrong_round_ends_the_job_naming_the_rank():
-    args = [sys.executable, SCRIPT, "--max-mib", "0.0625", "--trials", "1", "--wrong-round"]
+    args = [sys.executable, *SCRIPT, "--max-mib", "0.0625", "--trials", "1", "--wrong-round"]
     job = run_mpi(2, args)
     assert job.returncode != 0
     assert "lean_hop: rank 1: expected round 0 hop 0" in job.stderr

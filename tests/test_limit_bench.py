@@ -7,13 +7,9 @@ import math
 
 import pytest
 
-from conftest import bench_script
+from bench import limit as lim
 
 KIB, MIB = 1 << 10, 1 << 20
-
-
-def bench_module():
-    return bench_script("limit")
 
 
 def ring_csv(mode: str, rows: dict[int, float]) -> str:
@@ -64,7 +60,6 @@ def out(tmp_path):
 
 
 def test_parsers_read_one_way_gb_per_s(out):
-    lim = bench_module()
     token = lim.read_ring(out / "ring_bw.csv")
     assert token[1 * KIB] == pytest.approx(0.9) and token[256 * MIB] == pytest.approx(6.5)
     pingpong = lim.read_pingpong(out / "pingpong.txt")
@@ -76,7 +71,6 @@ def test_parsers_read_one_way_gb_per_s(out):
 
 
 def test_limit_is_the_best_candidate_and_names_its_benchmark(out, capsys):
-    lim = bench_module()
     lim.main([str(out)])
     limit = lim.read_limit(out / "limit.csv")
     assert sorted(limit) == [64 * KIB << (2 * k) for k in range(7)]  # 1 KiB, 2 MiB left out
@@ -103,7 +97,6 @@ def test_limit_is_the_best_candidate_and_names_its_benchmark(out, capsys):
 
 
 def test_a_missing_benchmark_leaves_the_others(tmp_path):
-    lim = bench_module()
     (tmp_path / "ring_bw.csv").write_text(ring_csv("token", {MIB: 12000.0, 4 * MIB: 13000.0}))
     (tmp_path / "ring_bw_sendrecv.csv").write_text(ring_csv("sendrecv", {MIB: 11000.0}))
     (tmp_path / "pingpong.txt").write_text(pingpong_txt({4 * MIB: 14000.0}))
@@ -118,7 +111,6 @@ def test_a_missing_benchmark_leaves_the_others(tmp_path):
 
 
 def test_read_limit_reads_a_file_from_before_the_written_memory_column(tmp_path):
-    lim = bench_module()
     old = tmp_path / "limit.csv"
     old.write_text(
         "bytes,ring_token_GBps,ring_sendrecv_GBps,pingpong_GBps,limit_GBps,limit_set_by\n"
@@ -128,7 +120,6 @@ def test_read_limit_reads_a_file_from_before_the_written_memory_column(tmp_path)
 
 
 def test_read_limit_rejects_another_csv(out):
-    lim = bench_module()
     with pytest.raises(ValueError, match="not a limit.csv"):
         lim.read_limit(out / "ring_bw.csv")
     small = out / "small"  # only sizes below 64 KiB: nothing to take a limit from

@@ -234,7 +234,7 @@ def test_the_default_corpus_is_the_standard_library():
 
 
 def test_memory_accounting_for_opt_1_3b_beside_the_paper(capsys):
-    from snake_mpi.analysis.memory import block_counts, held_bytes, main, rows_for
+    from snake_mpi.analysis.memory_accounting import block_counts, held_bytes, main, rows_for
 
     cfg = from_dict(base_lm_config(model__preset="opt-1.3b", snake__ends="frozen"))
     counts = block_counts(cfg)

@@ -13,7 +13,7 @@ SKEW = REPO / "tests" / "configs" / "skew.toml"
 MARGIN = 0.3
 """Final accuracy the default must add to the old defaults' on this config: seed 0 gives 0.760
 against 0.199 (8 classes, chance 0.125; seeds 1 and 2: 0.623 / 0.125 and 0.650 / 0.125;
-bench/label_skew_explore.py tests/configs/skew.toml --set seed=S [--set ... OLD])."""
+python -m bench.label_skew_explore tests/configs/skew.toml --set seed=S [--set ... OLD])."""
 OLD = ["snake.logit_adjust=0", 'snake.ends="owner"', "snake.kd.weight=0", "snake.prox_mu=0"]
 
 

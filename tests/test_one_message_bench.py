@@ -9,15 +9,15 @@ import sys
 
 import pytest
 
-from conftest import REPO, assert_written_ratio, run_mpi
+from conftest import assert_written_ratio, run_mpi
 
 pytestmark = pytest.mark.mpi
-SCRIPT = str(REPO / "bench" / "one_message.py")
+SCRIPT = ["-m", "bench.one_message"]
 
 
 def test_every_mode_moves_the_blocks_and_writes_a_row_per_size(tmp_path):
     out = tmp_path / "one.csv"
-    args = [SCRIPT, "--blocks", "3", "--max-mib", "0.25", "--trials", "1", "--csv", str(out)]
+    args = [*SCRIPT, "--blocks", "3", "--max-mib", "0.25", "--trials", "1", "--csv", str(out)]
     job = run_mpi(2, [sys.executable, *args], timeout_s=90)
     assert job.returncode == 0, job.output
     rows = list(csv.DictReader(out.open()))
@@ -31,7 +31,7 @@ def test_every_mode_moves_the_blocks_and_writes_a_row_per_size(tmp_path):
 
 
 def test_a_spoiled_byte_ends_the_job_naming_the_rank():
-    args = [SCRIPT, "--max-mib", "0.0625", "--trials", "1", "--wrong-byte"]
+    args = [*SCRIPT, "--max-mib", "0.0625", "--trials", "1", "--wrong-byte"]
     job = run_mpi(2, [sys.executable, *args], timeout_s=90)
     assert job.returncode != 0
     assert "one_message: rank 1: wrong bytes in the messages hop" in job.stderr

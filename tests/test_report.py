@@ -1,4 +1,4 @@
-"""analysis/report.py / snake-mpi report: a results directory becomes report.md and
+"""snake-mpi report: a results directory becomes report.md and
 report.html with the figures the issue names, the scaling table and the claims table."""
 
 from __future__ import annotations

@@ -16,12 +16,14 @@ from snake_mpi.run import execute
 from snake_mpi.transport.localcomm import ThreadWorld
 
 TINY = REPO / "tests" / "configs" / "tiny.toml"
-SCRIPT = REPO / "bench" / "same_results.py"
 
 
 def same(a, b, *extra):
     job = subprocess.run(
-        [sys.executable, str(SCRIPT), str(a), str(b), *extra], capture_output=True, text=True
+        [sys.executable, "-m", "bench.same_results", str(a), str(b), *extra],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     return job.returncode, job.stdout
 

@@ -1,4 +1,4 @@
-"""The label-skew report (analysis/label_skew.py): accuracy per variant against alpha, next to
+"""The label-skew report (snake_mpi.analysis.skew): accuracy per variant against alpha, next to
 plain FedAvg's, with issue 14's goal judged from the numbers in the files."""
 
 from __future__ import annotations

@@ -10,14 +10,14 @@ import sys
 
 import pytest
 
-from conftest import REPO, assert_written_ratio, run_mpi
+from conftest import assert_written_ratio, run_mpi
 
 pytestmark = pytest.mark.mpi
 
 
 def test_end_to_end_hops_check_their_bytes_and_write_every_mode(tmp_path):
     out = tmp_path / "e2e.csv"
-    args = [str(REPO / "bench" / "transfer.py"), "--max-mib", "1", "--trials", "1"]
+    args = ["-m", "bench.transfer", "--max-mib", "1", "--trials", "1"]
     args += ["--skip-probes", "--e2e-blocks", "1", "--e2e-csv", str(out)]
     args += ["--pipelined-min-bytes", str(128 << 10)]
     job = run_mpi(2, [sys.executable, *args], timeout_s=120)

@@ -24,8 +24,8 @@ import functools
 import hashlib
 import itertools
 import mmap
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -77,7 +77,8 @@ class BlockModel(nn.Module):
         """Number of tensors that appear in more than one block (0 for most models)."""
         return len(self.shared_owners())
 
-    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ...: tensors may be new objects
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Self:
+        # .to(), .float(), ...: tensors may be new objects
         self._owners = None
         out = super()._apply(fn, *args, **kwargs)
         if self._flat is not None:  # the moved tensors get block buffers on their new device
@@ -237,10 +238,9 @@ HUGE_MIN_BYTES = 4 << 20
 def block_empty(nbytes: int, device: torch.device) -> torch.Tensor:
     """An uninitialised uint8 block buffer of ``nbytes``. On the host from ``HUGE_MIN_BYTES``
     it starts on a 2 MiB boundary (a slice of a slightly larger allocation: its storage offset
-    is then not 0) and is advised to use transparent huge pages (``huge_pages``): torch's
-    allocator aligns to 64 bytes, which left up to one huge page at each end of a buffer in
-    4 KiB pages, and MPI's shared-memory copies (CMA) of 4 KiB pages run slower. 2 ranks, a
-    bare mpi4py token here: 4 MiB 10.1 GB/s unaligned, 13.1 aligned (ring_bw in C: 13.3)."""
+    is then not 0) and is advised to use transparent huge pages (``huge_pages``), so that no
+    whole huge page of it sits in 4 KiB pages: torch's allocator aligns to 64 bytes only, and
+    MPI's shared-memory copies (CMA) of 4 KiB pages are slower (docs/benchmarks.md)."""
     if device.type != "cpu" or nbytes < HUGE_MIN_BYTES:
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
@@ -254,10 +254,10 @@ def huge_pages(buf: torch.Tensor) -> None:
     """Ask Linux for transparent huge pages (``madvise(MADV_HUGEPAGE)``) for the 2 MiB-aligned
     inside of a host block buffer of at least ``HUGE_MIN_BYTES``, before its pages are first
     touched: NumPy does this for its arrays, torch's CPU allocator does not (unless
-    ``THP_MEM_ALLOC_ENABLE=1``), and MPI's shared-memory copies of 4 KiB pages ran 10-25 %
-    slower (2 ranks, 16-256 MiB hops, bench/transfer.py). The tail after the last whole huge
-    page stays in 4 KiB pages, so no resident byte is added. Best effort: nothing where the
-    system has no such advice (``transparent_hugepage = never`` ignores it too)."""
+    ``THP_MEM_ALLOC_ENABLE=1``), and MPI's shared-memory copies of 4 KiB pages are slower
+    (docs/benchmarks.md). The tail after the last whole huge page stays in 4 KiB pages, so no
+    resident byte is added. Best effort: nothing where the system has no such advice
+    (``transparent_hugepage = never`` ignores it too)."""
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if advice is None or buf.device.type != "cpu" or buf.numel() < HUGE_MIN_BYTES:
         return

@@ -224,7 +224,7 @@ def _launch(argv: list[str]) -> int:
 
 
 def _memory(argv: list[str]) -> int:
-    from snake_mpi.analysis.memory import main
+    from snake_mpi.analysis.memory_accounting import main
 
     return main(argv)
 

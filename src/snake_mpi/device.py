@@ -13,8 +13,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from snake_mpi.config import DEVICES, GPU_TRANSFERS, ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 LOCAL_RANK_VARS = (
     "OMPI_COMM_WORLD_LOCAL_RANK",  # Open MPI's mpirun / prterun
@@ -145,7 +149,7 @@ def cuda_state() -> tuple[bool, int]:
         return False, 0
 
 
-def activate(placement: Placement):
+def activate(placement: Placement) -> torch.device:
     """Make ``placement`` the current device (before any other CUDA work) and return it as a
     ``torch.device``. On a GPU the CUDA context is created here, on that device: at start-up,
     so that it counts in the rank's baseline memory rather than in the model's."""

@@ -1,8 +1,8 @@
 """One run owns a result path at a time: ``OUT.lock``, created exclusively beside the output.
 
-Two runs given the same ``--out`` used to lose a result: the second deleted the first's
-``OUT.partial`` and the first then renamed the second's file into place. Rank 0 now takes
-``OUT.lock`` before it writes anything and keeps it for the run's lifetime.
+Two runs must never write the same ``--out`` at once (the second would delete the first's
+``OUT.partial`` and the first rename the second's file into place, losing a result): rank 0
+takes ``OUT.lock`` before it writes anything and keeps it for the run's lifetime.
 
 The lock is a small JSON file (host, pid, the process's start time, Slurm job id and restart
 count, a random token) written to a unique temporary name and then hard-linked to

@@ -13,7 +13,7 @@ A suite is a TOML file (``bench/suites/<name>.toml``)::
     set = ["train.rounds=2"]     # overrides for every cell
     time_limit_s = 900           # per cell
 
-``snake-mpi suite NAME|FILE --out DIR`` (or ``python bench/suite.py``) runs it.
+``snake-mpi suite NAME|FILE --out DIR`` (or ``python -m bench.run_suite``) runs it.
 
 Each cell runs with ``--resume``: a cell that was stopped after a checkpoint (SIGUSR1, or a
 crash after one) continues from it when the suite runs again, and a complete cell is skipped.

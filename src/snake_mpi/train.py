@@ -7,7 +7,7 @@ trainable one run without autograd, so no activations are kept for them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -239,7 +239,7 @@ class Optimiser:
         )
 
 
-def turn_batches(n: int, cfg: TrainConfig, generator: torch.Generator):
+def turn_batches(n: int, cfg: TrainConfig, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Index batches for one turn: ``local_steps`` steps, or ``local_epochs`` passes, each pass
     a fresh permutation drawn from ``generator``."""
     if cfg.local_steps > 0:

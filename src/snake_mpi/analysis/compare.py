@@ -35,7 +35,7 @@ CLAIMS_HEADING = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``analysis/compare.py`` and ``snake-mpi compare``: print the table; exit status 0, or 1
+    """``snake-mpi compare``: print the table; exit status 0, or 1
     (no complete result), or 2 (different workloads without ``--allow-mixed``)."""
     import argparse
     import sys

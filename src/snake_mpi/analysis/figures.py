@@ -10,6 +10,8 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +19,11 @@ from snake_mpi.analysis.expected import run_config
 from snake_mpi.analysis.runs import Row, label
 from snake_mpi.analysis.summary import trained_ranks
 from snake_mpi.store import Result
+
+if TYPE_CHECKING:
+    from matplotlib.artist import Artist
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 MIB = 2**20
 
@@ -27,7 +34,7 @@ AXES = {
 }
 
 
-def _pyplot():
+def _pyplot() -> ModuleType:
     try:
         import matplotlib
     except ImportError:
@@ -78,7 +85,9 @@ def is_lm(res: Result) -> bool:
     return run_config(res).model.family == "lm"
 
 
-def _figure(ncols: int, nrows: int = 1, *, width: float, height: float, dpi: int = 110):
+def _figure(
+    ncols: int, nrows: int = 1, *, width: float, height: float, dpi: int = 110
+) -> tuple[Figure, np.ndarray]:
     """A figure with constrained layout (room for legends outside the axes) and its axes."""
     plt = _pyplot()
     return plt.subplots(
@@ -86,10 +95,12 @@ def _figure(ncols: int, nrows: int = 1, *, width: float, height: float, dpi: int
     )
 
 
-def _legend_below(fig, handles: Sequence | None = None, labels: Sequence[str] | None = None):
+def _legend_below(
+    fig: Figure, handles: Sequence[Artist] | None = None, labels: Sequence[str] | None = None
+) -> None:
     """One legend for the whole figure, under the axes, where it covers no data."""
     if handles is None:
-        found: dict[str, object] = {}
+        found: dict[str, Artist] = {}
         for ax in fig.axes:
             for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
                 found.setdefault(lab, h)
@@ -101,7 +112,7 @@ def _legend_below(fig, handles: Sequence | None = None, labels: Sequence[str] | 
         )
 
 
-def _integer_ticks(ax, axis: str = "x") -> None:
+def _integer_ticks(ax: Axes, axis: str = "x") -> None:
     """Whole-number ticks only (rounds, ranks)."""
     from matplotlib.ticker import MaxNLocator
 
@@ -116,7 +127,7 @@ def byte_unit(largest: float) -> tuple[float, str]:
     return 1.0, "bytes"
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path)
     _pyplot().close(fig)
 
@@ -206,7 +217,7 @@ def fig_memory(
     x = np.arange(len(names))
     w = 0.38
 
-    def bars(ax, largest: Sequence[float], mean: Sequence[float], what: str) -> None:
+    def bars(ax: Axes, largest: Sequence[float], mean: Sequence[float], what: str) -> None:
         div, unit = byte_unit(max([*largest, *mean, 1.0]))
         ax.bar(x - w / 2, [v / div for v in largest], w, color="tab:green", label="largest node")
         ax.bar(x + w / 2, [v / div for v in mean], w, color="tab:olive", label="mean over nodes")

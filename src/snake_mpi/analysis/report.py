@@ -1,4 +1,4 @@
-"""``snake-mpi report RESULTS_DIR --out REPORT_DIR`` (also ``analysis/report.py``): a directory
+"""``snake-mpi report RESULTS_DIR --out REPORT_DIR``: a directory
 of result files becomes a report a person reads: ``report.md`` and ``report.html`` with PNG
 figures in ``figures/``.
 

@@ -1,8 +1,9 @@
 """Label skew across runs (docs/label-skew.md): final accuracy against the Dirichlet alpha for
 each variant (scheme, mode and label-skew options: ``runs.label``), as mean [min–max] over
-seeds, next to plain FedAvg's at the same alpha; bytes per round beside it; the goal of
-issue 14 checked; the paper's claims at each alpha. ``python analysis/label_skew.py DIR --out
-OUT`` (``bench/label_skew.sh`` runs it after the suite ``label-skew``)."""
+seeds, next to plain FedAvg's at the same alpha; bytes per round beside it; the label-skew
+goal (``GOAL_*``) checked; the paper's claims at each alpha.
+``python -m snake_mpi.analysis.skew DIR --out OUT`` (``bench/label_skew.sh`` runs it after the
+suite ``label-skew``)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ MIB = 2**20
 BASELINE = "fedavg"
 """Plain FedAvg: the paper's baseline, what every variant's accuracy is set against."""
 GOAL_RATIO = 0.95
-"""Issue 14: Snake P2P with the defaults reaches this fraction of plain FedAvg's accuracy."""
+"""The goal: Snake P2P with the defaults reaches this fraction of plain FedAvg's accuracy."""
 GOAL_BYTES = 0.5
 """... while sending at most this fraction of FedAvg's bytes per round."""
 GOAL_IID_DROP = 0.01
@@ -153,7 +154,7 @@ def accuracy_table(w: Workload) -> tuple[list[str], list[list[str]]]:
 
 
 def goal_lines(w: Workload, alpha: str = "0.5") -> list[str]:
-    """Issue 14's goal for this workload, each part with its figures and verdict."""
+    """The label-skew goal for this workload, each part with its figures and verdict."""
     out = []
     d, f = w.cell(DEFAULT, alpha), w.cell(BASELINE, alpha)
     if d is None or f is None:
@@ -283,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(
-        prog="label_skew.py", description="Accuracy against label skew, per variant."
+        prog="python -m snake_mpi.analysis.skew",
+        description="Accuracy against label skew, per variant.",
     )
     p.add_argument("results", nargs="+", help="result files, or directories of them")
     p.add_argument("--out", required=True, help="directory for label-skew.md/.html and figures")
@@ -292,3 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(md.read_text())
     print(f"wrote {md} and {md.with_suffix('.html')}")
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from snake_mpi.config import DataConfig
 from snake_mpi.data.cifar10 import DataError
 from snake_mpi.data.partition import (
@@ -11,6 +13,9 @@ from snake_mpi.data.partition import (
     partition_shards,
 )
 from snake_mpi.data.synthetic import DEFAULT_NOISE, Dataset, make_synthetic
+
+if TYPE_CHECKING:
+    from snake_mpi.data.text import Tokenizer
 
 __all__ = [
     "DEFAULT_NOISE",
@@ -26,7 +31,7 @@ __all__ = [
 ]
 
 
-def text_tokenizer(d: DataConfig, checkpoint: str = ""):
+def text_tokenizer(d: DataConfig, checkpoint: str = "") -> Tokenizer:
     """The tokenizer of ``data.name = "text"``: the checkpoint's (``checkpoint``, or ``auto`` with
     a checkpoint that has one) or bytes."""
     from snake_mpi.data.text import Tokenizer, has_tokenizer

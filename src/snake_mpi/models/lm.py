@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from snake_mpi.models.lm_presets import ModelSpecError, checkpoint_config, prese
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _transformers():
+def _transformers() -> ModuleType:
     # Nothing is downloaded at run time: keep the Hugging Face hub off even if asked.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -3,8 +3,8 @@
 The package domain covers the cores, caches and uncore of each socket, not DRAM (a separate
 subzone) and not the rest of the machine. The counter is per host, not per process: the caller
 lets the lowest rank on each host read it and records NaN on the others. Reading ``energy_uj``
-often needs root (PermissionError for users since the PLATYPUS mitigations); then the probe is
-unavailable and every figure is NaN.
+often needs root (users get PermissionError on kernels with the PLATYPUS mitigations); then
+the probe is unavailable and every figure is NaN.
 """
 
 from __future__ import annotations

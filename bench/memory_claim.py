@@ -8,9 +8,9 @@ checked both ways in one job:
    built (baseline) and its peak, and the ratio of the largest per-node increase; on a GPU
    (``--device cuda``) each rank's peak GPU memory too, from torch's allocator and from NVML.
 
-    python bench/memory.py --out results/memory          # OPT-1.3B on the CPU: ~22 GiB, ~15 min
-    python bench/memory.py --out results/memory --tiny   # the tiny model, a minute
-    python bench/memory.py --out results/mem-gpu --device cuda --steps 2 --table mem-gpu.md
+    python -m bench.memory_claim --out results/memory         # OPT-1.3B, CPU: ~22 GiB, ~15 min
+    python -m bench.memory_claim --out results/memory --tiny  # the tiny model, a minute
+    python -m bench.memory_claim --out results/mem-gpu --device cuda --steps 2 --table mem-gpu.md
 
 ``--device cuda`` runs OPT-1.3B full fine-tuning with fp32 and with bf16 weights (fp32 master
 copies and AdamW state) against a Snake node at the paper's share (6 nodes of 4 decoder layers,
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from snake_mpi.analysis import memory
+from snake_mpi.analysis import memory_accounting
 from snake_mpi.config import load_config
 from snake_mpi.launch import launcher
 from snake_mpi.store import is_complete, read_result
@@ -182,13 +182,13 @@ def summary_rows(outcomes: list[Outcome], sets: list[str]) -> list[dict[str, flo
     rows = []
     for o in outcomes:
         cfg = load_config(o.run.config, sets)
-        acc = memory.run_accounting(cfg, o.run.ranks)
+        acc = memory_accounting.run_accounting(cfg, o.run.ranks)
         paper: float | str = "-"
         if cfg.model.preset == "opt-1.3b":
             if cfg.scheme != "snake":
-                paper = memory.PAPER["full_gb"]
+                paper = memory_accounting.PAPER["full_gb"]
             elif o.run.ranks == 6:
-                paper = memory.PAPER["snake_node_gb"]
+                paper = memory_accounting.PAPER["snake_node_gb"]
         row: dict[str, float | str] = {
             "run": o.run.name,
             "ranks": o.run.ranks,
@@ -207,10 +207,10 @@ def summary_rows(outcomes: list[Outcome], sets: list[str]) -> list[dict[str, flo
             peak = np.maximum(ranks["peak_rss_bytes"], ranks["ru_maxrss_bytes"])
             measured["peak RSS"] = float(peak.max())
             measured["train state"] = float(res.rounds["train_state_bytes"].max())
-            gpu = memory.gpu_peaks(res)
+            gpu = memory_accounting.gpu_peaks(res)
             if gpu is not None:
-                for key, label in memory.GPU_FIELDS.items():
-                    measured[label] = memory.largest(gpu[key])
+                for key, label in memory_accounting.GPU_FIELDS.items():
+                    measured[label] = memory_accounting.largest(gpu[key])
         rows.append(row | measured)
     return rows
 
@@ -250,8 +250,9 @@ def format_summary(rows: list[dict[str, float | str]], fmt: str = "markdown") ->
     return "\n".join(lines)
 
 
-NOTES = f"""Paper ({memory.PAPER["model"]}): {memory.PAPER["full_gb"]} GB full fine-tuning, \
-{memory.PAPER["snake_node_gb"]} GB per Snake node (6 nodes of 4 decoder layers). Paper \
+PAPER = memory_accounting.PAPER
+NOTES = f"""Paper ({PAPER["model"]}): {PAPER["full_gb"]} GB full fine-tuning, \
+{PAPER["snake_node_gb"]} GB per Snake node (6 nodes of 4 decoder layers). Paper \
 accounting: 16 bytes per trainable parameter; held: every weight at its dtype + gradients and \
 AdamW state (+ fp32 master copies with bf16 weights) of the trainable part (docs/memory.md). \
 Measured figures are the largest rank's: peak RSS, the training state counted from the tensors, \
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     print("== accounting (meta device; paper: 19.37 GB full, 3.13 GB per Snake node) ==")
     for preset in ("opt-1.3b", "llama-3-8b"):
         for ends in ("frozen", "owner"):
-            memory.main(
+            memory_accounting.main(
                 [
                     str(LLM / "opt-1.3b-snake.toml"),
                     "--set",
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== measured ({unit}: baseline before the model is built, peak over the run) ==")
         snake = next((r for r in runs if "snake" in r.name), runs[0])
         measured = ["--measured", *(str(o.path) for o in done)]
-        memory.main([str(snake.config), "--nodes", str(max(2, snake.ranks)), *measured])
+        memory_accounting.main([str(snake.config), "--nodes", str(max(2, snake.ranks)), *measured])
     rows = summary_rows(outcomes, sets)
     print("\n== summary (largest rank of each run) ==")
     print(format_summary(rows))

@@ -1,4 +1,4 @@
-"""Run a benchmark suite: ``python bench/suite.py NAME|FILE --out DIR [--dry-run]``.
+"""Run a benchmark suite: ``python -m bench.run_suite NAME|FILE --out DIR [--dry-run]``.
 
 Same as ``snake-mpi suite``; suites live in bench/suites/ (see snake_mpi/suite.py).
 """

@@ -33,10 +33,11 @@ node's hop before it writes), after a later round every node holds every trained
 (``owner != -2``; ``ends = "frozen"`` leaves stem and head untrained, so unwritten). The
 overhead is what else a file holds: header, block versions, random states, counters.
 
-    python bench/checkpoint.py --out /tmp/ckpt-bench                  # demo ~10 min, then OPT
-    python bench/checkpoint.py --out /tmp/ckpt-bench --parts llm --llm-dtype fp32 --llm-ranks 2
-    python bench/checkpoint.py --out /tmp/ckpt-bench --parts demo     # the demo part only
-    python bench/checkpoint.py --out /tmp/ckpt-quick --quick          # a fast check (~2 min)
+    python -m bench.checkpoint_cost --out /tmp/ckpt-bench               # demo ~10 min, then OPT
+    python -m bench.checkpoint_cost --out /tmp/ckpt-bench --parts llm --llm-dtype fp32 \
+        --llm-ranks 2
+    python -m bench.checkpoint_cost --out /tmp/ckpt-bench --parts demo  # the demo part only
+    python -m bench.checkpoint_cost --out /tmp/ckpt-quick --quick       # a fast check (~2 min)
 
 ``--quick``: the demo on a quarter of its data, one epoch per turn, 6 rounds (one checkpoint,
 after round 5), one repetition; the tiny language model (``tiny-snake.toml``) instead of

@@ -1,4 +1,4 @@
-"""bench/checkpoint.py's figures on synthetic results: the analytic bytes a Snake P2P
+"""bench/checkpoint_cost.py's figures on synthetic results: the analytic bytes a Snake P2P
 checkpoint file must hold, and the tables (no MPI)."""
 
 from __future__ import annotations
@@ -7,17 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import bench_script
+from bench import checkpoint_cost as ck
 from snake_mpi.config import RunConfig, to_toml
 from snake_mpi.store import ResultWriter, read_result
 
 
-def bench_module():
-    return bench_script("checkpoint")
-
-
 def test_analytic_bytes_follows_the_snake_p2p_rule():
-    ck = bench_module()
     # the demo: ends = "owner" (stem with node 0, head with node 3), 4 nodes
     nbytes = np.array([1, 10, 100, 1000, 10000, 100000])
     owners = np.array([0, 0, 1, 2, 3, 3])
@@ -55,7 +50,6 @@ def _result(path: Path, on: bool):
 
 
 def test_tables_of_synthetic_runs(tmp_path):
-    ck = bench_module()
     load = ck.Workload("demo", Path("demo.toml"), 2, (), 1, 1)
     runs = [ck.Run(load, on, 0, tmp_path / f"{on}.h5") for on in (True, False)]
     for run in runs:

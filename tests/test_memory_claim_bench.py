@@ -1,5 +1,5 @@
 """The memory and GPU benchmarks' tooling, on the CPU: ``snake-mpi memory --measured`` with and
-without GPU fields, bench/memory.py's summary table, bench/gpu_demo_check.py's checks,
+without GPU fields, bench/memory_claim.py's summary table, bench/gpu_demo_check.py's checks,
 bench/train_step.py, and bench/gpu_check.sh on a machine without a GPU."""
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, bench_script, mpi_run
-from snake_mpi.analysis.memory import GIB, measured_table
+from bench import gpu_demo_check as check
+from bench import memory_claim as mem
+from conftest import REPO, mpi_run
+from snake_mpi.analysis.memory_accounting import GIB, measured_table
 
 TINY = REPO / "tests" / "configs" / "tiny.toml"
 CPU_HEADER = (
@@ -26,10 +28,6 @@ CPU_HEADER = (
     "train state MiB"
 )
 """The measured table's header for CPU runs, as it was before the GPU columns."""
-
-
-def bench_module(name: str):
-    return bench_script(name)
 
 
 CPU_RUN = mpi_run(2, TINY, "train.rounds=2")
@@ -143,8 +141,7 @@ def test_a_cuda_file_without_gpu_figures_shows_them_unavailable(cpu_result, tmp_
 
 
 @pytest.mark.mpi
-def test_memory_bench_summary_table_has_gpu_and_accounting_columns(cpu_result, tmp_path):
-    mem = bench_module("memory")
+def test_memory_claim_bench_summary_table_has_gpu_and_accounting_columns(cpu_result, tmp_path):
     gpu = as_gpu_run(cpu_result, tmp_path / "gpu.h5")
     outcomes = [
         mem.Outcome(mem.Run("tiny-gpu", TINY, 2), gpu, "done"),
@@ -169,11 +166,10 @@ def test_memory_bench_summary_table_has_gpu_and_accounting_columns(cpu_result, t
     assert f",{5 * GIB},{6 * GIB},{8 * GIB},{int(2.5 * GIB)},done" in lines[1]
 
 
-def test_memory_bench_paper_figures_and_run_lists():
-    from snake_mpi.analysis.memory import run_accounting
+def test_memory_claim_bench_paper_figures_and_run_lists():
+    from snake_mpi.analysis.memory_accounting import run_accounting
     from snake_mpi.config import load_config
 
-    mem = bench_module("memory")
     assert [r.name for r in mem.OPT_GPU] == ["opt-full", "opt-full-bf16", "opt-snake-bf16-n6"]
     sets = mem.run_sets("cuda", 2)
     assert sets == ['device="cuda"', "train.local_steps=2", "train.rounds=1"]
@@ -188,9 +184,18 @@ def test_memory_bench_paper_figures_and_run_lists():
     assert mem.result_name(mem.OPT[0], "cpu", 0) == "opt-full"
 
 
-def test_memory_bench_runs_one_tiny_run_and_writes_its_table(tmp_path):
+def test_memory_claim_bench_runs_one_tiny_run_and_writes_its_table(tmp_path):
     job = subprocess.run(
-        [sys.executable, "bench/memory.py", "--tiny", "--steps", "1", "--only", "tiny-full"]
+        [
+            sys.executable,
+            "-m",
+            "bench.memory_claim",
+            "--tiny",
+            "--steps",
+            "1",
+            "--only",
+            "tiny-full",
+        ]
         + ["--out", str(tmp_path), "--table", str(tmp_path / "t.md")],
         cwd=REPO,
         capture_output=True,
@@ -219,7 +224,6 @@ def write_log(path: Path, job: dict[str, int | None], devices: dict[str, dict[st
 
 @pytest.mark.mpi
 def test_gpu_demo_check_reports_each_check(cpu_result, tmp_path, capsys):
-    check = bench_module("gpu_demo_check")
     gpu = as_gpu_run(cpu_result, tmp_path / "gpu.h5")
     clean = write_log(
         tmp_path / "clean.json",
@@ -264,7 +268,6 @@ def test_gpu_demo_check_reports_each_check(cpu_result, tmp_path, capsys):
 
 
 def test_gpu_demo_check_watch_runs_the_command_and_writes_its_log(tmp_path):
-    check = bench_module("gpu_demo_check")
     log = tmp_path / "w.json"
     cmd = [sys.executable, "-c", "import time, sys; time.sleep(0.5); sys.exit(3)"]
     assert check.main(["--watch", str(log), "--interval-s", "0.05", "--", *cmd]) == 3
@@ -276,7 +279,7 @@ def test_gpu_demo_check_watch_runs_the_command_and_writes_its_log(tmp_path):
 def test_train_step_bench_prints_both_throughputs_and_their_ratio(tmp_path):
     table = tmp_path / "ts.md"
     job = subprocess.run(
-        [sys.executable, "bench/train_step.py", "--device", "cpu", "--steps", "10"]
+        [sys.executable, "-m", "bench.train_step", "--device", "cpu", "--steps", "10"]
         + ["--trials", "2", "--out-table", str(table)],
         cwd=REPO,
         capture_output=True,
@@ -319,7 +322,7 @@ def test_gpu_check_script_parses_and_says_when_no_gpu_is_present(tmp_path):
 def test_memory_table_of_a_small_model_uses_a_readable_unit_and_says_which_nodes_it_drops(
     capsys,
 ):
-    from snake_mpi.analysis.memory import main
+    from snake_mpi.analysis.memory_accounting import main
 
     tiny = str(REPO / "tests" / "configs" / "tiny.toml")
     assert main([tiny, "--nodes", "2,4,6,8"]) == 0
