@@ -4,6 +4,7 @@ without editing any other file)."""
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 import tomllib
@@ -18,6 +19,7 @@ from snake_mpi.analysis.expected import expected_bytes
 from snake_mpi.config import ConfigError, from_dict, load_config, to_toml
 from snake_mpi.schemes import (
     REGISTRY,
+    SCHEMES,
     SchemeSpec,
     get_scheme,
     register,
@@ -63,6 +65,23 @@ def test_client_server_comes_from_the_spec(name, sets, client_server):
 
 def test_the_config_module_imports_no_torch():
     code = "import sys, snake_mpi.config; sys.exit('torch' in sys.modules)"
+    src = str(REPO / "src")
+    env = {"PYTHONPATH": src, "PATH": ""}
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+def test_the_registry_is_one_line_per_scheme_and_its_modules_import_no_torch():
+    assert tuple(f"snake_mpi.schemes.{name}_spec" for name in BUILT_IN) == SCHEMES
+    for module, name in zip(SCHEMES, BUILT_IN, strict=True):
+        assert importlib.import_module(module).SPEC is scheme_spec(name)
+    assert not hasattr(config_module, "check_snake_world")
+    assert not hasattr(config_module, "check_fedavg_world")
+    code = (
+        "import sys; from snake_mpi.schemes.rules import checked_config, validate_for_world\n"
+        "for name in ('snake', 'fedavg', 'split', 'splitfed'):\n"
+        "    validate_for_world(checked_config(None, [f'scheme=\"{name}\"']), 4)\n"
+        "sys.exit('torch' in sys.modules)"
+    )
     src = str(REPO / "src")
     env = {"PYTHONPATH": src, "PATH": ""}
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0

@@ -16,7 +16,7 @@ import os
 import tomllib
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -726,41 +726,6 @@ def parse_edge(text: str) -> tuple[int, int, float, float]:
     if not all(math.isfinite(v) and v >= 0 for v in out[2:]):
         raise ConfigError(f"emulate.edges entry {text!r}: bandwidth and latency must be >= 0")
     return out
-
-
-def _no_presets(c: RunConfig) -> int:
-    raise RuntimeError("n_middle_blocks is schemes.rules' (import snake_mpi.schemes.rules)")
-
-
-n_middle_blocks: Callable[[RunConfig], int] = _no_presets
-"""BRIDGE for ``check_snake_world`` until it moves into the Snake scheme's module: the model's
-middle blocks need the model presets, above config, so ``schemes.rules`` puts its
-``n_middle_blocks`` here when imported (and only it calls the world checks)."""
-
-
-def check_snake_world(c: RunConfig, world_size: int, holders: int) -> None:
-    """Snake's world-size checks: a middle block per node, a capability per node."""
-    mids = n_middle_blocks(c)
-    if mids < holders:
-        what = "decoder layers" if c.model.family == "lm" else "model.middle_blocks"
-        raise ConfigError(
-            f"{what} = {mids} is fewer than the {holders} "
-            f"nodes: every node needs at least one middle block to train"
-        )
-    if c.snake.capabilities and len(c.snake.capabilities) != holders:
-        raise ConfigError(
-            f"snake.capabilities has {len(c.snake.capabilities)} entries but there are "
-            f"{holders} nodes"
-        )
-
-
-def check_fedavg_world(c: RunConfig, world_size: int, holders: int) -> None:
-    """FedAvg's world-size check: no more clients per round than clients."""
-    if c.fedavg.clients_per_round > holders:
-        raise ConfigError(
-            f"fedavg.clients_per_round = {c.fedavg.clients_per_round} but there are only "
-            f"{holders} clients (ranks 1..{world_size - 1})"
-        )
 
 
 def check_output(out: str | os.PathLike[str], *, overwrite: bool) -> Path:

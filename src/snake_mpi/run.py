@@ -118,15 +118,14 @@ def link_model(cfg: RunConfig) -> LinkModel:
 
 
 def result_attrs(cfg: RunConfig) -> dict[str, str]:
-    """Root attributes that tell runs apart: scheme, model, dataset (+ Snake's options)."""
+    """Root attributes that tell runs apart: scheme, model, dataset (+ the scheme's own,
+    ``SchemeSpec.result_attrs``: Snake's options)."""
     model: str = cfg.model.family
     if model == "lm":
         model = cfg.model.preset or f"checkpoint:{Path(cfg.model.checkpoint).name}"
     attrs = {"scheme": cfg.scheme, "model": model, "dataset": cfg.data.name}
-    if cfg.scheme == "snake":
-        s = cfg.snake
-        attrs |= {"mode": s.mode, "transfer": s.transfer, "ends": s.ends, "keep": s.keep}
-    return attrs
+    extra = scheme_spec(cfg.scheme).result_attrs
+    return attrs | (extra(cfg) if extra else {})
 
 
 def main(

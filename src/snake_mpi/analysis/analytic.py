@@ -9,10 +9,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from snake_mpi.transport.wire import CommStats, header_nbytes
+
+
+def result_block_bytes(res: Any) -> list[int]:
+    """Bytes of each block of a finished run (``/blocks/bytes`` of a ``store.Result``)."""
+    return [int(b) for b in res.tables["blocks"]["bytes"]]
 
 
 def _hop_bytes(block_bytes: Sequence[int], ids: set[int]) -> int:
@@ -371,42 +377,81 @@ def checkpoint_blocks(
     schedule: Sequence[Sequence[int]] | None = None,
 ) -> list[set[int]]:
     """The blocks each rank's checkpoint file holds after ``rounds_done`` rounds (``>= 1``; a
-    checkpoint is never taken before the first round ends), one set per rank.
+    checkpoint is never taken before the first round ends), one set per rank: the scheme's
+    ``SchemeSpec.checkpoint_blocks`` (built in: ``snake_checkpoint_blocks``,
+    ``fedavg_checkpoint_blocks``, ``centralised_checkpoint_blocks``).
 
     The rule: a rank writes every block it holds whose version is above 0, i.e. a block that
     somebody trained and this rank then received, or that it trained itself. So a block nobody
     trains (Snake ``ends = "frozen"``: stem and head) is never written, and neither is a block a
     rank freed (``snake.keep = "own"``). Whether hops carry ``delta`` or ``full`` makes no
     difference: a ``full`` hop also carries the untrained blocks, but at version 0.
-
-    Snake P2P (``plan``: node ``j`` is rank ``j``): after round 1 node ``j > 0`` has what nodes
-    ``0..j`` trained (its first visit brought what its predecessors trained); from round 2 on
-    every node has every trained block (``keep = "all"``). With ``keep = "own"`` node ``j > 0``
-    holds its own blocks only (it freed the rest once it handed the model on). Node 0 has, at
-    every checkpoint, already taken in the last node's end-of-round hop, which brings it every
-    block trained since its turn and (``own``) every block it freed: it holds every trained
-    block under either ``keep``. Snake CS (``plan``: node ``k`` is rank ``k + 1``): the
-    controller holds every trained block; node ``k`` as P2P node ``k > 0``, the round-1 rule
-    included. FedAvg: the server (rank 0) every block (it stamps the average each round);
-    a client every block once it has been chosen in one of the first ``rounds_done`` rounds of
-    ``schedule`` (``fedavg.sampled_clients``; None: every client every round), else none.
-    Centralised: every block.
     """
+    from snake_mpi.schemes.registry import resolve, scheme_names, scheme_spec
+
+    formula = scheme_spec(scheme).checkpoint_blocks if scheme in scheme_names() else None
+    if formula is None:
+        raise ValueError(f"no analytic checkpoint contents for scheme {scheme!r}")
     if rounds_done < 1:
         return [set() for _ in range(world_size)]
+    out: list[set[int]] = resolve(formula)(
+        n_blocks,
+        rounds_done,
+        world_size=world_size,
+        plan=plan,
+        mode=mode,
+        keep=keep,
+        schedule=schedule,
+    )
+    return out
+
+
+def centralised_checkpoint_blocks(n_blocks: int, rounds_done: int, **_: object) -> list[set[int]]:
+    """Centralised: every block (``checkpoint_blocks``)."""
+    return [set(range(n_blocks))]
+
+
+def fedavg_checkpoint_blocks(
+    n_blocks: int,
+    rounds_done: int,
+    *,
+    world_size: int,
+    schedule: Sequence[Sequence[int]] | None = None,
+    **_: object,
+) -> list[set[int]]:
+    """FedAvg (``checkpoint_blocks``): the server (rank 0) every block (it stamps the average
+    each round); a client every block once it has been chosen in one of the first
+    ``rounds_done`` rounds of ``schedule`` (``fedavg.sampled_clients``; None: every client
+    every round), else none."""
     everything = set(range(n_blocks))
-    if scheme == "centralised":
-        return [everything]
-    if scheme == "fedavg":
-        rounds = (
-            schedule[:rounds_done]
-            if schedule is not None
-            else [list(range(1, world_size))] * rounds_done
-        )
-        chosen = {int(c) for ids in rounds for c in ids}
-        return [everything] + [everything if c in chosen else set() for c in range(1, world_size)]
-    if scheme != "snake":
-        raise ValueError(f"no analytic checkpoint contents for scheme {scheme!r}")
+    rounds = (
+        schedule[:rounds_done]
+        if schedule is not None
+        else [list(range(1, world_size))] * rounds_done
+    )
+    chosen = {int(c) for ids in rounds for c in ids}
+    return [everything] + [everything if c in chosen else set() for c in range(1, world_size)]
+
+
+def snake_checkpoint_blocks(
+    n_blocks: int,
+    rounds_done: int,
+    *,
+    world_size: int,
+    plan: Sequence[Sequence[int]] | None = None,
+    mode: str = "p2p",
+    keep: str = "all",
+    **_: object,
+) -> list[set[int]]:
+    """Snake (``checkpoint_blocks``). P2P (``plan``: node ``j`` is rank ``j``): after round 1
+    node ``j > 0`` has what nodes ``0..j`` trained (its first visit brought what its
+    predecessors trained); from round 2 on every node has every trained block (``keep =
+    "all"``). With ``keep = "own"`` node ``j > 0`` holds its own blocks only (it freed the rest
+    once it handed the model on). Node 0 has, at every checkpoint, already taken in the last
+    node's end-of-round hop, which brings it every block trained since its turn and (``own``)
+    every block it freed: it holds every trained block under either ``keep``. CS (``plan``:
+    node ``k`` is rank ``k + 1``): the controller holds every trained block; node ``k`` as P2P
+    node ``k > 0``, the round-1 rule included."""
     if plan is None:
         raise ValueError("Snake's checkpoint contents need the plan")
     n = len(plan)

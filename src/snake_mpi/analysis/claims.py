@@ -29,6 +29,7 @@ import numpy as np
 
 from snake_mpi.analysis.expected import run_config
 from snake_mpi.analysis.runs import label, workload
+from snake_mpi.schemes.registry import scheme_names, scheme_spec
 from snake_mpi.store import Result
 
 PAPER_MEMORY_RATIO = 19.37 / 3.13
@@ -56,15 +57,6 @@ PERPLEXITY_CONVERGED_RTOL = 0.02
 IGNORED_KEYS = ("seed", "torch_threads", "probes", "comm", "debug")
 """Config keys that change no figure of a claim: runs differing only in these are one group
 (``comm``: message deadline and GPU transfer path; bytes and models are the same)."""
-SCHEME_SECTIONS = {
-    "snake": ("snake",),
-    "fedavg": ("fedavg",),
-    "split": ("split",),
-    "splitfed": ("split",),
-}
-"""Per scheme, the scheme tables of the config it reads; the others are ignored when
-grouping (a FedAvg run's ``[snake]`` table changes nothing)."""
-_SCHEME_TABLES = ("snake", "fedavg", "split")
 
 
 # ---------------------------------------------------------------- figures of one run
@@ -164,11 +156,24 @@ def group_key(res: Result) -> str:
     """The run's configuration less ``IGNORED_KEYS`` and the other schemes' tables, with its
     number of ranks: equal keys mean runs that differ only in seed."""
     raw = tomllib.loads(res.config_toml)
-    scheme = str(raw.get("scheme", ""))
-    keep = SCHEME_SECTIONS.get(scheme, ())
-    for key in (*IGNORED_KEYS, *(t for t in _SCHEME_TABLES if t not in keep)):
+    keep = _sections(str(raw.get("scheme", "")))
+    every = {t for name in scheme_names() for t in _sections(name)}
+    for key in (*IGNORED_KEYS, *sorted(every - set(keep))):
         raw.pop(key, None)
     return json.dumps({"config": raw, "world_size": res.world_size}, sort_keys=True, default=str)
+
+
+def _sections(scheme: str) -> tuple[str, ...]:
+    """The config tables scheme ``scheme`` reads (``SchemeSpec.sections``; none if it is not
+    registered): the others are ignored when grouping (a FedAvg run's ``[snake]`` table
+    changes nothing)."""
+    return scheme_spec(scheme).sections if scheme in scheme_names() else ()
+
+
+def _judged(group: RunGroup) -> bool:
+    """The paper's claims judge this group's scheme (``SchemeSpec.judged``: Snake's)."""
+    scheme = run_config(next(iter(group.runs.values()))).scheme
+    return scheme in scheme_names() and scheme_spec(scheme).judged
 
 
 @dataclass
@@ -230,14 +235,14 @@ class Pairing:
 def pair_groups(
     groups: Sequence[RunGroup], baseline: str = "fedavg", *, same_holders: bool = True
 ) -> list[Pairing]:
-    """The one pairing rule: each Snake group against every ``baseline`` group of the same
-    workload with the same number of data holders (unless not ``same_holders``: full
-    fine-tuning has one) and at least one seed in common, preferring those with an equal
-    ``[train]`` table; the seeds used are those both have. No pairing at all where the
-    workload has no ``baseline`` run."""
+    """The one pairing rule: each judged group (``SchemeSpec.judged``: Snake's) against every
+    ``baseline`` group of the same workload with the same number of data holders (unless not
+    ``same_holders``: full fine-tuning has one) and at least one seed in common, preferring
+    those with an equal ``[train]`` table; the seeds used are those both have. No pairing at
+    all where the workload has no ``baseline`` run."""
     out = []
     for s in groups:
-        if not s.label.startswith("snake"):
+        if not _judged(s):
             continue
         pool = [g for g in groups if g.label == baseline and g.workload == s.workload]
         if not pool:

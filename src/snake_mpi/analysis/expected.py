@@ -4,16 +4,14 @@ of the model the config describes). What analysis compares the measured counters
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from snake_mpi.analysis import analytic
 from snake_mpi.config import RunConfig, stored_config
+from snake_mpi.schemes import snake_spec, split_spec
 from snake_mpi.schemes.registry import scheme_spec
 from snake_mpi.schemes.rules import check
 from snake_mpi.store import Result
-from snake_mpi.train import turn_batch_sizes
 
 
 def run_config(res: Result) -> RunConfig:
@@ -32,20 +30,10 @@ def expected_bytes(res: Result) -> tuple[np.ndarray, np.ndarray]:
     return formula(cfg, res)
 
 
-def _block_bytes(res: Result) -> list[int]:
-    return [int(b) for b in res.tables["blocks"]["bytes"]]
-
-
-def no_bytes(cfg: RunConfig, res: Result) -> tuple[np.ndarray, np.ndarray]:
-    """A scheme that sends no model: zeros."""
-    zero = np.zeros((res.n_rounds, res.world_size), dtype=np.int64)
-    return zero, zero.copy()
-
-
 def snake_bytes(cfg: RunConfig, res: Result) -> tuple[np.ndarray, np.ndarray]:
-    """Snake (P2P or CS): the plan rebuilt from the block table and the recorded capabilities
-    and block times; with ``snake.keep = "own"`` hops also carry what the receiver freed."""
-    plan, block_bytes = snake_plan(res), _block_bytes(res)
+    """Snake (P2P or CS): the hops of the rebuilt plan (``snake_spec.plan_of``); with
+    ``snake.keep = "own"`` hops also carry what the receiver freed."""
+    plan, block_bytes = snake_spec.plan_of(cfg, res), analytic.result_block_bytes(res)
     rounds, transfer, keep = res.n_rounds, cfg.snake.transfer, cfg.snake.keep
     if cfg.snake.mode == "cs":
         return (
@@ -65,61 +53,25 @@ def fedavg_bytes(cfg: RunConfig, res: Result) -> tuple[np.ndarray, np.ndarray]:
     n = res.world_size
     seed = int(res.provenance.get("seed_sampling", cfg.seed))
     schedule = sampled_clients(seed, n - 1, cfg.fedavg.clients_per_round, res.n_rounds)
-    sent = analytic.fedavg_bytes_sent(_block_bytes(res), schedule, n)
+    sent = analytic.fedavg_bytes_sent(analytic.result_block_bytes(res), schedule, n)
     return sent, sent.copy()
 
 
 def split_bytes(cfg: RunConfig, res: Result) -> tuple[np.ndarray, np.ndarray]:
     """Split learning: cut activations and gradients per batch, client blocks relayed."""
-    return _split_formula(analytic.split_bytes, cfg, res)
+    return analytic.split_bytes(*split_spec.split_inputs(cfg, res))
 
 
 def splitfed_bytes(cfg: RunConfig, res: Result) -> tuple[np.ndarray, np.ndarray]:
     """SplitFed: as split learning, every client at once, client blocks averaged."""
-    return _split_formula(analytic.splitfed_bytes, cfg, res)
-
-
-def _split_formula(
-    formula: Callable[..., tuple[np.ndarray, np.ndarray]], cfg: RunConfig, res: Result
-) -> tuple[np.ndarray, np.ndarray]:
-    cut = cfg.split.cut
-    samples = [int(s) for s in res.tables["ranks"]["data_samples"]]
-    batches = [turn_batch_sizes(s, cfg.train) for s in samples]
-    act = activation_bytes_per_sample_of(cfg)
-    return formula(_block_bytes(res)[:cut], batches, act, res.n_rounds)
-
-
-def activation_bytes_per_sample_of(cfg: RunConfig) -> int:
-    """Bytes of one sample's activation at the configured cut (builds the model to find out)."""
-    from snake_mpi.models import build_model
-    from snake_mpi.schemes.splitnet import activation_bytes_per_sample, cut_shape
-
-    model = build_model(
-        cfg.model, sample_shape=cfg.data.sample_shape, n_classes=cfg.data.n_classes, seed=0
-    )
-    return activation_bytes_per_sample(cut_shape(model, cfg.split.cut, cfg.data.sample_shape))
-
-
-def snake_plan(res: Result) -> list[list[int]]:
-    """The trained blocks of every node of a Snake run, rebuilt as the run made them."""
-    from snake_mpi.schemes.snake import plan_from_params
-
-    cfg = run_config(res)
-    n = res.world_size
-    blocks = res.tables["blocks"]
-    params = [int(p) for p in blocks["params"]]
-    nodes = list(range(1, n)) if cfg.snake.mode == "cs" else list(range(n))
-    caps = res.arrays.get("assignment/capability")
-    times = res.arrays.get("assignment/block_time_s")
-    costs = None if times is None else times[nodes][:, 1:-1].mean(axis=0)
-    return plan_from_params(params, cfg.snake, len(nodes), costs=costs, capabilities=caps)
+    return analytic.splitfed_bytes(*split_spec.split_inputs(cfg, res))
 
 
 def _snake_storage(res: Result) -> tuple[RunConfig, list[list[int]], list[int]]:
     cfg = run_config(res)
     if cfg.scheme != "snake":
         raise ValueError(f"no analytic storage model for scheme {cfg.scheme!r} (Snake only)")
-    return cfg, snake_plan(res), _block_bytes(res)
+    return cfg, snake_spec.plan_of(cfg, res), analytic.result_block_bytes(res)
 
 
 def expected_at_rest_bytes(res: Result) -> np.ndarray:

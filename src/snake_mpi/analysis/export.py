@@ -26,6 +26,7 @@ import numpy as np
 
 from snake_mpi import schema
 from snake_mpi.config import RunConfig, stored_config
+from snake_mpi.schemes.registry import scheme_spec
 from snake_mpi.schemes.rules import check, data_ranks
 from snake_mpi.store import Result, ResultError, ResultFormatError, read_result, result_paths
 
@@ -43,15 +44,23 @@ Row = tuple[Any, ...]
 """One row, its values in ``COLUMNS`` order."""
 
 
+def _section(c: RunConfig, name: str) -> Any:
+    """Config table ``name`` (``snake``, ``fedavg``, ``split``) if the run's scheme reads it
+    (``SchemeSpec.sections``), else None: its columns are empty for other schemes."""
+    return getattr(c, name) if name in scheme_spec(c.scheme).sections else None
+
+
 def _remedy(c: RunConfig, key: str) -> float | None:
     """A label-skew option of the run's scheme (``snake.*`` or ``fedavg.*``); None for others."""
-    if c.scheme in ("snake", "fedavg"):
-        return float(getattr(getattr(c, c.scheme), key))
+    for name in scheme_spec(c.scheme).sections:
+        if hasattr(getattr(c, name), key):
+            return float(getattr(getattr(c, name), key))
     return None
 
 
 def _snake(c: RunConfig, attr: str) -> str:
-    return str(getattr(c.snake, attr)) if c.scheme == "snake" else ""
+    s = _section(c, "snake")
+    return "" if s is None else str(getattr(s, attr))
 
 
 # name -> (kind, value from the config and the result); kind: "str"; "int"; "int?" (an integer
@@ -86,16 +95,19 @@ _RUN: dict[str, tuple[str, Callable[[RunConfig, Result], Any]]] = {
     "snake_transfer": ("str", lambda c, r: _snake(c, "transfer")),
     "snake_ends": ("str", lambda c, r: _snake(c, "ends")),
     "snake_keep": ("str", lambda c, r: _snake(c, "keep")),
-    "kd_weight": ("float", lambda c, r: c.snake.kd.weight if c.scheme == "snake" else None),
+    "kd_weight": (
+        "float",
+        lambda c, r: c.snake.kd.weight if _section(c, "snake") is not None else None,
+    ),
     "logit_adjust": ("float", lambda c, r: _remedy(c, "logit_adjust")),
     "prox_mu": ("float", lambda c, r: _remedy(c, "prox_mu")),
     "fedavg_clients_per_round": (
         "int?",
-        lambda c, r: c.fedavg.clients_per_round if c.scheme == "fedavg" else None,
+        lambda c, r: c.fedavg.clients_per_round if _section(c, "fedavg") is not None else None,
     ),
     "split_cut": (
         "int?",
-        lambda c, r: c.split.cut if c.scheme in ("split", "splitfed") else None,
+        lambda c, r: c.split.cut if _section(c, "split") is not None else None,
     ),
     "emulate_bandwidth_bps": ("float", lambda c, r: c.emulate.bandwidth_bps),
     "emulate_latency_s": ("float", lambda c, r: c.emulate.latency_s),

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
-from snake_mpi.config import ConfigError, RunConfig
+from snake_mpi.config import ConfigError, RunConfig, stored_config
+from snake_mpi.schemes.registry import scheme_spec
 from snake_mpi.schemes.rules import checked_config
 
 if TYPE_CHECKING:
@@ -289,14 +290,16 @@ def measured_table(paths: Sequence[str]) -> str:
         lines[0] += "".join(f" {h:>{w}}" for h, w in zip(gheads, gwidths, strict=True))
     lines.append("-" * len(lines[0]))
     worst: dict[str, float] = {}
+    judged: dict[str, bool] = {}
     gpu_worst: dict[str, dict[str, float]] = {}
     for res, gpu in zip(results, gpus, strict=True):
         ranks = res.tables["ranks"]
         base = ranks["rss_before_model_bytes"]
         peak = np.maximum(ranks["peak_rss_bytes"], ranks["ru_maxrss_bytes"])
         state = res.rounds["train_state_bytes"].max(axis=0)
-        scheme = res.attrs["scheme"]
-        label = scheme + ("" if scheme != "snake" else f"-{res.attrs.get('mode', '')}")
+        cfg = stored_config(res.config_toml)
+        spec = scheme_spec(cfg.scheme)
+        label = spec.label_of(cfg, tags=False)
         for k in range(res.world_size):
             line = (
                 f"{res.path.name[:28]:<28} {label:<12} {k:>4} {base[k] / scale:>12.2f} "
@@ -315,15 +318,16 @@ def measured_table(paths: Sequence[str]) -> str:
         inc = float((peak - base)[trained].max()) if trained.any() else float("nan")
         name = f"{res.path.name} ({label}, {res.world_size} ranks)"
         worst[name] = inc
+        judged[name] = spec.judged
         if gpu is not None:
             gpu_worst[name] = {key: largest(v) for key, v in gpu.items()}
-    full = {k: v for k, v in worst.items() if "snake" not in k}
+    full = {k: v for k, v in worst.items() if not judged[k]}
     lines.append("")
     for name, inc in worst.items():
         lines.append(f"largest per-node increase: {inc / scale:8.2f} {unit}  {name}")
     for f_name, f_inc in full.items():
         for name, inc in worst.items():
-            if "snake" in name:
+            if judged[name]:
                 lines.append(f"ratio {f_name.split()[0]} / {name.split()[0]}: {f_inc / inc:.2f}x")
     if gpu_worst:
         lines.append("")
@@ -337,7 +341,7 @@ def measured_table(paths: Sequence[str]) -> str:
         key = "gpu_max_allocated_bytes"
         for f_name, f_peaks in gpu_worst.items():
             for name, peaks in gpu_worst.items():
-                if "snake" in name and "snake" not in f_name:
+                if judged[name] and not judged[f_name]:
                     ratio = f_peaks[key] / peaks[key]
                     lines.append(
                         f"GPU ratio (torch alloc) {f_name.split()[0]} / {name.split()[0]}: "

@@ -18,15 +18,8 @@ import numpy as np
 
 from snake_mpi import numerics
 from snake_mpi.analysis.expected import expected_bytes, run_config
-from snake_mpi.config import (
-    LM_ENDS,
-    LM_KD_WEIGHT,
-    LM_PROX_MU,
-    KDConfig,
-    RunConfig,
-    SnakeConfig,
-    to_toml,
-)
+from snake_mpi.config import RunConfig, to_toml
+from snake_mpi.schemes.registry import scheme_spec
 from snake_mpi.store import Result, ResultFormatError, result_paths, scan_results
 
 
@@ -35,39 +28,24 @@ class WorkloadMismatch(ValueError):
 
 
 def label(res: Result) -> str:
-    """What ran: the scheme, with Snake's mode (``snake-p2p``, ``snake-cs``, ``fedavg``...),
-    ``-own`` where a Snake node keeps only its own blocks between turns (``snake.keep``), and
-    ``+tag`` for each label-skew option away from its default (``remedy_tags``), so that e.g.
-    FedAvg with logit adjustment (``fedavg+la1``) is never taken for plain FedAvg."""
+    """What ran: the scheme's label (its ``SchemeSpec.label``: ``snake-p2p``, ``snake-cs``,
+    ``fedavg``...) and ``+tag`` for each label-skew option away from its default
+    (``remedy_tags``), so that e.g. FedAvg with logit adjustment (``fedavg+la1``) is never
+    taken for plain FedAvg."""
     cfg = run_config(res)
-    if cfg.scheme != "snake":
-        return cfg.scheme + "".join(f"+{t}" for t in remedy_tags(cfg))
-    own = "-own" if cfg.snake.keep == "own" else ""
-    return f"snake-{cfg.snake.mode}{own}" + "".join(f"+{t}" for t in remedy_tags(cfg))
+    return scheme_spec(cfg.scheme).label_of(cfg) + "".join(f"+{t}" for t in _train_tags(cfg))
 
 
 def remedy_tags(cfg: RunConfig) -> list[str]:
     """Short names of the run's label-skew options that differ from their defaults
-    (docs/label-skew.md): ``la0`` (``logit_adjust = 0``), ``ends-owner``, ``prox0``,
-    ``kd0``, ``cosine``. Only the run's own scheme's options count; a language model's are
-    judged against its own defaults (``LM_ENDS``, ``LM_KD_WEIGHT``, ``LM_PROX_MU``)."""
-    tags = []
-    is_lm = cfg.model.family == "lm"
-    if cfg.scheme in ("snake", "fedavg"):
-        own, default = getattr(cfg, cfg.scheme), type(getattr(cfg, cfg.scheme))()
-        if own.logit_adjust != default.logit_adjust:
-            tags.append(f"la{own.logit_adjust:g}")
-        default_mu = LM_PROX_MU if is_lm and cfg.scheme == "snake" else default.prox_mu
-        if own.prox_mu != default_mu:
-            tags.append(f"prox{own.prox_mu:g}")
-    if cfg.scheme == "snake":
-        if cfg.snake.ends != (LM_ENDS if is_lm else SnakeConfig().ends):
-            tags.append(f"ends-{cfg.snake.ends}")
-        if cfg.snake.kd.weight != (LM_KD_WEIGHT if is_lm else KDConfig().weight):
-            tags.append(f"kd{cfg.snake.kd.weight:g}")
-    if cfg.train.lr_schedule != "constant":
-        tags.append(cfg.train.lr_schedule)
-    return tags
+    (docs/label-skew.md): the scheme's own (``SchemeSpec.tags``: e.g. ``la0``, ``ends-owner``,
+    ``prox0``, ``kd0``), then ``cosine``."""
+    tags = scheme_spec(cfg.scheme).tags
+    return (tags(cfg) if tags else []) + _train_tags(cfg)
+
+
+def _train_tags(cfg: RunConfig) -> list[str]:
+    return [cfg.train.lr_schedule] if cfg.train.lr_schedule != "constant" else []
 
 
 def workload(res: Result) -> str:
@@ -108,8 +86,9 @@ def check_usable(res: Result) -> RunConfig:
     needed = {f"/rounds/{k}": k in res.rounds for k in NEEDED_ROUNDS}
     needed |= {f"/eval/{k}": k in res.evaluation for k in NEEDED_EVAL}
     tables = {name: list(cols) for name, cols in NEEDED_TABLES.items()}
-    if cfg.scheme == "snake":
-        tables["blocks"].append("params")
+    for need in scheme_spec(cfg.scheme).needs:
+        table, _, column = need.partition("/")
+        tables.setdefault(table, []).append(column)
     if cfg.model.family == "lm":
         tables["ranks"].append("rss_before_model_bytes")
     for name, cols in tables.items():

@@ -1,8 +1,10 @@
 """Distributed learning schemes; each module has ``run(ctx) -> None`` and talks only to ctx
 (``snake_mpi.context.Context``).
 
-Which schemes exist, and what each declares, is the registry's (``schemes.registry``). This
-package imports no torch itself, so the config can read the registry cheaply.
+Each scheme declares itself once, in a light module of its own (``<name>_spec.py``: its
+``SPEC``); ``schemes.registry`` collects them, one line per scheme (``SCHEMES``), and ``add``
+joins a scheme from outside the package. This package imports no torch itself, so the config
+can read the registry cheaply.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from typing import TYPE_CHECKING
 
 from snake_mpi.schemes.registry import (
     REGISTRY,
+    SCHEMES,
     SchemeSpec,
+    add,
     register,
     scheme_names,
     scheme_spec,
@@ -24,7 +28,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REGISTRY",
+    "SCHEMES",
     "SchemeSpec",
+    "add",
     "get_scheme",
     "register",
     "scheme_names",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from snake_mpi import config
 from snake_mpi.config import ConfigError, RunConfig, load_config, parse_edge
 from snake_mpi.schemes.registry import resolve, scheme_names, scheme_spec
 
@@ -74,12 +73,6 @@ def n_middle_blocks(c: RunConfig) -> int:
         except ModelSpecError as e:
             raise ConfigError(str(e)) from None
     return c.model.middle_blocks
-
-
-# BRIDGE: ``config.check_snake_world`` calls ``n_middle_blocks`` by its name in config.py until
-# it moves into the Snake scheme's module; config imports nothing above it, so the function is
-# put there from here. Remove this line and config's stub when check_snake_world has moved.
-config.n_middle_blocks = n_middle_blocks
 
 
 def is_client_server(c: RunConfig) -> bool:
