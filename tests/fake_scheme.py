@@ -27,7 +27,7 @@ def run(ctx) -> None:
     comm, model, rec = ctx.comm, ctx.model, ctx.record
     n, k = comm.size, comm.rank
     everything = list(range(model.n_blocks))
-    ctx.info["owners"] = [-1] * model.n_blocks
+    ctx.report.owners = [-1] * model.n_blocks
     for r in range(ctx.checkpoint.first_round, ctx.cfg.train.rounds):
         rec.begin_round(r)
         if k > 0:
