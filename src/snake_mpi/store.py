@@ -122,6 +122,18 @@ class ResultWriter:
         f.attrs["config_toml"] = _attr(config_toml)
         for key, value in attrs.items():
             f.attrs[key] = _attr(value)
+        self._create_datasets(f)
+        if carried_over is not None:
+            self._carry_over(*carried_over)
+            f.flush()
+            _fsync_path(target)
+            os.replace(target, self.partial)
+            _fsync_dir(self.partial.parent)
+        f.flush()
+        self._identity = _identity(self.partial)
+
+    def _create_datasets(self, f: h5py.File) -> None:
+        """Empty, growable ``/rounds`` (one column per rank) and ``/eval`` datasets."""
         rows = max(1, min(1024, _CHUNK_TARGET_BYTES // (8 * self.world_size)))
         rounds = f.create_group("rounds")
         for name, dtype in self.round_fields.items():
@@ -142,14 +154,6 @@ class ResultWriter:
                 dtype=np.dtype(dtype),
                 chunks=(max(1, min(256, _CHUNK_TARGET_BYTES // (8 * math.prod(row)))), *row),
             )
-        if carried_over is not None:
-            self._carry_over(*carried_over)
-            f.flush()
-            _fsync_path(target)
-            os.replace(target, self.partial)
-            _fsync_dir(self.partial.parent)
-        f.flush()
-        self._identity = _identity(self.partial)
 
     def _carry_over(self, res: Result, n_rounds: int) -> None:
         """Copy the first ``n_rounds`` rounds and their evaluations of ``res``."""

@@ -330,24 +330,33 @@ def measured_table(paths: Sequence[str]) -> str:
             if judged[name]:
                 lines.append(f"ratio {f_name.split()[0]} / {name.split()[0]}: {f_inc / inc:.2f}x")
     if gpu_worst:
-        lines.append("")
-        lines.append(f"largest rank's GPU peak ({gunit}; NVML used is the whole device):")
-        for name, peaks in gpu_worst.items():
-            cells = ", ".join(
-                f"{label} {_cell(peaks[key], gscale, 0).strip()}"
-                for key, label in GPU_FIELDS.items()
-            )
-            lines.append(f"  {cells}  {name}")
-        key = "gpu_max_allocated_bytes"
-        for f_name, f_peaks in gpu_worst.items():
-            for name, peaks in gpu_worst.items():
-                if judged[name] and not judged[f_name]:
-                    ratio = f_peaks[key] / peaks[key]
-                    lines.append(
-                        f"GPU ratio (torch alloc) {f_name.split()[0]} / {name.split()[0]}: "
-                        + (f"{ratio:.2f}x" if np.isfinite(ratio) else "n/a")
-                    )
+        lines += _gpu_summary(gpu_worst, judged, gunit, gscale)
     return "\n".join(lines)
+
+
+def _gpu_summary(
+    gpu_worst: dict[str, dict[str, float]], judged: dict[str, bool], gunit: str, gscale: float
+) -> list[str]:
+    """``measured_table``'s GPU lines: each run's largest rank's peaks, and the full / Snake
+    ratio of torch's allocated peak."""
+    lines: list[str] = []
+    lines.append("")
+    lines.append(f"largest rank's GPU peak ({gunit}; NVML used is the whole device):")
+    for name, peaks in gpu_worst.items():
+        cells = ", ".join(
+            f"{label} {_cell(peaks[key], gscale, 0).strip()}" for key, label in GPU_FIELDS.items()
+        )
+        lines.append(f"  {cells}  {name}")
+    key = "gpu_max_allocated_bytes"
+    for f_name, f_peaks in gpu_worst.items():
+        for name, peaks in gpu_worst.items():
+            if judged[name] and not judged[f_name]:
+                ratio = f_peaks[key] / peaks[key]
+                lines.append(
+                    f"GPU ratio (torch alloc) {f_name.split()[0]} / {name.split()[0]}: "
+                    + (f"{ratio:.2f}x" if np.isfinite(ratio) else "n/a")
+                )
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
