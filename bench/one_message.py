@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from snake_mpi.transport.comm import halves_swapped
+from snake_mpi.transport.mpi.comm import halves_swapped
 from transfer import host_buffer  # bench/transfer.py: buffers allocated as block buffers are
 
 TAG_MESSAGES, TAG_DATATYPE, TAG_SWAPPED = 31, 32, 33

@@ -204,9 +204,9 @@ def _main(argv: list[str] | None) -> int:
         if args.command == "validate" or _is_rank0():
             print(f"snake-mpi: config error: {e}", file=sys.stderr, flush=True)
         if args.command == "run" and _launched_size() > 1:
-            from snake_mpi.transport import comm  # every rank exits 2 only once rank 0 has said why
+            from snake_mpi.transport.mpi import world  # all exit 2 once rank 0 has said why
 
-            comm.settle()
+            world.settle()
         return EXIT_CONFIG
     if args.command == "validate":
         print(f"snake-mpi: {args.config}: {_validated(cfg, args, estimate)}")

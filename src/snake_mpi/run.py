@@ -161,7 +161,8 @@ def main(
     except DeviceError as e:
         error = str(e)
     from snake_mpi.outlock import LockError, OutputLock
-    from snake_mpi.transport import comm as mpi  # initialises MPI; execute() itself needs no MPI
+    from snake_mpi.transport.mpi import world as mpi  # initialises MPI; execute() needs no MPI
+    from snake_mpi.transport.mpi.comm import Comm
 
     rank, size = mpi.world_rank_size()
     on_host = mpi.world_ranks_on_host()  # collective: every rank, before any check can fail
@@ -226,7 +227,7 @@ def main(
     try:
         execute(
             cfg,
-            mpi.Comm.world(deadline_s=cfg.comm.deadline_s),
+            Comm.world(deadline_s=cfg.comm.deadline_s),
             out_path,
             dataset=dataset,
             placement=placement,
@@ -468,7 +469,7 @@ def execute(
     route: tuple[str, str] | None = None,
     checkpoints: Any = None,
 ) -> Context:
-    """The run on this rank over ``comm`` (``comm.Comm``, or an in-process ``LocalComm``).
+    """The run on this rank over ``comm`` (``mpi.comm.Comm``, or an in-process ``LocalComm``).
 
     Rank 0 writes ``out_path``; returns the scheme's context (model, recorder, info).
     ``dataset``: the configured dataset if already loaded (``load_checked``); ``placement``
@@ -594,7 +595,6 @@ def execute(
         n_classes=n_classes,
     )
     hop_buffers = HopBuffers(path, device)
-    hop_buffers.plans = cfg.comm.hop_plans
     comm.use_pipelined_copy(cfg.comm.pipelined_min_bytes, host=path == PATH_HOST)
     ctx = Context(
         cfg=cfg,
@@ -609,6 +609,7 @@ def execute(
         hop=hop_buffers,
         checkpoint=checkpoints,
     )
+    ctx.hops.plans = cfg.comm.hop_plans
     checkpoints.restore(ctx)
     if writer is not None and checkpoints.attempts:  # at once: an attempt that dies is listed
         writer.write_table("attempts", attempt_columns(checkpoints.attempts))
@@ -623,7 +624,7 @@ def execute(
     finally:
         for probe in every:  # the sampler first: no tick reads a stopped probe
             probe.stop()
-    ctx.hop.free_plans()  # the hops are over: their persistent requests go
+    ctx.hops.free()  # the hops are over: their persistent requests go
     rss = (rss_before_model, rss_model_built)
     _finish(ctx, writer, sampler, disk, hosts, parts, dataset, rss, places)
     if writer is not None and checkpoints.directory is not None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,12 +39,6 @@ from snake_mpi.blocks import (
 )
 from snake_mpi.device import PATH_DIRECT, PATH_HOST, PATH_STAGED
 
-if TYPE_CHECKING:
-    from snake_mpi.transport.protocol import Communicator, HopPlan
-
-MAX_PLANS = 64
-"""Hop plans kept per rank (a ring hop needs one or two; delta transfers a few more)."""
-
 
 class HopBuffers:
     """Packs blocks into the payload a send takes, and provides the buffer a receive fills."""
@@ -57,10 +51,6 @@ class HopBuffers:
         if path == PATH_DIRECT and self.device.type != "cuda":
             raise ValueError("the direct path needs a CUDA device")
         self._buffers: dict[str, torch.Tensor] = {}
-        self._plans: dict[tuple[int, int, tuple[int, ...]], tuple[int, HopPlan]] = {}
-        """(id of the model, peer, block ids) -> (the model's ``layout_gen`` then, plan)."""
-        self.plans = True
-        """Whether hops in place use ``plan`` (False: the general path every hop, to compare)."""
         self.pinned = path == PATH_STAGED and torch.cuda.is_available()
         """Whether staging buffers are page-locked (False only where CUDA is absent, i.e. when
         the staged path is exercised on a CPU for testing)."""
@@ -98,7 +88,7 @@ class HopBuffers:
         if self.in_place(model):
             if self.path == PATH_DIRECT:  # the blocks' last writes must be done before MPI
                 torch.cuda.current_stream(self.device).synchronize()
-            return _block_views(model, ids, host=self.path == PATH_HOST)
+            return block_views(model, ids, host=self.path == PATH_HOST)
         if self.path == PATH_HOST:
             return flatten(model, ids)
         total = _total_bytes(model, ids)
@@ -108,55 +98,6 @@ class HopBuffers:
             torch.cuda.current_stream(self.device).synchronize()
             return buf, sizes
         return buf.numpy(), sizes
-
-    def plan(
-        self,
-        comm: Communicator,
-        model: BlockModel,
-        peer: int,
-        ids: Sequence[int],
-        *,
-        receive: bool = False,
-    ) -> HopPlan | None:
-        """The communicator's ``HopPlan`` for hops of blocks ``ids`` of ``model`` with
-        ``peer`` in their own host block buffers, made on first use and kept while the
-        model's buffers stay (``BlockModel.layout_gen``). ``receive``: a released block gets
-        its bytes back first (it is about to be received); to send one is an error (as in
-        ``pack``).
-        None where the general path serves: not in place on the host path, a plan of these
-        blocks posted and not yet completed, or none from the communicator."""
-        if not (self.plans and self.path == PATH_HOST and model.is_flat):
-            return None
-        key = (id(model), peer, tuple(ids))
-        kept = self._plans.get(key)
-        if kept is not None:
-            if kept[1].active:  # its receive is posted: not to be started or freed now
-                return None
-            if kept[0] == model.layout_gen:
-                return kept[1]
-        views, _ = _block_views(model, ids, host=True, allocate=receive)
-        plan = comm.hop_plan(peer, ids, views)
-        if kept is not None:
-            kept[1].free()
-            del self._plans[key]
-        if plan is not None:
-            self._drop_stale(model.layout_gen)
-            self._plans[key] = (model.layout_gen, plan)
-        return plan
-
-    def _drop_stale(self, gen: int) -> None:
-        """Free plans made over buffers the model no longer has (not posted ones), and the
-        oldest beyond ``MAX_PLANS``."""
-        for key, (g, plan) in list(self._plans.items()):
-            if not plan.active and (g != gen or len(self._plans) >= MAX_PLANS):
-                plan.free()
-                del self._plans[key]
-
-    def free_plans(self) -> None:
-        """Free every plan (at the end of a run; a posted receive is cancelled)."""
-        for _, plan in self._plans.values():
-            plan.free()
-        self._plans.clear()
 
     def receive_into(self, nbytes: int) -> Any:
         """The buffer a receive of ``nbytes`` payload bytes lands in (``TransferSpec.alloc``);
@@ -187,7 +128,7 @@ class HopBuffers:
                     raise ValueError(f"block {b} of {n} bytes announced; the model has {have}")
             if self.path == PATH_DIRECT:  # kernels queued on the blocks must finish first
                 torch.cuda.current_stream(self.device).synchronize()
-            return _block_views(model, ids, host=self.path == PATH_HOST, allocate=True)[0]
+            return block_views(model, ids, host=self.path == PATH_HOST, allocate=True)[0]
 
         return land
 
@@ -206,7 +147,7 @@ def _total_bytes(model: BlockModel, ids: Sequence[int]) -> int:
     return sum(block_nbytes(model, b) for b in ids)
 
 
-def _block_views(
+def block_views(
     model: BlockModel, ids: Sequence[int], *, host: bool, allocate: bool = False
 ) -> tuple[list[Any], np.ndarray]:
     """Blocks ``ids``' own buffers (numpy views on the host, else the uint8 tensors) and their
