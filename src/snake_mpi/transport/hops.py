@@ -11,13 +11,12 @@ same wire and count the same bytes, so either end may take either path. No MPI h
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
 from snake_mpi.blocks import BlockModel, block_nbytes
-from snake_mpi.device import PATH_HOST
-from snake_mpi.transport.payloads import HopBuffers, block_views
 from snake_mpi.transport.protocol import Communicator, HopPlan
 from snake_mpi.transport.wire import Transfer, TransferSpec
 
@@ -28,15 +27,30 @@ Key = tuple[int, int, int, int]
 """A posted receive: (source, kind, round, hop)."""
 
 
+class Buffers(Protocol):
+    """What ``Hops`` uses of a transfer path's buffers (``payloads.HopBuffers``)."""
+
+    def pack(self, model: BlockModel, ids: Sequence[int]) -> tuple[Any, np.ndarray]: ...
+
+    def unpack(self, model: BlockModel, ids: Sequence[int], payload: Any, sizes: Any) -> None: ...
+
+    def into(self, model: BlockModel) -> Any: ...
+
+    @property
+    def alloc(self) -> Callable[[int], Any] | None: ...
+
+    def host_in_place(self, model: BlockModel) -> bool: ...
+
+    def host_views(self, model: BlockModel, ids: Sequence[int], *, receive: bool) -> list[Any]: ...
+
+
 class Hops:
     """Hops of a model's blocks between this rank and its peers over ``comm``, in the buffers
     of ``buffers``' transfer path; keeps the hop plans it made and the receives it posted."""
 
-    def __init__(
-        self, comm: Communicator, buffers: HopBuffers | None = None, *, plans: bool = True
-    ) -> None:
+    def __init__(self, comm: Communicator, buffers: Buffers, *, plans: bool = True) -> None:
         self.comm = comm
-        self.buffers = buffers if buffers is not None else HopBuffers()
+        self.buffers = buffers
         self.plans = plans
         """Whether hops in place on the host go by hop plans (False: the general path every
         hop, to compare)."""
@@ -192,7 +206,7 @@ class Hops:
         (it is about to be received); to send one is an error (as in ``HopBuffers.pack``).
         None where the general path serves: plans off, not in place on the host path, a plan
         of these blocks posted and not yet received, or none from the communicator."""
-        if not (self.plans and self.buffers.path == PATH_HOST and model.is_flat):
+        if not (self.plans and self.buffers.host_in_place(model)):
             return None
         key = (id(model), peer, tuple(ids))
         kept = self._plans.get(key)
@@ -201,8 +215,7 @@ class Hops:
                 return None
             if kept[0] == model.layout_gen:
                 return kept[1]
-        views, _ = block_views(model, ids, host=True, allocate=receive)
-        plan = self.comm.hop_plan(peer, ids, views)
+        plan = self.comm.hop_plan(peer, ids, self.buffers.host_views(model, ids, receive=receive))
         if kept is not None:
             kept[1].free()
             del self._plans[key]

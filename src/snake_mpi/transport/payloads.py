@@ -88,7 +88,7 @@ class HopBuffers:
         if self.in_place(model):
             if self.path == PATH_DIRECT:  # the blocks' last writes must be done before MPI
                 torch.cuda.current_stream(self.device).synchronize()
-            return block_views(model, ids, host=self.path == PATH_HOST)
+            return _block_views(model, ids, host=self.path == PATH_HOST)
         if self.path == PATH_HOST:
             return flatten(model, ids)
         total = _total_bytes(model, ids)
@@ -98,6 +98,17 @@ class HopBuffers:
             torch.cuda.current_stream(self.device).synchronize()
             return buf, sizes
         return buf.numpy(), sizes
+
+    def host_in_place(self, model: BlockModel) -> bool:
+        """Whether hops of ``model`` go from and into its own host block buffers (a flat model
+        on the host path): where a hop plan can serve them."""
+        return self.path == PATH_HOST and model.is_flat
+
+    def host_views(self, model: BlockModel, ids: Sequence[int], *, receive: bool) -> list[Any]:
+        """Numpy views of blocks ``ids``' own host buffers (``host_in_place``), for a hop
+        plan. ``receive``: released blocks get their bytes back first (they are about to be
+        received); without it, a released block is an error (as in ``pack``)."""
+        return _block_views(model, ids, host=True, allocate=receive)[0]
 
     def receive_into(self, nbytes: int) -> Any:
         """The buffer a receive of ``nbytes`` payload bytes lands in (``TransferSpec.alloc``);
@@ -128,7 +139,7 @@ class HopBuffers:
                     raise ValueError(f"block {b} of {n} bytes announced; the model has {have}")
             if self.path == PATH_DIRECT:  # kernels queued on the blocks must finish first
                 torch.cuda.current_stream(self.device).synchronize()
-            return block_views(model, ids, host=self.path == PATH_HOST, allocate=True)[0]
+            return _block_views(model, ids, host=self.path == PATH_HOST, allocate=True)[0]
 
         return land
 
@@ -147,7 +158,7 @@ def _total_bytes(model: BlockModel, ids: Sequence[int]) -> int:
     return sum(block_nbytes(model, b) for b in ids)
 
 
-def block_views(
+def _block_views(
     model: BlockModel, ids: Sequence[int], *, host: bool, allocate: bool = False
 ) -> tuple[list[Any], np.ndarray]:
     """Blocks ``ids``' own buffers (numpy views on the host, else the uint8 tensors) and their
