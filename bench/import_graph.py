@@ -1,11 +1,12 @@
-"""The package's import graph and its circles (issue 28: goal none).
+"""The package's import graph: its circles and its upward imports (goal: none of either).
 
 Reads every module of ``src/snake_mpi`` as text (nothing is imported), takes each import of
-another ``snake_mpi`` module, at the top or inside a function (a deferred import still ties the
-two modules together), and prints the groups of modules that import each other in a circle
-(strongly connected components of two or more).
+another ``snake_mpi`` module, at the top, inside a function or under ``TYPE_CHECKING`` (each
+still ties the two modules together), and prints the groups of modules that import each other
+in a circle (strongly connected components of two or more) and every import of a module in a
+higher layer than the importer's (``LAYERS``, the order of the design's architecture.md).
 
-    .venv/bin/python bench/import_graph.py [--edges]
+    .venv/bin/python bench/import_graph.py [--edges] [--src DIR]
 """
 
 from __future__ import annotations
@@ -17,6 +18,54 @@ import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("cli", ("snake_mpi.cli", "snake_mpi.docgen")),
+    (
+        "entry points",
+        ("snake_mpi.run", "snake_mpi.suite", "snake_mpi.launch", "snake_mpi.resources",
+         "snake_mpi.analysis"),
+    ),
+    ("schemes", ("snake_mpi.schemes",)),
+    (
+        "transport, blocks, train, assign",
+        ("snake_mpi.transport", "snake_mpi.blocks", "snake_mpi.train", "snake_mpi.assign",
+         "snake_mpi.context", "snake_mpi.checkpoint", "snake_mpi.record", "snake_mpi.probes",
+         "snake_mpi.device"),
+    ),
+    ("models, data", ("snake_mpi.models", "snake_mpi.data")),
+    ("config", ("snake_mpi.config",)),
+    (
+        "results and utilities",
+        ("snake_mpi", "snake_mpi.store", "snake_mpi.schema", "snake_mpi.durable",
+         "snake_mpi.provenance", "snake_mpi.numerics", "snake_mpi.outlock", "snake_mpi.proctree"),
+    ),
+)  # fmt: skip
+"""The layers, top first: ``cli -> run -> schemes -> (transport, blocks, train, assign) ->
+models, data -> config`` (architecture.md), with analysis beside run (it reads results through
+store and schema, below everything), and the services a scheme is handed (its context,
+checkpoints, recorder, probes, device) beside transport. A module belongs to the layer of the
+longest prefix that names it or its package; importing a module of a higher layer is upward."""
+
+
+def layer_of(module: str) -> int:
+    """Index in ``LAYERS`` (0: the top) of ``module``; ``KeyError`` if no layer names it."""
+    best, found = -1, None
+    for i, (_name, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best:
+                best, found = len(p), i
+    if found is None:
+        raise KeyError(f"{module} is in no layer of LAYERS")
+    return found
+
+
+def upward(edges: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Every import ``(importer, imported)`` whose imported module is in a higher layer, sorted."""
+    return sorted(
+        (a, b) for a, targets in edges.items() for b in targets if layer_of(b) < layer_of(a)
+    )
 
 
 def modules(src: Path = SRC) -> dict[str, Path]:
@@ -106,15 +155,22 @@ def circles(edges: dict[str, set[str]]) -> list[list[str]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--edges", action="store_true", help="also print every module's imports")
+    p.add_argument("--src", type=Path, default=SRC, help="the src/ folder to read (default: this)")
     args = p.parse_args(argv)
-    edges = graph()
+    edges = graph(args.src)
     if args.edges:
         for name in sorted(edges):
             print(f"{name} -> {', '.join(sorted(edges[name])) or '-'}")
     found = circles(edges)
-    print(f"{len(edges)} modules, {sum(map(len, edges.values()))} imports, {len(found)} circle(s)")
+    up = upward(edges)
+    print(
+        f"{len(edges)} modules, {sum(map(len, edges.values()))} imports, {len(found)} circle(s), "
+        f"{len(up)} upward import(s)"
+    )
     for group in found:
         print(f"  circle of {len(group)}: {', '.join(group)}")
+    for a, b in up:
+        print(f"  upward: {a} ({LAYERS[layer_of(a)][0]}) -> {b} ({LAYERS[layer_of(b)][0]})")
     return 0
 
 

@@ -18,8 +18,8 @@ from snake_mpi.config import (
     from_dict,
     load_config,
     to_toml,
-    validate_for_world,
 )
+from snake_mpi.schemes.rules import check, validate_for_world
 
 DEMO = Path(__file__).resolve().parents[1] / "bench" / "configs" / "demo.toml"
 
@@ -92,7 +92,7 @@ def test_overrides_parse_toml_values_and_bare_strings():
 )
 def test_bad_config_is_rejected_with_a_clear_message(raw, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        from_dict(raw)
+        check(from_dict(raw))
 
 
 def test_world_size_checks():

@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
 from snake_mpi.config import ConfigError, RunConfig, from_dict, load_config, to_toml
-from snake_mpi.config import validate_for_world as validate_world
 from snake_mpi.resources import check_memory
 from snake_mpi.run import execute
+from snake_mpi.schemes.rules import validate_for_world as validate_world
 from snake_mpi.transport.localcomm import ThreadWorld
 
 JUNK = st.one_of(

@@ -25,6 +25,7 @@ from snake_mpi.data.text import Tokenizer, corpus_files, is_test_file, load_text
 from snake_mpi.models import build_model  # noqa: E402
 from snake_mpi.models.lm import causal_lm, count_params, to_blocks  # noqa: E402
 from snake_mpi.models.lm_presets import PUBLISHED_PARAMS, ModelSpecError  # noqa: E402
+from snake_mpi.schemes.rules import check, validate_for_world  # noqa: E402
 from snake_mpi.train import evaluate, train_local  # noqa: E402
 
 
@@ -165,10 +166,9 @@ def base_lm_config(**over):
 
 def test_unknown_preset_and_missing_checkpoint_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown model.preset 'opt-7b'; known presets: "):
-        from_dict(base_lm_config(model__preset="opt-7b"))
+        check(from_dict(base_lm_config(model__preset="opt-7b")))
     missing = tmp_path / "nowhere"
-    cfg = from_dict(base_lm_config(model__preset="", model__checkpoint=str(missing)))
-    from snake_mpi.config import validate_for_world
+    cfg = check(from_dict(base_lm_config(model__preset="", model__checkpoint=str(missing))))
 
     with pytest.raises(ConfigError, match=r"model.checkpoint .*nowhere.* is not a directory"):
         validate_for_world(cfg, 2)
@@ -185,7 +185,7 @@ def test_unknown_preset_and_missing_checkpoint_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="go together"):
         from_dict(base_lm_config(data__name="synthetic"))
     with pytest.raises(ConfigError, match="does not support language models"):
-        from_dict(base_lm_config() | {"scheme": "split"})
+        check(from_dict(base_lm_config() | {"scheme": "split"}))
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused():

@@ -7,7 +7,8 @@ import re
 from collections import defaultdict
 
 from conftest import REPO
-from snake_mpi.config import data_ranks, load_config, to_toml, validate_for_world
+from snake_mpi.config import load_config, to_toml
+from snake_mpi.schemes.rules import data_ranks, validate_for_world
 
 PAPER = REPO / "bench" / "configs" / "paper"
 SCHEMES = ["snake-p2p", "snake-cs", "fedavg", "split", "splitfed", "centralised"]

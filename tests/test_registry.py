@@ -15,15 +15,7 @@ import pytest
 from conftest import REPO
 from snake_mpi import config as config_module
 from snake_mpi.analysis.expected import expected_bytes
-from snake_mpi.config import (
-    ConfigError,
-    data_ranks,
-    from_dict,
-    is_client_server,
-    load_config,
-    to_toml,
-    validate_for_world,
-)
+from snake_mpi.config import ConfigError, from_dict, load_config, to_toml
 from snake_mpi.schemes import (
     REGISTRY,
     SchemeSpec,
@@ -33,6 +25,7 @@ from snake_mpi.schemes import (
     scheme_spec,
     unregister,
 )
+from snake_mpi.schemes.rules import check, data_ranks, is_client_server, validate_for_world
 
 BUILT_IN = ("snake", "fedavg", "split", "splitfed", "centralised")
 SMALL = REPO / "tests" / "configs" / "small.toml"
@@ -144,13 +137,13 @@ def test_a_registered_scheme_is_accepted_by_the_config(toy):
         "data": {"name": "text"},
     }
     with pytest.raises(ConfigError, match="'toy' does not support language models"):
-        from_dict(lm)
+        check(from_dict(lm))
 
 
 def test_an_unregistered_scheme_is_refused_again(toy):
     unregister("toy")
     with pytest.raises(ConfigError, match="unknown scheme 'toy'"):
-        from_dict({"scheme": "toy"})
+        check(from_dict({"scheme": "toy"}))
     register(toy)  # the fixture removes it
 
 

@@ -21,6 +21,7 @@ from snake_mpi.cli import main as cli_main
 from snake_mpi.config import ConfigError, from_dict, load_config, to_toml
 from snake_mpi.record import EVAL_FIELDS, eval_layout
 from snake_mpi.run import execute
+from snake_mpi.schemes.rules import check
 from snake_mpi.store import ResultWriter, partial_path, read_result
 from snake_mpi.train import evaluate_detail
 from snake_mpi.transport.localcomm import ThreadWorld
@@ -138,7 +139,7 @@ def test_snake_cs_and_fedavg_record_the_turns_of_the_ranks_that_trained(runs):
 @pytest.mark.parametrize("scheme", ["split", "splitfed"])
 def test_after_each_turn_is_refused_for_split_schemes(scheme):
     with pytest.raises(ConfigError, match=rf"eval.after_each_turn: scheme '{scheme}' splits"):
-        from_dict({"scheme": scheme, "eval": {"after_each_turn": True}})
+        check(from_dict({"scheme": scheme, "eval": {"after_each_turn": True}}))
     assert not from_dict({"scheme": scheme}).eval.after_each_turn  # off by default
 
 

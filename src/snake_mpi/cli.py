@@ -1,14 +1,15 @@
-"""The ``snake-mpi`` command: argument parsing only; work is done in run.py / store.py."""
+"""The ``snake-mpi`` command: argument parsing and a table of commands (``COMMANDS``); the work
+is done in run.py, store.py, analysis/ and the other modules each command names."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from snake_mpi.config import ConfigError, load_config, validate_for_world
-
-EXIT_CONFIG = 2
+from snake_mpi.config import EXIT_CONFIG, ConfigError
+from snake_mpi.schemes.rules import checked_config, validate_for_world
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,8 +19,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="run a config under mpirun (every rank runs this)")
+    subs = {
+        name: sub.add_parser(name, help=text, add_help=name in _OWN_PARSERS)
+        for name, (_function, text) in COMMANDS.items()
+    }
+    run = subs["run"]
     _config_arguments(run)
     run.add_argument("--out", required=True, help="result file (HDF5) to write")
     _memory_argument(run)
@@ -32,11 +36,10 @@ def _parser() -> argparse.ArgumentParser:
         "complete. A run stopped by SIGUSR1 exits 75 after its checkpoint",
     )
 
-    val = sub.add_parser(
-        "validate",
-        help="check a config without running it",
-        description="Check a run configuration as `run` does before it starts (keys, values, "
-        "data), without MPI; exit 0 if valid, 2 with the reason if not.",
+    val = subs["validate"]
+    val.description = (
+        "Check a run configuration as `run` does before it starts (keys, values, data), "
+        "without MPI; exit 0 if valid, 2 with the reason if not."
     )
     _config_arguments(val)
     val.add_argument(
@@ -52,42 +55,12 @@ def _parser() -> argparse.ArgumentParser:
         help="check the config only, not its data (by default the data are read and checked "
         "in full, as `run` does before it starts)",
     )
-
-    show = sub.add_parser("show", help="print a readable summary of a result file")
-    show.add_argument("result", help="result file written by `snake-mpi run`")
-
-    sub.add_parser(
-        "compare",
-        help="compare result files side by side (see `snake-mpi compare --help`)",
-        add_help=False,
-    )
-    sub.add_parser(
-        "report",
-        help="Markdown + HTML report with figures from result files (`snake-mpi report --help`)",
-        add_help=False,
-    )
-    sub.add_parser(
-        "launch",
-        help="run a command on N ranks with srun or mpirun (`snake-mpi launch --help`)",
-        add_help=False,
-    )
-    sub.add_parser(
-        "memory",
-        help="training-state memory per scheme and node vs the paper (`snake-mpi memory --help`)",
-        add_help=False,
-    )
-    sub.add_parser(
-        "export",
-        help="every figure of result files as one long CSV/Parquet table, one row per "
-        "(file, source, round, rank, metric) (`snake-mpi export --help`)",
-        add_help=False,
-    )
-    sub.add_parser(
-        "suite",
-        help="run a benchmark suite, resumable (see `snake-mpi suite --help`)",
-        add_help=False,
-    )
+    subs["show"].add_argument("result", help="result file written by `snake-mpi run`")
     return p
+
+
+_OWN_PARSERS = ("run", "validate", "show")
+"""The commands whose arguments this parser reads; the others parse their own."""
 
 
 def _config_arguments(p: argparse.ArgumentParser) -> None:
@@ -147,84 +120,125 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    """Parse the command's name and dispatch the rest of the line to it (``COMMANDS``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    early_usr1 = _note_usr1() if argv[:1] == ["run"] else None
-    if argv[:1] == ["compare"]:
-        from snake_mpi.analysis.compare import main as compare_main
+    name = argv[0] if argv else ""
+    if name not in COMMANDS:
+        args = _parser().parse_args(argv)  # --help, --version and usage errors exit here
+        name, argv = args.command, argv[argv.index(args.command) :]
+    function, _help = COMMANDS[name]
+    return function(argv[1:])
 
-        return compare_main(argv[1:])
-    if argv[:1] == ["launch"]:
-        from snake_mpi.launch import main as launch_main
 
-        return launch_main(argv[1:])
-    if argv[:1] == ["report"]:
-        from snake_mpi.analysis.report import main as report_main
-
-        return report_main(argv[1:])
-    if argv[:1] == ["memory"]:
-        from snake_mpi.analysis.memory import main as memory_main
-
-        return memory_main(argv[1:])
-    if argv[:1] == ["export"]:
-        from snake_mpi.analysis.export import main as export_main
-
-        return export_main(argv[1:])
-    if argv[:1] == ["suite"]:
-        from snake_mpi.suite import main as suite_main
-
-        return suite_main(argv[1:])
-    args = _parser().parse_args(argv)
-    if args.command == "show":
-        from snake_mpi.analysis.summary import format_summary
-        from snake_mpi.store import ResultError, read_result, result_paths
-
-        try:
-            print(format_summary(read_result(args.result, allow_incomplete=True)))
-            _print_stop_note(args.result)
-        except ResultError as e:
-            hint = ""
-            if e.path.is_dir():
-                found = result_paths([e.path])
-                hint = (
-                    f"; name one of its {len(found)} result file(s) (e.g. {found[0]}), or "
-                    f"compare them with `snake-mpi compare {e.path}`"
-                    if found
-                    else "; it holds no result files (*.h5, *.hdf5, *.partial)"
-                )
-            print(f"snake-mpi: {e}{hint}", file=sys.stderr)
-            return 1
-        return 0
+def _run(argv: list[str]) -> int:
+    """``snake-mpi run``: on every rank, the checked config, then ``run.main``."""
+    early_usr1 = _note_usr1()
+    args = _parser().parse_args(["run", *argv])
     from snake_mpi.data import DataError
 
     try:
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "validate":
-            estimate = _validate(cfg, args)
+        cfg = checked_config(args.config, args.overrides)
     except (ConfigError, DataError) as e:
-        if args.command == "validate" or _is_rank0():
-            print(f"snake-mpi: config error: {e}", file=sys.stderr, flush=True)
-        if args.command == "run" and _launched_size() > 1:
-            from snake_mpi.transport.mpi import world  # all exit 2 once rank 0 has said why
-
-            world.settle()
-        return EXIT_CONFIG
-    if args.command == "validate":
-        print(f"snake-mpi: {args.config}: {_validated(cfg, args, estimate)}")
-        return 0
-    if early_usr1 is not None and cfg.checkpoint.every == 0:
+        return _config_error("run", e)
+    if cfg.checkpoint.every == 0:
         _usr1_as_default(early_usr1)  # no checkpoints: SIGUSR1 ends the rank, as it would later
     from snake_mpi import run  # initialises MPI
 
-    if early_usr1 is not None and cfg.checkpoint.every > 0:
+    if cfg.checkpoint.every > 0:
         from snake_mpi.checkpoint import install_stop_handler, request_stop
 
         install_stop_handler()
         if early_usr1:
             request_stop()
-
     return run.main(
         cfg, args.out, overwrite=args.overwrite, resume=args.resume, max_memory=args.max_memory
     )
+
+
+def _validate_command(argv: list[str]) -> int:
+    """``snake-mpi validate``: the checks ``run`` makes before it starts, without MPI."""
+    args = _parser().parse_args(["validate", *argv])
+    from snake_mpi.data import DataError
+
+    try:
+        cfg = checked_config(args.config, args.overrides)
+        estimate = _validate(cfg, args)
+    except (ConfigError, DataError) as e:
+        return _config_error("validate", e)
+    print(f"snake-mpi: {args.config}: {_validated(cfg, args, estimate)}")
+    return 0
+
+
+def _config_error(command: str, error: Exception) -> int:
+    """A refused config: ``validate`` and rank 0 of ``run`` say why; every rank of a run
+    exits ``EXIT_CONFIG`` once rank 0 has said it."""
+    if command == "validate" or _is_rank0():
+        print(f"snake-mpi: config error: {error}", file=sys.stderr, flush=True)
+    if command == "run" and _launched_size() > 1:
+        from snake_mpi.transport.mpi import world
+
+        world.settle()
+    return EXIT_CONFIG
+
+
+def _show(argv: list[str]) -> int:
+    """``snake-mpi show``: a readable summary of one result file (exit 1 if it is none)."""
+    args = _parser().parse_args(["show", *argv])
+    from snake_mpi.analysis.summary import format_summary
+    from snake_mpi.store import ResultError, read_result, result_paths
+
+    try:
+        print(format_summary(read_result(args.result, allow_incomplete=True)))
+        _print_stop_note(args.result)
+    except ResultError as e:
+        hint = ""
+        if e.path.is_dir():
+            found = result_paths([e.path])
+            hint = (
+                f"; name one of its {len(found)} result file(s) (e.g. {found[0]}), or "
+                f"compare them with `snake-mpi compare {e.path}`"
+                if found
+                else "; it holds no result files (*.h5, *.hdf5, *.partial)"
+            )
+        print(f"snake-mpi: {e}{hint}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _compare(argv: list[str]) -> int:
+    from snake_mpi.analysis.compare import main
+
+    return main(argv)
+
+
+def _report(argv: list[str]) -> int:
+    from snake_mpi.analysis.report import main
+
+    return main(argv)
+
+
+def _launch(argv: list[str]) -> int:
+    from snake_mpi.launch import main
+
+    return main(argv)
+
+
+def _memory(argv: list[str]) -> int:
+    from snake_mpi.analysis.memory import main
+
+    return main(argv)
+
+
+def _export(argv: list[str]) -> int:
+    from snake_mpi.analysis.export import main
+
+    return main(argv)
+
+
+def _suite(argv: list[str]) -> int:
+    from snake_mpi.suite import main
+
+    return main(argv)
 
 
 def _validate_ranks(cfg: Any, args: argparse.Namespace) -> int:
@@ -326,6 +340,34 @@ def _is_rank0() -> bool:
         if var in os.environ:
             return os.environ[var] == "0"
     return True
+
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "run": (_run, "run a config under mpirun (every rank runs this)"),
+    "validate": (_validate_command, "check a config without running it"),
+    "show": (_show, "print a readable summary of a result file"),
+    "compare": (_compare, "compare result files side by side (see `snake-mpi compare --help`)"),
+    "report": (
+        _report,
+        "Markdown + HTML report with figures from result files (`snake-mpi report --help`)",
+    ),
+    "launch": (
+        _launch,
+        "run a command on N ranks with srun or mpirun (`snake-mpi launch --help`)",
+    ),
+    "memory": (
+        _memory,
+        "training-state memory per scheme and node vs the paper (`snake-mpi memory --help`)",
+    ),
+    "export": (
+        _export,
+        "every figure of result files as one long CSV/Parquet table, one row per "
+        "(file, source, round, rank, metric) (`snake-mpi export --help`)",
+    ),
+    "suite": (_suite, "run a benchmark suite, resumable (see `snake-mpi suite --help`)"),
+}
+"""Every command: name -> (its function of the rest of the command line, returning the exit
+status; its line in ``snake-mpi --help``), in the order the help lists them."""
 
 
 if __name__ == "__main__":

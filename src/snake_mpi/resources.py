@@ -35,8 +35,9 @@ import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snake_mpi.config import ConfigError, RunConfig, data_ranks
+from snake_mpi.config import ConfigError, RunConfig
 from snake_mpi.data.synthetic import LATENT_DIM
+from snake_mpi.schemes.rules import data_ranks
 
 FLOAT_BYTES = 4
 INDEX_BYTES = 8

@@ -21,15 +21,7 @@ import torch
 
 from snake_mpi import numerics, provenance
 from snake_mpi.blocks import block_table, flat_storage, model_bytes_held, model_hash
-from snake_mpi.config import (
-    ConfigError,
-    RunConfig,
-    check_output,
-    data_ranks,
-    parse_edge,
-    to_toml,
-    validate_for_world,
-)
+from snake_mpi.config import EXIT_CONFIG, ConfigError, RunConfig, check_output, parse_edge, to_toml
 from snake_mpi.context import Context, NodeData
 from snake_mpi.data import DataError, load_dataset
 from snake_mpi.data.augment import crop_flip
@@ -47,10 +39,9 @@ from snake_mpi.probes.storage import DiskWriteCounter
 from snake_mpi.record import ROUND_FIELDS, Recorder, eval_layout
 from snake_mpi.resources import check_memory
 from snake_mpi.schemes import scheme_spec
+from snake_mpi.schemes.rules import data_ranks, validate_for_world
 from snake_mpi.transport.protocol import Communicator
 from snake_mpi.transport.wire import LinkModel
-
-EXIT_CONFIG = 2
 
 
 def seeds_for(root_seed: int, world_size: int) -> tuple[dict[str, int], list[int]]:
@@ -118,7 +109,7 @@ def link_model(cfg: RunConfig) -> LinkModel:
 
 def result_attrs(cfg: RunConfig) -> dict[str, str]:
     """Root attributes that tell runs apart: scheme, model, dataset (+ Snake's options)."""
-    model = cfg.model.family
+    model: str = cfg.model.family
     if model == "lm":
         model = cfg.model.preset or f"checkpoint:{Path(cfg.model.checkpoint).name}"
     attrs = {"scheme": cfg.scheme, "model": model, "dataset": cfg.data.name}

@@ -38,9 +38,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from snake_mpi.config import ConfigError, load_config
+from snake_mpi.config import ConfigError
 from snake_mpi.launch import launcher
 from snake_mpi.schemes.registry import scheme_spec
+from snake_mpi.schemes.rules import checked_config
 from snake_mpi.store import is_complete
 
 REPO = Path(__file__).resolve().parents[2]
@@ -160,7 +161,7 @@ def load_suite(name: str) -> tuple[list[Cell], float]:
         cfg_path = REPO / config if not Path(config).is_absolute() else Path(config)
         sets = (*overrides, *extra)
         try:
-            cfg = load_config(cfg_path, list(sets))
+            cfg = checked_config(cfg_path, list(sets))
         except ConfigError as e:
             raise ConfigError(f"{path}: {label or entry}: {e}") from None
         counts = [int(at)] if at else ranks
@@ -260,7 +261,7 @@ def resume_flag(cell: Cell, result: Path) -> tuple[str, str]:
     from snake_mpi.checkpoint import manifest as mf
 
     try:
-        cfg = load_config(Path(cell.config), [f"seed={cell.seed}", *cell.overrides])
+        cfg = checked_config(Path(cell.config), [f"seed={cell.seed}", *cell.overrides])
     except ConfigError:
         return "--resume", ""  # the run says what is wrong (exit 2)
     try:

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from snake_mpi.config import load_config, validate_for_world
+from snake_mpi.config import load_config
 from snake_mpi.run import execute, place_before_mpi, prepare_checkpoints, transfer_route
+from snake_mpi.schemes.rules import validate_for_world
 from snake_mpi.transport.mpi import world as mpi
 from snake_mpi.transport.mpi.comm import Comm
 

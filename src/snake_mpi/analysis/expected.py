@@ -11,13 +11,14 @@ import numpy as np
 from snake_mpi.analysis import analytic
 from snake_mpi.config import RunConfig, stored_config
 from snake_mpi.schemes.registry import scheme_spec
+from snake_mpi.schemes.rules import check
 from snake_mpi.store import Result
 from snake_mpi.train import turn_batch_sizes
 
 
 def run_config(res: Result) -> RunConfig:
-    """The resolved config stored in the result."""
-    return stored_config(res.config_toml)
+    """The resolved config stored in the result (checked as a run's is: ``schemes.rules``)."""
+    return check(stored_config(res.config_toml))
 
 
 def expected_bytes(res: Result) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from snake_mpi.config import RunConfig, data_ranks, stored_config
+from snake_mpi.config import RunConfig, stored_config
+from snake_mpi.schemes.rules import check, data_ranks
 from snake_mpi.store import Result, ResultError, ResultFormatError, read_result, result_paths
 
 if TYPE_CHECKING:
@@ -115,7 +116,7 @@ COLUMN_KINDS: dict[str, str] = {**{k: kind for k, (kind, _) in _RUN.items()}, **
 def config_of(res: Result) -> RunConfig:
     """The run's stored config, or ``ResultFormatError`` naming the file."""
     try:
-        return stored_config(res.config_toml)
+        return check(stored_config(res.config_toml))
     except (ValueError, TypeError, KeyError) as e:  # TOMLDecodeError, ConfigError among them
         raise ResultFormatError(
             res.path, f"config_toml attribute is not a valid run configuration: {e}"

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
-from snake_mpi.config import ConfigError, RunConfig, load_config
+from snake_mpi.config import ConfigError, RunConfig
+from snake_mpi.schemes.rules import checked_config
 
 if TYPE_CHECKING:
     from snake_mpi.store import Result
@@ -366,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = checked_config(args.config, args.set)
         nodes = [int(x) for x in args.nodes.split(",") if x.strip()]
         if not nodes or min(nodes) < 1:
             raise ConfigError(f"--nodes must be positive integers, got {args.nodes!r}")

@@ -65,6 +65,18 @@ def load_dataset(d: DataConfig, seed: int, *, checkpoint: str = "") -> Dataset:
             n_test=d.n_test,
             seed=seed,
         )
+    if d.name == "idx":
+        from snake_mpi.data.idx import load_idx
+
+        return load_idx(
+            d.path,
+            sample_shape=tuple(d.sample_shape),
+            n_classes=d.n_classes,
+            pad_to=d.pad_to,
+            n_train=d.n_train,
+            n_test=d.n_test,
+            seed=seed,
+        )
     return make_synthetic(
         n_train=d.n_train,
         n_test=d.n_test,
@@ -94,4 +106,10 @@ def check_data(d: DataConfig) -> None:
             sample_shape=tuple(d.sample_shape),
             n_classes=d.n_classes,
             path=d.path,
+        )
+    elif d.name == "idx":
+        from snake_mpi.data.idx import check_idx
+
+        check_idx(
+            d.path, sample_shape=tuple(d.sample_shape), n_classes=d.n_classes, pad_to=d.pad_to
         )

@@ -105,7 +105,7 @@ def abort_non_finite(ctx: Context, e: NonFiniteLoss) -> NoReturn:
         f"{e} of its turn in round {r + 1} of {ctx.cfg.train.rounds}: training diverged "
         "(check that the features are finite and scaled, and train.lr)"
     )
-    raise e  # LocalComm.abort raises; comm.Comm.abort never returns
+    raise e  # LocalComm.abort raises; Comm.abort never returns
 
 
 def turn_options(ctx: Context, *, logit_adjust: float = 0.0, prox_mu: float = 0.0) -> TurnOptions:
