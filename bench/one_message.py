@@ -40,7 +40,7 @@ import numpy as np
 from mpi4py import MPI
 
 from bench.transfer import host_buffer  # buffers allocated as block buffers are
-from snake_mpi.transport.comm import halves_swapped
+from snake_mpi.transport.mpi.comm import halves_swapped
 
 TAG_MESSAGES, TAG_DATATYPE, TAG_SWAPPED = 31, 32, 33
 DEADLINE_S = 60.0

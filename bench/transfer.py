@@ -30,11 +30,11 @@ Part 2, end to end (``--skip-e2e`` skips it): model -> model hops through the sc
 and a tiny head, and the middle block goes back and forth (token, one transfer in flight):
 
 - ``views``: the model flat (``blocks.flat_storage``); the block buffers go to MPI as they are
-  and each rank posts its next receive right after its own send (``common.expect_planned``,
+  and each rank posts its next receive right after its own send (``common.post_blocks``,
   as Snake does), landing in the model's block buffers; both by the rank's hop plan
-  (``HopBuffers.plan``: header and persistent requests made once), as Snake hops go;
-- ``general``: the same, with hop plans off (``HopBuffers.plans = False``): every hop through
-  ``Comm.send_blocks``/``expect``/``recv_blocks`` (how views hops went before hop plans);
+  (``Hops``: header and persistent requests made once), as Snake hops go;
+- ``general``: the same, with hop plans off (``Hops.plans = False``): every hop through
+  ``Comm.send_blocks``/``post``/``recv_blocks``;
 - ``pipelined``: views by hop plans on a communicator with ``comm.pipelined_min_bytes`` set
   (``--pipelined-min-bytes``, 64 MiB): blocks of that size and more go as swapped halves,
   which Open MPI's shared memory moves by its two-core copy pipeline instead of its single
@@ -122,9 +122,9 @@ from snake_mpi.blocks import (  # noqa: E402
     unflatten,
 )
 from snake_mpi.device import PATH_HOST  # noqa: E402
-from snake_mpi.schemes.common import expect_planned, receive_blocks, send_blocks  # noqa: E402
-from snake_mpi.schemes.snake import hop_spec  # noqa: E402
-from snake_mpi.transport.comm import Comm  # noqa: E402
+from snake_mpi.schemes.common import post_blocks, receive_blocks, send_blocks  # noqa: E402
+from snake_mpi.transport.hops import Hops  # noqa: E402
+from snake_mpi.transport.mpi.comm import Comm  # noqa: E402
 from snake_mpi.transport.payloads import HopBuffers  # noqa: E402
 from snake_mpi.transport.wire import (  # noqa: E402
     KIND_MODEL,
@@ -178,7 +178,7 @@ def comm_once(comm: Comm, world: MPI.Comm, buf: np.ndarray, reps: int) -> float:
         if comm.rank == 0:
             comm.send_blocks(1, Transfer(KIND_MODEL, i, 0, ids, ids, sizes, buf))
         elif comm.rank == 1:
-            comm.recv_blocks(0, TransferSpec(KIND_MODEL, i, 0, out=buf))
+            comm.recv_blocks(0, TransferSpec(KIND_MODEL, i, 0, alloc=lambda k, b=buf: b[:k]))
     if comm.rank == 1:
         world.Send([ack, MPI.BYTE], 0, 8)
     elif comm.rank == 0:
@@ -202,9 +202,9 @@ def token_once(comm: Comm, world: MPI.Comm, buf: np.ndarray, reps: int) -> float
     for i in range(reps):
         if comm.rank == 0:
             send(i)
-            comm.recv_blocks(1, TransferSpec(KIND_MODEL, i, 1, out=buf))
+            comm.recv_blocks(1, TransferSpec(KIND_MODEL, i, 1, alloc=lambda k, b=buf: b[:k]))
         elif comm.rank == 1:
-            comm.recv_blocks(0, TransferSpec(KIND_MODEL, i, 0, out=buf))
+            comm.recv_blocks(0, TransferSpec(KIND_MODEL, i, 0, alloc=lambda k, b=buf: b[:k]))
             send(i)
     return (MPI.Wtime() - t0) / (2 * reps)
 
@@ -248,7 +248,7 @@ def device_paths_table(max_mib: int, trials: int, csv_out: str | None) -> None:
     """Part 3: hop throughput of each transfer path from GPU memory vs bare host mpi4py."""
     import torch
 
-    from snake_mpi.transport.comm import cuda_support
+    from snake_mpi.transport.mpi.world import cuda_support
 
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
@@ -456,22 +456,19 @@ def e2e_model(nbytes: int, k: int) -> BlockModel:
     return model
 
 
-def e2e_ctx(comm: Comm, hop: HopBuffers, nbytes: int, k: int, *, flat: bool) -> SimpleNamespace:
-    """What ``send_blocks``/``receive_blocks``/``hop_spec`` read of a scheme's ``Context``."""
+def e2e_ctx(comm: Comm, hops: Hops, nbytes: int, k: int, *, flat: bool) -> SimpleNamespace:
+    """What ``send_blocks``/``post_blocks``/``receive_blocks`` read of a scheme's ``Context``."""
     model = e2e_model(nbytes, k)
     if flat:
         flat_storage(model)
-    if hop.in_place(model) != flat:
-        raise AssertionError(f"HopBuffers.in_place = {hop.in_place(model)} for flat = {flat}")
-    cfg = SimpleNamespace(snake=SimpleNamespace(keep="all"))  # hop_spec lands in the model
-    return SimpleNamespace(model=model, comm=comm, hop=hop, record=_Record(), cfg=cfg)
+    if hops.buffers.in_place(model) != flat:
+        raise AssertionError(f"in place = {hops.buffers.in_place(model)} for flat = {flat}")
+    return SimpleNamespace(model=model, comm=comm, hops=hops, record=_Record())
 
 
-def expect_hop(ctx: SimpleNamespace, source: int, round_: int, hop: int, ids: list[int]) -> None:
-    """Post the receive of the next hop as Snake does (keep = "all"): by the hop plan, else
-    ``comm.expect`` with ``snake.hop_spec``'s spec."""
-    if not expect_planned(ctx, source, KIND_MODEL, round_, hop, ids):
-        ctx.comm.expect(source, hop_spec(ctx, round_, hop, ids))
+def post_hop(ctx: SimpleNamespace, source: int, round_: int, hop: int, ids: list[int]) -> None:
+    """Post the receive of the next hop as Snake does (keep = "all": into the model)."""
+    post_blocks(ctx, source, KIND_MODEL, round_, hop, ids)
 
 
 def model_token(
@@ -487,7 +484,7 @@ def model_token(
     """Seconds per hop of ``ctx.model``'s middle blocks going back and forth (rank 0 -> 1 ->
     0 ..., ``reps`` round trips of rounds ``r0`` ..., one transfer in flight) through the
     schemes' own ``send_blocks``/``receive_blocks``. ``ahead``: each rank posts its next
-    receive (``comm.expect`` with ``snake.hop_spec``'s spec) right after its own send, as
+    receive (``common.post_blocks``) right after its own send, as
     Snake does where the order of hops is known; the bytes land in the model's block buffers.
     ``rss``: sampled after every hop this rank takes part in. ``between``: run on rank 1
     after each receive, before it sends back (the checks)."""
@@ -495,14 +492,14 @@ def model_token(
     peer = 1 - comm.rank
     ids = ctx.model.middle_ids
     if ahead and comm.rank == 1:
-        expect_hop(ctx, 0, r0, 0, ids)
+        post_hop(ctx, 0, r0, 0, ids)
     world.Barrier()
     t0 = MPI.Wtime()
     for r in range(r0, r0 + reps):
         if comm.rank == 0:
             send_blocks(ctx, peer, KIND_MODEL, r, 0, ids)
             if ahead:
-                expect_hop(ctx, peer, r, 1, ids)
+                post_hop(ctx, peer, r, 1, ids)
             if rss is not None:
                 rss()
             receive_blocks(ctx, peer, KIND_MODEL, r, 1)
@@ -516,7 +513,7 @@ def model_token(
                 between()
             send_blocks(ctx, peer, KIND_MODEL, r, 1, ids)
             if ahead and r + 1 < r0 + reps:
-                expect_hop(ctx, peer, r + 1, 0, ids)
+                post_hop(ctx, peer, r + 1, 0, ids)
             if rss is not None:
                 rss()
     return (MPI.Wtime() - t0) / (2 * reps)
@@ -593,8 +590,9 @@ def e2e_rows(
     growth (MiB, an untimed loop after the trials, worst rank), minor faults per hop (fewest
     over trials, worst rank), the copying mode's pack + unpack time per hop; and the next free
     round number."""
-    hop, general, halves = HopBuffers(PATH_HOST), HopBuffers(PATH_HOST), HopBuffers(PATH_HOST)
-    general.plans = False
+    hop = Hops(comm, HopBuffers(PATH_HOST))
+    general = Hops(comm, HopBuffers(PATH_HOST), plans=False)
+    halves = Hops(piped, HopBuffers(PATH_HOST))
     ctxs = {
         "views": e2e_ctx(comm, hop, nbytes, k, flat=True),
         "general": e2e_ctx(comm, general, nbytes, k, flat=True),
@@ -644,8 +642,8 @@ def e2e_rows(
         out[f"faults_per_hop_{m}"] = worst[len(E2E_MODES) + i]
     out["views_pack_us"], out["copy_pack_us"] = both[0] / 2 * 1e6, both[1] / 2 * 1e6
     out["hops"] = 2 * reps
-    hop.free_plans()
-    halves.free_plans()
+    hop.free()
+    halves.free()
     del ctxs, buf
     gc.collect()
     return out, r0
@@ -747,7 +745,7 @@ def probe_overhead(pairs: int, device: str = "cpu") -> None:
     """Wall time of the same Snake run with the sampler on and off (alternating, ``pairs`` each)."""
     from snake_mpi import run
     from snake_mpi.config import load_config
-    from snake_mpi.transport.comm import cuda_support, local_rank_by_split
+    from snake_mpi.transport.mpi.world import cuda_support, local_rank_by_split
 
     world = MPI.COMM_WORLD
     rank = world.Get_rank()

@@ -31,11 +31,12 @@ from snake_mpi.blocks import (
 )
 from snake_mpi.config import ModelConfig, TrainConfig
 from snake_mpi.models import build_model
-from snake_mpi.schemes.common import receive_blocks, send_blocks
+from snake_mpi.schemes.common import post_blocks, receive_blocks, send_blocks
 from snake_mpi.train import Teacher, train_local
+from snake_mpi.transport.hops import Hops
 from snake_mpi.transport.localcomm import ThreadWorld
 from snake_mpi.transport.payloads import HopBuffers
-from snake_mpi.transport.wire import KIND_MODEL, TransferSpec, header_nbytes
+from snake_mpi.transport.wire import KIND_MODEL, header_nbytes
 
 TINY = REPO / "tests" / "configs" / "tiny.toml"
 
@@ -153,7 +154,7 @@ def test_large_block_buffers_start_on_a_huge_page_also_after_release_and_a_hop()
 def hop_ctx(comm, model, hop):
     rec = types.SimpleNamespace(pack_s=0.0)
     rec.add = lambda name, v: setattr(rec, name, getattr(rec, name) + v)
-    return types.SimpleNamespace(comm=comm, model=model, hop=hop, record=rec)
+    return types.SimpleNamespace(comm=comm, model=model, hop=hop, hops=Hops(comm, hop), record=rec)
 
 
 @pytest.mark.parametrize("posted", [False, True])
@@ -173,9 +174,7 @@ def test_a_hop_lands_in_the_block_buffers_with_exactly_the_analytic_bytes(posted
         release_blocks(model, [3])
         addresses = [block_buffer(model, b).data_ptr() for b in ids[:1]]
         if posted:
-            blocks = tuple((b, block_nbytes(model, b)) for b in ids)
-            spec = TransferSpec(KIND_MODEL, 0, 0, blocks=blocks, into=ctx.hop.into(model))
-            comm.expect(0, spec)
+            post_blocks(ctx, 0, KIND_MODEL, 0, 0, ids)
         got = receive_blocks(ctx, 0, KIND_MODEL, 0, 0)
         assert got == ids and model.versions[ids].tolist() == [7, 7]
         assert [block_buffer(model, b).data_ptr() for b in ids[:1]] == addresses
@@ -207,8 +206,7 @@ def test_a_header_that_differs_from_the_blocks_posted_is_a_protocol_error():
         if comm.rank == 0:
             send_blocks(ctx, 1, KIND_MODEL, 0, 0, [1, 2])
             return None
-        blocks = ((1, block_nbytes(model, 1)),)
-        comm.expect(0, TransferSpec(KIND_MODEL, 0, 0, blocks=blocks, into=ctx.hop.into(model)))
+        post_blocks(ctx, 0, KIND_MODEL, 0, 0, [1])
         receive_blocks(ctx, 0, KIND_MODEL, 0, 0)
 
     with pytest.raises(ProtocolError, match=r"expected blocks \[1\]"):

@@ -290,7 +290,7 @@ def test_the_cuda_support_query_agrees_with_ompi_info(tmp_path):
     flags = re.findall(r"(?:mpi|opal)_built_with_cuda_support:value:(\w+)", info)
     assert flags, "ompi_info does not report the CUDA build flag"
     code = (
-        "from snake_mpi.transport.comm import cuda_support; "
+        "from snake_mpi.transport.mpi.world import cuda_support; "
         "s, how = cuda_support(); print(f'{s}|{how}')"
     )
     job = run_mpi(1, [sys.executable, "-c", code], timeout_s=60)

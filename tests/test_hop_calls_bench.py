@@ -33,7 +33,7 @@ def test_hop_calls_times_every_mode_and_writes_a_row_each(tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert [r["mode"] for r in rows] == ["plans", "general", "lean"]
     for r in rows:
-        parts = [float(r[k]) for k in ("expect_us", "send_us", "receive_us")]
+        parts = [float(r[k]) for k in ("post_us", "send_us", "receive_us")]
         assert all(p > 0 for p in parts), r
         assert abs(float(r["total_us"]) - sum(parts)) < 0.01  # rounded to 3 decimals each
     assert "one 16 KiB block, 300 hops" in job.stdout

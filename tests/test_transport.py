@@ -52,15 +52,14 @@ def test_a_header_says_what_the_transfer_is_and_a_spec_checks_it():
         parse_header(header, TransferSpec(KIND_UPDATE, 0, 1), rank=1, what="it")
 
 
-@pytest.mark.parametrize("where", ["new", "out", "alloc-numpy", "alloc-tensor", "expect"])
+@pytest.mark.parametrize("where", ["new", "alloc-numpy", "alloc-tensor", "post"])
 def test_a_spec_receives_the_blocks_wherever_it_says_and_counts_the_same_bytes(where):
     reused = np.zeros(64, dtype=np.uint8)
     kw = {
         "new": {},
-        "out": {"out": reused},
         "alloc-numpy": {"alloc": lambda n: reused[:n]},
         "alloc-tensor": {"alloc": lambda n: torch.empty(n, dtype=torch.uint8)},
-        "expect": {"blocks": ((0, 3), (1, 5))},
+        "post": {"blocks": ((0, 3), (1, 5))},
     }[where]
 
     def body(comm):
@@ -68,13 +67,13 @@ def test_a_spec_receives_the_blocks_wherever_it_says_and_counts_the_same_bytes(w
             comm.send_blocks(1, blocks(0))
             return comm.stats.take()
         spec = TransferSpec(KIND_MODEL, 0, 0, **kw)
-        if where == "expect":
-            comm.expect(0, spec)
+        if where == "post":
+            comm.post(0, spec)
         t = comm.recv_blocks(0, spec)
         got = t.payload.numpy() if torch.is_tensor(t.payload) else t.payload
         assert got.tolist() == list(range(8))
         assert t.block_ids.tolist() == [0, 1] and t.versions.tolist() == [10, 11]
-        if where in ("out", "alloc-numpy"):
+        if where == "alloc-numpy":
             assert np.shares_memory(t.payload, reused)
         return comm.stats.take()
 
@@ -83,9 +82,9 @@ def test_a_spec_receives_the_blocks_wherever_it_says_and_counts_the_same_bytes(w
     assert sent["messages_sent"] == received["messages_received"] == 1
 
 
-def test_expect_needs_the_payload_size():
+def test_post_needs_the_payload_size():
     with pytest.raises(ValueError, match="payload_bytes"):
-        ThreadWorld(2).comm(1).expect(0, TransferSpec(KIND_MODEL, 0, 0))
+        ThreadWorld(2).comm(1).post(0, TransferSpec(KIND_MODEL, 0, 0))
 
 
 def test_a_receive_of_another_transfer_is_a_protocol_error():

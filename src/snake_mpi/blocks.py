@@ -56,7 +56,7 @@ class BlockModel(nn.Module):
         """Per block, the uint8 buffer its tensors view (``flat_storage``); None: not flat."""
         self.layout_gen = next(_LAYOUT_GENS)
         """Renewed whenever a block buffer is made, replaced, released or dropped: what was
-        built over the buffers before (``HopBuffers.plan``'s persistent requests) is stale.
+        built over the buffers before (a ``Hops`` plan's persistent requests) is stale.
         Unique across models (one counter), so no two layouts share a value."""
 
     def shared_owners(self) -> dict[int, int]:

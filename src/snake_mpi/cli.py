@@ -177,9 +177,9 @@ def _config_error(command: str, error: Exception) -> int:
     if command == "validate" or _is_rank0():
         print(f"snake-mpi: config error: {error}", file=sys.stderr, flush=True)
     if command == "run" and _launched_size() > 1:
-        from snake_mpi.transport import comm
+        from snake_mpi.transport.mpi import world
 
-        comm.settle()
+        world.settle()
     return EXIT_CONFIG
 
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from snake_mpi.blocks import BlockModel
     from snake_mpi.config import RunConfig
     from snake_mpi.record import Recorder
+    from snake_mpi.transport.hops import Hops
     from snake_mpi.transport.payloads import HopBuffers
     from snake_mpi.transport.protocol import Communicator
 
@@ -140,7 +141,7 @@ class Context:
 
     cfg: RunConfig
     comm: Communicator
-    """A ``snake_mpi.transport.comm.Comm``, or an in-process ``localcomm.LocalComm``."""
+    """A ``snake_mpi.transport.mpi.comm.Comm``, or an in-process ``localcomm.LocalComm``."""
     model: BlockModel
     data: NodeData
     record: Recorder
@@ -154,6 +155,14 @@ class Context:
     """The run's shared seeds (``run.seeds_for``): identical on every rank."""
     hop: HopBuffers = field(default_factory=_hop_buffers)
     """The buffers model blocks travel in on this rank's transfer path (host, staged, direct)."""
+    hops: Hops = field(init=False)
+    """The hops of ``model``'s blocks over ``comm`` in ``hop``'s buffers: what a scheme sends,
+    posts and receives blocks by (``transport.hops.Hops``)."""
     checkpoint: RoundCheckpoints = field(default_factory=NoCheckpoints)
     """This run's checkpoints: ``restore`` after the scheme's set-up gives the first round;
     ``boundary`` after every round takes one when due (none by default)."""
+
+    def __post_init__(self) -> None:
+        from snake_mpi.transport.hops import Hops
+
+        self.hops = Hops(self.comm, self.hop)

@@ -159,7 +159,7 @@ def main(
         placement = place_before_mpi(cfg)
     except DeviceError as e:
         error = str(e)
-    from snake_mpi.transport import comm as mpi  # initialises MPI; execute() itself needs no MPI
+    from snake_mpi.transport.mpi import world as mpi  # initialises MPI; execute() needs no MPI
 
     start = Start(error=error, placement=placement, out=out, out_path=Path(out))
     start.rank, start.size = mpi.world_rank_size()
@@ -220,7 +220,7 @@ def check_start(
     from snake_mpi.data import DataError
     from snake_mpi.device import SPLIT_SOURCE
     from snake_mpi.outlock import LockError, OutputLock
-    from snake_mpi.transport import comm as mpi
+    from snake_mpi.transport.mpi import world as mpi
 
     try:
         if not start.error:
@@ -253,7 +253,7 @@ def check_start(
 def any_failed(start: Start) -> bool:
     """Whether some rank's check failed (collective): the first such rank says why, and every
     rank lets go and settles, to return ``EXIT_CONFIG``."""
-    from snake_mpi.transport import comm as mpi
+    from snake_mpi.transport.mpi import world as mpi
 
     codes = mpi.agree(EXIT_CONFIG if start.error else 0)
     if not any(codes):
@@ -271,7 +271,8 @@ def launch(cfg: RunConfig, start: Start, checkpoints: Checkpointer) -> int:
     """Run over the world communicator once every rank passed its checks; the exit status
     (``EXIT_CHECKPOINTED`` when stopped at a checkpoint on request)."""
     from snake_mpi.checkpoint import EXIT_CHECKPOINTED, CheckpointStop
-    from snake_mpi.transport import comm as mpi
+    from snake_mpi.transport.mpi import world as mpi
+    from snake_mpi.transport.mpi.comm import Comm
 
     lock = start.lock
     if lock is not None:
@@ -284,7 +285,7 @@ def launch(cfg: RunConfig, start: Start, checkpoints: Checkpointer) -> int:
     try:
         execute(
             cfg,
-            mpi.Comm.world(deadline_s=cfg.comm.deadline_s),
+            Comm.world(deadline_s=cfg.comm.deadline_s),
             start.out_path,
             dataset=start.dataset,
             placement=start.placement,
@@ -592,7 +593,7 @@ def execute(
     route: tuple[str, str] | None = None,
     checkpoints: Checkpointer | None = None,
 ) -> Context:
-    """The run on this rank over ``comm`` (``comm.Comm``, or an in-process ``LocalComm``):
+    """The run on this rank over ``comm`` (``mpi.comm.Comm``, or an in-process ``LocalComm``):
     build, run the scheme, write.
 
     Rank 0 writes ``out_path``; returns the scheme's context (model, recorder, report).
@@ -798,7 +799,6 @@ def scheme_context(
     )
     path = built.route[0]
     hop_buffers = HopBuffers(path, built.device)
-    hop_buffers.plans = cfg.comm.hop_plans
     comm.use_pipelined_copy(cfg.comm.pipelined_min_bytes, host=path == PATH_HOST)
     ctx = Context(
         cfg=cfg,
@@ -812,6 +812,7 @@ def scheme_context(
         hop=hop_buffers,
         checkpoint=checkpoints,
     )
+    ctx.hops.plans = cfg.comm.hop_plans
     checkpoints.restore(ctx)
     if writer is not None and checkpoints.attempts:  # at once: an attempt that dies is listed
         writer.write_table("attempts", attempt_columns(checkpoints.attempts))
@@ -831,7 +832,7 @@ def run_scheme(ctx: Context, writer: ResultWriter | None, probes: Probes) -> Non
         raise
     finally:
         probes.stop()
-    ctx.hop.free_plans()  # the hops are over: their persistent requests go
+    ctx.hops.free()  # the hops are over: their persistent requests go
 
 
 def _last_evaluation(writer: Any) -> dict[str, Any] | None:

@@ -1,21 +1,21 @@
 """Two ranks: payloads larger than comm.MAX_MESSAGE_BYTES (lowered to 1000 bytes here) travel
 as several messages and arrive intact, however the receive is posted (and into whatever buffer:
-a new array, ``out``, an ``alloc`` callback's numpy view or torch tensor, as the staged and
+a new array, an ``alloc`` callback's numpy view or torch tensor, as the staged and
 direct GPU paths use them; torch tensors go through mpi4py's DLPack as device tensors do);
 prints one line per transfer: ``ok,<how>,<payload bytes>,<bytes counted>``."""
 
 import numpy as np
 import torch
 
-from snake_mpi.transport import comm as comm_mod
-from snake_mpi.transport.comm import Comm
+from snake_mpi.transport.mpi import comm as comm_mod
+from snake_mpi.transport.mpi.comm import Comm
 from snake_mpi.transport.wire import KIND_MODEL, Transfer, TransferSpec
 
 comm_mod.MAX_MESSAGE_BYTES = 1000
 comm = Comm.world(deadline_s=30)
 ids = np.array([0], dtype=np.int64)
 hop = 0
-HOWS = ("plain", "expect", "out", "alloc", "expect-alloc", "tensor")
+HOWS = ("plain", "post", "alloc", "post-alloc", "tensor")
 for how in HOWS:
     for size in (0, 999, 1000, 1001, 4500):
         payload = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
@@ -25,15 +25,13 @@ for how in HOWS:
         else:
             kw = {}
             reused = np.empty(5000, dtype=np.uint8)
-            if how in ("alloc", "expect-alloc"):
+            if how in ("alloc", "post-alloc"):
                 kw["alloc"] = lambda n, buf=reused: buf[:n]
             elif how == "tensor":
                 kw["alloc"] = lambda n: torch.empty(n, dtype=torch.uint8)
-            if how.startswith("expect"):
-                comm.expect(0, TransferSpec(KIND_MODEL, 0, hop, payload_bytes=size, **kw))
+            if how.startswith("post"):
+                comm.post(0, TransferSpec(KIND_MODEL, 0, hop, payload_bytes=size, **kw))
                 kw = {}
-            elif how == "out":
-                kw["out"] = reused
             t = comm.recv_blocks(0, TransferSpec(KIND_MODEL, 0, hop, **kw))
             got = t.payload.numpy() if torch.is_tensor(t.payload) else t.payload
             assert np.array_equal(got, payload), (how, size)

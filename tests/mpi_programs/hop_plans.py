@@ -1,7 +1,7 @@
-"""Two ranks: hops through ``HopBuffers.plan``'s persistent requests (the path Snake's ring
-takes) move the blocks' bytes and versions, count exactly what the general path counts, speak
-the same wire as the general path both ways, are made once and reused, are made anew when the
-block buffers change (``release_blocks``), and are cancelled by ``forget_expected``. Prints
+"""Two ranks: hops through ``Hops``' plans (persistent requests: the path Snake's ring takes)
+move the blocks' bytes and versions, count exactly what the general path counts, speak the
+same wire as the general path both ways, are made once and reused, are made anew when the
+block buffers change (``release_blocks``), and are cancelled by ``Hops.cancel``. Prints
 ``ok,<case>,<bytes received>,<messages received>,<detail>`` lines from rank 1.
 
 ``--wrong-round``: rank 0 sends round 7 where rank 1 posted round 6 (must end the job,
@@ -19,10 +19,12 @@ from torch import nn
 
 from snake_mpi.blocks import BlockModel, block_buffer, flat_storage, release_blocks
 from snake_mpi.device import PATH_HOST
-from snake_mpi.schemes.common import expect_planned, receive_blocks, send_blocks
-from snake_mpi.transport.comm import Comm, install_abort_on_error
+from snake_mpi.schemes.common import post_blocks, receive_blocks, receive_transfer, send_blocks
+from snake_mpi.transport.hops import Hops
+from snake_mpi.transport.mpi.comm import Comm
+from snake_mpi.transport.mpi.world import install_abort_on_error
 from snake_mpi.transport.payloads import HopBuffers, host_view
-from snake_mpi.transport.wire import KIND_MODEL, TransferSpec, header_nbytes
+from snake_mpi.transport.wire import KIND_MODEL, header_nbytes
 
 install_abort_on_error()
 comm = Comm.world(deadline_s=30)
@@ -56,9 +58,11 @@ PIPELINED = int(sys.argv[sys.argv.index("--pipelined") + 1]) if "--pipelined" in
 if PIPELINED:
     off = comm.use_pipelined_copy(PIPELINED, host=comm.rank == 0)  # rank 1: a GPU path
     on = comm.use_pipelined_copy(PIPELINED, host=True)
-    pipelined = f"pipelined,{off},{on},{len(comm._same_host)}"
+    pipelined = f"pipelined,{off},{on},{len(comm.same_host)}"
 
-ctx = SimpleNamespace(model=model(), comm=comm, hop=HopBuffers(PATH_HOST), record=Record())
+ctx = SimpleNamespace(
+    model=model(), comm=comm, hops=Hops(comm, HopBuffers(PATH_HOST)), record=Record()
+)
 TOTAL = sum(block_buffer(ctx.model, b).numel() for b in IDS)
 HOP_BYTES = header_nbytes(len(IDS)) + TOTAL
 
@@ -72,7 +76,7 @@ def pattern(seed: int) -> np.ndarray:
 
 
 def plan_of(peer_: int):
-    kept = ctx.hop._plans.get((id(ctx.model), peer_, tuple(IDS)))
+    kept = ctx.hops._plans.get((id(ctx.model), peer_, tuple(IDS)))
     return None if kept is None else kept[1]
 
 
@@ -88,12 +92,18 @@ def views_inside() -> bool:
     return True
 
 
+def post_planned(round_: int) -> None:
+    """Rank 1 posts the receive of round ``round_``'s hop; a plan must post it."""
+    post_blocks(ctx, 0, KIND_MODEL, round_, 0, IDS)
+    assert (0, KIND_MODEL, round_, 0) in ctx.hops._posted, "no plan posted"
+
+
 def hop(round_: int, seed: int, *, planned_recv: bool = True, case: str, detail=str) -> None:
     """Rank 0 sends blocks IDS (versions = round_ + 1) in round ``round_``; rank 1 posts the
     receive ahead by a plan (``planned_recv``) or not, receives and checks bytes, versions,
     and the counts (printed)."""
     if comm.rank == 1 and planned_recv:
-        assert expect_planned(ctx, 0, KIND_MODEL, round_, 0, IDS), "no plan posted"
+        post_planned(round_)
     comm.barrier()
     if comm.rank == 0:
         off = 0
@@ -117,7 +127,7 @@ def hop(round_: int, seed: int, *, planned_recv: bool = True, case: str, detail=
 
 if "--wrong-round" in sys.argv:
     if comm.rank == 1:
-        expect_planned(ctx, 0, KIND_MODEL, 6, 0, IDS)
+        post_planned(6)
         receive_blocks(ctx, 0, KIND_MODEL, 6, 0)
     else:
         send_blocks(ctx, 1, KIND_MODEL, 7, 0, IDS)
@@ -132,28 +142,28 @@ assert first is not None and plan_of(peer) is first, f"rank {comm.rank}: the pla
 if PIPELINED and comm.rank == 1:
     print(f"{pipelined},{len(first._dtypes)}", flush=True)
 
-# 1b. a planned receive completed by Comm.recv_blocks (as a caller of the general API would)
+# 1b. a planned receive completed by receive_transfer (as an update to average is received)
 if comm.rank == 1:
-    assert expect_planned(ctx, 0, KIND_MODEL, 50, 0, IDS)
+    post_planned(50)
 comm.barrier()
 if comm.rank == 0:
     ctx.model.versions[IDS] = 51
     send_blocks(ctx, 1, KIND_MODEL, 50, 0, IDS)
 else:
     comm.stats.take()
-    t = comm.recv_blocks(0, TransferSpec(KIND_MODEL, 50, 0))
+    t = receive_transfer(ctx, 0, KIND_MODEL, 50, 0)
     st = comm.stats.take()
     landed = all(a is b for a, b in zip(t.payload, plan_of(0).bufs, strict=True))
     ok = t.block_ids.tolist() == IDS and t.versions.tolist() == [51, 51] and landed
-    print(f"ok,recv_blocks,{st['bytes_received']},{st['messages_received']},{ok}", flush=True)
+    print(f"ok,receive_transfer,{st['bytes_received']},{st['messages_received']},{ok}", flush=True)
 comm.barrier()
 
 # 2. the general path on one side, a plan on the other: the same wire
-ctx.hop.plans = comm.rank == 1  # rank 0 sends by the general path
+ctx.hops.plans = comm.rank == 1  # rank 0 sends by the general path
 hop(2, 12, case="general-to-plan")
-ctx.hop.plans = comm.rank == 0  # rank 1 receives by the general path (no receive ahead)
+ctx.hops.plans = comm.rank == 0  # rank 1 receives by the general path (no receive ahead)
 hop(3, 13, planned_recv=False, case="plan-to-general")
-ctx.hop.plans = True
+ctx.hops.plans = True
 
 # 3. the receiver frees the blocks (snake.keep = "own"): a new plan over new buffers
 before = plan_of(peer)
@@ -163,9 +173,9 @@ hop(4, 14, case="released", detail=lambda: str(plan_of(0) is not before))
 
 # 4. a posted plan cancelled (a checkpoint stop): the next hop is not taken by it
 if comm.rank == 1:
-    assert expect_planned(ctx, 0, KIND_MODEL, 99, 0, IDS)
-    comm.forget_expected()
+    post_planned(99)
+    ctx.hops.cancel()
     assert not plan_of(0).active
 hop(5, 15, case="after-cancel")
-ctx.hop.free_plans()
+ctx.hops.free()
 comm.barrier()

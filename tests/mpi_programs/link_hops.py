@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from snake_mpi.transport.comm import Comm
+from snake_mpi.transport.mpi.comm import Comm
 from snake_mpi.transport.wire import KIND_MODEL, LinkModel, Transfer, TransferSpec
 
 link = LinkModel(bandwidth_bps=float(sys.argv[1]), latency_s=float(sys.argv[2]))

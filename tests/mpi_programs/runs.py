@@ -23,7 +23,8 @@ from mpi4py import MPI
 from snake_mpi.config import load_config
 from snake_mpi.run import execute, place_before_mpi, prepare_checkpoints, transfer_route
 from snake_mpi.schemes.rules import validate_for_world
-from snake_mpi.transport import comm as mpi
+from snake_mpi.transport.mpi import world as mpi
+from snake_mpi.transport.mpi.comm import Comm
 
 
 def idle(world: MPI.Comm) -> None:
@@ -48,10 +49,10 @@ def main(spec: Path) -> None:
             cfg = load_config(run["config"], run["sets"])
             validate_for_world(cfg, n)
             out = Path(run["out"])
-            comm = mpi.Comm(sub.Dup(), deadline_s=cfg.comm.deadline_s)
-            beside = mpi.Comm(sub.Dup(), deadline_s=60)  # run.main agrees outside the run's
+            comm = Comm(sub.Dup(), deadline_s=cfg.comm.deadline_s)
+            beside = Comm(sub.Dup(), deadline_s=60)  # run.main agrees outside the run's
 
-            def agree(code: int, beside: mpi.Comm = beside) -> list[int]:
+            def agree(code: int, beside: Comm = beside) -> list[int]:
                 return [int(c) for c in beside.allgather_row(np.array([float(code)]))[:, 0]]
 
             placement = place_before_mpi(cfg)  # the launcher's local rank, as run.main

@@ -1,12 +1,10 @@
-"""What every scheme does the same way: move model blocks through ``ctx.comm`` and evaluate."""
+"""What every scheme does the same way: move model blocks through ``ctx.hops`` and evaluate."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
 from typing import NoReturn
-
-import numpy as np
 
 from snake_mpi.blocks import BlockModel
 from snake_mpi.context import Context
@@ -21,7 +19,7 @@ from snake_mpi.train import (
     train_local,
     turn_batch_sizes,
 )
-from snake_mpi.transport.wire import Transfer, TransferSpec
+from snake_mpi.transport.wire import Transfer
 
 
 def send_blocks(
@@ -29,94 +27,39 @@ def send_blocks(
 ) -> None:
     """Send blocks ``ids`` of ``ctx.model`` (state and versions) to ``dest`` as one transfer;
     the seconds spent packing them (0 when the block buffers go as they are) in ``pack_s``."""
-    model = ctx.model
-    ids = list(ids)
-    plan = ctx.hop.plan(ctx.comm, model, dest, ids)
-    if plan is not None:  # the block buffers, with requests made once (nothing to pack)
-        plan.send_blocks(kind, round_, hop, model.versions[ids].tolist())
-        return
-    t0 = time.perf_counter()
-    payload, sizes = ctx.hop.pack(model, ids)
-    ctx.record.add("pack_s", time.perf_counter() - t0)
-    ctx.comm.send_blocks(
-        dest,
-        Transfer(
-            kind=kind,
-            round=round_,
-            hop=hop,
-            block_ids=np.asarray(ids, dtype=np.int64),
-            versions=model.versions[ids],
-            block_nbytes=sizes,
-            payload=payload,
-        ),
-    )
+    ctx.record.add("pack_s", ctx.hops.send(ctx.model, dest, kind, round_, hop, ids))
 
 
-def expect_planned(
-    ctx: Context, source: int, kind: int, round_: int, hop: int, ids: Sequence[int]
-) -> bool:
+def post_blocks(
+    ctx: Context,
+    source: int,
+    kind: int,
+    round_: int,
+    hop: int,
+    ids: Sequence[int],
+    *,
+    into_model: bool = True,
+) -> None:
     """Post the receive of transfer ``(kind, round_, hop)`` of blocks ``ids`` from ``source``
-    now, landing in ``ctx.model``'s own block buffers, by the rank's ``HopPlan`` for these
-    blocks (completed by a later ``receive_blocks``, as ``Comm.expect``'s are); False where it
-    has none: then post it with ``ctx.comm.expect``."""
-    plan = ctx.hop.plan(ctx.comm, ctx.model, source, ids, receive=True)
-    if plan is None:
-        return False
-    plan.expect(kind, round_, hop)
-    return True
+    now (``Hops.post``), completed by a later ``receive_blocks`` of it. ``into_model``: the
+    blocks land in ``ctx.model``'s own block buffers where its hops are in place, else in a
+    transfer buffer."""
+    ctx.hops.post(ctx.model, source, kind, round_, hop, ids, into_model=into_model)
 
 
-def receive_transfer(
-    ctx: Context, source: int, kind: int, round_: int, hop: int, *, into_model: bool = False
-) -> Transfer:
-    """Receive one transfer of model blocks and check its block ids against the model.
-    ``into_model``: the blocks land in ``ctx.model``'s own block buffers where its hops are
-    in place (``HopBuffers.in_place``), else in a transfer buffer."""
-    into = ctx.hop.into(ctx.model) if into_model else None
-    spec = TransferSpec(kind, round_, hop, alloc=ctx.hop.alloc, into=into)
-    t = ctx.comm.recv_blocks(source, spec)
-    n = ctx.model.n_blocks
-    if any(b < 0 or b >= n for b in t.block_ids.tolist()):
-        raise ValueError(
-            f"rank {ctx.comm.rank}: block ids {t.block_ids.tolist()} out of range (model has {n})"
-        )
-    return t
+def receive_transfer(ctx: Context, source: int, kind: int, round_: int, hop: int) -> Transfer:
+    """Receive one transfer of model blocks into a transfer buffer (not into ``ctx.model``:
+    e.g. an update to average); its block ids are checked against the model."""
+    return ctx.hops.receive_transfer(ctx.model, source, kind, round_, hop)
 
 
 def receive_blocks(ctx: Context, source: int, kind: int, round_: int, hop: int) -> list[int]:
-    """Receive blocks into ``ctx.model`` (state and versions); refuse older versions (which
-    end the job: where the bytes land in the model's own buffers they are there already). The
-    seconds spent copying the payload into the model (0 when it landed there) in ``pack_s``."""
-    model = ctx.model
-    plan = ctx.comm.take_plan(source, kind, round_, hop)
-    if plan is not None:  # posted by expect_planned: the blocks land in their buffers
-        ids = list(plan.ids)
-        versions = plan.receive(kind, round_, hop)
-        _refuse_stale(ctx, source, round_, hop, ids, versions)
-        model.versions[ids] = versions
-        return ids
-    t = receive_transfer(ctx, source, kind, round_, hop, into_model=True)
-    ids = t.block_ids.tolist()
-    _refuse_stale(ctx, source, round_, hop, ids, t.versions.tolist())
-    if not isinstance(t.payload, list):  # else it landed in the blocks: nothing to copy
-        t0 = time.perf_counter()
-        ctx.hop.unpack(model, ids, t.payload, t.block_nbytes)
-        ctx.record.add("pack_s", time.perf_counter() - t0)
-    model.versions[ids] = t.versions
+    """Receive blocks into ``ctx.model`` (state and versions); older versions than this rank
+    holds end the job. The seconds spent copying the payload into the model (0 when it landed
+    there) in ``pack_s``."""
+    ids, unpack_s = ctx.hops.receive(ctx.model, source, kind, round_, hop)
+    ctx.record.add("pack_s", unpack_s)
     return ids
-
-
-def _refuse_stale(
-    ctx: Context, source: int, round_: int, hop: int, ids: list[int], versions: list[int]
-) -> None:
-    """End the job where a hop brings an older version of a block than this rank holds."""
-    held = ctx.model.versions[ids].tolist()
-    stale = [b for b, v, h in zip(ids, versions, held, strict=True) if v < h]
-    if stale:
-        raise ValueError(
-            f"rank {ctx.comm.rank}: received older versions of blocks {stale} than it holds "
-            f"(round {round_}, hop {hop} from rank {source})"
-        )
 
 
 def evaluate_and_record(ctx: Context, model: BlockModel | None = None) -> None:
@@ -162,7 +105,7 @@ def abort_non_finite(ctx: Context, e: NonFiniteLoss) -> NoReturn:
         f"{e} of its turn in round {r + 1} of {ctx.cfg.train.rounds}: training diverged "
         "(check that the features are finite and scaled, and train.lr)"
     )
-    raise e  # LocalComm.abort raises; comm.Comm.abort never returns
+    raise e  # LocalComm.abort raises; Comm.abort never returns
 
 
 def turn_options(ctx: Context, *, logit_adjust: float = 0.0, prox_mu: float = 0.0) -> TurnOptions:

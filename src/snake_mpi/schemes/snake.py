@@ -23,7 +23,6 @@ import numpy as np
 from snake_mpi import assign
 from snake_mpi.blocks import (
     BlockModel,
-    block_nbytes,
     block_params,
     release_blocks,
     released_blocks,
@@ -35,14 +34,14 @@ from snake_mpi.probes.memory import release_free_memory
 from snake_mpi.schemes.capability import measure_in_turn
 from snake_mpi.schemes.common import (
     evaluate_and_record,
-    expect_planned,
+    post_blocks,
     receive_blocks,
     send_blocks,
     train_and_record,
     turn_options,
 )
 from snake_mpi.train import KDSpec, TurnOptions
-from snake_mpi.transport.wire import KIND_MODEL, KIND_SYNC, KIND_UPDATE, TransferSpec
+from snake_mpi.transport.wire import KIND_MODEL, KIND_SYNC, KIND_UPDATE
 
 OWNER_ALL = -1
 OWNER_NONE = -2
@@ -202,17 +201,6 @@ def expected_hop_blocks(
     return blocks_to_send(predicted, stamp(round_, receiver, n), transfer, freed)
 
 
-def hop_spec(ctx: Context, round_: int, hop: int, ids: Sequence[int]) -> TransferSpec:
-    """The spec of a model hop of blocks ``ids``, known ahead (``Comm.expect``, where no hop
-    plan posts it: ``common.expect_planned``): into the
-    model's block buffers where hops are in place and the blocks are held (``keep = "all"``;
-    with ``keep = "own"`` a freed block would be allocated early), else a transfer buffer."""
-    model = ctx.model
-    blocks = tuple((int(b), block_nbytes(model, b)) for b in ids)
-    into = ctx.hop.into(model) if ctx.cfg.snake.keep == "all" else None
-    return TransferSpec(KIND_MODEL, round_, hop, blocks=blocks, alloc=ctx.hop.alloc, into=into)
-
-
 def keep_own(ctx: Context, own: Sequence[int]) -> None:
     """With ``snake.keep = "own"``: free every block this node does not train (it has handed the
     model or its update on) and hand the freed pages back to the OS, so its RSS shows it too."""
@@ -271,14 +259,12 @@ def run_p2p(ctx: Context) -> None:
             keep_own(ctx, mine)  # handed on
         if r < rounds - 1 and (node == 0 or keep == "all"):
             # post this node's next receive now, so the hop lands while this node still
-            # gathers the round's figures (node 0: must, before the gather, see Comm.expect);
-            # the staged or device buffer, or the model's blocks, are free until then
+            # gathers the round's figures (node 0: must, before the gather, see Comm.post);
+            # the staged or device buffer, or the model's blocks, are free until then (with
+            # keep = "own" a freed block would be allocated early: a transfer buffer then)
             nxt = expected_hop_blocks(model.versions, plan, node, r, transfer, keep)
             r_in, hop_in = (r, last) if node == 0 else (r + 1, node - 1)
-            if not (
-                keep == "all" and expect_planned(ctx, comm.pred, KIND_MODEL, r_in, hop_in, nxt)
-            ):
-                comm.expect(comm.pred, hop_spec(ctx, r_in, hop_in, nxt))
+            post_blocks(ctx, comm.pred, KIND_MODEL, r_in, hop_in, nxt, into_model=keep == "all")
         rec.end_round()
         wrap_in = None
         if node == 0 and r < rounds - 1:
@@ -289,7 +275,7 @@ def run_p2p(ctx: Context) -> None:
         try:
             ctx.checkpoint.boundary(ctx, r, carry_in=wrap_in)
         except CheckpointStop:  # the hop posted ahead will not come
-            comm.forget_expected()
+            ctx.hops.cancel()
             raise
     if cfg.snake.final_sync:
         final_sync(ctx, rounds)

@@ -7,11 +7,16 @@ server after each round, so that the server can evaluate the whole model.
 
 from __future__ import annotations
 
-from snake_mpi.blocks import block_nbytes, drop_blocks
+from snake_mpi.blocks import drop_blocks
 from snake_mpi.context import Context
-from snake_mpi.schemes.common import evaluate_and_record, receive_blocks, send_blocks
+from snake_mpi.schemes.common import (
+    evaluate_and_record,
+    post_blocks,
+    receive_blocks,
+    send_blocks,
+)
 from snake_mpi.schemes.splitnet import ClientTurn, ServerPart, record_server, steps_of
-from snake_mpi.transport.wire import KIND_MODEL, KIND_UPDATE, TransferSpec
+from snake_mpi.transport.wire import KIND_MODEL, KIND_UPDATE
 
 
 def run(ctx: Context) -> None:
@@ -43,10 +48,8 @@ def run(ctx: Context) -> None:
                 receive_blocks(ctx, last, KIND_MODEL, r - 1, last)
             ClientTurn(ctx, cut, r).run()
             model.versions[client_ids] = r * last + k
-            if k == 1 and r < rounds - 1:  # the relay across the round end, see Comm.expect
-                blocks = tuple((b, block_nbytes(model, b)) for b in client_ids)
-                spec = TransferSpec(KIND_MODEL, r, last, blocks=blocks, alloc=ctx.hop.alloc)
-                comm.expect(last, spec)
+            if k == 1 and r < rounds - 1:  # the relay across the round end, see Comm.post
+                post_blocks(ctx, last, KIND_MODEL, r, last, client_ids, into_model=False)
             if k == last:
                 send_blocks(ctx, 0, KIND_UPDATE, r, k, client_ids)
             if k < last or r < rounds - 1:

@@ -1,7 +1,7 @@
-"""An in-process communicator with ``comm.Comm``'s interface: N ranks as threads of one process.
+"""An in-process communicator with ``mpi.comm.Comm``'s interface: N ranks as threads of one process.
 
 Lets a scheme run in a unit test without mpirun, and lets a test compare the same run both
-ways bit for bit. Messages are copied (as MPI would), counted exactly as ``comm.Comm`` counts
+ways bit for bit. Messages are copied (as MPI would), counted exactly as ``Comm`` counts
 them (same header layout, same accounting), and every wait has the same deadline.
 """
 
@@ -89,7 +89,7 @@ class ThreadWorld:
 
 
 class LocalComm(RingPositions):
-    """One thread-rank of a ThreadWorld; same methods and counters as ``comm.Comm``."""
+    """One thread-rank of a ThreadWorld; same methods and counters as ``Comm``."""
 
     def __init__(
         self, world: ThreadWorld, rank: int, *, deadline_s: float, link: LinkModel | None = None
@@ -100,7 +100,7 @@ class LocalComm(RingPositions):
         self.size = world.size
         self.deadline_s = float(deadline_s)
         self.stats = CommStats()
-        self._expected: dict[tuple[int, int, int, int], tuple[list[int], list[int]]] = {}
+        self._posted: dict[tuple[int, int, int, int], tuple[list[int], list[int]]] = {}
 
     def send_blocks(self, dest: int, transfer: Transfer) -> None:
         """Put a copy of ``transfer``'s header and payload in ``dest``'s mailbox; counted."""
@@ -117,44 +117,40 @@ class LocalComm(RingPositions):
         self._world._boxes[(self.rank, dest)].put((header, sent))
         account_send(self.stats, self.link, self.rank, dest, header.nbytes + sent.nbytes, t0)
 
-    def expect(self, source: int, spec: TransferSpec) -> None:
+    def post(self, source: int, spec: TransferSpec) -> None:
         """Nothing to post ahead: sends here never wait for the receiver. Keeps the blocks
-        expected, which the header must name, as ``comm.Comm.expect`` does."""
-        self._expected[(source, spec.kind, spec.round, spec.hop)] = spec.posted_blocks()
+        posted, which the header must name, as ``Comm.post`` does."""
+        self._posted[(source, spec.kind, spec.round, spec.hop)] = spec.posted_blocks()
 
     def hop_plan(self, peer: int, block_ids: Sequence[int], bufs: Sequence[Any]) -> None:
         """None: a send here copies anyway, there is no per-hop set-up to save."""
-        return None
-
-    def take_plan(self, source: int, kind: int, round_: int, hop: int) -> None:
-        """None: no plan here (``hop_plan``)."""
         return None
 
     def use_pipelined_copy(self, min_bytes: int, *, host: bool) -> bool:
         """False: threads hand over blocks by one copy in memory, there is no MPI transport."""
         return False
 
-    def forget_expected(self) -> None:
-        """Drop the transfers ``expect`` announced (as ``comm.Comm.forget_expected``)."""
-        self._expected.clear()
+    def cancel(self) -> None:
+        """Drop the transfers ``post`` announced (as ``Comm.cancel``)."""
+        self._posted.clear()
 
     def recv_blocks(self, source: int, spec: TransferSpec) -> Transfer:
         """Take the next message from ``source``; it must be the transfer ``spec`` names. Lands
-        in ``spec.out`` or ``spec.alloc``'s buffer where given (copied, as MPI would)."""
+        in ``spec.into``'s or ``spec.alloc``'s buffers where given (copied, as MPI would)."""
         what = spec.describe(source)
         t0 = time.perf_counter()
         header, payload = self._take(source, what, t0)
         t1 = time.perf_counter()
         self.stats.wait_s += t1 - t0
         body, payload_bytes = parse_header(header, spec, rank=self.rank, what=what)
-        posted = self._expected.pop((source, spec.kind, spec.round, spec.hop), None)
+        posted = self._posted.pop((source, spec.kind, spec.round, spec.hop), None)
         ids, nbytes = body[:, 0].tolist(), body[:, 2].tolist()
         if posted is not None:
             check_posted(posted, ids, nbytes, rank=self.rank, what=what)
         if payload.nbytes != payload_bytes:
             raise ProtocolError(f"rank {self.rank}: payload size mismatch in the {what}")
         bufs = spec.into(ids, nbytes) if spec.into is not None else None
-        out = spec.out
+        out = spec.alloc(payload_bytes) if bufs is None and spec.alloc is not None else None
         if bufs is not None:  # block by block into the given buffers (the model's own)
             check_landing(bufs, nbytes, rank=self.rank, what=what)
             offset = 0
@@ -162,9 +158,7 @@ class LocalComm(RingPositions):
                 _copy_bytes(buf, payload[offset : offset + n])
                 offset += n
             payload = bufs
-        elif out is None and spec.alloc is not None:
-            out = spec.alloc(payload_bytes)
-        if bufs is None and out is not None:
+        elif out is not None:
             _copy_bytes(out[:payload_bytes], payload)
             payload = out[:payload_bytes]
         nbytes = header.nbytes + payload_bytes
@@ -201,7 +195,7 @@ class LocalComm(RingPositions):
 
     def gather_row(self, row: np.ndarray, what: str = "") -> np.ndarray | None:
         row = np.array(row, dtype=np.float64)
-        if self.rank != 0:  # as comm.Comm: rank 0 keeps its own row, sends nothing
+        if self.rank != 0:  # as Comm: rank 0 keeps its own row, sends nothing
             self.stats.control_bytes_sent += row.nbytes
         rows = self._gather(row)
         return None if rows is None else np.stack(rows)
@@ -209,7 +203,7 @@ class LocalComm(RingPositions):
     def allgather_row(self, row: np.ndarray, what: str = "") -> np.ndarray:
         table = self.gather_row(row, what)
         w = self._world
-        if table is not None:  # rank 0, as comm.Comm: sends the table to every other rank
+        if table is not None:  # rank 0, as Comm: sends the table to every other rank
             self.stats.control_bytes_sent += table.nbytes * (self.size - 1)
             w._shared = table
         w._barrier.wait(timeout=self.deadline_s)

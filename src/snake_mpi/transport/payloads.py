@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,12 +39,6 @@ from snake_mpi.blocks import (
 )
 from snake_mpi.device import PATH_DIRECT, PATH_HOST, PATH_STAGED
 
-if TYPE_CHECKING:
-    from snake_mpi.transport.protocol import Communicator, HopPlan
-
-MAX_PLANS = 64
-"""Hop plans kept per rank (a ring hop needs one or two; delta transfers a few more)."""
-
 
 class HopBuffers:
     """Packs blocks into the payload a send takes, and provides the buffer a receive fills."""
@@ -57,10 +51,6 @@ class HopBuffers:
         if path == PATH_DIRECT and self.device.type != "cuda":
             raise ValueError("the direct path needs a CUDA device")
         self._buffers: dict[str, torch.Tensor] = {}
-        self._plans: dict[tuple[int, int, tuple[int, ...]], tuple[int, HopPlan]] = {}
-        """(id of the model, peer, block ids) -> (the model's ``layout_gen`` then, plan)."""
-        self.plans = True
-        """Whether hops in place use ``plan`` (False: the general path every hop, to compare)."""
         self.pinned = path == PATH_STAGED and torch.cuda.is_available()
         """Whether staging buffers are page-locked (False only where CUDA is absent, i.e. when
         the staged path is exercised on a CPU for testing)."""
@@ -109,54 +99,16 @@ class HopBuffers:
             return buf, sizes
         return buf.numpy(), sizes
 
-    def plan(
-        self,
-        comm: Communicator,
-        model: BlockModel,
-        peer: int,
-        ids: Sequence[int],
-        *,
-        receive: bool = False,
-    ) -> HopPlan | None:
-        """The communicator's ``HopPlan`` for hops of blocks ``ids`` of ``model`` with
-        ``peer`` in their own host block buffers, made on first use and kept while the
-        model's buffers stay (``BlockModel.layout_gen``). ``receive``: a released block gets
-        its bytes back first (it is about to be received); to send one is an error (as in
-        ``pack``).
-        None where the general path serves: not in place on the host path, a plan of these
-        blocks posted and not yet completed, or none from the communicator."""
-        if not (self.plans and self.path == PATH_HOST and model.is_flat):
-            return None
-        key = (id(model), peer, tuple(ids))
-        kept = self._plans.get(key)
-        if kept is not None:
-            if kept[1].active:  # its receive is posted: not to be started or freed now
-                return None
-            if kept[0] == model.layout_gen:
-                return kept[1]
-        views, _ = _block_views(model, ids, host=True, allocate=receive)
-        plan = comm.hop_plan(peer, ids, views)
-        if kept is not None:
-            kept[1].free()
-            del self._plans[key]
-        if plan is not None:
-            self._drop_stale(model.layout_gen)
-            self._plans[key] = (model.layout_gen, plan)
-        return plan
+    def host_in_place(self, model: BlockModel) -> bool:
+        """Whether hops of ``model`` go from and into its own host block buffers (a flat model
+        on the host path): where a hop plan can serve them."""
+        return self.path == PATH_HOST and model.is_flat
 
-    def _drop_stale(self, gen: int) -> None:
-        """Free plans made over buffers the model no longer has (not posted ones), and the
-        oldest beyond ``MAX_PLANS``."""
-        for key, (g, plan) in list(self._plans.items()):
-            if not plan.active and (g != gen or len(self._plans) >= MAX_PLANS):
-                plan.free()
-                del self._plans[key]
-
-    def free_plans(self) -> None:
-        """Free every plan (at the end of a run; a posted receive is cancelled)."""
-        for _, plan in self._plans.values():
-            plan.free()
-        self._plans.clear()
+    def host_views(self, model: BlockModel, ids: Sequence[int], *, receive: bool) -> list[Any]:
+        """Numpy views of blocks ``ids``' own host buffers (``host_in_place``), for a hop
+        plan. ``receive``: released blocks get their bytes back first (they are about to be
+        received); without it, a released block is an error (as in ``pack``)."""
+        return _block_views(model, ids, host=True, allocate=receive)[0]
 
     def receive_into(self, nbytes: int) -> Any:
         """The buffer a receive of ``nbytes`` payload bytes lands in (``TransferSpec.alloc``);

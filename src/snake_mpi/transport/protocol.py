@@ -1,4 +1,4 @@
-"""The interface every communicator meets: ``comm.Comm`` (MPI ranks) and ``localcomm.LocalComm``
+"""The interface every communicator meets: ``mpi.comm.Comm`` (MPI ranks) and ``localcomm.LocalComm``
 (ranks as threads of one process). Schemes, ``run`` and ``record`` type their communicator as
 ``Communicator`` and never learn which one they hold; mypy checks that both classes conform.
 
@@ -18,27 +18,36 @@ from snake_mpi.transport.wire import CommStats, LinkModel, Transfer, TransferSpe
 
 
 class HopPlan(Protocol):
-    """A hop that repeats, made once over the blocks' buffers (``comm.HopPlan``): the same
-    wire and counts as ``send_blocks``/``expect``/``recv_blocks``, less Python per hop."""
+    """A hop that repeats, made once over the blocks' buffers (``mpi.hop_plan.HopPlan``): the
+    same wire and counts as ``send_blocks``/``post``/``recv_blocks``, less Python per hop.
+    Only ``hops.Hops`` holds one."""
 
     ids: list[int]
     """The blocks it moves, in wire order."""
+    sizes: list[int]
+    """Their bytes."""
+    bufs: list[Any]
+    """Their buffers (the model's block buffers), where a receive lands."""
 
     @property
     def active(self) -> bool:
         """Whether a receive of this plan is posted and not yet completed."""
         ...
 
-    def send_blocks(self, kind: int, round_: int, hop: int, versions: Sequence[int]) -> None:
+    def send(self, kind: int, round_: int, hop: int, versions: Sequence[int]) -> None:
         """Send the blocks with these versions as transfer ``(kind, round_, hop)``."""
         ...
 
-    def expect(self, kind: int, round_: int, hop: int) -> None:
-        """Post the receive of transfer ``(kind, round_, hop)``; ``recv_blocks`` completes it."""
+    def post(self, kind: int, round_: int, hop: int) -> None:
+        """Post the receive of transfer ``(kind, round_, hop)``; ``receive`` completes it."""
         ...
 
     def receive(self, kind: int, round_: int, hop: int) -> list[int]:
-        """Complete the posted receive (from ``take_plan``): the blocks' versions."""
+        """Complete the posted receive: the blocks' versions (their bytes are in ``bufs``)."""
+        ...
+
+    def cancel(self) -> None:
+        """Cancel a posted receive that will not be completed."""
         ...
 
     def free(self) -> None:
@@ -90,13 +99,13 @@ class Communicator(Protocol):
         """Send ``transfer`` (header, then its payload) to ``dest``; counts bytes and time."""
         ...
 
-    def expect(self, source: int, spec: TransferSpec) -> None:
-        """Post the receive of ``spec`` (``spec.payload_bytes`` required) ahead of the
-        ``recv_blocks`` that completes it, e.g. before a collective (see ``Comm.expect``)."""
+    def post(self, source: int, spec: TransferSpec) -> None:
+        """Post the receive of ``spec`` (its blocks or ``payload_bytes`` required) ahead of
+        the ``recv_blocks`` that completes it, e.g. before a collective (see ``Comm.post``)."""
         ...
 
-    def forget_expected(self) -> None:
-        """Cancel the receives ``expect`` posted that will not be completed."""
+    def cancel(self) -> None:
+        """Cancel the receives ``post`` posted that will not be completed."""
         ...
 
     def recv_blocks(self, source: int, spec: TransferSpec) -> Transfer:
@@ -106,11 +115,6 @@ class Communicator(Protocol):
     def hop_plan(self, peer: int, block_ids: Sequence[int], bufs: Sequence[Any]) -> HopPlan | None:
         """A ``HopPlan`` for hops of these blocks in these buffers with ``peer``, or None
         where this communicator has none for them (then the general path serves)."""
-        ...
-
-    def take_plan(self, source: int, kind: int, round_: int, hop: int) -> HopPlan | None:
-        """The plan that posted transfer ``(kind, round_, hop)`` from ``source``, handed over
-        to complete it; None where none did (``recv_blocks`` serves)."""
         ...
 
     def use_pipelined_copy(self, min_bytes: int, *, host: bool) -> bool:

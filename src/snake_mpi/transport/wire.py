@@ -20,6 +20,10 @@ from typing import Any, TypeAlias
 import numpy as np
 
 MAGIC = 0x534E414B  # "SNAK"
+TAG_HEADER = 11
+"""The MPI tag of a transfer's header message."""
+TAG_PAYLOAD = 12
+"""The MPI tag of a transfer's payload messages."""
 HEADER_FIXED = 6
 HEADER_MAX_BLOCKS = 4096
 KIND_MODEL = 1
@@ -89,7 +93,7 @@ Payload: TypeAlias = Any
 @dataclass(frozen=True, slots=True)
 class TransferSpec:
     """Which transfer a receive awaits, and where its payload lands: the one argument of
-    ``expect`` and ``recv_blocks`` (the same spec may serve both).
+    ``post`` and ``recv_blocks`` (the same spec may serve both).
 
     ``(kind, round, hop)`` name the transfer; the header that arrives must carry them.
     """
@@ -98,28 +102,27 @@ class TransferSpec:
     round: int
     hop: int
     payload_bytes: int | None = None
-    """The payload's size, known ahead: required by ``expect`` (the receive it posts)."""
-    out: np.ndarray | None = None
-    """A reusable contiguous uint8 buffer: the payload lands in ``out[:payload_bytes]``."""
+    """The payload's size, known ahead: what ``post`` posts a receive of (without
+    ``blocks``)."""
     alloc: Callable[[int], Payload | None] | None = None
     """``alloc(nbytes)``: the buffer the payload lands in (pinned or device,
     ``payloads.HopBuffers.alloc``); ``None`` from it, or no ``alloc``: a new host array."""
     into: Callable[[list[int], list[int]], list[Payload] | None] | None = None
     """``into(block_ids, nbytes)``: one buffer per block, where each block's bytes land (the
     model's own block buffers, ``payloads.HopBuffers.into``): no copy after the receive.
-    ``None`` from it: as without ``into``. Takes precedence over ``out`` and ``alloc``."""
+    ``None`` from it: as without ``into``. Takes precedence over ``alloc``."""
     blocks: tuple[tuple[int, int], ...] = ()
-    """``(block id, bytes)`` of every block, known ahead: what ``expect`` posts receives for;
-    the header that arrives must name exactly these blocks and sizes. Without it, ``expect``
+    """``(block id, bytes)`` of every block, known ahead: what ``post`` posts receives for;
+    the header that arrives must name exactly these blocks and sizes. Without it, ``post``
     takes ``payload_bytes`` as one block."""
 
     def posted_bytes(self) -> int:
-        """The payload size a receive posted ahead (``expect``) must know: the ``blocks``'
+        """The payload size a receive posted ahead (``post``) must know: the ``blocks``'
         bytes, else ``payload_bytes``."""
         if self.blocks:
             return sum(n for _, n in self.blocks)
         if self.payload_bytes is None:
-            raise ValueError(f"expect needs the payload size: {self} has no payload_bytes")
+            raise ValueError(f"post needs the payload size: {self} has no payload_bytes")
         return self.payload_bytes
 
     def posted_blocks(self) -> tuple[list[int], list[int]]:
