@@ -286,9 +286,10 @@ def test_export_gives_one_metric_per_class(runs):
     for i, (r, k) in enumerate(zip(ev["round"], ev["rank"], strict=True)):
         for c in range(4):
             assert (
-                got[("eval", int(r), int(k), f"class_accuracy_{c}")] == ev["class_accuracy"][i, c]
+                got[("eval", int(r) + 1, int(k), f"class_accuracy_{c}")]  # export: rounds from 1
+                == ev["class_accuracy"][i, c]
             )
-    assert got[("rounds", 0, 0, "turn_accuracy")] == res.rounds["turn_accuracy"][0, 0]
+    assert got[("rounds", 1, 0, "turn_accuracy")] == res.rounds["turn_accuracy"][0, 0]
 
 
 # ---------------------------------------------------------------------------- report
