@@ -190,7 +190,7 @@ class TrainConfig:
 class KDConfig:
     weight: float = 1.0
     """Knowledge distillation weight lambda (0: off); the teacher is the model as received.
-    1 (default since issue 14: the best variant of the label-skew sweep, docs/label-skew.md);
+    1 by default (why: the label-skew study, docs/label-skew.md);
     a language model that does not set it gets 0 (``LM_KD_WEIGHT``)."""
     temperature: float = 2.0
     """Distillation temperature T (> 0)."""
@@ -208,7 +208,7 @@ class SnakeConfig:
     is a controller that holds the model and does not train, nodes are ranks 1..N-1."""
     ends: Literal["all", "owner", "frozen"] = "all"
     """Stem and head: ``all`` nodes train them, ``owner`` (node 0: stem, last: head), ``frozen``.
-    ``all`` (default since issue 14): under label skew a head only the last node trains learns
+    ``all`` by default: under label skew a head only the last node trains learns
     that node's classes; a classifier's stem and head are small, so little traffic is added.
     A language model that does not set it gets ``owner`` (``LM_ENDS``): its embeddings and head
     are large."""
@@ -235,8 +235,8 @@ class SnakeConfig:
     cross-entropy. Classification only (a language model's loss is unchanged). No traffic."""
     prox_mu: float = 0.01
     """mu of a proximal term ``mu/2 * ||w - w_received||^2`` on the trainable blocks at every turn
-    (FedProx, Li et al. 2020); 0: off. 0.01 (default since issue 14: with the distillation and
-    logit adjustment, the best variant of the label-skew sweep, docs/label-skew.md); a language
+    (FedProx, Li et al. 2020); 0: off. 0.01 by default (with the distillation and logit
+    adjustment, the best variant of the label-skew study, docs/label-skew.md); a language
     model that does not set it gets 0 (``LM_PROX_MU``)."""
 
     def __post_init__(self) -> None:
