@@ -50,6 +50,86 @@ PAPER_PARAMS = 1.3e9
 count (``19.37 = 16 x 1.3e9 / 2**30``)."""
 
 
+PAPER_LAYERS = 24
+"""OPT-1.3B's decoder layers: the paper's ring shares them among its nodes."""
+
+READINGS = {
+    "A": "16 B per trainable parameter; the frozen weights a node holds are not counted",
+    "B": "the whole model in 16-bit (2 B per parameter) + 14 B per trainable parameter "
+    "(fp32 master 4, Adam moments 8, 16-bit gradient 2)",
+}
+"""Two readings of the paper's 3.13 GB per Snake node (docs/memory.md): A at 6 nodes of 4
+decoder layers, B at 24 nodes of one layer. Its 19.37 GB full fine-tuning is 16 B per
+parameter under both."""
+
+
+def reading_bytes(reading: str, params_total: float, trainable: float) -> float:
+    """A node's bytes under ``reading`` (``READINGS``): A ``16 t``; B ``2 P + 14 t``."""
+    if reading == "A":
+        return 16 * trainable
+    if reading == "B":
+        return 2 * params_total + 14 * trainable
+    raise ValueError(f"unknown reading {reading!r}")
+
+
+def like_for_like(params_total: int, trainable: int) -> dict[str, float]:
+    """Full fine-tuning over one Snake node holding the whole model and training ``trainable``
+    parameters, each side in the same precision: ``bf16 mixed`` (16-bit weights and gradients,
+    fp32 master and Adam: 16 B per trained parameter, 2 B per frozen one), ``bf16 held here``
+    (``held_bytes``: this code keeps the master's gradient in fp32) and ``fp32`` (16 B per
+    trained parameter, 4 B per frozen one)."""
+    p, t = params_total, trainable
+    return {
+        "bf16 mixed": 16 * p / (2 * p + 14 * t),
+        "bf16 held here": held_bytes(p, p, 2) / held_bytes(p, t, 2),
+        "fp32": 16 * p / (4 * p + 12 * t),
+    }
+
+
+def readings_table(counts: BlockCounts) -> list[str]:
+    """The paper's two figures under both readings (``READINGS``): first with its nominal
+    1.3 x 10^9 parameters in 24 equal layers, then with this model's exact counts (a node
+    trains middle blocks only); then full / node ratios like for like (``like_for_like``)."""
+    paper = {"A": (6, 4), "B": (PAPER_LAYERS, 1)}  # nodes, layers per node
+    mids = counts.params[1:-1]
+    mine = {k: (len(mids) // per, per) for k, (_n, per) in paper.items() if len(mids) >= per}
+    exact = {
+        k: reading_bytes(k, counts.total, max(_sums(mids, per))) for k, (_n, per) in mine.items()
+    }
+    unit, scale = _unit(max(exact.values(), default=GIB))
+    lines = [
+        "the paper's 3.13 GB per Snake node, read two ways (docs/memory.md):",
+        *(f"  {k}: {text}" for k, text in READINGS.items()),
+        f"{'reading':<8} {'paper layout':<22} {'GiB (1.3e9)':>11} {'full/node':>9}   "
+        f"{'this model':<22} {unit:>9}",
+    ]
+    for k, (n, per) in paper.items():
+        nominal = reading_bytes(k, PAPER_PARAMS, PAPER_PARAMS * per / PAPER_LAYERS)
+        line = (
+            f"{k:<8} {f'{n} nodes x {per} layer(s)':<22} {nominal / GIB:>11.2f} "
+            f"{16 * PAPER_PARAMS / nominal:>8.2f}x"
+        )
+        if k in mine:
+            m, per = mine[k]
+            line += f"   {f'{m} nodes x {per} layer(s)':<22} {exact[k] / scale:>9.2f}"
+        lines.append(line)
+    lines.append(
+        f"(paper: 19.37 / 3.13 = 6.2x; full fine-tuning is 16 B x 1.3e9 = "
+        f"{16 * PAPER_PARAMS / GIB:.2f} GiB under both readings)"
+    )
+    lines.append("full fine-tuning / one Snake node, like for like (this model's counts):")
+    for m, per in mine.values():
+        ratios = like_for_like(counts.total, max(_sums(mids, per)))
+        cells = ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
+        lines.append(f"  {m} nodes x {per} layer(s): {cells}")
+    return lines
+
+
+def _sums(values: Sequence[int], group: int) -> list[int]:
+    """Sums of consecutive groups of ``group`` values (the last may be shorter)."""
+    return [sum(values[i : i + group]) for i in range(0, len(values), group)]
+
+
 @dataclass(frozen=True, slots=True)
 class BlockCounts:
     names: list[str]
@@ -206,6 +286,9 @@ def format_table(
         f" model's exact count, {counts.total:,}: {16 * counts.total / GIB:.2f} GiB)"
     )
     full = rows[0].paper_bytes
+    lines.append("")
+    lines += readings_table(counts)
+    lines.append("")
     for r in rows[1:]:
         if r.role.startswith("largest") or r.role == "every node":
             lines.append(
