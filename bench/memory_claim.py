@@ -11,6 +11,8 @@ checked both ways in one job:
     python -m bench.memory_claim --out results/memory         # OPT-1.3B, CPU: ~22 GiB, ~15 min
     python -m bench.memory_claim --out results/memory --tiny  # the tiny model, a minute
     python -m bench.memory_claim --out results/mem-gpu --device cuda --steps 2 --table mem-gpu.md
+    python -m bench.memory_claim --out results/lone --lone-node all --nodes 2,6 --ring \
+        bench/configs/llm/opt-125m-snake-bf16.toml        # lone nodes against the full rings
 
 ``--device cuda`` runs OPT-1.3B full fine-tuning with fp32 and with bf16 weights (fp32 master
 copies and AdamW state) against a Snake node at the paper's share (6 nodes of 4 decoder layers,
@@ -19,12 +21,19 @@ bf16 weights); with one GPU the six Snake ranks share it (recorded in ``/ranks/g
 Multi-rank runs need an MPI launcher (mpirun, or srun inside Slurm); without one they are
 skipped with a message. Runs whose complete result file exists in ``--out`` are not repeated
 (resumable); a result's name carries its device and ``--steps``.
+
+``--lone-node K[,K...]|all --nodes N[,N...] CONFIG`` measures node K of an N-node ring of
+CONFIG alone, one process per node (``bench.lone_node``: its segment, its shard, its turn and
+hops, without the other N - 1 ranks' memory), and with ``--ring`` also the whole ring under
+mpirun, side by side (peak RSS increase over the baseline of the lone node and of the ring's
+rank K, and their ratio).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -32,6 +41,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -269,6 +279,123 @@ def write_table(path: Path, rows: list[dict[str, float | str]]) -> None:
         path.write_text(format_summary(rows) + "\n\n" + NOTES + "\n")
 
 
+def lone_picks(spec: str, n: int) -> list[int]:
+    """The nodes ``--lone-node`` names of an ``n``-node ring (``all``, or ``K[,K...]``)."""
+    if spec == "all":
+        return list(range(n))
+    picks = [int(x) for x in spec.split(",")]
+    if any(not 0 <= k < n for k in picks):
+        raise ValueError(f"--lone-node {spec}: a ring of {n} nodes has nodes 0..{n - 1}")
+    return picks
+
+
+def measure_lone(
+    config: Path, n: int, k: int, sets: list[str], path: Path, env: dict[str, str]
+) -> dict[str, Any] | None:
+    """Node ``k`` of an ``n``-node ring of ``config`` alone, in a process of its own
+    (``bench.lone_node``; its peak is the process's); its figures, or None if it failed. A
+    JSON file that exists already is read, not measured again."""
+    if path.exists():
+        print(f"== lone node {k} of {n}: exists, not repeated ({path}) ==")
+        return dict(json.loads(path.read_text()))
+    argv = [sys.executable, "-m", "bench.lone_node", str(config), "--nodes", str(n)]
+    argv += ["--node", str(k), "--json", str(path)]
+    for s in sets:
+        argv += ["--set", s]
+    print(f"== lone node {k} of {n}: {' '.join(argv)} ==", flush=True)
+    log = path.with_suffix(".log")
+    with open(log, "w") as f:
+        done = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    text = log.read_text()
+    print("   " + "\n   ".join(text.splitlines()[-8:]), flush=True)
+    if done.returncode != 0:
+        print(f"   FAILED (exit {done.returncode})")
+        return None
+    return dict(json.loads(path.read_text()))
+
+
+def ring_figures(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Per rank of a ring's result: peak RSS increase over the baseline (the larger of the
+    sampled peak and ``ru_maxrss``, less ``rss_before_model_bytes``) and the training state
+    (largest over rounds)."""
+    res = read_result(path)
+    ranks = res.tables["ranks"]
+    peak = np.maximum(ranks["peak_rss_bytes"], ranks["ru_maxrss_bytes"])
+    increase = peak - ranks["rss_before_model_bytes"]
+    return increase.astype(np.float64), res.rounds["train_state_bytes"].max(axis=0)
+
+
+def lone_rows(
+    config: Path,
+    picks: dict[int, list[int]],
+    device: str,
+    steps: int,
+    out: Path,
+    env: dict[str, str],
+    *,
+    ring: bool,
+) -> list[dict[str, Any]]:
+    """One row per (ring size, node): the lone node's figures and, with ``ring``, those of
+    the whole ring's rank (one mpirun per ring size)."""
+    sets = run_sets(device, steps)
+    nan = float("nan")
+    rows = []
+    for n, nodes in picks.items():
+        ring_inc = ring_state = None
+        ring_status = "not run"
+        if ring:
+            run = Run(f"ring-{config.stem}-n{n}", config, n)
+            path = out / f"{result_name(run, device, steps)}.h5"
+            ring_status = measure(run, sets, path, env).status
+            if ring_status == "done":
+                ring_inc, ring_state = ring_figures(path)
+        for k in nodes:
+            name = result_name(Run(f"lone-{config.stem}-n{n}-k{k}", config, 1), device, steps)
+            got = measure_lone(config, n, k, sets, out / f"{name}.json", env)
+            row: dict[str, Any] = {
+                "nodes": n,
+                "k": k,
+                "ring increase": float(ring_inc[k]) if ring_inc is not None else nan,
+                "lone increase": float(got["increase_bytes"]) if got else nan,
+                "ring train state": float(ring_state[k]) if ring_state is not None else nan,
+                "lone train state": float(got["train_state_bytes"]) if got else nan,
+                "status": "done" if got and ring_status in ("done", "not run") else "failed",
+            }
+            row["ratio"] = row["lone increase"] / row["ring increase"]
+            rows.append(row)
+    return rows
+
+
+LONE_COLUMNS = [
+    "nodes",
+    "k",
+    "ring increase",
+    "lone increase",
+    "ratio",
+    "ring train state",
+    "lone train state",
+]
+
+
+def format_lone(rows: list[dict[str, Any]]) -> str:
+    """The lone-node table (markdown; bytes in GiB from 1 GiB, else MiB)."""
+    figures = [float(r[c]) for r in rows for c in LONE_COLUMNS[2:] if c != "ratio"]
+    big = max((f for f in figures if np.isfinite(f)), default=0.0) >= 2**30
+    unit, scale = ("GiB", 2**30) if big else ("MiB", 2**20)
+
+    def cell(c: str, v: Any) -> str:
+        if c in ("nodes", "k"):
+            return str(v)
+        if not np.isfinite(v):
+            return "-"
+        return f"{v:.3f}" if c == "ratio" else f"{v / scale:.3f}"
+
+    head = [c if c in ("nodes", "k", "ratio") else f"{c} {unit}" for c in LONE_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join(cell(c, r[c]) for c in LONE_COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", required=True, help="directory for result files and logs")
@@ -289,6 +416,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--table", type=Path, help="also write the summary table here (.csv or .md)")
     ap.add_argument("--only", default="", help="comma-separated run names: measure only these")
+    ap.add_argument("config", nargs="?", type=Path, help="with --lone-node: the Snake config")
+    ap.add_argument(
+        "--lone-node",
+        default="",
+        help="K[,K...] or all: measure node K of each --nodes ring of CONFIG alone",
+    )
+    ap.add_argument("--nodes", default="", help="with --lone-node: ring sizes N[,N...]")
+    ap.add_argument(
+        "--ring", action="store_true", help="with --lone-node: also run each whole ring (mpirun)"
+    )
     args = ap.parse_args(argv)
     if args.steps < 0:
         ap.error("--steps must be >= 0")
@@ -296,6 +433,22 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     env["OMP_NUM_THREADS"] = "1"
+    if args.lone_node or args.nodes or args.config or args.ring:
+        if not (args.lone_node and args.nodes and args.config):
+            ap.error("--lone-node, --nodes and CONFIG go together (--ring is optional)")
+        try:
+            nodes = [int(x) for x in args.nodes.split(",")]
+            picks = {n: lone_picks(args.lone_node, n) for n in nodes}
+        except ValueError as e:
+            ap.error(str(e))
+        rows = lone_rows(args.config, picks, args.device, args.steps, out, env, ring=args.ring)
+        print("\n== lone nodes (peak RSS increase over the baseline; ring: its rank k) ==")
+        print(format_lone(rows))
+        if args.table:
+            args.table.parent.mkdir(parents=True, exist_ok=True)
+            args.table.write_text(format_lone(rows) + "\n")
+            print(f"\ntable written to {args.table}")
+        return 1 if any(r["status"] != "done" for r in rows) else 0
 
     print("== accounting (meta device; paper: 19.37 GB full, 3.13 GB per Snake node) ==")
     for preset in ("opt-1.3b", "llama-3-8b"):
