@@ -87,7 +87,9 @@ from snake_mpi.transport.wire import (
 )
 
 
-def sender_versions(plan: Sequence[Sequence[int]], n_blocks: int, round_: int, sender: int):
+def sender_versions(
+    plan: Sequence[Sequence[int]], n_blocks: int, round_: int, sender: int
+) -> np.ndarray:
     """The version stamps a P2P ring node holds right after its turn ``(round_, sender)``: every
     block stamped by the latest turn that trained it, turns taken in ring order from round 0.
     (Each hop carries every block newer than the receiver's copy, so a node's model at its turn
