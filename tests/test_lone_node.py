@@ -16,13 +16,12 @@ from conftest import REPO
 from snake_mpi.analysis import analytic
 from snake_mpi.config import load_config
 from snake_mpi.run import execute
-from snake_mpi.schemes import scheme_names
 from snake_mpi.store import read_result
 from snake_mpi.transport.localcomm import ThreadWorld
 
 TINY = REPO / "tests" / "configs" / "tiny.toml"
 N = 3
-scheme_names()  # the registry loads once, here: its first look-up is not safe from 3 threads
+
 
 MEMORY_BOUND = 0.10
 """The lone node's peak RSS increase is within 10 % of the ring rank's (plus ``SLACK``): on

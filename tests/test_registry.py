@@ -205,3 +205,43 @@ def test_a_registered_scheme_runs_through_run_py(toy, tmp_path):
 def test_config_module_has_no_scheme_tables_left():
     for old in ("SCHEMES", "DISTRIBUTED_SCHEMES", "LM_SCHEMES"):
         assert not hasattr(config_module, old)
+
+
+def test_threads_looking_up_first_at_once_all_find_the_schemes(monkeypatch):
+    """Ranks run as threads may each make the registry's first look-up: while one thread loads
+    the built-in schemes (slowed here), the others wait for it instead of finding it empty."""
+    import threading
+    import time
+
+    from snake_mpi.schemes import registry
+
+    saved = dict(registry.REGISTRY)
+    monkeypatch.setattr(registry, "_loaded", False)
+    registry.REGISTRY.clear()
+    real = importlib.import_module
+
+    def slow_import(name: str) -> types.ModuleType:
+        time.sleep(0.02)
+        return real(name)
+
+    monkeypatch.setattr(registry.importlib, "import_module", slow_import)
+    found: list[str] = []
+    errors: list[BaseException] = []
+
+    def look_up() -> None:
+        try:
+            found.append(registry.scheme_spec("centralised").name)
+        except BaseException as e:  # noqa: BLE001 - any failure is the test's finding
+            errors.append(e)
+
+    try:
+        threads = [threading.Thread(target=look_up) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert not errors, errors
+        assert found == ["centralised"] * 4
+    finally:
+        registry.REGISTRY.clear()
+        registry.REGISTRY.update(saved)

@@ -11,6 +11,7 @@ functions are given by dotted path (``"package.module:function"``) and imported 
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -122,6 +123,10 @@ REGISTRY: dict[str, SchemeSpec] = {}
 read it through ``scheme_names`` / ``scheme_spec``, which load ``SCHEMES`` first."""
 
 _loaded = False
+_loading = False
+_LOAD_LOCK = threading.RLock()
+"""Held while the built-in schemes load: ranks run as threads (``LocalComm``) may all look a
+scheme up first at once, and none may see the registry half filled."""
 
 
 def add(module: str) -> SchemeSpec:
@@ -133,12 +138,21 @@ def add(module: str) -> SchemeSpec:
 
 def _load() -> None:
     """Register the built-in schemes, once (on the first look-up, so that a scheme's module
-    may import the config, which imports this module)."""
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in SCHEMES:
-            register(importlib.import_module(module).SPEC)
+    may import the config, which imports this module). Thread-safe: another thread waits until
+    the load is done; the loading thread's own nested look-ups (``register``) return at once."""
+    global _loaded, _loading
+    if _loaded:
+        return
+    with _LOAD_LOCK:
+        if _loaded or _loading:
+            return
+        _loading = True
+        try:
+            for module in SCHEMES:
+                register(importlib.import_module(module).SPEC, replace=True)
+            _loaded = True
+        finally:
+            _loading = False
 
 
 def register(spec: SchemeSpec, *, replace: bool = False) -> SchemeSpec:
