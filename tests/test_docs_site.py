@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -155,29 +156,26 @@ def chromium() -> str:
     return find()
 
 
+def dump_dom(*args: Any, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """``test_report_browser.dump_dom``: one headless Chromium invocation for both tests."""
+    from test_report_browser import dump_dom as run
+
+    return run(*args, **kwargs)
+
+
 @pytest.mark.xdist_group("system")  # Chromium may be installed with apt-get (one apt lock)
 def test_every_page_loads_in_headless_chromium(site, tmp_path):
     binary = chromium()
     pages = [p.relative_to(site).as_posix() for p in built_pages(site)]
     harness = site / "zz-site-check.html"
     harness.write_text(HARNESS % json.dumps(pages))
-    got = subprocess.run(
-        [
-            binary,
-            "--headless",
-            "--no-sandbox",  # as root, Chromium refuses to start sandboxed
-            "--disable-gpu",
-            "--disable-crash-reporter",
-            "--no-first-run",
-            "--allow-file-access-from-files",
-            f"--user-data-dir={tmp_path / 'profile'}",  # nothing of a user's browser is touched
-            "--virtual-time-budget=20000",
-            "--dump-dom",
-            harness.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    got = dump_dom(
+        binary,
+        harness,
+        tmp_path / "profile",
+        budget_ms=20000,
+        timeout_s=300,
+        flags=("--allow-file-access-from-files",),
     )
     found = re.search(r'<pre id="site-check">(.*?)</pre>', got.stdout, re.S)
     assert found, f"no result in the page (exit {got.returncode}): {got.stderr[-1500:]}"

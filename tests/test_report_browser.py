@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -87,13 +88,18 @@ def chromium() -> str:
     return got.stdout.strip().splitlines()[-1]
 
 
-def test_every_image_loads_in_headless_chromium(report_dir, tmp_path):
-    binary = chromium()
-    page = (report_dir / "report.html").read_text().replace("</body>", PROBE + "</body>")
-    check = report_dir / "img-check.html"
-    check.write_text(page)
-    profile = tmp_path / "profile"  # a fresh profile: nothing of a user's browser is touched
-    got = subprocess.run(
+def dump_dom(
+    binary: str,
+    page: Path,
+    profile: Path,
+    *,
+    budget_ms: int,
+    timeout_s: float,
+    flags: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[str]:
+    """Load ``page`` in headless Chromium with a fresh ``profile`` (nothing of a user's browser
+    is touched) and return the DOM it printed after ``budget_ms`` of virtual time."""
+    return subprocess.run(
         [
             binary,
             "--headless",
@@ -101,15 +107,25 @@ def test_every_image_loads_in_headless_chromium(report_dir, tmp_path):
             "--disable-gpu",
             "--disable-crash-reporter",
             "--no-first-run",
+            *flags,
             f"--user-data-dir={profile}",
-            "--virtual-time-budget=10000",
+            f"--virtual-time-budget={budget_ms}",
             "--dump-dom",
-            check.as_uri(),
+            page.as_uri(),
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout_s,
     )
+
+
+def test_every_image_loads_in_headless_chromium(report_dir, tmp_path):
+    binary = chromium()
+    page = (report_dir / "report.html").read_text().replace("</body>", PROBE + "</body>")
+    check = report_dir / "img-check.html"
+    check.write_text(page)
+    profile = tmp_path / "profile"  # a fresh profile: nothing of a user's browser is touched
+    got = dump_dom(binary, check, profile, budget_ms=10000, timeout_s=120)
     found = re.search(r'<pre id="img-check">(.*?)</pre>', got.stdout, re.S)
     assert found, f"no result in the page (exit {got.returncode}): {got.stderr[-1500:]}"
     imgs = json.loads(html.unescape(found.group(1)))
