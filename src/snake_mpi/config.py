@@ -159,18 +159,35 @@ class TrainConfig:
     """Training mini-batch size."""
     lr: float = 0.05
     """Learning rate."""
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    """``sgd`` (momentum), ``adam`` or ``adamw``; state only for trainable blocks, only during a
-    turn."""
+    optimizer: Literal["sgd", "adam", "adamw", "adamw8bit"] = "sgd"
+    """``sgd`` (momentum), ``adam``, ``adamw``, or ``adamw8bit`` (lean: torchao's AdamW with
+    8-bit moments in blocks of 256, 2 bytes per parameter instead of 8; needs ``torchao``, the
+    ``lean`` extra; compiled by ``torch.compile`` on its first step); state only for trainable
+    blocks, only during a turn."""
     momentum: float = 0.9
     """SGD momentum (0 disables the momentum buffer)."""
     weight_decay: float = 0.01
-    """AdamW's decoupled weight decay (``adamw`` only)."""
+    """AdamW's decoupled weight decay (``adamw`` and ``adamw8bit`` only)."""
     eval_batch_size: int = 512
     """Batch size for evaluation."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """Learning rate over rounds: ``constant`` (``lr`` throughout) or ``cosine`` (round r of R
     trains at ``lr * (1 + cos(pi * r / R)) / 2``); every scheme."""
+    fused_step: bool = False
+    """Lean: step the optimiser inside the backward pass, one parameter as soon as its gradient
+    is complete (torch's post-accumulate-grad hooks), so the whole segment's gradient is never
+    held at once. Same weights as off (the optimisers are per-element); needs no global
+    gradient norm (there is none)."""
+    mmap_threshold_bytes: int = 0
+    """Lean: glibc's ``M_MMAP_THRESHOLD`` for this process, set before the model is built
+    (``mallopt``): allocations at least this large are mapped and handed back to the OS when
+    freed. 0 keeps glibc's default, a threshold that grows to 32 MiB as large blocks are freed,
+    after which a step's freed tensors stay in the heap and in the RSS. No effect on numbers."""
+    activation_checkpointing: bool = False
+    """Lean: blocks that run with autograd keep only their input and recompute their
+    activations in the backward pass (``torch.utils.checkpoint``, RNG state preserved: same
+    weights as off). Refused for a trainable block with batch-norm (its statistics would update
+    twice)."""
 
     def __post_init__(self) -> None:
         _check_choices(self, "train.")
@@ -184,6 +201,11 @@ class TrainConfig:
             raise ConfigError(f"train.momentum must be in [0, 1), got {self.momentum}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.mmap_threshold_bytes <= 2**25:
+            raise ConfigError(
+                "train.mmap_threshold_bytes must be 0 (glibc's default) or at most 32 MiB "
+                f"(33554432), got {self.mmap_threshold_bytes}"
+            )
 
 
 @_cfg()

@@ -191,10 +191,16 @@ def _bytes_per_param(cfg: RunConfig) -> tuple[int, int, int]:
     learning's exchanges); Snake's hops land in the block buffers themselves."""
     bf16 = cfg.model.family == "lm" and cfg.model.dtype == "bfloat16"
     weight = 2 if bf16 else FLOAT_BYTES
-    moments = {"sgd": 1 if cfg.train.momentum > 0 else 0, "adam": 2, "adamw": 2}
-    trained = weight + moments[cfg.train.optimizer] * FLOAT_BYTES
+    moment_bytes = {
+        "sgd": FLOAT_BYTES if cfg.train.momentum > 0 else 0,
+        "adam": 2 * FLOAT_BYTES,
+        "adamw": 2 * FLOAT_BYTES,
+        "adamw8bit": 2,  # two 8-bit moments (their per-block scales are under 1 %)
+    }
+    fused = cfg.train.fused_step  # a gradient (and its fp32 copy) one parameter at a time
+    trained = (0 if fused else weight) + moment_bytes[cfg.train.optimizer]
     if bf16:
-        trained += 2 * FLOAT_BYTES
+        trained += FLOAT_BYTES if fused else 2 * FLOAT_BYTES
     copies = 0 if cfg.scheme == "centralised" else 1
     if cfg.scheme == "snake":
         trained += weight * (int(cfg.snake.kd.weight > 0) + int(cfg.snake.prox_mu > 0))

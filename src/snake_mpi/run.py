@@ -34,12 +34,13 @@ from snake_mpi.data.partition import (
 )
 from snake_mpi.models import build_model
 from snake_mpi.probes import RoundProbe
-from snake_mpi.probes.memory import MemorySampler, ru_maxrss_bytes
+from snake_mpi.probes.memory import MemorySampler, ru_maxrss_bytes, set_mmap_threshold
 from snake_mpi.probes.storage import DiskWriteCounter
 from snake_mpi.record import ROUND_FIELDS, Recorder, eval_layout
 from snake_mpi.resources import check_memory
 from snake_mpi.schemes import scheme_spec
 from snake_mpi.schemes.rules import data_ranks, validate_for_world
+from snake_mpi.train import preload_optimizer
 from snake_mpi.transport.protocol import Communicator
 from snake_mpi.transport.wire import LinkModel
 
@@ -650,6 +651,8 @@ def build(
         from snake_mpi.models.lm import preload
 
         preload()  # the libraries count as baseline memory, not as the model
+    preload_optimizer(cfg.train)  # a library too; its compiled step is not
+    set_mmap_threshold(cfg.train.mmap_threshold_bytes)
     rss_before_model = probes.sampler.sample_now()
     model = build_model(
         cfg.model,

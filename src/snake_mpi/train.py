@@ -20,6 +20,7 @@ from snake_mpi.blocks import (
     copy_modules,
     model_device,
     module_tensors,
+    optimizer_state_bytes,
     set_trainable,
     training_state_bytes,
 )
@@ -191,16 +192,57 @@ def make_optimizer(
         return torch.optim.Adam(params, lr=lr)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw8bit":
+        return lean_adamw8bit(params, lr=lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def adamw8bit_class() -> Callable[..., torch.optim.Optimizer]:
+    """torchao's ``AdamW8bit``; ``ImportError`` naming the install if torchao is absent."""
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError as e:
+        raise ImportError(
+            "train.optimizer = 'adamw8bit' needs torchao: pip install 'snake-mpi[lean]' "
+            f"(or pip install torchao) ({e})"
+        ) from e
+    return AdamW8bit
+
+
+def lean_adamw8bit(
+    params: list[torch.nn.Parameter], *, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """torchao's ``AdamW8bit``: 8-bit moments with a scale per block of 256 (parameters under
+    4,096 elements keep fp32 moments)."""
+    return adamw8bit_class()(params, lr=lr, weight_decay=weight_decay)
+
+
+def preload_optimizer(cfg: TrainConfig) -> None:
+    """Import the optimiser's library now (``adamw8bit``: torchao and torch's compiler), so
+    that it counts in the baseline memory as the other libraries do, and a missing one stops
+    the run before the model is built."""
+    if cfg.optimizer == "adamw8bit":
+        adamw8bit_class()
 
 
 class Optimiser:
     """The configured optimiser; parameters held in a low precision (bf16) get fp32 master
     copies, so that the optimiser state and the update are fp32 (mixed precision): after each
-    step the master is rounded back into the model's parameter."""
+    step the master is rounded back into the model's parameter.
+
+    ``fused``: one optimiser per parameter, stepped by a hook as soon as that parameter's
+    gradient is complete in the backward pass; the gradient is dropped right after, so at most
+    one parameter's gradient (and its fp32 copy) exists at a time. The optimisers are
+    per-element, so the weights are those of the unfused step. ``close`` removes the hooks.
+    """
 
     def __init__(
-        self, params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float | None = None
+        self,
+        params: list[torch.nn.Parameter],
+        cfg: TrainConfig,
+        lr: float | None = None,
+        *,
+        fused: bool = False,
     ) -> None:
         self.params = params
         self.masters: dict[int, torch.nn.Parameter] = {}
@@ -212,22 +254,65 @@ class Optimiser:
                 m = torch.nn.Parameter(p.detach().float().clone())
                 self.masters[i] = m
                 targets.append(m)
-        self.opt = make_optimizer(targets, cfg, lr)
+        self.fused = fused
+        self.opts = (
+            [make_optimizer([t], cfg, lr) for t in targets]
+            if fused
+            else [make_optimizer(targets, cfg, lr)]
+        )
+        self._hooks = (
+            [p.register_post_accumulate_grad_hook(self._step_hook(i)) for i, p in enumerate(params)]
+            if fused
+            else []
+        )
+
+    def _step_hook(self, i: int) -> Callable[[torch.Tensor], None]:
+        def hook(_: torch.Tensor) -> None:
+            self._step_one(i)
+
+        return hook
+
+    @torch.no_grad()
+    def _step_one(self, i: int) -> None:
+        p = self.params[i]
+        m = self.masters.get(i)
+        if m is not None:
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+        self.opts[i].step()
+        if m is not None:
+            m.grad = None
+            p.copy_(m)
+        p.grad = None
 
     def zero_grad(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)
         for p in self.params:
             p.grad = None
 
     @torch.no_grad()
     def step(self) -> None:
+        """The step over every parameter (nothing when fused: the backward pass stepped)."""
+        if self.fused:
+            return
         for i, m in self.masters.items():
             p = self.params[i]
             m.grad = None if p.grad is None else p.grad.float()
             p.grad = None  # the fp32 copy replaces it
-        self.opt.step()
+        self.opts[0].step()
         for i, m in self.masters.items():
             self.params[i].copy_(m)
+
+    def close(self) -> None:
+        """Remove the fused step's hooks (the parameters train unhooked afterwards)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def state_bytes(self) -> int:
+        """Bytes of the optimiser state (moments, momentum, step counters)."""
+        return sum(optimizer_state_bytes(opt) for opt in self.opts)
 
     def master_bytes(self) -> int:
         """The fp32 master weights and their gradients (0 for fp32 models)."""
@@ -293,36 +378,40 @@ def train_local(
         raise ValueError("a turn needs at least one trainable block")
     teacher = Teacher(model, trainable) if kd is not None else None
     params = set_trainable(model, trainable)
-    opt = Optimiser(params, cfg, options.lr)
+    refuse_recompute_with_batch_norm(model, trainable, cfg)
+    opt = Optimiser(params, cfg, options.lr, fused=cfg.fused_step)
     mu = options.prox_mu
     anchors = [p.detach().clone() for p in params] if mu > 0 else []
     lowest = min(trainable)
     dev = model_device(model)
     shift = None if options.logit_shift is None else options.logit_shift.to(dev)  # once a turn
     total_loss, total_kd, samples, steps = 0.0, 0.0, 0, 0
-    for idx in turn_batches(len(x), cfg, generator):
-        opt.zero_grad()
-        xb = x[idx] if augment is None else augment(x[idx], generator)
-        xb, yb = xb.to(dev, non_blocking=True), y[idx].to(dev, non_blocking=True)
-        logits = model(xb, no_grad_below=lowest)
-        task = adjusted_task_loss(logits, yb, shift)
-        task_value = checked_loss(task, steps)
-        loss = task
-        if teacher is not None and kd is not None:
-            distil = kd_term(logits, teacher(xb), kd.temperature)
-            loss = loss + kd.weight * distil
-            total_kd += checked_loss(distil, steps) * len(idx)
-        if mu > 0:
-            loss = loss + (mu / 2) * prox_term(params, anchors)
-        loss.backward()
-        opt.step()
-        total_loss += task_value * len(idx)
-        samples += len(idx)
-        steps += 1
-        if on_step is not None:
-            on_step(steps)
+    try:
+        for idx in turn_batches(len(x), cfg, generator):
+            opt.zero_grad()
+            xb = x[idx] if augment is None else augment(x[idx], generator)
+            xb, yb = xb.to(dev, non_blocking=True), y[idx].to(dev, non_blocking=True)
+            logits = model(xb, no_grad_below=lowest, recompute=cfg.activation_checkpointing)
+            task = adjusted_task_loss(logits, yb, shift)
+            task_value = checked_loss(task, steps)
+            loss = task
+            if teacher is not None and kd is not None:
+                distil = kd_term(logits, teacher(xb), kd.temperature)
+                loss = loss + kd.weight * distil
+                total_kd += checked_loss(distil, steps) * len(idx)
+            if mu > 0:
+                loss = loss + (mu / 2) * prox_term(params, anchors)
+            loss.backward()
+            opt.step()
+            total_loss += task_value * len(idx)
+            samples += len(idx)
+            steps += 1
+            if on_step is not None:
+                on_step(steps)
+    finally:
+        opt.close()  # a fused step's hooks go with the turn, also when it fails
     synchronize(model)  # the last step's kernels belong to the turn's compute time
-    state = training_state_bytes(model, opt.opt)["total"] + opt.master_bytes()
+    state = training_state_bytes(model, None)["total"] + opt.state_bytes() + opt.master_bytes()
     state += teacher.nbytes() if teacher else 0
     state += sum(a.numel() * a.element_size() for a in anchors)
     opt.zero_grad()
@@ -338,6 +427,24 @@ def train_local(
         trainable_params=sum(p.numel() for p in params),
         train_state_bytes=state,
     )
+
+
+def refuse_recompute_with_batch_norm(
+    model: BlockModel, trainable: Sequence[int], cfg: TrainConfig
+) -> None:
+    """``ValueError`` for activation checkpointing over a trainable block with batch-norm: the
+    recomputed forward pass would update its running statistics a second time."""
+    if not cfg.activation_checkpointing:
+        return
+    for b in trainable:
+        if any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.blocks[b].modules()
+        ):
+            raise ValueError(
+                f"train.activation_checkpointing: block {b} has batch-norm, whose running "
+                "statistics the recomputed forward pass would update twice; turn it off for "
+                "this model"
+            )
 
 
 def synchronize(model: BlockModel) -> None:

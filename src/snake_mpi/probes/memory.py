@@ -255,3 +255,23 @@ def release_free_memory() -> bool:
         return bool(libc.malloc_trim(0))
     except (OSError, AttributeError):
         return False
+
+
+M_MMAP_THRESHOLD = -3
+"""glibc's ``mallopt`` parameter number (malloc.h)."""
+
+
+def set_mmap_threshold(threshold_bytes: int) -> bool:
+    """Fix glibc's mmap threshold (``mallopt(M_MMAP_THRESHOLD, n)``; a fixed one no longer
+    grows): allocations of at least ``threshold_bytes`` are mapped and unmapped on free, so a
+    training step's large transients leave the RSS when freed. False where there is no glibc
+    or it refused; 0 does nothing."""
+    if threshold_bytes <= 0 or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(threshold_bytes)))
+    except (OSError, AttributeError):
+        return False

@@ -1,0 +1,196 @@
+"""The lean node's options (issue 31): the optimiser step fused into the backward pass
+(``train.fused_step``) and activation checkpointing (``train.activation_checkpointing``). Each
+must train exactly the weights of the plain turn, hold what it says it holds, and be refused
+where it would change the training. No MPI here; their memory is measured by bench/memory_claim.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from snake_mpi.blocks import model_hash  # noqa: E402
+from snake_mpi.config import ConfigError, ModelConfig, TrainConfig, from_dict  # noqa: E402
+from snake_mpi.models import build_model  # noqa: E402
+from snake_mpi.train import train_local  # noqa: E402
+
+
+def lm(preset: str, dtype: str = "float32"):
+    cfg = ModelConfig(family="lm", preset=preset, dtype=dtype)
+    return build_model(cfg, sample_shape=(1,), n_classes=256, seed=3)
+
+
+def tokens(n: int = 16, seq: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randint(0, 256, (n, seq), generator=torch.Generator().manual_seed(1))
+    return x, torch.roll(x, -1, dims=1)
+
+
+def turn(model, trainable, cfg, x, y):
+    return train_local(model, trainable, x, y, cfg=cfg, generator=torch.Generator().manual_seed(0))
+
+
+PLAIN = TrainConfig(local_steps=4, batch_size=8, lr=0.01, optimizer="adamw")
+
+
+@pytest.mark.parametrize(
+    ("preset", "dtype", "trainable", "optimizer"),
+    [
+        ("opt-tiny", "float32", [1, 2], "adamw"),
+        ("opt-tiny", "float32", [0], "adamw"),  # the stem, whose matrix the head shares
+        ("llama-tiny", "bfloat16", [1, 2], "adamw"),  # fp32 masters
+        ("opt-tiny", "float32", [2, 3], "sgd"),
+        ("llama-tiny", "float32", [1], "adam"),
+    ],
+)
+@pytest.mark.parametrize("option", ["fused_step", "activation_checkpointing"])
+def test_a_lean_option_trains_exactly_the_plain_weights(
+    preset, dtype, trainable, optimizer, option
+):
+    x, y = tokens()
+    plain_cfg = dataclasses.replace(PLAIN, optimizer=optimizer)
+    lean_cfg = dataclasses.replace(plain_cfg, **{option: True})
+    plain, lean = lm(preset, dtype), lm(preset, dtype)
+    assert model_hash(plain) == model_hash(lean)
+    a, b = turn(plain, trainable, plain_cfg, x, y), turn(lean, trainable, lean_cfg, x, y)
+    assert model_hash(plain) == model_hash(lean)
+    assert model_hash(plain) != model_hash(lm(preset, dtype))  # the turn did train
+    assert a.loss == b.loss and a.steps == b.steps == 4
+
+
+def test_the_fused_step_holds_no_gradient_after_the_turn_and_says_so():
+    x, y = tokens()
+    cfg = dataclasses.replace(PLAIN, weight_decay=0.0)
+    plain, fused = lm("llama-tiny", "bfloat16"), lm("llama-tiny", "bfloat16")
+    a = turn(plain, [1, 2], cfg, x, y)
+    b = turn(fused, [1, 2], dataclasses.replace(cfg, fused_step=True), x, y)
+    p = a.trainable_params
+    # the plain turn ends holding each fp32 master's gradient (4 bytes a parameter); fused, each
+    # gradient is dropped as soon as its parameter has stepped
+    assert a.train_state_bytes - b.train_state_bytes == 4 * p
+    assert all(q.grad is None for q in fused.parameters())
+
+
+def test_the_fused_steps_hooks_leave_with_the_turn():
+    x, y = tokens()
+    once, twice = lm("opt-tiny"), lm("opt-tiny")
+    turn(once, [1, 2], dataclasses.replace(PLAIN, fused_step=True), x, y)
+    turn(once, [1, 2], PLAIN, x, y)  # a hook left behind would step a second time in here
+    turn(twice, [1, 2], PLAIN, x, y)
+    turn(twice, [1, 2], PLAIN, x, y)
+    assert model_hash(once) == model_hash(twice)
+
+
+def test_activation_checkpointing_recomputes_the_blocks_that_run_with_autograd():
+    x, y = tokens()
+    calls: dict[int, int] = {}
+    model = lm("opt-tiny")
+
+    def count(b):
+        def hook(*_):
+            calls[b] = calls.get(b, 0) + 1
+
+        return hook
+
+    for b, blk in enumerate(model.blocks):
+        blk.register_forward_pre_hook(count(b))  # a recomputation may stop before the end
+    turn(model, [2], dataclasses.replace(PLAIN, activation_checkpointing=True), x, y)
+    steps = PLAIN.local_steps
+    # below the segment: once a step, without autograd; from the segment up: again in the
+    # backward pass, where each block recomputes what it did not keep
+    assert calls[0] == calls[1] == steps
+    assert all(calls[b] == 2 * steps for b in range(2, model.n_blocks))
+
+
+def test_activation_checkpointing_is_refused_for_a_trainable_block_with_batch_norm():
+    model = build_model(
+        ModelConfig(family="vgg11", width=4), sample_shape=(3, 32, 32), n_classes=10, seed=0
+    )
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(local_steps=1, batch_size=4, activation_checkpointing=True)
+    with pytest.raises(ValueError, match="block 1 has batch-norm"):
+        train_local(model, [1], x, y, cfg=cfg, generator=torch.Generator().manual_seed(0))
+
+
+def test_the_lean_options_are_off_by_default_and_read_from_the_config():
+    assert not TrainConfig().fused_step and not TrainConfig().activation_checkpointing
+    cfg = from_dict({"train": {"fused_step": True, "activation_checkpointing": True}})
+    assert cfg.train.fused_step and cfg.train.activation_checkpointing
+    with pytest.raises(ConfigError):
+        from_dict({"train": {"fused_step": "yes"}})
+
+
+def test_adamw8bit_state_is_counted_by_its_codes_and_scales():
+    pytest.importorskip("torchao")
+    from snake_mpi.blocks import optimizer_state_bytes
+    from snake_mpi.train import lean_adamw8bit
+
+    big = torch.nn.Parameter(torch.randn(256, 64))  # 16,384 elements: 8-bit moments
+    small = torch.nn.Parameter(torch.randn(64))  # under 4,096: fp32 moments
+    opt = lean_adamw8bit([big, small], lr=1e-3, weight_decay=0.0)
+    big.grad, small.grad = torch.randn_like(big), torch.randn_like(small)
+    opt.step()
+    # torchao's layout: a byte per element, an fp32 scale per block of 256, its 256-entry fp32
+    # code book; each moment, two moments; a 4-byte step counter per parameter
+    eight_bit = 16_384 + 4 * (16_384 // 256) + 4 * 256
+    assert optimizer_state_bytes(opt) == 2 * eight_bit + 4 + 2 * 4 * 64 + 4
+
+
+def test_adamw8bit_trains_and_fuses_into_the_backward_pass_exactly():
+    pytest.importorskip("torchao")
+    x, y = tokens()
+    cfg = dataclasses.replace(PLAIN, optimizer="adamw8bit", local_steps=6, lr=0.003)
+    plain, fused, full = lm("opt-tiny"), lm("opt-tiny"), lm("opt-tiny")
+    a = turn(plain, [1, 2], cfg, x, y)
+    b = turn(fused, [1, 2], dataclasses.replace(cfg, fused_step=True), x, y)
+    c = turn(full, [1, 2], dataclasses.replace(cfg, optimizer="adamw"), x, y)
+    assert model_hash(plain) == model_hash(fused) != model_hash(full)
+    assert a.loss == b.loss
+    assert abs(a.loss - c.loss) < 0.05 * c.loss  # the same training, 8-bit moments
+    # fp32 weights (no masters): the unfused turn ends holding its gradients, the fused one not;
+    # 8-bit moments are a quarter of fp32 AdamW's and their scales
+    n = a.trainable_params
+    assert a.train_state_bytes - b.train_state_bytes == 4 * n
+    weights = sum(p.numel() * 4 for p in plain.parameters())
+    moments_8, moments_32 = b.train_state_bytes - weights, c.train_state_bytes - weights - 4 * n
+    assert 2 * n < moments_8 < 0.3 * moments_32
+
+
+MMAP_PROBE = """
+import sys, torch
+from snake_mpi.probes.memory import set_mmap_threshold
+def rss_mib():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
+if sys.argv[1] != "0":
+    assert set_mmap_threshold(int(sys.argv[1]))
+a = torch.ones(5 << 20); del a  # 20 MiB, mapped; by default, freeing it raises the threshold
+base = rss_mib()
+held = [torch.ones(1 << 20) for _ in range(40)]  # 40 x 4 MiB
+later = [torch.ones(1 << 10) for _ in range(10)]  # small tensors allocated after them
+del held
+print(rss_mib() - base)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_a_fixed_mmap_threshold_hands_freed_tensors_back_to_the_os():
+    def kept_mib(threshold: int) -> float:
+        job = subprocess.run(
+            [sys.executable, "-c", MMAP_PROBE, str(threshold)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert job.returncode == 0, job.stderr
+        return float(job.stdout.split()[-1])
+
+    assert kept_mib(0) >= 16  # glibc's default: 4 MiB blocks land in the heap and stay
+    assert kept_mib(1 << 17) < 4
+    with pytest.raises(ConfigError, match="mmap_threshold_bytes"):
+        TrainConfig(mmap_threshold_bytes=2**26)
