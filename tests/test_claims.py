@@ -149,6 +149,30 @@ def test_seeds_are_averaged_into_one_row_per_claim(seeds_dir):
     assert never.verdict.startswith("not judged: not reached by snake-s1.h5")
 
 
+def test_a_run_written_before_an_option_existed_groups_with_its_seeds(seeds_dir, tmp_path):
+    # a result file from before train.fused_step etc. existed lacks those keys; at their
+    # defaults it is the same configuration, so its seed joins the group (a suite that spans
+    # the change is still judged on 3 seeds)
+    old = tmp_path / "snake-s2.h5"
+    shutil.copy(seeds_dir / "snake-s2.h5", old)
+    with h5py.File(old, "r+") as f:
+        text = f.attrs["config_toml"]
+        text = text.decode() if isinstance(text, bytes) else str(text)
+        lines = [ln for ln in text.splitlines() if not ln.startswith(NEW_KEYS)]
+        assert len(lines) == len(text.splitlines()) - len(NEW_KEYS)
+        f.attrs["config_toml"] = "\n".join(lines) + "\n"
+    runs = [read_result(seeds_dir / f"snake-s{s}.h5") for s in (1, 3)] + [read_result(old)]
+    groups = claims.group_runs(runs)
+    assert len(groups) == 1 and groups[0].seeds == [1, 2, 3]
+    # a real difference still splits
+    with h5py.File(old, "r+") as f:
+        f.attrs["config_toml"] = f.attrs["config_toml"].replace("lr = ", "lr = 1", 1)
+    assert len(claims.group_runs(runs[:2] + [read_result(old)])) == 2
+
+
+NEW_KEYS = ("fused_step", "activation_checkpointing", "mmap_threshold_bytes")
+
+
 def test_data_holders_are_matched_not_ranks(seeds_dir):
     snake, fed5, fed4 = results(seeds_dir, "snake-s1", "fedavg5-s1", "fedavg4-s1")
     assert [claims.data_holders(r) for r in (snake, fed5, fed4)] == [4, 4, 3]

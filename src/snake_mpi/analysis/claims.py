@@ -29,6 +29,7 @@ import numpy as np
 
 from snake_mpi.analysis.expected import run_config
 from snake_mpi.analysis.runs import label, workload
+from snake_mpi.config import to_toml
 from snake_mpi.schemes.registry import scheme_names, scheme_spec
 from snake_mpi.store import Result
 
@@ -152,10 +153,18 @@ def convergence_problem(values: np.ndarray, *, tol: float, relative: bool = Fals
 # ---------------------------------------------------------------- grouping and pairing
 
 
+def resolved_config(res: Result) -> dict[str, Any]:
+    """The run's configuration with every default filled in, as a dict: a result written
+    before an option existed reads as one written after it with that option at its default,
+    so a suite that spans such a change still groups its seeds."""
+    return tomllib.loads(to_toml(run_config(res)))
+
+
 def group_key(res: Result) -> str:
-    """The run's configuration less ``IGNORED_KEYS`` and the other schemes' tables, with its
-    number of ranks: equal keys mean runs that differ only in seed."""
-    raw = tomllib.loads(res.config_toml)
+    """The run's resolved configuration (``resolved_config``) less ``IGNORED_KEYS`` and the
+    other schemes' tables, with its number of ranks: equal keys mean runs that differ only in
+    seed."""
+    raw = resolved_config(res)
     keep = _sections(str(raw.get("scheme", "")))
     every = {t for name in scheme_names() for t in _sections(name)}
     for key in (*IGNORED_KEYS, *sorted(every - set(keep))):
@@ -211,7 +220,7 @@ def group_runs(results: Sequence[Result]) -> list[RunGroup]:
         key, seed = group_key(res), run_config(res).seed
         group = next((g for k, g in groups if k == key and seed not in g.runs), None)
         if group is None:
-            train = json.dumps(tomllib.loads(res.config_toml).get("train", {}), sort_keys=True)
+            train = json.dumps(resolved_config(res).get("train", {}), sort_keys=True)
             rounds = run_config(res).train.rounds
             group = RunGroup(
                 label(res), res.world_size, data_holders(res), workload(res), train, rounds, {}
