@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import socket
 import sys
 import time
@@ -66,6 +67,7 @@ from snake_mpi.schemes.snake import (
     plan_segments,
     stamp,
 )
+from snake_mpi.train import evaluate
 from snake_mpi.transport.protocol import HopPlan, RingPositions
 from snake_mpi.transport.wire import (
     KIND_MODEL,
@@ -377,6 +379,13 @@ class LoneResult:
     gpu_max_allocated_bytes: int
     """torch's peak allocated device memory (0 on the CPU)."""
     wall_s: float
+    eval_loss: float = float("nan")
+    """Test loss (per token for a language model: its exp is the perplexity) of the node's
+    model after the run, on the config's test set; taken after the peak was read."""
+    compute_s: list[float] = dataclasses.field(default_factory=list)
+    """Per round, the turn's training time (``/rounds/compute_s``)."""
+    steps: list[int] = dataclasses.field(default_factory=list)
+    """Per round, the turn's optimiser steps."""
 
     @property
     def peak_bytes(self) -> int:
@@ -464,8 +473,12 @@ def run_lone(
         model_sha256=model_hash(built.model),
         gpu_max_allocated_bytes=gpu_peak(built.device),
         wall_s=time.perf_counter() - t0,
+        compute_s=[float(x) for x in rows[:, col["compute_s"]]],
+        steps=[int(x) for x in rows[:, col["steps"]]],
     )
-    return result, ctx
+    d = built.data
+    loss, _ = evaluate(built.model, d.x_test, d.y_test, batch_size=cfg.train.eval_batch_size)
+    return dataclasses.replace(result, eval_loss=loss), ctx
 
 
 GIB = 2**30
@@ -480,7 +493,9 @@ def describe(r: LoneResult) -> str:
         f", increase {r.increase_bytes / GIB:.3f} GiB, train state "
         f"{r.train_state_bytes / GIB:.3f} GiB, transfer buffers {r.transfer_buffer_bytes} B\n"
         f"  bytes sent per round {r.bytes_sent}, received {r.bytes_received}; trained blocks "
-        f"changed: {r.trained_blocks_changed}; {r.wall_s:.1f} s"
+        f"changed: {r.trained_blocks_changed}; {r.wall_s:.1f} s\n"
+        f"  training {sum(r.compute_s):.2f} s for {sum(r.steps)} steps; test loss after the "
+        f"run {r.eval_loss:.4f} (perplexity {math.exp(r.eval_loss):.3f})"
     )
 
 

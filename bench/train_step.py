@@ -20,10 +20,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import math
+import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -124,8 +129,19 @@ def bare_turn(w: Workload, generator: torch.Generator) -> float:
     return float(total) / max(1, done * cfg.batch_size)
 
 
-def snake_turn(w: Workload, generator: torch.Generator) -> float:
-    return train_local(w.model, w.trainable, w.x, w.y, cfg=w.train, generator=generator).loss
+def snake_turn(w: Workload, generator: torch.Generator, **lean: Any) -> float:
+    """``train_local``'s turn, with the config's ``train`` settings changed by ``lean``."""
+    cfg = dataclasses.replace(w.train, **lean) if lean else w.train
+    return train_local(w.model, w.trainable, w.x, w.y, cfg=cfg, generator=generator).loss
+
+
+LEAN: dict[str, dict[str, Any]] = {
+    "fused step": {"fused_step": True},
+    "activation checkpointing": {"activation_checkpointing": True},
+    "8-bit AdamW": {"optimizer": "adamw8bit"},
+    "all three": {"fused_step": True, "activation_checkpointing": True, "optimizer": "adamw8bit"},
+}
+"""The lean node's options (``--lean``), each timed against the bare loop."""
 
 
 def timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
@@ -136,28 +152,52 @@ def timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
     return time.perf_counter() - t0
 
 
-def compare(w: Workload, trials: int, sync: Callable[[], None]) -> dict[str, float | str]:
-    """Warm-up turn of each (weights compared after it), then interleaved timed trials from the
-    same starting weights and batch order; best time of each."""
+Turn = Callable[[Workload, torch.Generator], float]
+
+
+def best_times(
+    w: Workload, turns: dict[str, Turn], trials: int, sync: Callable[[], None]
+) -> tuple[dict[str, float], dict[str, float], dict[str, list[float]]]:
+    """A warm-up turn of each (the weights after it kept; a compiling option compiles there),
+    then ``trials`` interleaved timed turns from the same starting weights and batch order, the
+    order reversed every other trial. Returns the best time of each, the weights' largest
+    difference from the first turn's, and each turn's time in every trial."""
     start = {k: v.detach().clone() for k, v in w.model.state_dict().items()}
-    turns = {"bare": bare_turn, "snake_mpi": snake_turn}
     after = {}
     for name, turn in turns.items():
         w.model.load_state_dict(start)
         turn(w, torch.Generator().manual_seed(0))
         after[name] = {k: v.detach().clone() for k, v in w.model.state_dict().items()}
-    diff = max(
-        float((after["bare"][k].float() - after["snake_mpi"][k].float()).abs().max()) for k in start
-    )
-    best = dict.fromkeys(turns, float("inf"))
+    first = next(iter(turns))
+    diff = {
+        name: max(float((after[first][k].float() - a[k].float()).abs().max()) for k in start)
+        for name, a in after.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in turns}
     for t in range(trials):
         order = list(turns) if t % 2 == 0 else list(turns)[::-1]
         for name in order:
             w.model.load_state_dict(start)
             gen = torch.Generator().manual_seed(0)
-            best[name] = min(best[name], timed(lambda n=name, g=gen: turns[n](w, g), sync))
+            times[name].append(timed(lambda n=name, g=gen: turns[n](w, g), sync))
+    w.model.load_state_dict(start)
+    return {n: min(ts) for n, ts in times.items()}, diff, times
+
+
+def paired_ratio(times: dict[str, list[float]], name: str) -> float:
+    """The median over trials of bare's time / ``name``'s time in the same trial: steadier than
+    the ratio of the best times when the machine's load drifts."""
+    return statistics.median(b / t for b, t in zip(times["bare"], times[name], strict=True))
+
+
+def compare(w: Workload, trials: int, sync: Callable[[], None]) -> dict[str, float | str]:
+    """snake_mpi's turn against the bare loop: samples per second of each (best of
+    ``trials``), their ratio, the median paired ratio, and whether the weights agree."""
+    turns: dict[str, Turn] = {"bare": bare_turn, "snake_mpi": snake_turn}
+    best, diff, times = best_times(w, turns, trials, sync)
     samples = w.train.local_steps * w.train.batch_size
     bare, snake = samples / best["bare"], samples / best["snake_mpi"]
+    d = diff["snake_mpi"]
     return {
         "model": w.name,
         "blocks": f"{min(w.trainable)}-{max(w.trainable)} of {w.model.n_blocks}",
@@ -167,9 +207,31 @@ def compare(w: Workload, trials: int, sync: Callable[[], None]) -> dict[str, flo
         "bare": bare,
         "snake_mpi": snake,
         "ratio": snake / bare,
-        "weights": "identical" if diff == 0 else f"max |diff| {diff:.2e}",
-        "diff": diff,
+        "paired": paired_ratio(times, "snake_mpi"),
+        "weights": "identical" if d == 0 else f"max |diff| {d:.2e}",
+        "diff": d,
     }
+
+
+def compare_lean(w: Workload, trials: int, sync: Callable[[], None]) -> list[dict[str, Any]]:
+    """Each lean option's turn against the bare loop (and the plain snake_mpi turn)."""
+    turns: dict[str, Turn] = {"bare": bare_turn, "plain": snake_turn}
+    for name, over in LEAN.items():
+        turns[name] = functools.partial(snake_turn, **over)
+    best, diff, times = best_times(w, turns, trials, sync)
+    samples = w.train.local_steps * w.train.batch_size
+    return [
+        {
+            "model": w.name,
+            "variant": name,
+            "samples_s": samples / best[name],
+            "ratio": best["bare"] / best[name],
+            "paired": paired_ratio(times, name),
+            "weights": "identical" if diff[name] == 0 else f"max |diff| {diff[name]:.2e}",
+        }
+        for name in turns
+        if name != "bare"
+    ]
 
 
 WEIGHT_TOLERANCE = 1e-4
@@ -181,13 +243,31 @@ def format_table(rows: list[dict[str, float | str]], head: str) -> str:
         head,
         "",
         "| model | trainable blocks | batch | steps | optimiser | bare samples/s "
-        "| snake_mpi samples/s | ratio | weights after a turn |",
-        "|" + " --- |" * 9,
+        "| snake_mpi samples/s | ratio | median paired ratio | weights after a turn |",
+        "|" + " --- |" * 10,
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['blocks']} | {r['batch']} | {r['steps']} | {r['optimizer']} "
-            f"| {r['bare']:.1f} | {r['snake_mpi']:.1f} | **{r['ratio']:.3f}** | {r['weights']} |"
+            f"| {r['bare']:.1f} | {r['snake_mpi']:.1f} | **{r['ratio']:.3f}** "
+            f"| {r['paired']:.3f} | {r['weights']} |"
+        )
+    return "\n".join(lines)
+
+
+def format_lean(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "The lean options against the bare loop (the 8-bit AdamW replaces the config's "
+        "optimiser, so its weights differ by design):",
+        "",
+        "| model | turn | samples/s | / bare (best) | / bare (median paired) "
+        "| weights after a turn (against bare) |",
+        "|" + " --- |" * 6,
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['samples_s']:.1f} | {r['ratio']:.3f} "
+            f"| {r['paired']:.3f} | {r['weights']} |"
         )
     return "\n".join(lines)
 
@@ -201,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=3, help="interleaved trials, best kept")
     ap.add_argument("--models", default="opt-tiny,cnn", help="comma-separated: opt-tiny, cnn")
     ap.add_argument("--out-table", type=Path, help="also write the table (markdown) here")
+    ap.add_argument(
+        "--lean", action="store_true", help="also time the lean options (train.fused_step, ...)"
+    )
     args = ap.parse_args(argv)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     if not names or any(m not in CONFIGS for m in names):
@@ -218,17 +301,26 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (100 if args.device == "cuda" else 20)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     where = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
     head = (
         f"train step, {args.device} ({where}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads): {steps} steps per turn, best of {args.trials} "
-        "interleaved trials"
+        f"{torch.get_num_threads()} threads, load average {load:.2f} on {os.cpu_count()} CPUs "
+        f"at the start): {steps} steps per turn, best of {args.trials} interleaved trials"
     )
     rows = [compare(workload(name, device, steps), args.trials, sync) for name in names]
     table = format_table(rows, head)
+    if args.lean:
+        lean = [
+            r for n in names for r in compare_lean(workload(n, device, steps), args.trials, sync)
+        ]
+        table += "\n\n" + format_lean(lean)
     print(table)
     print()
     for r in rows:
-        print(f"ratio {r['model']}: {r['ratio']:.3f} (snake_mpi / bare samples/s; target >= 0.95)")
+        print(
+            f"ratio {r['model']}: {r['ratio']:.3f} (snake_mpi / bare samples/s; target >= 0.95; "
+            f"median paired {r['paired']:.3f})"
+        )
     if args.out_table:
         args.out_table.parent.mkdir(parents=True, exist_ok=True)
         args.out_table.write_text(table + "\n")

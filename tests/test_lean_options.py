@@ -39,18 +39,18 @@ PLAIN = TrainConfig(local_steps=4, batch_size=8, lr=0.01, optimizer="adamw")
 
 
 @pytest.mark.parametrize(
-    ("preset", "dtype", "trainable", "optimizer"),
+    ("option", "preset", "dtype", "trainable", "optimizer"),
     [
-        ("opt-tiny", "float32", [1, 2], "adamw"),
-        ("opt-tiny", "float32", [0], "adamw"),  # the stem, whose matrix the head shares
-        ("llama-tiny", "bfloat16", [1, 2], "adamw"),  # fp32 masters
-        ("opt-tiny", "float32", [2, 3], "sgd"),
-        ("llama-tiny", "float32", [1], "adam"),
+        ("fused_step", "opt-tiny", "float32", [1, 2], "adamw"),
+        ("fused_step", "opt-tiny", "float32", [0], "adamw"),  # the stem: the head shares its matrix
+        ("fused_step", "llama-tiny", "bfloat16", [1, 2], "adamw"),  # fp32 masters
+        ("fused_step", "opt-tiny", "float32", [2, 3], "sgd"),
+        ("activation_checkpointing", "opt-tiny", "float32", [1, 2], "adamw"),
+        ("activation_checkpointing", "llama-tiny", "bfloat16", [1, 2], "adam"),
     ],
 )
-@pytest.mark.parametrize("option", ["fused_step", "activation_checkpointing"])
 def test_a_lean_option_trains_exactly_the_plain_weights(
-    preset, dtype, trainable, optimizer, option
+    option, preset, dtype, trainable, optimizer
 ):
     x, y = tokens()
     plain_cfg = dataclasses.replace(PLAIN, optimizer=optimizer)

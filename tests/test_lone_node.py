@@ -114,3 +114,28 @@ def test_lone_peak_matches_the_mpi_ring(tmp_path):
         assert lone["train_state_bytes"] == ring_state[k]
         assert lone["trained_blocks_changed"]
         assert abs(lone["increase_bytes"] - ring_inc[k]) <= MEMORY_BOUND * ring_inc[k] + SLACK
+
+
+def test_the_lean_table_measures_each_option_against_the_plain_node(tmp_path):
+    from bench import lean_node
+
+    table = tmp_path / "lean.md"
+    code = lean_node.main(
+        [str(TINY), "--nodes", "2", "--out", str(tmp_path / "lean"), "--options", "fused,mmap"]
+        + ["--set", "train.local_steps=2", "--set", "train.rounds=1", "--table", str(table)]
+    )
+    assert code == 0
+    text = table.read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if "|" in line}
+    assert set(rows) >= {"plain node", lean_node.DESCRIBE["fused"], lean_node.DESCRIBE["mmap"]}
+    # neither option changes the training: the weights are the plain node's, bit for bit, and
+    # the perplexity is the same number
+    for name in ("fused", "mmap"):
+        assert "plain's, to the bit" in rows[lean_node.DESCRIBE[name]]
+        assert "| +0.000 % |" in rows[lean_node.DESCRIBE[name]]
+    got = json.loads((tmp_path / "lean" / "tiny-n2-k0-fused.json").read_text())
+    plain = json.loads((tmp_path / "lean" / "tiny-n2-k0-plain.json").read_text())
+    assert got["steps"] == plain["steps"] == [2]
+    # the fused turn ends holding no gradient: its training state is smaller by exactly them
+    params = plain["trainable_params"]
+    assert plain["train_state_bytes"] - got["train_state_bytes"] == 4 * params

@@ -329,3 +329,29 @@ def test_memory_table_of_a_small_model_uses_a_readable_unit_and_says_which_nodes
     out = capsys.readouterr().out
     assert "paper KiB" in out and "76.56" in out  # 4,900 parameters x 16 bytes, not "0.00 GiB"
     assert "not shown: 6, 8 nodes; the model has 4 middle blocks" in out
+
+
+def test_train_step_bench_times_the_lean_options_against_the_bare_loop(tmp_path):
+    pytest.importorskip("torchao")
+    job = subprocess.run(
+        [sys.executable, "-m", "bench.train_step", "--models", "opt-tiny", "--steps", "4"]
+        + ["--trials", "1", "--lean"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert job.returncode == 0, job.stdout + job.stderr
+    rows = {
+        cells[1]: cells
+        for line in job.stdout.splitlines()
+        if line.startswith("| opt-tiny |") and len(cells := line.split(" | ")) == 6
+    }
+    assert set(rows) == {"plain", "fused step", "activation checkpointing", "8-bit AdamW"} | {
+        "all three"
+    }
+    for exact in ("plain", "fused step", "activation checkpointing"):
+        assert rows[exact][5].startswith("identical"), rows[exact]
+    assert rows["8-bit AdamW"][5].startswith("max |diff|")  # other moments, other weights
+    assert all(float(r[3]) > 0 for r in rows.values())

@@ -6,9 +6,11 @@ trainable one run without autograd, so no activations are kept for them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -251,7 +253,7 @@ class Optimiser:
             if p.dtype == torch.float32:
                 targets.append(p)
             else:
-                m = torch.nn.Parameter(p.detach().float().clone())
+                m = torch.nn.Parameter(p.detach().float())  # a new fp32 tensor: no clone
                 self.masters[i] = m
                 targets.append(m)
         self.fused = fused
@@ -354,6 +356,47 @@ def turn_batch_sizes(n: int, cfg: TrainConfig) -> list[int]:
     return epoch * cfg.local_epochs
 
 
+class StepObserver(Protocol):
+    """Looks at every training step of ``train_local`` (measurement, e.g. the memory ledger of
+    bench/memory_ledger.py); installed with ``observe_steps``. It must not change anything."""
+
+    def forward_context(self, model: BlockModel) -> contextlib.AbstractContextManager[object]:
+        """Entered around each step's forward and backward pass of ``model`` (e.g. saved-tensor
+        hooks)."""
+        ...
+
+    def after_backward(self, params: Sequence[torch.nn.Parameter], opt: Optimiser) -> None:
+        """After the backward pass, before the optimiser step (the gradients exist)."""
+        ...
+
+    def after_step(self, params: Sequence[torch.nn.Parameter], opt: Optimiser) -> None:
+        """After the optimiser step (its state and the fp32 masters' gradients exist)."""
+        ...
+
+
+_OBSERVERS: list[StepObserver] = []
+
+
+@contextlib.contextmanager
+def observe_steps(observer: StepObserver) -> Iterator[None]:
+    """Call ``observer`` at every step of ``train_local`` in this process while the block runs;
+    without one a step pays nothing for this."""
+    _OBSERVERS.append(observer)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(observer)
+
+
+def _observed(model: BlockModel) -> contextlib.AbstractContextManager[object]:
+    if not _OBSERVERS:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for o in _OBSERVERS:
+        stack.enter_context(o.forward_context(model))
+    return stack
+
+
 def train_local(
     model: BlockModel,
     trainable: Sequence[int],
@@ -391,18 +434,23 @@ def train_local(
             opt.zero_grad()
             xb = x[idx] if augment is None else augment(x[idx], generator)
             xb, yb = xb.to(dev, non_blocking=True), y[idx].to(dev, non_blocking=True)
-            logits = model(xb, no_grad_below=lowest, recompute=cfg.activation_checkpointing)
-            task = adjusted_task_loss(logits, yb, shift)
-            task_value = checked_loss(task, steps)
-            loss = task
-            if teacher is not None and kd is not None:
-                distil = kd_term(logits, teacher(xb), kd.temperature)
-                loss = loss + kd.weight * distil
-                total_kd += checked_loss(distil, steps) * len(idx)
-            if mu > 0:
-                loss = loss + (mu / 2) * prox_term(params, anchors)
-            loss.backward()
+            with _observed(model):
+                logits = model(xb, no_grad_below=lowest, recompute=cfg.activation_checkpointing)
+                task = adjusted_task_loss(logits, yb, shift)
+                task_value = checked_loss(task, steps)
+                loss = task
+                if teacher is not None and kd is not None:
+                    distil = kd_term(logits, teacher(xb), kd.temperature)
+                    loss = loss + kd.weight * distil
+                    total_kd += checked_loss(distil, steps) * len(idx)
+                if mu > 0:
+                    loss = loss + (mu / 2) * prox_term(params, anchors)
+                loss.backward()
+            for o in _OBSERVERS:
+                o.after_backward(params, opt)
             opt.step()
+            for o in _OBSERVERS:
+                o.after_step(params, opt)
             total_loss += task_value * len(idx)
             samples += len(idx)
             steps += 1

@@ -1,0 +1,111 @@
+"""bench/memory_ledger.py: each part of a training step's memory, read by ``train_local``'s step
+observer, equals its analytic count on the tiny OPT model (the byte counts exactly; the
+activations autograd saves as the formula of the module says), and the command prints the
+ledger of a Snake node. The OPT-1.3B ledgers are in docs/memory.md."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from bench import memory_ledger as ledger  # noqa: E402
+from conftest import REPO  # noqa: E402
+from snake_mpi.config import from_dict  # noqa: E402
+from snake_mpi.models import build_model  # noqa: E402
+from snake_mpi.train import observe_steps, train_local  # noqa: E402
+
+TINY_LM = REPO / "bench" / "configs" / "llm" / "tiny-snake.toml"
+
+
+def run_steps(dtype: str, trained: list[int], **train):
+    cfg = from_dict(
+        {
+            "model": {"family": "lm", "preset": "opt-tiny", "dtype": dtype},
+            "data": {"name": "text", "seq_len": 16},
+            "train": {"batch_size": 4, "local_steps": 3, "optimizer": "adamw", **train},
+        }
+    )
+    model = build_model(cfg.model, sample_shape=(1,), n_classes=256, seed=0)
+    x = torch.randint(0, 256, (12, 16), generator=torch.Generator().manual_seed(0))
+    steps = ledger.StepLedger()
+    with observe_steps(steps):
+        train_local(
+            model, trained, x, torch.roll(x, -1, 1), cfg=cfg.train, generator=torch.Generator()
+        )
+    m = ledger._measured(steps, (0, 0), 0, model, trained, 0, [x, x])
+    return cfg, model, m
+
+
+@pytest.mark.parametrize(
+    ("dtype", "train"),
+    [
+        ("float32", {}),
+        ("bfloat16", {}),
+        ("bfloat16", {"fused_step": True}),
+        ("float32", {"optimizer": "sgd", "momentum": 0.9}),
+    ],
+    ids=["fp32", "bf16", "bf16-fused", "sgd"],
+)
+def test_each_part_of_a_step_equals_its_analytic_count(dtype, train):
+    trained = [1, 2]
+    cfg, model, m = run_steps(dtype, trained, **train)
+    want = ledger.analytic(cfg, m, trained, model.n_blocks)
+    assert m.steps.steps == 3
+    assert m.steps.masters == want["fp32 masters"]
+    assert m.steps.gradients == want["gradients"]
+    assert m.steps.optimiser == want["optimiser state"]
+    assert m.steps.activations == want["activations"]  # opt-tiny's layers: to the byte
+    assert m.trained_bytes == want["trained weights"]
+    assert m.frozen_bytes == want["frozen weights"]
+    p = sum(m.trained_params)
+    if dtype == "bfloat16":
+        assert m.steps.masters == 4 * p > 0
+    if train.get("fused_step"):
+        assert m.steps.gradients == 0  # each parameter's gradient is gone once it has stepped
+
+
+def test_frozen_layers_above_the_segment_keep_less_than_trained_ones():
+    # segment [1]: layers 2-4 are frozen above it, so they keep no inputs of their linear maps
+    cfg, model, low = run_steps("float32", [1])
+    _, _, high = run_steps("float32", [4])
+    assert low.steps.activations == ledger.analytic(cfg, low, [1], model.n_blocks)["activations"]
+    assert low.steps.activations > high.steps.activations > 0
+
+
+def test_the_ledger_of_a_snake_node_adds_up_to_its_peak(tmp_path, capsys):
+    code = ledger.main(
+        [str(TINY_LM), "--nodes", "2", "--node", "1", "--json", str(tmp_path / "l.json")]
+        + ["--set", "train.local_steps=2", "--set", "train.rounds=1"]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "memory ledger: node 1 of 2" in out
+    import json
+
+    rows = {r["part"]: r for r in json.loads((tmp_path / "l.json").read_text())["rows"]}
+    parts = sum(rows[p]["measured"] for p in ledger.SUMMED)
+    assert rows["sum of the parts"]["measured"] == parts
+    assert rows["rest"]["measured"] == rows["peak increase"]["measured"] - parts
+    for part in ("fp32 masters", "gradients", "optimiser state", "trained weights", "data"):
+        assert rows[part]["measured"] == rows[part]["analytic"], part
+
+
+def test_activation_checkpointing_has_no_activation_model():
+    cfg = from_dict({"model": {"family": "lm", "preset": "opt-tiny"}, "data": {"name": "text"}})
+    assert ledger.opt_activation_bytes(cfg, [1], 6) is not None
+    lean = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, activation_checkpointing=True)
+    )
+    assert ledger.opt_activation_bytes(lean, [1], 6) is None
+
+
+def test_a_tied_matrix_is_one_trained_parameter():
+    # every block trains (full fine-tuning): the stem's embedding is the head's output matrix
+    cfg, model, m = run_steps("bfloat16", list(range(6)))
+    assert sum(m.trained_params) == sum(p.numel() for p in model.parameters())  # each once
+    want = ledger.analytic(cfg, m, list(range(6)), model.n_blocks)
+    assert m.steps.masters == want["fp32 masters"] and m.steps.optimiser == want["optimiser state"]
