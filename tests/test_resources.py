@@ -79,6 +79,19 @@ def test_the_model_parts_are_the_model_counted():
     assert snake.ranks_bytes(4) == 4 * sum(snake.resident.values()) + sum(snake.turn.values())
 
 
+def test_the_lean_options_lower_the_training_part_by_what_they_drop():
+    """Fused step: no whole gradient (4 B per trained parameter); 8-bit AdamW: 2 B of moments
+    instead of 8; the estimate follows what train_local holds (tests/test_lean_options.py)."""
+    base = ['scheme="centralised"', 'train.optimizer="adamw"']
+    n = sum(params_of(load_config(TINY, base)))
+    plain = estimate(load_config(TINY, base), 1).turn["training"]
+    fused = estimate(load_config(TINY, [*base, "train.fused_step=true"]), 1).turn["training"]
+    eight = estimate(load_config(TINY, [*base, 'train.optimizer="adamw8bit"']), 1)
+    assert plain == (4 + 8) * n
+    assert fused == 8 * n
+    assert eight.turn["training"] == (4 + 2) * n
+
+
 def _measured_data_bytes(overrides: list[str], ranks: int) -> int:
     """Peak bytes of array data (numpy reports every array to ``tracemalloc``) while a rank
     builds its data: the dataset from the seed, then its shard copied out."""
