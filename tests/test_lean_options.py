@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 from snake_mpi.blocks import model_hash  # noqa: E402
 from snake_mpi.config import ConfigError, ModelConfig, TrainConfig, from_dict  # noqa: E402
 from snake_mpi.models import build_model  # noqa: E402
+from snake_mpi.probes.memory import set_mmap_threshold  # noqa: E402
 from snake_mpi.train import train_local  # noqa: E402
 
 
@@ -163,16 +164,17 @@ def test_adamw8bit_trains_and_fuses_into_the_backward_pass_exactly():
 
 
 MMAP_PROBE = """
-import sys, torch
+import ctypes, sys, torch
 from snake_mpi.probes.memory import set_mmap_threshold
 def rss_mib():
     return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
+libc = ctypes.CDLL("libc.so.6")
+libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep freed heap memory (the control's setting)
+libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD at glibc's largest dynamic value: 4 MiB in the heap
 if sys.argv[1] != "0":
     assert set_mmap_threshold(int(sys.argv[1]))
-a = torch.ones(5 << 20); del a  # 20 MiB, mapped; by default, freeing it raises the threshold
 base = rss_mib()
 held = [torch.ones(1 << 20) for _ in range(40)]  # 40 x 4 MiB
-later = [torch.ones(1 << 10) for _ in range(10)]  # small tensors allocated after them
 del held
 print(rss_mib() - base)
 """
@@ -190,7 +192,11 @@ def test_a_fixed_mmap_threshold_hands_freed_tensors_back_to_the_os():
         assert job.returncode == 0, job.stderr
         return float(job.stdout.split()[-1])
 
-    assert kept_mib(0) >= 16  # glibc's default: 4 MiB blocks land in the heap and stay
+    # the control: glibc's threshold as its default grows it (32 MiB) and nothing trimmed, so
+    # freed 4 MiB tensors stay in the RSS; set_mmap_threshold(128 KiB) maps each, and freed
+    # they go back to the OS
+    assert kept_mib(0) >= 100
     assert kept_mib(1 << 17) < 4
+    assert not set_mmap_threshold(0)  # 0: glibc's default, nothing set
     with pytest.raises(ConfigError, match="mmap_threshold_bytes"):
         TrainConfig(mmap_threshold_bytes=2**26)
