@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The one-GPU check of GPU ranks (issue 11), in under 8 minutes on a machine with one GPU:
+# The one-GPU check of GPU ranks (issue 11), in under 10 minutes on a machine with one GPU:
 #   a. pytest -m gpu                      (the GPU tests)
 #   b. the demo on 4 ranks sharing the GPU, watched through NVML, then checked:
 #      status, bytes = analytic count, final accuracy, GPU fields finite, no stray contexts
 #   c. hop throughput from GPU memory per transfer path, and the probes' overhead on the GPU
 #      (python -m bench.transfer --device cuda, 2 ranks: sampler + GPU probe on vs off)
 #   d. the OPT-1.3B memory benchmark (python -m bench.memory_claim --device cuda --steps 2, bf16)
-#   e. training-step throughput           (python -m bench.train_step --device cuda)
-# The step limits add up to 480 s (45+80+30+100+180+45; a step that ignores TERM gets 10 s
-# more), so no hung step can push the check much past 8 minutes.
+#   e. training-step throughput           (python -m bench.train_step --device cuda --lean)
+# The step limits add up to 510 s (45+80+30+100+180+75; a step that ignores TERM gets 10 s
+# more), so no hung step can push the check much past 9 minutes.
 #
 #   bench/gpu_check.sh OUTDIR               # PYTHON=/path/to/python chooses the interpreter
 #
@@ -213,8 +213,8 @@ fi
 if ((N_GPU == 0)); then
   skip train-step "$NO_GPU"
 else
-  run_step train-step "${T_TRAIN_STEP:-45}" "$OUT/train-step.log" \
-    "$PY" -m bench.train_step --device cuda --out-table "$OUT/train_step.md"
+  run_step train-step "${T_TRAIN_STEP:-75}" "$OUT/train-step.log" \
+    "$PY" -m bench.train_step --device cuda --lean --out-table "$OUT/train_step.md"
 fi
 
 FAILED=0

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from snake_mpi.blocks import BlockModel
 from snake_mpi.config import TrainConfig, load_config
 from snake_mpi.models import build_model
-from snake_mpi.train import train_local
+from snake_mpi.train import adamw8bit_class, train_local
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -213,11 +213,22 @@ def compare(w: Workload, trials: int, sync: Callable[[], None]) -> dict[str, flo
     }
 
 
+def lean_options() -> list[str]:
+    """The ``LEAN`` options this environment can run: without torchao (a machine with no
+    registry, e.g. the GPU machine) those with the 8-bit AdamW are left out, with a line."""
+    try:
+        adamw8bit_class()
+    except ImportError as e:
+        print(f"train_step: --lean without the 8-bit AdamW: {e}", file=sys.stderr)
+        return [n for n, over in LEAN.items() if over.get("optimizer") != "adamw8bit"]
+    return list(LEAN)
+
+
 def compare_lean(w: Workload, trials: int, sync: Callable[[], None]) -> list[dict[str, Any]]:
     """Each lean option's turn against the bare loop (and the plain snake_mpi turn)."""
     turns: dict[str, Turn] = {"bare": bare_turn, "plain": snake_turn}
-    for name, over in LEAN.items():
-        turns[name] = functools.partial(snake_turn, **over)
+    for name in lean_options():
+        turns[name] = functools.partial(snake_turn, **LEAN[name])
     best, diff, times = best_times(w, turns, trials, sync)
     samples = w.train.local_steps * w.train.batch_size
     return [

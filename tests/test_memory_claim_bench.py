@@ -351,3 +351,14 @@ def test_train_step_bench_times_the_lean_options_against_the_bare_loop(tmp_path)
         assert rows[exact][5].startswith("identical"), rows[exact]
     assert rows["8-bit AdamW"][5].startswith("max |diff|")  # other moments, other weights
     assert all(float(r[3]) > 0 for r in rows.values())
+
+
+def test_train_step_lean_leaves_out_the_8bit_adamw_where_torchao_is_missing(monkeypatch, capsys):
+    from bench import train_step as ts
+
+    def missing():
+        raise ImportError("no module named torchao")
+
+    monkeypatch.setattr(ts, "adamw8bit_class", missing)
+    assert ts.lean_options() == ["fused step", "activation checkpointing"]
+    assert "without the 8-bit AdamW: no module named torchao" in capsys.readouterr().err
