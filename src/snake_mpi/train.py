@@ -388,11 +388,17 @@ def observe_steps(observer: StepObserver) -> Iterator[None]:
         _OBSERVERS.remove(observer)
 
 
-def _observed(model: BlockModel) -> contextlib.AbstractContextManager[object]:
-    if not _OBSERVERS:
-        return contextlib.nullcontext()
+_UNOBSERVED = contextlib.nullcontext()
+"""The step's context without observers: one object, reused by every step."""
+
+
+def _observed(
+    model: BlockModel, observers: Sequence[StepObserver]
+) -> contextlib.AbstractContextManager[object]:
+    if not observers:
+        return _UNOBSERVED
     stack = contextlib.ExitStack()
-    for o in _OBSERVERS:
+    for o in observers:
         stack.enter_context(o.forward_context(model))
     return stack
 
@@ -429,12 +435,13 @@ def train_local(
     dev = model_device(model)
     shift = None if options.logit_shift is None else options.logit_shift.to(dev)  # once a turn
     total_loss, total_kd, samples, steps = 0.0, 0.0, 0, 0
+    observers = tuple(_OBSERVERS)  # once a turn, not looked up each step
     try:
         for idx in turn_batches(len(x), cfg, generator):
             opt.zero_grad()
             xb = x[idx] if augment is None else augment(x[idx], generator)
             xb, yb = xb.to(dev, non_blocking=True), y[idx].to(dev, non_blocking=True)
-            with _observed(model):
+            with _observed(model, observers):
                 logits = model(xb, no_grad_below=lowest, recompute=cfg.activation_checkpointing)
                 task = adjusted_task_loss(logits, yb, shift)
                 task_value = checked_loss(task, steps)
@@ -446,10 +453,10 @@ def train_local(
                 if mu > 0:
                     loss = loss + (mu / 2) * prox_term(params, anchors)
                 loss.backward()
-            for o in _OBSERVERS:
+            for o in observers:
                 o.after_backward(params, opt)
             opt.step()
-            for o in _OBSERVERS:
+            for o in observers:
                 o.after_step(params, opt)
             total_loss += task_value * len(idx)
             samples += len(idx)
