@@ -14,9 +14,13 @@ training set in this process (the centralised scheme's turn). ``train_local``'s 
 (``snake_mpi.train.observe_steps``) reads, at every step: the gradients after the backward pass
 and after the optimiser step, the fp32 master copies, the optimiser state (tensor bytes; a
 quantised state by its codes and scales), and the activations autograd saved for the backward
-pass (each storage once, weights excluded; ``torch.autograd.graph.saved_tensors_hooks``). The
-weights are measured by the RSS they added when the model was built. The peak is the kernel's
-(``VmHWM``) over the RSS just before the model was built; run one ledger per process.
+pass (each storage once, weights excluded; ``torch.autograd.graph.saved_tensors_hooks``), and
+the optimiser step's temporaries (the storages its operations allocate, watched by a
+``TorchDispatchMode`` from the end of the backward pass to the end of the step: their largest
+total alive at once less what the step keeps; only for an eager step: not ``fused_step``, not
+the compiled 8-bit AdamW). The weights are measured by the RSS they added when the model was
+built. The peak is the kernel's (``VmHWM``) over the RSS just before the model was built; run
+one ledger per process.
 
 Analytic counts: weights = the preset's parameter counts (meta device) x bytes per weight;
 fp32 masters 4 B and gradients 4 B per trained parameter (bf16 weights: the fp32 copy of the
@@ -25,7 +29,10 @@ gradient is what the step holds; fp32 weights: the gradient itself), none when t
 torchao's layout); activations of OPT decoder layers (h hidden, f feed-forward, a heads, n tokens
 of a batch, e bytes per element): a trained layer saves n*e*(8h + f) + 4*n*e + 4*n*a bytes, a
 frozen layer above the segment n*e*(6h + f) + 4*n*e + 4*n*a (no weight gradient: the inputs of
-its linear maps are not kept), the final norm n*e*(h + 2), the loss n*V*4 + 8*n + 4; hop
+its linear maps are not kept), the final norm n*e*(h + 2), the loss n*V*4 + 8*n + 4; the
+step's temporaries, torch's eager Adam(W): max over parameters k of 4*(2*n_k + n_(k-1)) (the
+two fp32 tensors of parameter k's denominator and the previous one's, still referenced), none
+for its fused kernel (``train.fused_kernel``) and SGD (they step in place); hop
 buffers none on the host path (hops land in the block buffers); the data shard and test set
 8 B per token, inputs and targets.
 """
@@ -43,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from snake_mpi.config import RunConfig, load_config
 from snake_mpi.train import Optimiser, observe_steps
@@ -63,8 +72,15 @@ class StepLedger:
     optimiser: int = 0
     activations: int = 0
     steps: int = 0
+    temporaries: int | None = None
+    """The optimiser step's temporaries at their largest (None: not measured, see
+    ``measure_temporaries``)."""
+    measure_temporaries: bool = False
+    """Watch the optimiser step (``NewStorages``): only an eager step outside the backward pass
+    (not ``fused_step``, not a compiled optimiser such as the 8-bit AdamW)."""
     weight_ptrs: set[int] = field(default_factory=set)
     _saved: dict[int, int] = field(default_factory=dict)
+    _window: NewStorages | None = None
 
     @contextlib.contextmanager
     def forward_context(self, model: torch.nn.Module) -> Iterator[None]:
@@ -89,14 +105,70 @@ class StepLedger:
 
     def after_backward(self, params: Sequence[torch.nn.Parameter], opt: Optimiser) -> None:
         self.gradients = max(self.gradients, self._grads(params, opt))
+        if self.measure_temporaries:
+            self._window = NewStorages()
+            self._window.__enter__()
 
     def after_step(self, params: Sequence[torch.nn.Parameter], opt: Optimiser) -> None:
+        if self._window is not None:
+            self._window.__exit__(None, None, None)
+            self.temporaries = max(self.temporaries or 0, self._window.temporaries())
+            self._window = None
         self.gradients = max(self.gradients, self._grads(params, opt))
         self.masters = max(
             self.masters, sum(m.numel() * m.element_size() for m in opt.masters.values())
         )
         self.optimiser = max(self.optimiser, opt.state_bytes())
         self.steps += 1
+
+
+class NewStorages(TorchDispatchMode):
+    """Watches the storages that the operations run inside it allocate (not those of their
+    inputs: an in-place result or a view is not new), each alive until its last reference goes,
+    and the largest total alive at once; ``temporaries``: that largest total less what is
+    still alive when the window closes (what the window kept, e.g. fp32 gradient copies, is
+    another part of the ledger)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak_bytes = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+        for t in _tensors(out):
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in given and ptr not in self._live:
+                self._live[ptr] = (StorageWeakRef(storage), storage.nbytes())
+        self.peak_bytes = max(self.peak_bytes, self.alive_bytes())
+        return out
+
+    def alive_bytes(self) -> int:
+        for ptr in [p for p, (ref, _) in self._live.items() if ref.expired()]:
+            del self._live[ptr]
+        return sum(n for _, n in self._live.values())
+
+    def temporaries(self) -> int:
+        return self.peak_bytes - self.alive_bytes()
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    """The tensors in an operation's arguments or results (nested tuples, lists, dicts)."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, (tuple, list)):
+        return [t for x in tree for t in _tensors(x)]
+    if isinstance(tree, dict):
+        return [t for x in tree.values() for t in _tensors(x)]
+    return []
+
+
+def eager_step(cfg: RunConfig) -> bool:
+    """Whether the optimiser step runs eagerly after the backward pass, where ``NewStorages``
+    can watch it: not fused into the backward, not compiled (torchao's 8-bit AdamW)."""
+    return cfg.train.optimizer in ("adam", "adamw", "sgd") and not cfg.train.fused_step
 
 
 def weight_pointers(model: torch.nn.Module) -> set[int]:
@@ -114,6 +186,15 @@ def adamw8bit_bytes(numels: Sequence[int]) -> int:
         moment = n + 4 * math.ceil(n / 256) + 4 * 256 if n >= 4096 else 4 * n
         total += 2 * moment + 4
     return total
+
+
+def adam_temporaries_bytes(numels: Sequence[int]) -> int:
+    """The largest the eager (single-tensor) Adam or AdamW step of torch holds in temporaries:
+    for parameter k its denominator ``exp_avg_sq.sqrt() / bias_correction`` is two fp32
+    tensors of its size alive at once, while the previous parameter's denominator is still
+    held by the loop's variable: max over k of 4 * (2 * n_k + n_(k-1)) bytes, in the
+    optimiser's parameter order."""
+    return max((4 * (2 * n + (numels[k - 1] if k else 0)) for k, n in enumerate(numels)), default=0)
 
 
 def opt_activation_bytes(cfg: RunConfig, trained: Sequence[int], n_blocks: int) -> int | None:
@@ -172,6 +253,10 @@ def analytic(cfg: RunConfig, m: Measured, trained: Sequence[int], n_blocks: int)
     else:
         optimiser = 4 * p if cfg.train.momentum > 0 else 0
     trained_weights = sum(counts[b] for b in trained) * w if counts else None
+    temporaries: int | None = None  # not measured: a fused or compiled step
+    if m.steps.temporaries is not None:
+        adam = opt in ("adam", "adamw") and not cfg.train.fused_kernel
+        temporaries = adam_temporaries_bytes(m.trained_params) if adam else 0
     return {
         "weights": sum(counts) * w if counts else None,
         "frozen weights": (sum(counts) * w - trained_weights) if counts else None,
@@ -180,6 +265,7 @@ def analytic(cfg: RunConfig, m: Measured, trained: Sequence[int], n_blocks: int)
         "gradients": 0 if fused else 4 * p,
         "optimiser state": optimiser,
         "activations": opt_activation_bytes(cfg, trained, n_blocks),
+        "step temporaries": temporaries,
         "hop buffers": 0,
         "data": 8 * 2 * m.data_tokens,
     }
@@ -196,6 +282,7 @@ def ledger_rows(cfg: RunConfig, m: Measured, trained: Sequence[int], n_blocks: i
         "gradients": m.steps.gradients,
         "optimiser state": m.steps.optimiser,
         "activations": m.steps.activations,
+        "step temporaries": m.steps.temporaries,
         "hop buffers": m.transfer_buffers,
         "data": m.data_bytes,
     }
@@ -203,7 +290,7 @@ def ledger_rows(cfg: RunConfig, m: Measured, trained: Sequence[int], n_blocks: i
     for part, got in measured.items():
         want = model[part]
         rows.append({"part": part, "measured": got, "analytic": want, "in_sum": part in SUMMED})
-    parts = sum(measured[p] for p in SUMMED)
+    parts = sum(measured[p] or 0 for p in SUMMED)
     increase = m.peak - m.rss_before_model
     rows.append({"part": "sum of the parts", "measured": parts, "analytic": None, "in_sum": False})
     rows.append({"part": "peak increase", "measured": increase, "analytic": None, "in_sum": False})
@@ -217,6 +304,7 @@ SUMMED = (
     "gradients",
     "optimiser state",
     "activations",
+    "step temporaries",
     "hop buffers",
     "data",
 )
@@ -227,10 +315,11 @@ def verdict(row: dict, peak_increase: int) -> str:
     if row["part"] == "rest":
         share = row["measured"] / peak_increase
         return f"{100 * share:.1f} % of the peak ({'under' if share < REST_BOUND else 'over'} 10 %)"
-    want = row["analytic"]
+    want, got = row["analytic"], row["measured"]
+    if got is None:
+        return "not measured (a fused or compiled optimiser step)"
     if want is None:
         return "-" if row["part"] in ("sum of the parts", "peak increase") else "no model"
-    got = row["measured"]
     if want == 0:
         return "both 0" if got == 0 else f"{got / 2**20:.1f} MiB over none"
     ratio = got / want
@@ -289,7 +378,7 @@ def snake_node(cfg: RunConfig, nodes: int, node: int) -> tuple[Measured, list[in
     """Node ``node`` of a ring, alone (``bench.lone_node.run_lone``), under the step ledger."""
     from bench.lone_node import run_lone
 
-    steps = StepLedger()
+    steps = StepLedger(measure_temporaries=eager_step(cfg))
     with observe_steps(steps):
         result, ctx = run_lone(cfg, node, nodes)
     trained = result.plan[node]
@@ -338,7 +427,7 @@ def full_fine_tuning(cfg: RunConfig) -> tuple[Measured, list[int], int]:
     )
     built = rss_bytes()
     trained = list(range(model.n_blocks))
-    steps = StepLedger()
+    steps = StepLedger(measure_temporaries=eager_step(cfg))
     with observe_steps(steps):
         train_local(
             model,

@@ -5,6 +5,7 @@ ledger of a Snake node. The OPT-1.3B ledgers are in docs/memory.md."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -14,6 +15,7 @@ pytest.importorskip("transformers")
 
 from bench import memory_ledger as ledger  # noqa: E402
 from conftest import REPO  # noqa: E402
+from snake_mpi.blocks import model_hash  # noqa: E402
 from snake_mpi.config import from_dict  # noqa: E402
 from snake_mpi.models import build_model  # noqa: E402
 from snake_mpi.train import observe_steps, train_local  # noqa: E402
@@ -21,7 +23,7 @@ from snake_mpi.train import observe_steps, train_local  # noqa: E402
 TINY_LM = REPO / "bench" / "configs" / "llm" / "tiny-snake.toml"
 
 
-def run_steps(dtype: str, trained: list[int], **train):
+def run_steps(dtype: str, trained: list[int], *, observe: bool = True, **train):
     cfg = from_dict(
         {
             "model": {"family": "lm", "preset": "opt-tiny", "dtype": dtype},
@@ -31,8 +33,8 @@ def run_steps(dtype: str, trained: list[int], **train):
     )
     model = build_model(cfg.model, sample_shape=(1,), n_classes=256, seed=0)
     x = torch.randint(0, 256, (12, 16), generator=torch.Generator().manual_seed(0))
-    steps = ledger.StepLedger()
-    with observe_steps(steps):
+    steps = ledger.StepLedger(measure_temporaries=ledger.eager_step(cfg))
+    with observe_steps(steps) if observe else contextlib.nullcontext():
         train_local(
             model, trained, x, torch.roll(x, -1, 1), cfg=cfg.train, generator=torch.Generator()
         )
@@ -46,9 +48,10 @@ def run_steps(dtype: str, trained: list[int], **train):
         ("float32", {}),
         ("bfloat16", {}),
         ("bfloat16", {"fused_step": True}),
+        ("bfloat16", {"fused_kernel": True}),
         ("float32", {"optimizer": "sgd", "momentum": 0.9}),
     ],
-    ids=["fp32", "bf16", "bf16-fused", "sgd"],
+    ids=["fp32", "bf16", "bf16-fused", "bf16-kernel", "sgd"],
 )
 def test_each_part_of_a_step_equals_its_analytic_count(dtype, train):
     trained = [1, 2]
@@ -59,6 +62,7 @@ def test_each_part_of_a_step_equals_its_analytic_count(dtype, train):
     assert m.steps.gradients == want["gradients"]
     assert m.steps.optimiser == want["optimiser state"]
     assert m.steps.activations == want["activations"]  # opt-tiny's layers: to the byte
+    assert m.steps.temporaries == want["step temporaries"]
     assert m.trained_bytes == want["trained weights"]
     assert m.frozen_bytes == want["frozen weights"]
     p = sum(m.trained_params)
@@ -66,6 +70,11 @@ def test_each_part_of_a_step_equals_its_analytic_count(dtype, train):
         assert m.steps.masters == 4 * p > 0
     if train.get("fused_step"):
         assert m.steps.gradients == 0  # each parameter's gradient is gone once it has stepped
+        assert m.steps.temporaries is None  # the step runs inside the backward pass: not watched
+    elif train.get("fused_kernel"):
+        assert m.steps.temporaries == 0  # one kernel per parameter, nothing allocated
+    elif cfg.train.optimizer == "adamw":
+        assert m.steps.temporaries > 8 * max(m.trained_params)  # two fp32 tensors and more
 
 
 def test_frozen_layers_above_the_segment_keep_less_than_trained_ones():
@@ -90,8 +99,10 @@ def test_the_ledger_of_a_snake_node_adds_up_to_its_peak(tmp_path, capsys):
     parts = sum(rows[p]["measured"] for p in ledger.SUMMED)
     assert rows["sum of the parts"]["measured"] == parts
     assert rows["rest"]["measured"] == rows["peak increase"]["measured"] - parts
-    for part in ("fp32 masters", "gradients", "optimiser state", "trained weights", "data"):
+    exact = ("fp32 masters", "gradients", "optimiser state", "step temporaries", "trained weights")
+    for part in (*exact, "data"):
         assert rows[part]["measured"] == rows[part]["analytic"], part
+    assert rows["step temporaries"]["measured"] > 0
 
 
 def test_activation_checkpointing_has_no_activation_model():
@@ -109,3 +120,12 @@ def test_a_tied_matrix_is_one_trained_parameter():
     assert sum(m.trained_params) == sum(p.numel() for p in model.parameters())  # each once
     want = ledger.analytic(cfg, m, list(range(6)), model.n_blocks)
     assert m.steps.masters == want["fp32 masters"] and m.steps.optimiser == want["optimiser state"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_ledger_leaves_the_weights_as_an_unobserved_step_does(dtype):
+    # the observers (saved-tensor hooks, the dispatch mode over the optimiser step) only look
+    _, watched, m = run_steps(dtype, [1, 2])
+    _, plain, _ = run_steps(dtype, [1, 2], observe=False)
+    assert m.steps.temporaries and m.steps.activations
+    assert model_hash(watched) == model_hash(plain)
