@@ -9,8 +9,10 @@ each against the plain node, and whether the weights are the plain node's to the
 
 The options (``train.*``, docs/reference/configuration.md): ``fused`` (the optimiser step in the
 backward pass), ``checkpointing`` (activation checkpointing), ``adamw8bit`` (torchao's 8-bit
-AdamW), ``mmap`` (glibc's mmap threshold fixed at 128 KiB), ``all``. ``--options`` picks some
-(``plain`` is always measured). A measurement whose JSON exists in ``--out`` is read, not
+AdamW), ``mmap`` (glibc's mmap threshold fixed at 128 KiB), ``kernel`` (torch's fused AdamW
+kernel: no step temporaries), ``all`` (fused, checkpointing, 8-bit AdamW, mmap) and ``all32``
+(fused, checkpointing, kernel, mmap: fp32 moments). ``--options`` picks some (``plain`` is
+always measured). A measurement whose JSON exists in ``--out`` is read, not
 repeated (delete it to measure again). The training time per step includes the first step's
 compilation where an option compiles (``adamw8bit``: ``torch.compile`` of its step, cached on
 disk by torch for the next process); ``bench.train_step --lean`` times the steps without it.
@@ -37,9 +39,13 @@ OPTIONS: dict[str, list[str]] = {
     "checkpointing": ["train.activation_checkpointing=true"],
     "adamw8bit": ['train.optimizer="adamw8bit"'],
     "mmap": ["train.mmap_threshold_bytes=131072"],
+    "kernel": ["train.fused_kernel=true"],
 }
 OPTIONS["all"] = [
     s for name in ("fused", "checkpointing", "adamw8bit", "mmap") for s in OPTIONS[name]
+]
+OPTIONS["all32"] = [
+    s for name in ("fused", "checkpointing", "kernel", "mmap") for s in OPTIONS[name]
 ]
 
 DESCRIBE = {
@@ -48,7 +54,9 @@ DESCRIBE = {
     "checkpointing": "activation checkpointing",
     "adamw8bit": "8-bit AdamW (torchao)",
     "mmap": "mmap threshold 128 KiB (glibc)",
-    "all": "all four",
+    "kernel": "fused AdamW kernel (torch)",
+    "all": "fused step, checkpointing, 8-bit AdamW, mmap",
+    "all32": "fused step, checkpointing, fused kernel, mmap (fp32 moments)",
 }
 
 

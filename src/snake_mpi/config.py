@@ -188,9 +188,20 @@ class TrainConfig:
     activations in the backward pass (``torch.utils.checkpoint``, RNG state preserved: same
     weights as off). Refused for a trainable block with batch-norm (its statistics would update
     twice)."""
+    fused_kernel: bool = False
+    """Lean: ``adam`` and ``adamw`` step each parameter in one fused kernel (torch's
+    ``fused=True``, CPU or GPU) instead of a chain of element-wise operations, so the step
+    holds no temporaries (the eager step holds two fp32 tensors the size of the parameter it
+    steps, and the previous one's denominator). Its rounding differs from the eager step's in
+    the last bit, so the weights differ from off; they are the same on any thread count."""
 
     def __post_init__(self) -> None:
         _check_choices(self, "train.")
+        if self.fused_kernel and self.optimizer not in ("adam", "adamw"):
+            raise ConfigError(
+                "train.fused_kernel applies to train.optimizer = 'adam' or 'adamw' (torch's "
+                f"fused kernels), not {self.optimizer!r}"
+            )
         for key in ("rounds", "local_epochs", "batch_size", "lr", "eval_batch_size"):
             _positive(f"train.{key}", getattr(self, key))
         if self.rounds > 100_000:

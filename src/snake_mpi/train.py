@@ -190,10 +190,11 @@ def make_optimizer(
     lr = cfg.lr if lr is None else lr
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum)
+    fused = True if cfg.fused_kernel else None  # None: torch's default (its eager step here)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, fused=fused)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.optimizer == "adamw8bit":
         return lean_adamw8bit(params, lr=lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
