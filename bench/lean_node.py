@@ -10,12 +10,14 @@ each against the plain node, and whether the weights are the plain node's to the
 The options (``train.*``, docs/reference/configuration.md): ``fused`` (the optimiser step in the
 backward pass), ``checkpointing`` (activation checkpointing), ``adamw8bit`` (torchao's 8-bit
 AdamW), ``mmap`` (glibc's mmap threshold fixed at 128 KiB), ``kernel`` (torch's fused AdamW
-kernel: no step temporaries), ``all`` (fused, checkpointing, 8-bit AdamW, mmap) and ``all32``
-(fused, checkpointing, kernel, mmap: fp32 moments). ``--options`` picks some (``plain`` is
-always measured). A measurement whose JSON exists in ``--out`` is read, not
-repeated (delete it to measure again). The training time per step includes the first step's
-compilation where an option compiles (``adamw8bit``: ``torch.compile`` of its step, cached on
-disk by torch for the next process); ``bench.train_step --lean`` times the steps without it.
+kernel: no step temporaries), ``chunks`` (fp32 masters in chunks of 2^20 elements), ``all``
+(fused, checkpointing, 8-bit AdamW, mmap), ``exact`` (fused, checkpointing, mmap, chunks: the
+options that keep the plain weights to the bit) and ``all32`` (``exact`` and the fused kernel:
+fp32 moments). ``--options`` picks some (``plain`` is always measured). A measurement whose
+JSON exists in ``--out`` is read, not repeated (delete it to measure again). The training time
+per step includes the first step's compilation where an option compiles (``adamw8bit``:
+``torch.compile`` of its step, cached on disk by torch for the next process);
+``bench.train_step --lean`` times the steps without it.
 """
 
 from __future__ import annotations
@@ -40,12 +42,16 @@ OPTIONS: dict[str, list[str]] = {
     "adamw8bit": ['train.optimizer="adamw8bit"'],
     "mmap": ["train.mmap_threshold_bytes=131072"],
     "kernel": ["train.fused_kernel=true"],
+    "chunks": ["train.master_chunk_elements=1048576"],
 }
 OPTIONS["all"] = [
     s for name in ("fused", "checkpointing", "adamw8bit", "mmap") for s in OPTIONS[name]
 ]
+OPTIONS["exact"] = [
+    s for name in ("fused", "checkpointing", "mmap", "chunks") for s in OPTIONS[name]
+]
 OPTIONS["all32"] = [
-    s for name in ("fused", "checkpointing", "kernel", "mmap") for s in OPTIONS[name]
+    s for name in ("fused", "checkpointing", "kernel", "mmap", "chunks") for s in OPTIONS[name]
 ]
 
 DESCRIBE = {
@@ -55,8 +61,10 @@ DESCRIBE = {
     "adamw8bit": "8-bit AdamW (torchao)",
     "mmap": "mmap threshold 128 KiB (glibc)",
     "kernel": "fused AdamW kernel (torch)",
+    "chunks": "fp32 masters in chunks of 2^20 elements",
     "all": "fused step, checkpointing, 8-bit AdamW, mmap",
-    "all32": "fused step, checkpointing, fused kernel, mmap (fp32 moments)",
+    "exact": "fused step, checkpointing, mmap, master chunks (the exact four)",
+    "all32": "fused step, checkpointing, fused kernel, mmap, master chunks",
 }
 
 

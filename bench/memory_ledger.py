@@ -100,7 +100,7 @@ class StepLedger:
         self.activations = max(self.activations, sum(self._saved.values()))
 
     def _grads(self, params: Sequence[torch.nn.Parameter], opt: Optimiser) -> int:
-        held = [p.grad for p in params] + [m.grad for m in opt.masters.values()]
+        held = [p.grad for p in params] + [m.grad for m in opt.master_parameters()]
         return sum(g.numel() * g.element_size() for g in held if g is not None)
 
     def after_backward(self, params: Sequence[torch.nn.Parameter], opt: Optimiser) -> None:
@@ -116,7 +116,7 @@ class StepLedger:
             self._window = None
         self.gradients = max(self.gradients, self._grads(params, opt))
         self.masters = max(
-            self.masters, sum(m.numel() * m.element_size() for m in opt.masters.values())
+            self.masters, sum(m.numel() * m.element_size() for m in opt.master_parameters())
         )
         self.optimiser = max(self.optimiser, opt.state_bytes())
         self.steps += 1
@@ -188,6 +188,15 @@ def adamw8bit_bytes(numels: Sequence[int]) -> int:
     return total
 
 
+def stepped_numels(cfg: RunConfig, numels: Sequence[int]) -> list[int]:
+    """The sizes of the tensors the optimiser steps, in its order: the trained parameters, each
+    split into ``train.master_chunk_elements`` chunks where it has a bf16 master."""
+    chunk = cfg.train.master_chunk_elements
+    if not chunk or cfg.model.dtype != "bfloat16":
+        return list(numels)
+    return [min(chunk, n - a) for n in numels for a in range(0, n, chunk)]
+
+
 def adam_temporaries_bytes(numels: Sequence[int]) -> int:
     """The largest the eager (single-tensor) Adam or AdamW step of torch holds in temporaries:
     for parameter k its denominator ``exp_avg_sq.sqrt() / bias_correction`` is two fp32
@@ -256,7 +265,7 @@ def analytic(cfg: RunConfig, m: Measured, trained: Sequence[int], n_blocks: int)
     temporaries: int | None = None  # not measured: a fused or compiled step
     if m.steps.temporaries is not None:
         adam = opt in ("adam", "adamw") and not cfg.train.fused_kernel
-        temporaries = adam_temporaries_bytes(m.trained_params) if adam else 0
+        temporaries = adam_temporaries_bytes(stepped_numels(cfg, m.trained_params)) if adam else 0
     return {
         "weights": sum(counts) * w if counts else None,
         "frozen weights": (sum(counts) * w - trained_weights) if counts else None,

@@ -280,3 +280,45 @@ def test_the_fused_kernels_bits_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert len(results) == 1
+
+
+def chunk_run(chunk: int, *, fused_step: bool = False, fused_kernel: bool = False):
+    """Four steps of a bf16 layer big enough to chunk (300,000 weights: four chunks of 65,536
+    elements and a short fifth), trained through ``Optimiser``; its weights and masters."""
+    from snake_mpi.train import Optimiser
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(600, 500).to(torch.bfloat16)
+    x = torch.randn(32, 600, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    cfg = dataclasses.replace(
+        PLAIN, master_chunk_elements=chunk, fused_kernel=fused_kernel, weight_decay=0.01
+    )
+    opt = Optimiser(list(layer.parameters()), cfg, fused=fused_step)
+    for _ in range(4):
+        layer(x).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    opt.close()
+    return layer, opt
+
+
+@pytest.mark.parametrize(
+    ("fused_step", "fused_kernel"), [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_chunked_masters_train_exactly_the_whole_masters_weights(fused_step, fused_kernel):
+    whole, whole_opt = chunk_run(0, fused_step=fused_step, fused_kernel=fused_kernel)
+    chunked, opt = chunk_run(65536, fused_step=fused_step, fused_kernel=fused_kernel)
+    assert [m.numel() for m in opt.masters[0]] == [65536] * 4 + [300_000 - 4 * 65536]
+    assert [m.numel() for m in opt.masters[1]] == [500]  # the bias: one chunk
+    for p, q in zip(whole.parameters(), chunked.parameters(), strict=True):
+        assert torch.equal(p, q)
+    masters = torch.cat([m.detach().reshape(-1) for m in opt.master_parameters()])
+    assert torch.equal(masters, torch.cat([m.reshape(-1) for m in whole_opt.master_parameters()]))
+    assert opt.master_bytes() == whole_opt.master_bytes() == 4 * 300_500
+
+
+def test_master_chunks_are_whole_multiples_of_the_kernels_blocks():
+    assert TrainConfig(master_chunk_elements=131072).master_chunk_elements == 131072
+    for bad in (-65536, 1000, 65537):
+        with pytest.raises(ConfigError, match="master_chunk_elements"):
+            TrainConfig(master_chunk_elements=bad)

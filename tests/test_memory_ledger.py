@@ -129,3 +129,27 @@ def test_the_ledger_leaves_the_weights_as_an_unobserved_step_does(dtype):
     _, plain, _ = run_steps(dtype, [1, 2], observe=False)
     assert m.steps.temporaries and m.steps.activations
     assert model_hash(watched) == model_hash(plain)
+
+
+def test_chunked_masters_hold_a_chunks_temporaries():
+    # the eager AdamW step over a bf16 layer's chunked masters: its temporaries are a chunk's
+    from snake_mpi.train import Optimiser
+    from test_lean_options import chunk_run
+
+    for chunk in (0, 65536):
+        layer, _ = chunk_run(chunk)
+        cfg = from_dict(
+            {
+                "model": {"family": "lm", "preset": "opt-tiny", "dtype": "bfloat16"},
+                "data": {"name": "text"},
+                "train": {"optimizer": "adamw", "master_chunk_elements": chunk},
+            }
+        )
+        opt = Optimiser(list(layer.parameters()), cfg.train)
+        layer(torch.ones(2, 600, dtype=torch.bfloat16)).float().sum().backward()
+        window = ledger.NewStorages()
+        with window:
+            opt.step()
+        numels = ledger.stepped_numels(cfg, [300_000, 500])
+        assert window.temporaries() == ledger.adam_temporaries_bytes(numels)
+        assert numels == ([300_000, 500] if chunk == 0 else [65536] * 4 + [37856, 500])

@@ -147,6 +147,12 @@ class DataConfig:
         _check_alpha(self.alpha)
 
 
+MASTER_CHUNK_ALIGN = 65536
+"""``train.master_chunk_elements`` is a multiple of this: chunk bounds at multiples of every
+vector width and of ATen's element-wise grain (32768), so a chunk's elements take the same
+kernel paths as in the whole tensor."""
+
+
 @_cfg()
 class TrainConfig:
     rounds: int = 5
@@ -194,9 +200,20 @@ class TrainConfig:
     holds no temporaries (the eager step holds two fp32 tensors the size of the parameter it
     steps, and the previous one's denominator). Its rounding differs from the eager step's in
     the last bit, so the weights differ from off; they are the same on any thread count."""
+    master_chunk_elements: int = 0
+    """Lean: hold the fp32 master copy of a larger bf16 parameter as chunks of this many
+    elements, each stepped on its own with its gradient made fp32 one chunk at a time, so the
+    step's fp32 gradient copy and temporaries are a chunk's, not the largest parameter's. 0:
+    one master per parameter. A multiple of 65536 (the kernels' vector and thread blocks stay
+    aligned): the same weights as 0."""
 
     def __post_init__(self) -> None:
         _check_choices(self, "train.")
+        if self.master_chunk_elements < 0 or self.master_chunk_elements % MASTER_CHUNK_ALIGN:
+            raise ConfigError(
+                "train.master_chunk_elements must be 0 (one master per parameter) or a positive "
+                f"multiple of {MASTER_CHUNK_ALIGN}, got {self.master_chunk_elements}"
+            )
         if self.fused_kernel and self.optimizer not in ("adam", "adamw"):
             raise ConfigError(
                 "train.fused_kernel applies to train.optimizer = 'adam' or 'adamw' (torch's "

@@ -237,6 +237,12 @@ class Optimiser:
     gradient is complete in the backward pass; the gradient is dropped right after, so at most
     one parameter's gradient (and its fp32 copy) exists at a time. The optimisers are
     per-element, so the weights are those of the unfused step. ``close`` removes the hooks.
+
+    ``cfg.master_chunk_elements`` > 0: a parameter's fp32 master is held as separate chunks of
+    that many elements (of the flattened parameter), each its own optimiser parameter, and its
+    gradient is converted to fp32 one chunk at a time, so the step's fp32 copies and
+    temporaries are a chunk's, not the parameter's. Per-element optimisers, chunks aligned to
+    the kernels' vector and thread blocks: the same weights as whole masters.
     """
 
     def __init__(
@@ -248,26 +254,40 @@ class Optimiser:
         fused: bool = False,
     ) -> None:
         self.params = params
-        self.masters: dict[int, torch.nn.Parameter] = {}
-        targets = []
+        self.masters: dict[int, list[torch.nn.Parameter]] = {}
+        """Per low-precision parameter, its fp32 master: one tensor, or its chunks in order."""
+        self._bounds: dict[int, list[tuple[int, int]]] = {}
+        chunk = cfg.master_chunk_elements
+        targets: list[list[torch.nn.Parameter]] = []
         for i, p in enumerate(params):
             if p.dtype == torch.float32:
-                targets.append(p)
+                targets.append([p])
+                continue
+            n = p.numel()
+            split = chunk and n > chunk and p.is_contiguous()
+            bounds = [(a, min(n, a + chunk)) for a in range(0, n, chunk)] if split else [(0, n)]
+            flat = p.detach().reshape(-1)
+            if len(bounds) == 1:  # a new fp32 tensor: no clone
+                ms = [torch.nn.Parameter(p.detach().float())]
             else:
-                m = torch.nn.Parameter(p.detach().float())  # a new fp32 tensor: no clone
-                self.masters[i] = m
-                targets.append(m)
+                ms = [torch.nn.Parameter(flat[a:b].float()) for a, b in bounds]
+            self.masters[i], self._bounds[i] = ms, bounds
+            targets.append(ms)
         self.fused = fused
         self.opts = (
-            [make_optimizer([t], cfg, lr) for t in targets]
+            [make_optimizer(t, cfg, lr) for t in targets]
             if fused
-            else [make_optimizer(targets, cfg, lr)]
+            else [make_optimizer([m for t in targets for m in t], cfg, lr)]
         )
         self._hooks = (
             [p.register_post_accumulate_grad_hook(self._step_hook(i)) for i, p in enumerate(params)]
             if fused
             else []
         )
+
+    def master_parameters(self) -> list[torch.nn.Parameter]:
+        """Every fp32 master tensor (chunks counted one by one)."""
+        return [m for ms in self.masters.values() for m in ms]
 
     def _step_hook(self, i: int) -> Callable[[torch.Tensor], None]:
         def hook(_: torch.Tensor) -> None:
@@ -278,14 +298,24 @@ class Optimiser:
     @torch.no_grad()
     def _step_one(self, i: int) -> None:
         p = self.params[i]
-        m = self.masters.get(i)
-        if m is not None:
-            m.grad = None if p.grad is None else p.grad.float()
+        ms = self.masters.get(i)
+        if ms is None:
+            self.opts[i].step()
+        elif len(ms) == 1:
+            ms[0].grad = None if p.grad is None else p.grad.float()
             p.grad = None
-        self.opts[i].step()
-        if m is not None:
-            m.grad = None
-            p.copy_(m)
+            self.opts[i].step()
+            ms[0].grad = None
+            p.copy_(ms[0])
+        else:  # one chunk at a time: only the chunk with a gradient steps
+            flat_grad = None if p.grad is None else p.grad.reshape(-1)
+            p.grad = None
+            flat = p.view(-1)
+            for m, (a, b) in zip(ms, self._bounds[i], strict=True):
+                m.grad = None if flat_grad is None else flat_grad[a:b].float()
+                self.opts[i].step()
+                m.grad = None
+                flat[a:b].copy_(m)
         p.grad = None
 
     def zero_grad(self) -> None:
@@ -299,13 +329,21 @@ class Optimiser:
         """The step over every parameter (nothing when fused: the backward pass stepped)."""
         if self.fused:
             return
-        for i, m in self.masters.items():
+        for i, ms in self.masters.items():
             p = self.params[i]
-            m.grad = None if p.grad is None else p.grad.float()
-            p.grad = None  # the fp32 copy replaces it
+            flat_grad = None if p.grad is None else p.grad.reshape(-1)
+            p.grad = None  # the fp32 copies replace it
+            for m, (a, b) in zip(ms, self._bounds[i], strict=True):
+                m.grad = None if flat_grad is None else flat_grad[a:b].view(m.shape).float()
+            del flat_grad
         self.opts[0].step()
-        for i, m in self.masters.items():
-            self.params[i].copy_(m)
+        for i, ms in self.masters.items():
+            if len(ms) == 1:
+                self.params[i].copy_(ms[0])
+                continue
+            flat = self.params[i].view(-1)
+            for m, (a, b) in zip(ms, self._bounds[i], strict=True):
+                flat[a:b].copy_(m)
 
     def close(self) -> None:
         """Remove the fused step's hooks (the parameters train unhooked afterwards)."""
@@ -321,7 +359,7 @@ class Optimiser:
         """The fp32 master weights and their gradients (0 for fp32 models)."""
         return sum(
             t.numel() * t.element_size()
-            for m in self.masters.values()
+            for m in self.master_parameters()
             for t in (m, m.grad)
             if t is not None
         )
