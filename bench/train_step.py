@@ -139,6 +139,7 @@ LEAN: dict[str, dict[str, Any]] = {
     "fused step": {"fused_step": True},
     "activation checkpointing": {"activation_checkpointing": True},
     "8-bit AdamW": {"optimizer": "adamw8bit"},
+    "fused kernel": {"fused_kernel": True},
     "all three": {"fused_step": True, "activation_checkpointing": True, "optimizer": "adamw8bit"},
 }
 """The lean node's options (``--lean``), each timed against the bare loop."""

@@ -345,11 +345,13 @@ def test_train_step_bench_times_the_lean_options_against_the_bare_loop(tmp_path)
         if line.startswith("| opt-tiny |") and len(cells := line.split(" | ")) == 6
     }
     assert set(rows) == {"plain", "fused step", "activation checkpointing", "8-bit AdamW"} | {
-        "all three"
+        "fused kernel",
+        "all three",
     }
     for exact in ("plain", "fused step", "activation checkpointing"):
         assert rows[exact][5].startswith("identical"), rows[exact]
     assert rows["8-bit AdamW"][5].startswith("max |diff|")  # other moments, other weights
+    assert rows["fused kernel"][5].startswith("max |diff|")  # the same steps, other rounding
     assert all(float(r[3]) > 0 for r in rows.values())
 
 
@@ -360,5 +362,5 @@ def test_train_step_lean_leaves_out_the_8bit_adamw_where_torchao_is_missing(monk
         raise ImportError("no module named torchao")
 
     monkeypatch.setattr(ts, "adamw8bit_class", missing)
-    assert ts.lean_options() == ["fused step", "activation checkpointing"]
+    assert ts.lean_options() == ["fused step", "activation checkpointing", "fused kernel"]
     assert "without the 8-bit AdamW: no module named torchao" in capsys.readouterr().err
