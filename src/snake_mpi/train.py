@@ -266,10 +266,10 @@ class Optimiser:
             n = p.numel()
             split = chunk and n > chunk and p.is_contiguous()
             bounds = [(a, min(n, a + chunk)) for a in range(0, n, chunk)] if split else [(0, n)]
-            flat = p.detach().reshape(-1)
             if len(bounds) == 1:  # a new fp32 tensor: no clone
                 ms = [torch.nn.Parameter(p.detach().float())]
             else:
+                flat = p.detach().view(-1)
                 ms = [torch.nn.Parameter(flat[a:b].float()) for a, b in bounds]
             self.masters[i], self._bounds[i] = ms, bounds
             targets.append(ms)
@@ -331,10 +331,14 @@ class Optimiser:
             return
         for i, ms in self.masters.items():
             p = self.params[i]
+            if len(ms) == 1:
+                ms[0].grad = None if p.grad is None else p.grad.float()
+                p.grad = None  # the fp32 copy replaces it
+                continue
             flat_grad = None if p.grad is None else p.grad.reshape(-1)
-            p.grad = None  # the fp32 copies replace it
+            p.grad = None  # the fp32 chunks replace it
             for m, (a, b) in zip(ms, self._bounds[i], strict=True):
-                m.grad = None if flat_grad is None else flat_grad[a:b].view(m.shape).float()
+                m.grad = None if flat_grad is None else flat_grad[a:b].float()
             del flat_grad
         self.opts[0].step()
         for i, ms in self.masters.items():
