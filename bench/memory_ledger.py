@@ -52,9 +52,10 @@ from typing import Any
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from snake_mpi.config import RunConfig, load_config
-from snake_mpi.train import Optimiser, observe_steps
+from snake_mpi.train import Optimiser, master_bounds, observe_steps
 
 GIB = 2**30
 PART_TOLERANCE = 0.05
@@ -155,14 +156,8 @@ class NewStorages(TorchDispatchMode):
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
-    """The tensors in an operation's arguments or results (nested tuples, lists, dicts)."""
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, (tuple, list)):
-        return [t for x in tree for t in _tensors(x)]
-    if isinstance(tree, dict):
-        return [t for x in tree.values() for t in _tensors(x)]
-    return []
+    """The tensors in an operation's arguments or results."""
+    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
 def eager_step(cfg: RunConfig) -> bool:
@@ -191,10 +186,8 @@ def adamw8bit_bytes(numels: Sequence[int]) -> int:
 def stepped_numels(cfg: RunConfig, numels: Sequence[int]) -> list[int]:
     """The sizes of the tensors the optimiser steps, in its order: the trained parameters, each
     split into ``train.master_chunk_elements`` chunks where it has a bf16 master."""
-    chunk = cfg.train.master_chunk_elements
-    if not chunk or cfg.model.dtype != "bfloat16":
-        return list(numels)
-    return [min(chunk, n - a) for n in numels for a in range(0, n, chunk)]
+    chunk = cfg.train.master_chunk_elements if cfg.model.dtype == "bfloat16" else 0
+    return [b - a for n in numels for a, b in master_bounds(n, chunk)]
 
 
 def adam_temporaries_bytes(numels: Sequence[int]) -> int:

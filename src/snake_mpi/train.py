@@ -228,6 +228,14 @@ def preload_optimizer(cfg: TrainConfig) -> None:
         adamw8bit_class()
 
 
+def master_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
+    """The element ranges of the fp32 masters of an ``n``-element parameter: chunks of
+    ``chunk`` elements (``train.master_chunk_elements``), or one master (0, or ``n`` no larger)."""
+    if not chunk or n <= chunk:
+        return [(0, n)]
+    return [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
+
+
 class Optimiser:
     """The configured optimiser; parameters held in a low precision (bf16) get fp32 master
     copies, so that the optimiser state and the update are fp32 (mixed precision): after each
@@ -257,22 +265,16 @@ class Optimiser:
         self.masters: dict[int, list[torch.nn.Parameter]] = {}
         """Per low-precision parameter, its fp32 master: one tensor, or its chunks in order."""
         self._bounds: dict[int, list[tuple[int, int]]] = {}
-        chunk = cfg.master_chunk_elements
         targets: list[list[torch.nn.Parameter]] = []
         for i, p in enumerate(params):
             if p.dtype == torch.float32:
                 targets.append([p])
                 continue
-            n = p.numel()
-            split = chunk and n > chunk and p.is_contiguous()
-            bounds = [(a, min(n, a + chunk)) for a in range(0, n, chunk)] if split else [(0, n)]
-            if len(bounds) == 1:  # a new fp32 tensor: no clone
-                ms = [torch.nn.Parameter(p.detach().float())]
-            else:
-                flat = p.detach().view(-1)
-                ms = [torch.nn.Parameter(flat[a:b].float()) for a, b in bounds]
-            self.masters[i], self._bounds[i] = ms, bounds
-            targets.append(ms)
+            chunk = cfg.master_chunk_elements if p.is_contiguous() else 0
+            self._bounds[i] = master_bounds(p.numel(), chunk)
+            # new fp32 tensors: no clone
+            self.masters[i] = [torch.nn.Parameter(t.detach().float()) for t in self._pieces(i, p)]
+            targets.append(self.masters[i])
         self.fused = fused
         self.opts = (
             [make_optimizer(t, cfg, lr) for t in targets]
@@ -289,6 +291,23 @@ class Optimiser:
         """Every fp32 master tensor (chunks counted one by one)."""
         return [m for ms in self.masters.values() for m in ms]
 
+    def _pieces(self, i: int, t: torch.Tensor) -> list[torch.Tensor]:
+        """Parameter ``i``'s tensor ``t`` (the parameter or its gradient) as its masters cut
+        it: ``t`` itself, or views of its flattened elements, one per chunk."""
+        bounds = self._bounds[i]
+        if len(bounds) == 1:
+            return [t]
+        flat = t.reshape(-1)
+        return [flat[a:b] for a, b in bounds]
+
+    def _take_grads(self, i: int) -> list[torch.Tensor]:
+        """Parameter ``i``'s gradient, taken off it, as its chunks in reverse order: each is
+        popped, made fp32 and let go, so the whole low-precision gradient goes with its last
+        chunk (empty: no gradient)."""
+        p = self.params[i]
+        grad, p.grad = p.grad, None
+        return [] if grad is None else self._pieces(i, grad)[::-1]
+
     def _step_hook(self, i: int) -> Callable[[torch.Tensor], None]:
         def hook(_: torch.Tensor) -> None:
             self._step_one(i)
@@ -301,21 +320,13 @@ class Optimiser:
         ms = self.masters.get(i)
         if ms is None:
             self.opts[i].step()
-        elif len(ms) == 1:
-            ms[0].grad = None if p.grad is None else p.grad.float()
-            p.grad = None
-            self.opts[i].step()
-            ms[0].grad = None
-            p.copy_(ms[0])
-        else:  # one chunk at a time: only the chunk with a gradient steps
-            flat_grad = None if p.grad is None else p.grad.reshape(-1)
-            p.grad = None
-            flat = p.view(-1)
-            for m, (a, b) in zip(ms, self._bounds[i], strict=True):
-                m.grad = None if flat_grad is None else flat_grad[a:b].float()
+        else:  # a chunk at a time: only the master with a gradient steps
+            grads = self._take_grads(i)
+            for m, piece in zip(ms, self._pieces(i, p), strict=True):
+                m.grad = grads.pop().float() if grads else None
                 self.opts[i].step()
                 m.grad = None
-                flat[a:b].copy_(m)
+                piece.copy_(m)
         p.grad = None
 
     def zero_grad(self) -> None:
@@ -330,24 +341,13 @@ class Optimiser:
         if self.fused:
             return
         for i, ms in self.masters.items():
-            p = self.params[i]
-            if len(ms) == 1:
-                ms[0].grad = None if p.grad is None else p.grad.float()
-                p.grad = None  # the fp32 copy replaces it
-                continue
-            flat_grad = None if p.grad is None else p.grad.reshape(-1)
-            p.grad = None  # the fp32 chunks replace it
-            for m, (a, b) in zip(ms, self._bounds[i], strict=True):
-                m.grad = None if flat_grad is None else flat_grad[a:b].float()
-            del flat_grad
+            grads = self._take_grads(i)  # the fp32 copies replace it
+            for m in ms:
+                m.grad = grads.pop().float() if grads else None
         self.opts[0].step()
         for i, ms in self.masters.items():
-            if len(ms) == 1:
-                self.params[i].copy_(ms[0])
-                continue
-            flat = self.params[i].view(-1)
-            for m, (a, b) in zip(ms, self._bounds[i], strict=True):
-                flat[a:b].copy_(m)
+            for m, piece in zip(ms, self._pieces(i, self.params[i]), strict=True):
+                piece.copy_(m)
 
     def close(self) -> None:
         """Remove the fused step's hooks (the parameters train unhooked afterwards)."""
