@@ -12,8 +12,10 @@ backward pass), ``checkpointing`` (activation checkpointing), ``adamw8bit`` (tor
 AdamW), ``mmap`` (glibc's mmap threshold fixed at 128 KiB), ``kernel`` (torch's fused AdamW
 kernel: no step temporaries), ``chunks`` (fp32 masters in chunks of 2^20 elements), ``all``
 (fused, checkpointing, 8-bit AdamW, mmap), ``exact`` (fused, checkpointing, mmap, chunks: the
-options that keep the plain weights to the bit) and ``all32`` (``exact`` and the fused kernel:
-fp32 moments). ``--options`` picks some (``plain`` is always measured). A measurement whose
+options that keep the plain weights to the bit), ``all32`` (``exact`` and the fused kernel:
+fp32 moments), ``rounding`` (8-bit AdamW stepping the bf16 weights with stochastic rounding:
+no fp32 masters) and ``allsr`` (``all`` and stochastic rounding). ``--options`` picks some
+(``plain`` is always measured). A measurement whose
 JSON exists in ``--out`` is read, not repeated (delete it to measure again). The training time
 per step includes the first step's compilation where an option compiles (``adamw8bit``:
 ``torch.compile`` of its step, cached on disk by torch for the next process);
@@ -43,6 +45,7 @@ OPTIONS: dict[str, list[str]] = {
     "mmap": ["train.mmap_threshold_bytes=131072"],
     "kernel": ["train.fused_kernel=true"],
     "chunks": ["train.master_chunk_elements=1048576"],
+    "rounding": ['train.optimizer="adamw8bit"', "train.stochastic_rounding=true"],
 }
 OPTIONS["all"] = [
     s for name in ("fused", "checkpointing", "adamw8bit", "mmap") for s in OPTIONS[name]
@@ -50,6 +53,7 @@ OPTIONS["all"] = [
 OPTIONS["exact"] = [
     s for name in ("fused", "checkpointing", "mmap", "chunks") for s in OPTIONS[name]
 ]
+OPTIONS["allsr"] = OPTIONS["all"] + ["train.stochastic_rounding=true"]
 OPTIONS["all32"] = [
     s for name in ("fused", "checkpointing", "kernel", "mmap", "chunks") for s in OPTIONS[name]
 ]
@@ -65,6 +69,8 @@ DESCRIBE = {
     "all": "fused step, checkpointing, 8-bit AdamW, mmap",
     "exact": "fused step, checkpointing, mmap, master chunks (the exact four)",
     "all32": "fused step, checkpointing, fused kernel, mmap, master chunks",
+    "rounding": "8-bit AdamW, bf16 stochastic rounding, no fp32 masters (torchao)",
+    "allsr": "fused step, checkpointing, 8-bit AdamW, mmap, stochastic rounding",
 }
 
 

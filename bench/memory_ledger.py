@@ -25,7 +25,8 @@ one ledger per process.
 Analytic counts: weights = the preset's parameter counts (meta device) x bytes per weight;
 fp32 masters 4 B and gradients 4 B per trained parameter (bf16 weights: the fp32 copy of the
 gradient is what the step holds; fp32 weights: the gradient itself), none when the step is fused
-(one parameter's at a time); AdamW 8 B per trained parameter and a 4-byte step per tensor (8-bit:
+(one parameter's at a time); with ``train.stochastic_rounding`` no masters and the bf16
+gradient, 2 B; AdamW 8 B per trained parameter and a 4-byte step per tensor (8-bit:
 torchao's layout); activations of OPT decoder layers (h hidden, f feed-forward, a heads, n tokens
 of a batch, e bytes per element): a trained layer saves n*e*(8h + f) + 4*n*e + 4*n*a bytes, a
 frozen layer above the segment n*e*(6h + f) + 4*n*e + 4*n*a (no weight gradient: the inputs of
@@ -172,13 +173,15 @@ def weight_pointers(model: torch.nn.Module) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
 
 
-def adamw8bit_bytes(numels: Sequence[int]) -> int:
+def adamw8bit_bytes(numels: Sequence[int], small_bytes: int = 4) -> int:
     """torchao's ``AdamW8bit`` state: two 8-bit moments with an fp32 scale per 256 elements and
-    a 256-entry fp32 code book each, for tensors of at least 4,096 elements; fp32 moments
-    otherwise; a 4-byte step per tensor."""
+    a 256-entry fp32 code book each, for tensors of at least 4,096 elements; moments in the
+    stepped tensor's dtype otherwise (``small_bytes`` per element: 4 when it steps fp32
+    masters, 2 when it steps bf16 weights with stochastic rounding); a 4-byte step per
+    tensor."""
     total = 0
     for n in numels:
-        moment = n + 4 * math.ceil(n / 256) + 4 * 256 if n >= 4096 else 4 * n
+        moment = n + 4 * math.ceil(n / 256) + 4 * 256 if n >= 4096 else small_bytes * n
         total += 2 * moment + 4
     return total
 
@@ -247,11 +250,12 @@ def analytic(cfg: RunConfig, m: Measured, trained: Sequence[int], n_blocks: int)
     counts = count_params(cfg.model)["params"] if cfg.model.family == "lm" else None
     p = sum(m.trained_params)
     fused = cfg.train.fused_step
+    masters = w == 2 and not cfg.train.stochastic_rounding
     opt = cfg.train.optimizer
     if opt in ("adam", "adamw"):
         optimiser = 8 * p + 4 * len(m.trained_params)
     elif opt == "adamw8bit":
-        optimiser = adamw8bit_bytes(m.trained_params)
+        optimiser = adamw8bit_bytes(m.trained_params, 4 if masters else w)
     else:
         optimiser = 4 * p if cfg.train.momentum > 0 else 0
     trained_weights = sum(counts[b] for b in trained) * w if counts else None
@@ -263,8 +267,8 @@ def analytic(cfg: RunConfig, m: Measured, trained: Sequence[int], n_blocks: int)
         "weights": sum(counts) * w if counts else None,
         "frozen weights": (sum(counts) * w - trained_weights) if counts else None,
         "trained weights": trained_weights,
-        "fp32 masters": 4 * p if w == 2 else 0,
-        "gradients": 0 if fused else 4 * p,
+        "fp32 masters": 4 * p if masters else 0,
+        "gradients": 0 if fused else (4 if masters or w == 4 else 2) * p,
         "optimiser state": optimiser,
         "activations": opt_activation_bytes(cfg, trained, n_blocks),
         "step temporaries": temporaries,

@@ -322,3 +322,71 @@ def test_master_chunks_are_whole_multiples_of_the_kernels_blocks():
     for bad in (-65536, 1000, 65537):
         with pytest.raises(ConfigError, match="master_chunk_elements"):
             TrainConfig(master_chunk_elements=bad)
+
+
+def test_stochastic_rounding_is_only_for_the_8bit_adamw_and_has_no_masters_to_chunk():
+    for optimizer in ("sgd", "adam", "adamw"):
+        with pytest.raises(ConfigError, match="stochastic_rounding applies to"):
+            TrainConfig(optimizer=optimizer, stochastic_rounding=True)
+    with pytest.raises(ConfigError, match="no fp32 masters to chunk"):
+        TrainConfig(optimizer="adamw8bit", stochastic_rounding=True, master_chunk_elements=65536)
+    assert TrainConfig(optimizer="adamw8bit", stochastic_rounding=True).stochastic_rounding
+
+
+def sr_steps(stochastic: bool, seed: int = 0) -> torch.Tensor:
+    """50 AdamW8bit steps of a bf16 tensor of ones (a constant gradient: each update is about
+    the learning rate, 1e-3, under half of bf16's spacing of 2^-8 just below 1), through
+    ``Optimiser`` with or without stochastic rounding; the tensor after."""
+    from snake_mpi.train import Optimiser
+
+    p = torch.nn.Parameter(torch.ones(8192, dtype=torch.bfloat16))
+    cfg = TrainConfig(optimizer="adamw8bit", lr=1e-3, weight_decay=0.0)
+    cfg = dataclasses.replace(cfg, stochastic_rounding=stochastic)
+    opt = Optimiser([p], cfg)
+    assert bool(opt.masters) is not stochastic  # a master, or none
+    torch.manual_seed(seed)
+    for _ in range(50):
+        p.grad = torch.ones_like(p)
+        opt.step()
+        opt.zero_grad()
+    return p.detach()
+
+
+def test_stochastic_rounding_moves_bf16_weights_as_far_as_an_fp32_master_does():
+    pytest.importorskip("torchao")
+    master, sr = sr_steps(False), sr_steps(True)
+    assert sr.dtype == torch.bfloat16
+    # with an fp32 master the 50 updates add up to about 0.05; stochastic rounding keeps them
+    # on average (each element goes down a whole bf16 step with the update's probability)
+    moved_master, moved_sr = 1 - master.float().mean().item(), 1 - sr.float().mean().item()
+    assert 0.04 < moved_master < 0.06
+    assert abs(moved_sr - moved_master) < 0.1 * moved_master
+    assert len(set(sr.float().tolist())) > 1  # elements rounded apart: random, not nearest
+    # its random bits are torch's generator's: the same seed, the same bits
+    assert torch.equal(sr, sr_steps(True)) and not torch.equal(sr, sr_steps(True, seed=1))
+
+
+def test_a_turn_with_stochastic_rounding_follows_the_turns_generator_not_the_global_one():
+    pytest.importorskip("torchao")
+    x, y = tokens()
+    cfg = dataclasses.replace(
+        PLAIN, optimizer="adamw8bit", stochastic_rounding=True, lr=1e-3, local_steps=2
+    )
+    hashes = []
+    for global_seed, turn_seed in ((1, 0), (2, 0), (1, 5)):
+        model = lm("opt-tiny", "bfloat16")
+        torch.manual_seed(global_seed)  # whatever ran before the turn
+        gen = torch.Generator().manual_seed(turn_seed)
+        r = train_local(model, [1, 2], x, y, cfg=cfg, generator=gen)
+        assert r.steps == 2 and next(model.parameters()).dtype == torch.bfloat16
+        hashes.append(model_hash(model))
+    assert hashes[0] == hashes[1] != hashes[2]
+
+
+def test_stochastic_rounding_is_refused_for_fp32_weights():
+    base = {"model": {"family": "lm", "preset": "opt-tiny"}, "data": {"name": "text"}}
+    sr = {"optimizer": "adamw8bit", "stochastic_rounding": True}
+    with pytest.raises(ConfigError, match="needs model.dtype = 'bfloat16'"):
+        from_dict({**base, "train": sr})
+    bf16 = {**base, "model": {**base["model"], "dtype": "bfloat16"}, "train": sr}
+    assert from_dict(bf16).train.stochastic_rounding

@@ -206,9 +206,27 @@ class TrainConfig:
     step's fp32 gradient copy and temporaries are a chunk's, not the largest parameter's. 0:
     one master per parameter. A multiple of 65536 (the kernels' vector and thread blocks stay
     aligned): the same weights as 0."""
+    stochastic_rounding: bool = False
+    """Lean: a bf16 parameter keeps no fp32 master copy; the optimiser steps it in place and
+    rounds each update to bf16 stochastically (torchao's ``bf16_stochastic_round``: up or down
+    with the probabilities of the fp32 value's distance to each, so the rounding is unbiased
+    and small updates are not lost), saving 4 bytes per trained parameter. ``adamw8bit`` and
+    ``model.dtype = "bfloat16"`` only; the weights differ from off. Its random bits come from torch's global generator, seeded at
+    each turn from the node's own generator (the run's seed): the same config and seed give
+    the same weights."""
 
     def __post_init__(self) -> None:
         _check_choices(self, "train.")
+        if self.stochastic_rounding and self.optimizer != "adamw8bit":
+            raise ConfigError(
+                "train.stochastic_rounding applies to train.optimizer = 'adamw8bit' (torchao's "
+                f"bf16 stochastic rounding), not {self.optimizer!r}"
+            )
+        if self.stochastic_rounding and self.master_chunk_elements:
+            raise ConfigError(
+                "train.master_chunk_elements does not apply with train.stochastic_rounding: "
+                "there are no fp32 masters to chunk"
+            )
         if self.master_chunk_elements < 0 or self.master_chunk_elements % MASTER_CHUNK_ALIGN:
             raise ConfigError(
                 "train.master_chunk_elements must be 0 (one master per parameter) or a positive "
@@ -736,6 +754,11 @@ def _check_lm(c: RunConfig) -> None:
         )
     if lm and c.data.tokenizer == "checkpoint" and not c.model.checkpoint:
         raise ConfigError("data.tokenizer = 'checkpoint' needs model.checkpoint")
+    if c.train.stochastic_rounding and c.model.dtype != "bfloat16":
+        raise ConfigError(
+            "train.stochastic_rounding rounds bf16 weights: it needs model.dtype = 'bfloat16' "
+            f"(an lm), got {c.model.dtype!r}"
+        )
 
 
 def _check_split(c: RunConfig) -> None:

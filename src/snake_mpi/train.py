@@ -196,7 +196,12 @@ def make_optimizer(
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.optimizer == "adamw8bit":
-        return lean_adamw8bit(params, lr=lr, weight_decay=cfg.weight_decay)
+        return lean_adamw8bit(
+            params,
+            lr=lr,
+            weight_decay=cfg.weight_decay,
+            stochastic_rounding=cfg.stochastic_rounding,
+        )
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
@@ -213,11 +218,18 @@ def adamw8bit_class() -> Callable[..., torch.optim.Optimizer]:
 
 
 def lean_adamw8bit(
-    params: list[torch.nn.Parameter], *, lr: float, weight_decay: float
+    params: list[torch.nn.Parameter],
+    *,
+    lr: float,
+    weight_decay: float,
+    stochastic_rounding: bool = False,
 ) -> torch.optim.Optimizer:
     """torchao's ``AdamW8bit``: 8-bit moments with a scale per block of 256 (parameters under
-    4,096 elements keep fp32 moments)."""
-    return adamw8bit_class()(params, lr=lr, weight_decay=weight_decay)
+    4,096 elements keep fp32 moments); ``stochastic_rounding``: bf16 parameters are stepped in
+    place, each update rounded to bf16 stochastically."""
+    return adamw8bit_class()(
+        params, lr=lr, weight_decay=weight_decay, bf16_stochastic_round=stochastic_rounding
+    )
 
 
 def preload_optimizer(cfg: TrainConfig) -> None:
@@ -239,7 +251,9 @@ def master_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
 class Optimiser:
     """The configured optimiser; parameters held in a low precision (bf16) get fp32 master
     copies, so that the optimiser state and the update are fp32 (mixed precision): after each
-    step the master is rounded back into the model's parameter.
+    step the master is rounded back into the model's parameter. With
+    ``cfg.stochastic_rounding`` there are no masters: the optimiser (torchao's) steps the bf16
+    parameter itself and rounds the update stochastically.
 
     ``fused``: one optimiser per parameter, stepped by a hook as soon as that parameter's
     gradient is complete in the backward pass; the gradient is dropped right after, so at most
@@ -267,7 +281,7 @@ class Optimiser:
         self._bounds: dict[int, list[tuple[int, int]]] = {}
         targets: list[list[torch.nn.Parameter]] = []
         for i, p in enumerate(params):
-            if p.dtype == torch.float32:
+            if p.dtype == torch.float32 or cfg.stochastic_rounding:  # stepped in place
                 targets.append([p])
                 continue
             chunk = cfg.master_chunk_elements if p.is_contiguous() else 0
@@ -446,6 +460,14 @@ def _observed(
     return stack
 
 
+def seed_rounding(generator: torch.Generator) -> None:
+    """Seed torch's global generators, which torchao's stochastic rounding draws from (also
+    inside its compiled step), from the turn's generator: the rounding's random bits then
+    follow the run's seed and this node's data stream, not whatever else used the global
+    generator before the turn."""
+    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+
+
 def train_local(
     model: BlockModel,
     trainable: Sequence[int],
@@ -471,6 +493,8 @@ def train_local(
     teacher = Teacher(model, trainable) if kd is not None else None
     params = set_trainable(model, trainable)
     refuse_recompute_with_batch_norm(model, trainable, cfg)
+    if cfg.stochastic_rounding:
+        seed_rounding(generator)
     opt = Optimiser(params, cfg, options.lr, fused=cfg.fused_step)
     mu = options.prox_mu
     anchors = [p.detach().clone() for p in params] if mu > 0 else []
