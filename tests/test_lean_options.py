@@ -1,7 +1,9 @@
 """The lean node's options (issue 31): the optimiser step fused into the backward pass
-(``train.fused_step``) and activation checkpointing (``train.activation_checkpointing``). Each
-must train exactly the weights of the plain turn, hold what it says it holds, and be refused
-where it would change the training. No MPI here; their memory is measured by bench/memory_claim.py.
+(``train.fused_step``), activation checkpointing (``train.activation_checkpointing``), the
+8-bit AdamW, the mmap threshold, the fused kernel, master chunks and stochastic rounding. The
+exact ones must train exactly the weights of the plain turn, each must hold what it says it
+holds and be refused where it does not apply. No MPI here; their memory is measured by
+bench/lean_node.py and bench/memory_ledger.py.
 """
 
 from __future__ import annotations
