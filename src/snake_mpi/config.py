@@ -211,9 +211,9 @@ class TrainConfig:
     rounds each update to bf16 stochastically (torchao's ``bf16_stochastic_round``: up or down
     with the probabilities of the fp32 value's distance to each, so the rounding is unbiased
     and small updates are not lost), saving 4 bytes per trained parameter. ``adamw8bit`` and
-    ``model.dtype = "bfloat16"`` only; the weights differ from off. Its random bits come from torch's global generator, seeded at
-    each turn from the node's own generator (the run's seed): the same config and seed give
-    the same weights."""
+    ``model.dtype = "bfloat16"`` only; the weights differ from off. Its random bits come from
+    torch's global generator, seeded at each turn from the node's own generator (the run's
+    seed): the same config and seed give the same weights."""
 
     def __post_init__(self) -> None:
         _check_choices(self, "train.")
