@@ -251,11 +251,12 @@ def analytic(cfg: RunConfig, m: Measured, trained: Sequence[int], n_blocks: int)
     p = sum(m.trained_params)
     fused = cfg.train.fused_step
     masters = w == 2 and not cfg.train.stochastic_rounding
+    stepped = 4 if masters else w  # bytes per element of what the optimiser steps
     opt = cfg.train.optimizer
     if opt in ("adam", "adamw"):
         optimiser = 8 * p + 4 * len(m.trained_params)
     elif opt == "adamw8bit":
-        optimiser = adamw8bit_bytes(m.trained_params, 4 if masters else w)
+        optimiser = adamw8bit_bytes(m.trained_params, stepped)
     else:
         optimiser = 4 * p if cfg.train.momentum > 0 else 0
     trained_weights = sum(counts[b] for b in trained) * w if counts else None
@@ -268,7 +269,7 @@ def analytic(cfg: RunConfig, m: Measured, trained: Sequence[int], n_blocks: int)
         "frozen weights": (sum(counts) * w - trained_weights) if counts else None,
         "trained weights": trained_weights,
         "fp32 masters": 4 * p if masters else 0,
-        "gradients": 0 if fused else (4 if masters or w == 4 else 2) * p,
+        "gradients": 0 if fused else stepped * p,
         "optimiser state": optimiser,
         "activations": opt_activation_bytes(cfg, trained, n_blocks),
         "step temporaries": temporaries,

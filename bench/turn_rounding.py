@@ -1,4 +1,4 @@
-"""What of a turn's update a bf16 weight keeps (issue 31; docs/memory.md#no-fp32-masters):
+"""What of a turn's update a bf16 weight keeps (issue 31; docs/memory.md, "No fp32 masters"):
 a 2048 x 2048 bf16 matrix of N(0, 0.02) weights takes 3 steps of torchao's 8-bit AdamW (a
 gradient of fixed signs plus noise), through ``snake_mpi.train.Optimiser`` as a turn does, once
 with fp32 masters (the plain node: the masters live for the turn and are rounded to bf16 at its
