@@ -14,7 +14,9 @@ kernel: no step temporaries), ``chunks`` (fp32 masters in chunks of 2^20 element
 (fused, checkpointing, 8-bit AdamW, mmap), ``exact`` (fused, checkpointing, mmap, chunks: the
 options that keep the plain weights to the bit), ``all32`` (``exact`` and the fused kernel:
 fp32 moments), ``rounding`` (8-bit AdamW stepping the bf16 weights with stochastic rounding:
-no fp32 masters) and ``allsr`` (``all`` and stochastic rounding). ``--options`` picks some
+no fp32 masters), ``allsr`` (``all`` and stochastic rounding), ``int8`` (the middle blocks one
+node trains held and sent as weight-only int8, ``snake.frozen_weights``) and ``allint8``
+(``allsr`` and ``int8``). ``--options`` picks some
 (``plain`` is always measured). A measurement whose
 JSON exists in ``--out`` is read, not repeated (delete it to measure again). The training time
 per step includes the first step's compilation where an option compiles (``adamw8bit``:
@@ -54,6 +56,8 @@ OPTIONS["exact"] = [
     s for name in ("fused", "checkpointing", "mmap", "chunks") for s in OPTIONS[name]
 ]
 OPTIONS["allsr"] = OPTIONS["all"] + ["train.stochastic_rounding=true"]
+OPTIONS["int8"] = ['snake.frozen_weights="int8"', "checkpoint.every=0"]
+OPTIONS["allint8"] = OPTIONS["allsr"] + OPTIONS["int8"]
 OPTIONS["all32"] = [
     s for name in ("fused", "checkpointing", "kernel", "mmap", "chunks") for s in OPTIONS[name]
 ]
@@ -71,6 +75,8 @@ DESCRIBE = {
     "all32": "fused step, checkpointing, fused kernel, mmap, master chunks",
     "rounding": "8-bit AdamW, bf16 stochastic rounding, no fp32 masters (torchao)",
     "allsr": "fused step, checkpointing, 8-bit AdamW, mmap, stochastic rounding",
+    "int8": "frozen blocks held and sent as weight-only int8 (torchao)",
+    "allint8": "fused step, checkpointing, 8-bit AdamW, mmap, stochastic rounding, int8 blocks",
 }
 
 

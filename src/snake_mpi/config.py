@@ -294,6 +294,12 @@ class SnakeConfig:
     keep: Literal["all", "own"] = "all"
     """What a node stores between turns: ``all`` (the whole model) or ``own`` (only the blocks it
     trains; the others are freed once it has handed the model on, and travel to it again)."""
+    frozen_weights: Literal["full", "int8"] = "full"
+    """How the middle blocks that one node trains (or none does) are held and sent: ``full``
+    (the model's dtype) or ``int8`` (torchao's weight-only int8 of their linear layers, 1 byte
+    per weight, at every rank; the owner trains a full-precision copy it keeps and sends its
+    blocks quantised after each turn: ``schemes/frozen.py``). A lean-node option of a language
+    model (docs/memory.md); not with checkpoints (``checkpoint.every = 0``)."""
     kd: KDConfig = field(default_factory=KDConfig)
     """Knowledge distillation at every turn (``[snake.kd]``)."""
     logit_adjust: float = 1.0
@@ -754,6 +760,17 @@ def _check_lm(c: RunConfig) -> None:
         )
     if lm and c.data.tokenizer == "checkpoint" and not c.model.checkpoint:
         raise ConfigError("data.tokenizer = 'checkpoint' needs model.checkpoint")
+    if c.scheme == "snake" and c.snake.frozen_weights == "int8":
+        if not lm:
+            raise ConfigError(
+                "snake.frozen_weights = 'int8' quantises a language model's decoder layers: "
+                f"it needs model.family = 'lm', got {c.model.family!r}"
+            )
+        if c.checkpoint.every:
+            raise ConfigError(
+                "snake.frozen_weights = 'int8': the owners' full-precision copies are not in "
+                f"checkpoints; set checkpoint.every = 0 (got {c.checkpoint.every})"
+            )
     if c.train.stochastic_rounding and c.model.dtype != "bfloat16":
         raise ConfigError(
             "train.stochastic_rounding rounds bf16 weights: it needs model.dtype = 'bfloat16' "

@@ -9,6 +9,7 @@ Checkpointer`` in a run; ``NoCheckpoints`` by default).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -37,6 +38,16 @@ class RoundCheckpoints(Protocol):
     def carried_in(self, r: int) -> bool: ...
 
     def boundary(self, ctx: Context, r: int, carry_in: Callable[[], Any] | None = None) -> None: ...
+
+
+class TurnSwap(Protocol):
+    """What stands in for some blocks during a turn (``schemes.frozen.FrozenInt8``)."""
+
+    def turn(
+        self, model: BlockModel, trainable: Sequence[int]
+    ) -> contextlib.AbstractContextManager[None]: ...
+
+    def master_bytes(self) -> int: ...
 
 
 @dataclass
@@ -158,6 +169,9 @@ class Context:
     hops: Hops = field(init=False)
     """The hops of ``model``'s blocks over ``comm`` in ``hop``'s buffers: what a scheme sends,
     posts and receives blocks by (``transport.hops.Hops``)."""
+    frozen: TurnSwap | None = None
+    """With ``snake.frozen_weights = "int8"``: the int8 blocks' full-precision copies this rank
+    trains in their place (``schemes.frozen.FrozenInt8``); None otherwise."""
     checkpoint: RoundCheckpoints = field(default_factory=NoCheckpoints)
     """This run's checkpoints: ``restore`` after the scheme's set-up gives the first round;
     ``boundary`` after every round takes one when due (none by default)."""

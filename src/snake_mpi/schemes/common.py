@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import NoReturn
@@ -130,21 +131,23 @@ def train_and_record(
     """One turn of local training of blocks ``trainable`` on this rank's shard, recorded;
     ``options`` default to the round's learning rate alone (``turn_options``)."""
     t0 = time.perf_counter()
+    swap = ctx.frozen.turn(ctx.model, trainable) if ctx.frozen else contextlib.nullcontext()
     try:
-        res = train_local(
-            ctx.model,
-            trainable,
-            ctx.data.x_train,
-            ctx.data.y_train,
-            cfg=ctx.cfg.train,
-            generator=ctx.generator,
-            augment=ctx.data.augment,
-            kd=kd,
-            options=options if options is not None else turn_options(ctx),
-            on_step=ctx.record.step_reporter(
-                len(turn_batch_sizes(len(ctx.data.x_train), ctx.cfg.train))
-            ),
-        )
+        with swap:  # snake.frozen_weights: the masters stand in for their int8 blocks
+            res = train_local(
+                ctx.model,
+                trainable,
+                ctx.data.x_train,
+                ctx.data.y_train,
+                cfg=ctx.cfg.train,
+                generator=ctx.generator,
+                augment=ctx.data.augment,
+                kd=kd,
+                options=options if options is not None else turn_options(ctx),
+                on_step=ctx.record.step_reporter(
+                    len(turn_batch_sizes(len(ctx.data.x_train), ctx.cfg.train))
+                ),
+            )
     except NonFiniteLoss as e:
         abort_non_finite(ctx, e)
     rec = ctx.record

@@ -40,6 +40,7 @@ from snake_mpi.schemes.common import (
     train_and_record,
     turn_options,
 )
+from snake_mpi.schemes.frozen import FrozenInt8, relay_blocks
 from snake_mpi.train import KDSpec, TurnOptions
 from snake_mpi.transport.wire import KIND_MODEL, KIND_SYNC, KIND_UPDATE
 
@@ -220,6 +221,13 @@ def check_whole(ctx: Context) -> None:
         )
 
 
+def hold_frozen(ctx: Context, owners: np.ndarray, own: Sequence[int]) -> None:
+    """With ``snake.frozen_weights = "int8"``: hold the blocks fewer than two nodes train as
+    int8 from now on, keeping full-precision copies of this node's own (``own``)."""
+    if ctx.cfg.snake.frozen_weights == "int8":
+        ctx.frozen = FrozenInt8(ctx.model, relay_blocks(owners, ctx.model.n_blocks), own)
+
+
 def run(ctx: Context) -> None:
     """Run ``train.rounds`` rounds of Snake Learning on this rank, in the configured mode."""
     if ctx.cfg.snake.mode == "cs":
@@ -237,6 +245,7 @@ def run_p2p(ctx: Context) -> None:
     ctx.report.owners = block_owners(plan, model.n_blocks)
     ctx.report.plan = plan
     mine = plan[node]
+    hold_frozen(ctx, ctx.report.owners, mine)
     rounds, transfer, keep = cfg.train.rounds, cfg.snake.transfer, cfg.snake.keep
     nb = model.n_blocks
     for r in range(ctx.checkpoint.first_round, rounds):
@@ -291,6 +300,7 @@ def run_cs(ctx: Context) -> None:
     owners = block_owners(plan, model.n_blocks)
     ctx.report.owners = np.where(owners >= 0, owners + 1, owners)  # as ranks
     ctx.report.plan = plan
+    hold_frozen(ctx, owners, plan[comm.rank - 1] if comm.rank > 0 else [])
     rounds, transfer, keep = cfg.train.rounds, cfg.snake.transfer, cfg.snake.keep
     nb = model.n_blocks
     for r in range(ctx.checkpoint.first_round, rounds):
