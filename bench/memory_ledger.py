@@ -463,6 +463,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.full == (args.nodes > 0):
         ap.error("give either --nodes N (a Snake node) or --full")
     cfg = load_config(args.config, args.set)
+    if cfg.snake.frozen_weights != "full" and not args.full:
+        ap.error(
+            "snake.frozen_weights = 'int8' is not in the ledger's model yet (its weights are "
+            "measured when the model is built, before the blocks are quantised): see "
+            "docs/memory.md, 'Frozen blocks as int8'"
+        )
     if args.full:
         m, trained, n_blocks = full_fine_tuning(cfg)
         what = f"full fine-tuning of {cfg.model.preset or cfg.model.family}"

@@ -195,6 +195,15 @@ def test_a_ring_with_int8_frozen_blocks_sends_the_analytic_bytes_and_ends_on_one
         np.testing.assert_array_equal(res.rounds["bytes_received"], received)
         assert len(set(res.tables["ranks"]["model_sha256"])) == 1
     full, int8 = got["full"], got["int8"]
+    if mode == "p2p":  # a lone node (bench.lone_node, how the 1.3B figures are measured) moves
+        # the int8 blocks the ring's rank moves, byte for byte
+        from bench import lone_node
+        from snake_mpi.config import load_config
+
+        cfg = load_config(TINY_LM, ["probes.enabled=false", *sets, 'snake.frozen_weights="int8"'])
+        lone, _ = lone_node.run_lone(cfg, 2, 4)
+        np.testing.assert_array_equal(lone.bytes_sent, int8.rounds["bytes_sent"][:, 2])
+        np.testing.assert_array_equal(lone.bytes_received, int8.rounds["bytes_received"][:, 2])
     # fp32 layers to int8: a decoder block is about a quarter of its bytes (the norms and biases
     # stay fp32), the ends are as they were, the hops carry under half the bytes
     b_full, b_int8 = full.tables["blocks"]["bytes"], int8.tables["blocks"]["bytes"]

@@ -137,3 +137,30 @@ def test_two_mpi_ranks_share_the_gpu_and_fill_every_gpu_field(tmp_path):
             assert np.isfinite(res.rounds[name]).all(), name
         assert res.provenance["cuda_driver_version"] not in ("none", "unavailable")
     assert not math.isnan(float(res.rounds["gpu_max_allocated_bytes"].max()))
+
+
+def test_an_int8_frozen_layer_runs_on_the_gpu_within_a_percent_and_saves_only_int8():
+    pytest.importorskip("torchao")
+    from torch import nn
+
+    from snake_mpi.models.int8 import Int8Linear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 512).to("cuda", torch.bfloat16)
+    q = Int8Linear(lin)
+    assert q.qdata.is_cuda and q.qdata.dtype == torch.int8
+    x = torch.randn(4, 16, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = q(x)
+    ref = lin(x)
+    assert float((y - ref).detach().float().norm() / ref.detach().float().norm()) < 0.01
+    assert all(not (d.is_floating_point and n >= 256 * 512) for d, n in saved), saved
+    (gx,) = torch.autograd.grad(y.float().sum(), x)
+    want = torch.ones(4, 16, 512, device="cuda", dtype=torch.bfloat16) @ q.dequantized()
+    torch.testing.assert_close(gx, want)

@@ -158,3 +158,13 @@ def test_chunked_masters_hold_a_chunks_temporaries():
         numels = ledger.stepped_numels(cfg, [300_000, 500])
         assert window.temporaries() == ledger.adam_temporaries_bytes(numels)
         assert numels == ([300_000, 500] if chunk == 0 else [65536] * 4 + [37856, 500])
+
+
+def test_the_ledger_refuses_int8_frozen_blocks_it_does_not_model(capsys):
+    with pytest.raises(SystemExit) as e:
+        ledger.main(
+            [str(TINY_LM), "--nodes", "2", "--set", 'snake.frozen_weights="int8"']
+            + ["--set", "checkpoint.every=0"]
+        )
+    assert e.value.code == 2
+    assert "not in the ledger's model yet" in capsys.readouterr().err
