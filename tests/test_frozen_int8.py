@@ -216,3 +216,52 @@ def test_a_ring_with_int8_frozen_blocks_sends_the_analytic_bytes_and_ends_on_one
     loss, ref = int8.evaluation["loss"], full.evaluation["loss"]
     assert loss[-1] < loss[0]
     assert abs(loss[-1] / ref[-1] - 1) < 0.05
+
+
+@pytest.mark.parametrize("preset", ["opt-tiny", "llama-tiny"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_model_built_layer_by_layer_is_the_whole_build_to_the_bit(preset, dtype):
+    from snake_mpi.models.lm import causal_lm, causal_lm_by_layer
+
+    cfg = ModelConfig(family="lm", preset=preset, dtype=dtype)
+    seen = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        whole = causal_lm(cfg)
+        after_whole = torch.rand(4)
+        torch.manual_seed(3)
+        by_layer = causal_lm_by_layer(cfg, lambda i, layer: seen.append(i))
+        after_by_layer = torch.rand(4)
+    assert seen == list(range(len(seen))) and len(seen) >= 2
+    a, b = dict(whole.named_parameters()), dict(by_layer.named_parameters())
+    a |= dict(whole.named_buffers())
+    b |= dict(by_layer.named_buffers())
+    assert a.keys() == b.keys()
+    for k in a:
+        assert not b[k].is_meta and torch.equal(a[k], b[k]), k
+    assert torch.equal(after_whole, after_by_layer)  # the same draws, as many
+
+
+def test_blocks_made_int8_as_they_are_built_are_those_quantised_after_the_build():
+    from snake_mpi.blocks import flatten
+
+    relay, own = [1, 2, 3], [2]
+    after = lm()
+    FrozenInt8(after, relay=relay, own=own)
+    cfg = ModelConfig(family="lm", preset="opt-tiny", dtype="float32")
+    layers = frozenset(b - 1 for b in relay), frozenset(b - 1 for b in own)
+    built = build_model(cfg, sample_shape=(1,), n_classes=256, seed=3, int8_layers=layers)
+    flat_storage(built)
+    assert sorted(built.int8_masters) == own
+    frozen = FrozenInt8(built, relay=relay, own=own)  # adopts them
+    assert built.int8_masters == {}
+    ids = list(range(built.n_blocks))
+    assert np.array_equal(flatten(built, ids)[0], flatten(after, ids)[0])
+    m1, m2 = frozen.masters[2].state_dict(), lm().blocks[2].state_dict()
+    assert all(torch.equal(m1[k], m2[k]) for k in m2)
+    with pytest.raises(RuntimeError, match="not the plan's"):
+        FrozenInt8(
+            build_model(cfg, sample_shape=(1,), n_classes=256, seed=3, int8_layers=layers),
+            relay=[1, 2],
+            own=own,
+        )

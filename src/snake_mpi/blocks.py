@@ -52,6 +52,9 @@ class BlockModel(nn.Module):
         self.blocks = nn.ModuleList([m for _, m in blocks])
         self.roles = [ROLE_STEM] + [ROLE_MIDDLE] * (len(blocks) - 2) + [ROLE_HEAD]
         self.versions = np.zeros(len(blocks), dtype=np.int64)
+        self.int8_masters: dict[int, nn.Module] = {}
+        """Full-precision copies of int8 blocks this rank trains, made by the build
+        (``models.lm.build``'s ``int8_layers``; ``schemes.frozen`` adopts them); not state."""
         self._owners: dict[int, int] | None = None
         self._flat: list[torch.Tensor | None] | None = None
         """Per block, the uint8 buffer its tensors view (``flat_storage``); None: not flat."""

@@ -17,8 +17,10 @@ determined by its seeds (dropout would draw from torch's process-wide generator)
 
 from __future__ import annotations
 
+import math
 import os
 import threading
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -96,6 +98,83 @@ def causal_lm(cfg: ModelConfig, *, device: str | torch.device = "cpu") -> nn.Mod
     cls = tf.OPTForCausalLM if conf.snake_family == "opt" else tf.LlamaForCausalLM
     with torch.device(device):
         return cls._from_config(conf, dtype=DTYPES.get(cfg.dtype, torch.float32))
+
+
+def causal_lm_by_layer(
+    cfg: ModelConfig, on_layer: Callable[[int, nn.Module], nn.Module | None]
+) -> nn.Module:
+    """``causal_lm`` of a preset with the same weights to the bit, made one module at a time:
+    built on the meta device, then every module given its memory just before Hugging Face
+    initialises it, and ``on_layer(i, layer)`` called as soon as decoder layer ``i`` is
+    initialised (e.g. to quantise it; a module it returns takes the layer's place), so the
+    whole model in ``model.dtype`` never exists at once. The random draws are the ones
+    ``causal_lm`` makes, in its order: constructing a module on the CPU draws its PyTorch
+    default initialisation (replayed into scratch tensors here), and each ``PreTrainedModel``
+    initialises its own modules at the end of its construction (tested: every tensor and
+    buffer equal for the OPT and Llama presets)."""
+    if cfg.checkpoint:
+        raise ValueError("a checkpoint's weights are loaded whole: build it with causal_lm")
+    lm = causal_lm(cfg, device="meta")
+    layers = layers_of(lm)
+    index = {id(layer): i for i, layer in enumerate(layers)}
+
+    def done(i: int, layer: nn.Module) -> None:
+        new = on_layer(i, layer)
+        if new is not None:
+            layers[i] = new
+
+    _replay(lm, index, done)
+    return lm
+
+
+def layers_of(lm: Any) -> nn.ModuleList:
+    """The decoder layers of an OPT or Llama ``*ForCausalLM``."""
+    return lm.model.decoder.layers if hasattr(lm.model, "decoder") else lm.model.layers
+
+
+def _construction_draws(mod: nn.Module) -> None:
+    """Draw what constructing ``mod`` on the CPU drew (PyTorch's default initialisation of a
+    linear or embedding layer), into scratch tensors of its shapes and dtypes."""
+    if isinstance(mod, nn.Linear):
+        nn.init.kaiming_uniform_(torch.empty_like(mod.weight, device="cpu"), a=math.sqrt(5))
+        if mod.bias is not None:
+            bound = 1 / math.sqrt(mod.in_features) if mod.in_features > 0 else 0
+            nn.init.uniform_(torch.empty_like(mod.bias, device="cpu"), -bound, bound)
+    elif isinstance(mod, nn.Embedding):
+        nn.init.normal_(torch.empty_like(mod.weight, device="cpu"))
+
+
+def _replay(
+    mod: nn.Module, index: dict[int, int], on_layer: Callable[[int, nn.Module], None]
+) -> None:
+    """Construction order: the module's own draws, its children's in turn, then (a
+    ``PreTrainedModel``) its initialisation, with each module materialised just before."""
+    tf = _transformers()
+    _construction_draws(mod)
+    for child in mod.children():
+        _replay(child, index, on_layer)
+    if not isinstance(mod, tf.PreTrainedModel):
+        return
+    subs = [m for m in mod.modules() if isinstance(m, tf.PreTrainedModel)]
+    for sub in subs:
+
+        def init(module: nn.Module, is_custom_code: bool = False, _own: Any = sub) -> None:
+            if getattr(module, "_is_hf_initialized", False):
+                return
+            own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+            if any(t.is_meta for t in own):
+                module.to_empty(device="cpu", recurse=False)
+            type(_own)._initialize_weights(_own, module, is_custom_code)
+            if id(module) in index:
+                on_layer(index[id(module)], module)
+
+        sub._initialize_weights = init
+    try:
+        mod.initialize_weights()
+    finally:
+        for sub in subs:
+            del sub._initialize_weights
+    mod.tie_weights()
 
 
 def count_params(cfg: ModelConfig) -> dict[str, Any]:
@@ -215,14 +294,49 @@ def to_blocks(lm: Any) -> BlockModel:
     return model
 
 
-def build(cfg: ModelConfig, *, vocab_size: int) -> BlockModel:
+def build(
+    cfg: ModelConfig,
+    *,
+    vocab_size: int,
+    int8_layers: tuple[frozenset[int], frozenset[int]] | None = None,
+) -> BlockModel:
     """The configured LM as a block model in ``model.dtype`` (random init under torch's current
-    seed, or the checkpoint's weights); ``vocab_size`` is the tokenizer's, which must fit."""
+    seed, or the checkpoint's weights); ``vocab_size`` is the tokenizer's, which must fit.
+
+    ``int8_layers = (quantised, kept)`` (a preset, ``snake.frozen_weights = "int8"``): the
+    decoder layers ``quantised`` are made weight-only int8 as soon as each is initialised
+    (``causal_lm_by_layer``), those also in ``kept`` after a copy is taken; the copies, as
+    blocks, are ``model.int8_masters`` (block id -> module; ``schemes.frozen``)."""
     if cfg.dtype not in DTYPES:
         raise ModelSpecError(
             f"unknown model.dtype {cfg.dtype!r}; choose one of: {', '.join(DTYPES)}"
         )
-    model = to_blocks(causal_lm(cfg))
+    masters: dict[int, nn.Module] = {}
+    if int8_layers is None or cfg.checkpoint:
+        model = to_blocks(causal_lm(cfg))
+    else:
+        from snake_mpi.blocks import copy_modules
+        from snake_mpi.models.int8 import quantize_linears
+
+        quantised, kept = int8_layers
+
+        def on_layer(i: int, layer: nn.Module) -> nn.Module | None:
+            if i not in quantised:
+                return None
+            if i in kept:  # the initialised layer is the master; the model gets a copy
+                masters[i] = layer
+                layer = copy_modules({i: layer})[i]
+            quantize_linears(layer)
+            return layer
+
+        lm = causal_lm_by_layer(cfg, on_layer)
+        model = to_blocks(lm)
+    if masters:
+        conf = model.lm_config
+        first = model.blocks[1]
+        assert isinstance(first, DecoderBlock)
+        rotary = first._rotary
+        model.int8_masters = {i + 1: DecoderBlock(m, conf, rotary) for i, m in masters.items()}
     have = model.lm_config.vocab_size
     if vocab_size > have:
         raise ModelSpecError(

@@ -20,7 +20,8 @@ import numpy as np
 from torch import nn
 
 from snake_mpi.blocks import BlockModel, copy_modules, flat_storage
-from snake_mpi.models.int8 import load_quantized, quantize_linears
+from snake_mpi.config import RunConfig
+from snake_mpi.models.int8 import Int8Linear, load_quantized, quantize_linears
 from snake_mpi.probes.memory import release_free_memory
 
 
@@ -33,7 +34,22 @@ class FrozenInt8:
         self.relay = sorted(relay)
         mine = set(own)
         self.masters: dict[int, nn.Module] = {}
+        built = is_int8(model)
+        if any(built) and [b for b, q in enumerate(built) if q] != self.relay:
+            raise RuntimeError(
+                f"the blocks built as int8, {[b for b, q in enumerate(built) if q]}, are not the "
+                f"plan's {self.relay}"
+            )
+        if set(model.int8_masters) != (mine & set(self.relay) if any(built) else set()):
+            raise RuntimeError(
+                f"the build kept copies of blocks {sorted(model.int8_masters)}, not of this "
+                f"node's int8 blocks {sorted(mine & set(self.relay))}"
+            )
+        self.masters.update(model.int8_masters)
+        model.int8_masters = {}
         for b in self.relay:  # one block at a time: the extra memory is one block's
+            if built[b]:  # made int8 as it was built (build_layers)
+                continue
             mod = model.blocks[b]
             if b in mine:  # the module itself is the master (its tensors keep the old buffer)
                 self.masters[b] = mod
@@ -69,6 +85,39 @@ class FrozenInt8:
                     load_quantized(held, self.masters[b])
                 model.blocks[b] = held
             model._owners = None
+
+
+def is_int8(model: BlockModel) -> list[bool]:
+    """Per block, whether it holds int8 layers."""
+    return [any(isinstance(m, Int8Linear) for m in mod.modules()) for mod in model.blocks]
+
+
+def build_layers(
+    cfg: RunConfig, world_size: int, rank: int
+) -> tuple[frozenset[int], frozenset[int]] | None:
+    """The decoder layers this rank builds as int8 and those it keeps a copy of
+    (``models.lm.build``'s ``int8_layers``), from the plan the scheme will make, so the whole
+    full-precision model never exists at once; None where the build cannot know it (the
+    option off, a checkpoint loaded whole, a plan from measured speeds): the scheme then
+    quantises the built model."""
+    c = cfg.snake
+    if (
+        cfg.scheme != "snake"
+        or c.frozen_weights != "int8"
+        or cfg.model.family != "lm"
+        or cfg.model.checkpoint
+        or c.capability == "measure"
+    ):
+        return None
+    from snake_mpi.models.lm import count_params
+    from snake_mpi.schemes.snake import block_owners, plan_from_params
+
+    n_nodes, node = (world_size, rank) if c.mode == "p2p" else (world_size - 1, rank - 1)
+    params = count_params(cfg.model)["params"]
+    plan = plan_from_params(params, c, n_nodes)
+    relay = relay_blocks(block_owners(plan, len(params)), len(params))
+    own = set(plan[node]) if node >= 0 else set()
+    return frozenset(b - 1 for b in relay), frozenset(b - 1 for b in relay if b in own)
 
 
 def relay_blocks(owners: Sequence[int] | np.ndarray, n_blocks: int) -> list[int]:
