@@ -164,3 +164,20 @@ def test_an_int8_frozen_layer_runs_on_the_gpu_within_a_percent_and_saves_only_in
     (gx,) = torch.autograd.grad(y.float().sum(), x)
     want = torch.ones(4, 16, 512, device="cuda", dtype=torch.bfloat16) @ q.dequantized()
     torch.testing.assert_close(gx, want)
+
+
+def test_a_ring_with_int8_frozen_blocks_trains_on_the_gpu(tmp_path):
+    pytest.importorskip("torchao")
+    pytest.importorskip("transformers")
+    tiny_lm = REPO / "bench" / "configs" / "llm" / "tiny-snake.toml"
+    sets = ["probes.enabled=false", "train.rounds=2", "data.n_train=256", "data.n_test=32"]
+    sets += ["checkpoint.every=0", 'snake.frozen_weights="int8"', 'device="cuda"']
+    cfg = load_config(tiny_lm, sets)
+    out = tmp_path / "int8.h5"
+    ThreadWorld(4).run(lambda comm: execute(cfg, comm, out), deadline_s=120)
+    res = read_result(out)
+    sent, _ = expected_bytes(res)
+    np.testing.assert_array_equal(res.rounds["bytes_sent"], sent)
+    assert len(set(res.tables["ranks"]["model_sha256"])) == 1
+    loss = res.evaluation["loss"]
+    assert loss[-1] < loss[0]

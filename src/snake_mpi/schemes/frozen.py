@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch import nn
 
-from snake_mpi.blocks import BlockModel, copy_modules, flat_storage
+from snake_mpi.blocks import BlockModel, copy_modules, flat_storage, model_device
 from snake_mpi.config import RunConfig
 from snake_mpi.models.int8 import Int8Linear, load_quantized, quantize_linears
 from snake_mpi.probes.memory import release_free_memory
@@ -45,7 +45,8 @@ class FrozenInt8:
                 f"the build kept copies of blocks {sorted(model.int8_masters)}, not of this "
                 f"node's int8 blocks {sorted(mine & set(self.relay))}"
             )
-        self.masters.update(model.int8_masters)
+        dev = model_device(model)  # the build made them on the CPU; the model may have moved
+        self.masters.update({b: m.to(dev) for b, m in model.int8_masters.items()})
         model.int8_masters = {}
         for b in self.relay:  # one block at a time: the extra memory is one block's
             if built[b]:  # made int8 as it was built (build_layers)
