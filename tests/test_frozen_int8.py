@@ -242,13 +242,14 @@ def test_a_model_built_layer_by_layer_is_the_whole_build_to_the_bit(preset, dtyp
     assert torch.equal(after_whole, after_by_layer)  # the same draws, as many
 
 
-def test_blocks_made_int8_as_they_are_built_are_those_quantised_after_the_build():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_blocks_made_int8_as_they_are_built_are_those_quantised_after_the_build(dtype):
     from snake_mpi.blocks import flatten
 
     relay, own = [1, 2, 3], [2]
-    after = lm()
+    after = lm(dtype)
     FrozenInt8(after, relay=relay, own=own)
-    cfg = ModelConfig(family="lm", preset="opt-tiny", dtype="float32")
+    cfg = ModelConfig(family="lm", preset="opt-tiny", dtype=dtype)
     layers = frozenset(b - 1 for b in relay), frozenset(b - 1 for b in own)
     built = build_model(cfg, sample_shape=(1,), n_classes=256, seed=3, int8_layers=layers)
     flat_storage(built)
@@ -257,7 +258,7 @@ def test_blocks_made_int8_as_they_are_built_are_those_quantised_after_the_build(
     assert built.int8_masters == {}
     ids = list(range(built.n_blocks))
     assert np.array_equal(flatten(built, ids)[0], flatten(after, ids)[0])
-    m1, m2 = frozen.masters[2].state_dict(), lm().blocks[2].state_dict()
+    m1, m2 = frozen.masters[2].state_dict(), lm(dtype).blocks[2].state_dict()
     assert all(torch.equal(m1[k], m2[k]) for k in m2)
     with pytest.raises(RuntimeError, match="not the plan's"):
         FrozenInt8(

@@ -72,10 +72,11 @@ class _Int8Linear(torch.autograd.Function):
 
 class Int8Linear(nn.Module):
     """A frozen ``nn.Linear`` as weight-only int8. ``qdata`` is a parameter (never trainable:
-    int8), so the block's parameter count is the float layer's; ``scale`` and ``zero_point``
-    are buffers. ``dtype``: the float layer's, the dtype of the output."""
+    int8), so the block's parameter count is the float layer's; the fp32 scales (held as their
+    int32 bits, ``scale_bits``: a model's dtype cast, ``.to(torch.bfloat16)``, leaves them
+    whole) and ``zero_point`` are buffers. ``dtype``: the float layer's, the output's."""
 
-    scale: torch.Tensor
+    scale_bits: torch.Tensor
     zero_point: torch.Tensor
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -84,7 +85,7 @@ class Int8Linear(nn.Module):
         self.dtype = linear.weight.dtype
         q, s, z = quantize_rows(linear.weight)
         self.qdata = nn.Parameter(q, requires_grad=False)
-        self.register_buffer("scale", s)
+        self.register_buffer("scale_bits", s.view(torch.int32))
         self.register_buffer("zero_point", z)
         self.bias = linear.bias
         if self.bias is not None:
@@ -96,7 +97,7 @@ class Int8Linear(nn.Module):
         (they may be views into a block buffer)."""
         q, s, z = quantize_rows(linear.weight)
         self.qdata.copy_(q)
-        self.scale.copy_(s)
+        self.scale_bits.copy_(s.view(torch.int32))
         self.zero_point.copy_(z)
         if self.bias is not None:
             self.bias.copy_(linear.bias)
@@ -104,6 +105,11 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The weight as the forward pass uses it (``scale * q``, in ``dtype``)."""
         return _weight(self.qdata, self.scale, self.zero_point, self.dtype).dequantize()
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The fp32 scale per output row, ``[out, 1]`` (a view of ``scale_bits``)."""
+        return self.scale_bits.view(torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _Int8Linear.apply(x, self.qdata, self.scale, self.zero_point, self.dtype)
