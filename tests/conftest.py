@@ -409,3 +409,31 @@ def pytest_sessionfinish(session, exitstatus):
     if left:
         print("\nprocesses outlived the test session:\n" + "\n".join(left), file=sys.stderr)
         session.exitstatus = 1
+
+
+def check_int8_layer(lin, x) -> None:
+    """An ``Int8Linear`` of ``lin`` on input ``x``: output within 1 % of the float layer's, the
+    backward pass saving no float copy of the weight, the input's gradient that of the
+    dequantised weight."""
+    import torch
+
+    from snake_mpi.models.int8 import Int8Linear
+
+    q = Int8Linear(lin)
+    assert q.qdata.dtype == torch.int8 and q.qdata.device == lin.weight.device
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = q(x)
+    ref = lin(x)
+    rel = float((y - ref).detach().float().norm() / ref.detach().float().norm())
+    assert 0 < rel < 0.01
+    # the backward keeps the int8 weight, not a dequantised copy of it
+    assert all(not (d.is_floating_point and n >= lin.weight.numel()) for d, n in saved), saved
+    (gx,) = torch.autograd.grad(y.float().sum(), x)
+    want = torch.ones_like(y) @ q.dequantized().to(x.dtype)
+    torch.testing.assert_close(gx, want)

@@ -14,7 +14,7 @@ from torch import nn
 pytest.importorskip("transformers")
 pytest.importorskip("torchao")
 
-from conftest import REPO, run_variants  # noqa: E402
+from conftest import REPO, check_int8_layer, run_variants  # noqa: E402
 from snake_mpi.analysis.expected import expected_bytes  # noqa: E402
 from snake_mpi.blocks import block_nbytes, block_tensors, flat_storage  # noqa: E402
 from snake_mpi.config import ConfigError, ModelConfig, from_dict  # noqa: E402
@@ -49,23 +49,7 @@ def test_an_int8_layer_is_the_linear_layer_within_a_percent_and_saves_only_int8(
     step = w.abs().amax(dim=1, keepdim=True) / 127
     ulp = w.abs() * torch.finfo(dtype).eps
     assert torch.all((q.dequantized().float() - w).abs() <= step * 0.5 * (1 + 1e-5) + ulp)
-    x = torch.randn(5, 7, 64, dtype=dtype, requires_grad=True)
-    saved = []
-
-    def pack(t):
-        saved.append((t.dtype, t.numel()))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = q(x)
-    ref = lin(x)
-    rel = float((y - ref).detach().float().norm() / ref.detach().float().norm())
-    assert 0 < rel < 0.01
-    # the backward keeps the int8 weight, not a dequantised copy of it
-    assert all(not (d.is_floating_point and n >= 64 * 96) for d, n in saved), saved
-    (gx,) = torch.autograd.grad(y.float().sum(), x)
-    want = torch.ones(5, 7, 96, dtype=dtype) @ q.dequantized().to(dtype)
-    torch.testing.assert_close(gx, want)
+    check_int8_layer(lin, torch.randn(5, 7, 64, dtype=dtype, requires_grad=True))
 
 
 def test_quantised_blocks_hold_one_byte_a_weight_and_five_a_row():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_mpi, snake_mpi
+from conftest import REPO, check_int8_layer, run_mpi, snake_mpi
 from snake_mpi.analysis.expected import expected_bytes
 from snake_mpi.blocks import model_hash
 from snake_mpi.config import load_config
@@ -143,27 +143,10 @@ def test_an_int8_frozen_layer_runs_on_the_gpu_within_a_percent_and_saves_only_in
     pytest.importorskip("torchao")
     from torch import nn
 
-    from snake_mpi.models.int8 import Int8Linear
-
     torch.manual_seed(0)
     lin = nn.Linear(256, 512).to("cuda", torch.bfloat16)
-    q = Int8Linear(lin)
-    assert q.qdata.is_cuda and q.qdata.dtype == torch.int8
     x = torch.randn(4, 16, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    saved = []
-
-    def pack(t):
-        saved.append((t.dtype, t.numel()))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = q(x)
-    ref = lin(x)
-    assert float((y - ref).detach().float().norm() / ref.detach().float().norm()) < 0.01
-    assert all(not (d.is_floating_point and n >= 256 * 512) for d, n in saved), saved
-    (gx,) = torch.autograd.grad(y.float().sum(), x)
-    want = torch.ones(4, 16, 512, device="cuda", dtype=torch.bfloat16) @ q.dequantized()
-    torch.testing.assert_close(gx, want)
+    check_int8_layer(lin, x)
 
 
 def test_a_ring_with_int8_frozen_blocks_trains_on_the_gpu(tmp_path):
