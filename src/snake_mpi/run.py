@@ -38,8 +38,9 @@ from snake_mpi.probes.memory import MemorySampler, ru_maxrss_bytes, set_mmap_thr
 from snake_mpi.probes.storage import DiskWriteCounter
 from snake_mpi.record import ROUND_FIELDS, Recorder, eval_layout
 from snake_mpi.resources import check_memory
-from snake_mpi.schemes import frozen, scheme_spec
+from snake_mpi.schemes import scheme_spec
 from snake_mpi.schemes.rules import data_ranks, validate_for_world
+from snake_mpi.schemes.snake import int8_build_layers
 from snake_mpi.train import preload_optimizer
 from snake_mpi.transport.protocol import Communicator
 from snake_mpi.transport.wire import LinkModel
@@ -659,7 +660,7 @@ def build(
         sample_shape=tuple(cfg.data.sample_shape),
         n_classes=dataset.n_classes,
         seed=seeds["model"],
-        int8_layers=frozen.build_layers(cfg, comm.size, comm.rank),
+        int8_layers=int8_build_layers(cfg, comm.size, comm.rank),
     ).to(device)
     if cfg.comm.hop_buffers == "views":  # each block's state in one buffer that hops send
         flat_storage(model)

@@ -20,7 +20,6 @@ import numpy as np
 from torch import nn
 
 from snake_mpi.blocks import BlockModel, copy_modules, flat_storage, model_device
-from snake_mpi.config import RunConfig
 from snake_mpi.models.int8 import Int8Linear, load_quantized, quantize_linears
 from snake_mpi.probes.memory import release_free_memory
 
@@ -49,7 +48,7 @@ class FrozenInt8:
         self.masters.update({b: m.to(dev) for b, m in model.int8_masters.items()})
         model.int8_masters = {}
         for b in self.relay:  # one block at a time: the extra memory is one block's
-            if built[b]:  # made int8 as it was built (build_layers)
+            if built[b]:  # made int8 as it was built (snake.int8_build_layers)
                 continue
             mod = model.blocks[b]
             if b in mine:  # the module itself is the master (its tensors keep the old buffer)
@@ -91,34 +90,6 @@ class FrozenInt8:
 def is_int8(model: BlockModel) -> list[bool]:
     """Per block, whether it holds int8 layers."""
     return [any(isinstance(m, Int8Linear) for m in mod.modules()) for mod in model.blocks]
-
-
-def build_layers(
-    cfg: RunConfig, world_size: int, rank: int
-) -> tuple[frozenset[int], frozenset[int]] | None:
-    """The decoder layers this rank builds as int8 and those it keeps a copy of
-    (``models.lm.build``'s ``int8_layers``), from the plan the scheme will make, so the whole
-    full-precision model never exists at once; None where the build cannot know it (the
-    option off, a checkpoint loaded whole, a plan from measured speeds): the scheme then
-    quantises the built model."""
-    c = cfg.snake
-    if (
-        cfg.scheme != "snake"
-        or c.frozen_weights != "int8"
-        or cfg.model.family != "lm"
-        or cfg.model.checkpoint
-        or c.capability == "measure"
-    ):
-        return None
-    from snake_mpi.models.lm import count_params
-    from snake_mpi.schemes.snake import block_owners, plan_from_params
-
-    n_nodes, node = (world_size, rank) if c.mode == "p2p" else (world_size - 1, rank - 1)
-    params = count_params(cfg.model)["params"]
-    plan = plan_from_params(params, c, n_nodes)
-    relay = relay_blocks(block_owners(plan, len(params)), len(params))
-    own = set(plan[node]) if node >= 0 else set()
-    return frozenset(b - 1 for b in relay), frozenset(b - 1 for b in relay if b in own)
 
 
 def relay_blocks(owners: Sequence[int] | np.ndarray, n_blocks: int) -> list[int]:

@@ -221,6 +221,33 @@ def check_whole(ctx: Context) -> None:
         )
 
 
+def int8_build_layers(
+    cfg: RunConfig, world_size: int, rank: int
+) -> tuple[frozenset[int], frozenset[int]] | None:
+    """The decoder layers this rank builds as int8 and those it keeps a copy of
+    (``models.lm.build``'s ``int8_layers``), from the plan the scheme will make, so the whole
+    full-precision model never exists at once; None where the build cannot know it (the
+    option off, a checkpoint loaded whole, a plan from measured speeds): the scheme then
+    quantises the built model."""
+    c = cfg.snake
+    if (
+        cfg.scheme != "snake"
+        or c.frozen_weights != "int8"
+        or cfg.model.family != "lm"
+        or cfg.model.checkpoint
+        or c.capability == "measure"
+    ):
+        return None
+    from snake_mpi.models.lm import count_params
+
+    n_nodes, node = (world_size, rank) if c.mode == "p2p" else (world_size - 1, rank - 1)
+    params = count_params(cfg.model)["params"]
+    plan = plan_from_params(params, c, n_nodes)
+    relay = relay_blocks(block_owners(plan, len(params)), len(params))
+    own = set(plan[node]) if node >= 0 else set()
+    return frozenset(b - 1 for b in relay), frozenset(b - 1 for b in relay if b in own)
+
+
 def hold_frozen(ctx: Context, owners: np.ndarray, own: Sequence[int]) -> None:
     """With ``snake.frozen_weights = "int8"``: hold the blocks fewer than two nodes train as
     int8 from now on, keeping full-precision copies of this node's own (``own``)."""
