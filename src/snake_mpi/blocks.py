@@ -89,6 +89,14 @@ class BlockModel(nn.Module):
             flat_storage(self)
         return out
 
+    def swap_block(self, b: int, module: nn.Module) -> nn.Module:
+        """Put ``module`` in block ``b``'s place (its buffer, if flat, stays as it is: a module
+        that stands in for a turn, ``schemes.frozen``); the module it replaces."""
+        old = self.blocks[b]
+        self.blocks[b] = module
+        self._owners = None  # tied tensors are found by identity
+        return old
+
     @property
     def is_flat(self) -> bool:
         """Whether block state lives in block buffers (``flat_storage``)."""

@@ -47,8 +47,6 @@ class TurnSwap(Protocol):
         self, model: BlockModel, trainable: Sequence[int]
     ) -> contextlib.AbstractContextManager[None]: ...
 
-    def master_bytes(self) -> int: ...
-
 
 @dataclass
 class NoCheckpoints:

@@ -19,7 +19,14 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch import nn
 
-from snake_mpi.blocks import BlockModel, copy_modules, flat_storage, model_device
+from snake_mpi.blocks import (
+    BlockModel,
+    copy_modules,
+    flat_storage,
+    model_device,
+    module_tensors,
+    tensor_bytes,
+)
 from snake_mpi.models.int8 import Int8Linear, load_quantized, quantize_linears
 from snake_mpi.probes.memory import release_free_memory
 
@@ -53,28 +60,22 @@ class FrozenInt8:
             mod = model.blocks[b]
             if b in mine:  # the module itself is the master (its tensors keep the old buffer)
                 self.masters[b] = mod
-                mod = model.blocks[b] = copy_modules({b: mod})[b]
+                mod = copy_modules({b: mod})[b]
+                model.swap_block(b, mod)
             quantize_linears(mod)
             if model.is_flat:
                 flat_storage(model)  # the block's new buffer; the old one goes (or the master's)
-        model._owners = None
         release_free_memory()  # the full-precision blocks are gone: let the RSS show it
 
     def master_bytes(self) -> int:
         """Bytes of the full-precision copies this rank keeps."""
-        return sum(
-            t.numel() * t.element_size()
-            for m in self.masters.values()
-            for t in list(m.parameters()) + list(m.buffers())
-        )
+        return sum(tensor_bytes(t) for m in self.masters.values() for t in module_tensors(m))
 
     @contextlib.contextmanager
     def turn(self, model: BlockModel, trainable: Sequence[int]) -> Iterator[None]:
         """During a turn of blocks ``trainable`` the masters stand in for their int8 blocks;
         after it they are quantised into them (in place: the block buffers stay)."""
-        swapped = {b: model.blocks[b] for b in trainable if b in self.masters}
-        for b in swapped:
-            model.blocks[b] = self.masters[b]
+        swapped = {b: model.swap_block(b, self.masters[b]) for b in trainable if b in self.masters}
         ok = False
         try:
             yield
@@ -83,8 +84,7 @@ class FrozenInt8:
             for b, held in swapped.items():
                 if ok:
                     load_quantized(held, self.masters[b])
-                model.blocks[b] = held
-            model._owners = None
+                model.swap_block(b, held)
 
 
 def is_int8(model: BlockModel) -> list[bool]:
